@@ -1,0 +1,140 @@
+//! The event backends: the few verbs the loop needs from the kernel.
+//!
+//! Both backends offer the same oneshot-readiness API: `watch` an fd under a
+//! token, `unwatch` one whose watch is still pending (before closing it), and
+//! `wait` for the tokens that fired. The loop does the reads and reaps itself
+//! with non-blocking syscalls, so no per-check buffer is ever lent to the
+//! kernel and an idle check costs no memory beyond its fds.
+//!
+//! - [`uring`]: io_uring, `IORING_OP_POLL_ADD` (oneshot) per watch; all arms
+//!   and cancels of one loop turn go to the kernel in the one `io_uring_enter`
+//!   that also waits, with the nearest deadline as its timeout.
+//! - [`epoll`]: `EPOLLONESHOT` registrations, for hosts where io_uring is
+//!   blocked (container seccomp profiles, `kernel.io_uring_disabled`).
+
+pub(crate) mod epoll;
+pub(crate) mod uring;
+
+use rustix::fd::BorrowedFd;
+use std::io;
+use std::time::Duration;
+
+/// Which backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// io_uring if it can be set up and has the opcodes we need, else epoll.
+    /// The environment variable `PIDRING_BACKEND` (`io_uring` or `epoll`) overrides it.
+    #[default]
+    Auto,
+    /// io_uring only; fail if unavailable.
+    IoUring,
+    /// epoll only.
+    Epoll,
+}
+
+impl BackendKind {
+    /// The name used in logs, stats and configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Auto => "auto",
+            BackendKind::IoUring => "io_uring",
+            BackendKind::Epoll => "epoll",
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+            "auto" | "" => Ok(BackendKind::Auto),
+            "io_uring" | "uring" | "iouring" => Ok(BackendKind::IoUring),
+            "epoll" => Ok(BackendKind::Epoll),
+            other => Err(format!(
+                "unknown backend {other:?}: expected auto, io_uring or epoll"
+            )),
+        }
+    }
+}
+
+/// A live backend.
+pub(crate) enum Backend {
+    /// io_uring.
+    Uring(Box<uring::Uring>),
+    /// epoll.
+    Epoll(epoll::Epoll),
+}
+
+impl Backend {
+    /// Set up the requested backend; `Auto` tries io_uring, then epoll.
+    pub fn new(kind: BackendKind) -> Result<Backend, (&'static str, io::Error)> {
+        let kind = match kind {
+            BackendKind::Auto => match std::env::var("PIDRING_BACKEND") {
+                Ok(v) if !v.is_empty() => v.parse().unwrap_or_else(|e: String| {
+                    tracing::warn!("ignoring PIDRING_BACKEND: {e}");
+                    BackendKind::Auto
+                }),
+                _ => BackendKind::Auto,
+            },
+            k => k,
+        };
+        match kind {
+            BackendKind::IoUring => uring::Uring::new()
+                .map(|u| Backend::Uring(Box::new(u)))
+                .map_err(|e| ("io_uring", e)),
+            BackendKind::Epoll => epoll::Epoll::new()
+                .map(Backend::Epoll)
+                .map_err(|e| ("epoll", e)),
+            BackendKind::Auto => match uring::Uring::new() {
+                Ok(u) => Ok(Backend::Uring(Box::new(u))),
+                Err(e) => {
+                    tracing::info!("io_uring unavailable ({e}); using epoll");
+                    epoll::Epoll::new()
+                        .map(Backend::Epoll)
+                        .map_err(|e| ("epoll", e))
+                }
+            },
+        }
+    }
+
+    /// Which backend this is.
+    pub fn kind(&self) -> BackendKind {
+        match self {
+            Backend::Uring(_) => BackendKind::IoUring,
+            Backend::Epoll(_) => BackendKind::Epoll,
+        }
+    }
+
+    /// Watch `fd` for readability (or hang-up) once; `token` comes back from `wait`.
+    /// `first` says whether this fd was never watched before.
+    pub fn watch(&mut self, fd: BorrowedFd<'_>, token: u64, first: bool) -> io::Result<()> {
+        match self {
+            Backend::Uring(b) => b.watch(fd, token),
+            Backend::Epoll(b) => b.watch(fd, token, first),
+        }
+    }
+
+    /// Cancel a pending watch on `fd` (registered under `token`) before the fd is closed.
+    pub fn unwatch(&mut self, fd: BorrowedFd<'_>, token: u64) {
+        match self {
+            Backend::Uring(b) => b.unwatch(token),
+            Backend::Epoll(b) => b.unwatch(fd),
+        }
+    }
+
+    /// Submit pending work and wait up to `timeout` (None: forever) for
+    /// watches to fire; their tokens are appended to `fired`.
+    pub fn wait(&mut self, fired: &mut Vec<u64>, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Backend::Uring(b) => b.wait(fired, timeout),
+            Backend::Epoll(b) => b.wait(fired, timeout),
+        }
+    }
+}

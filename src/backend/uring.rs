@@ -1,0 +1,142 @@
+//! The io_uring backend: one oneshot `IORING_OP_POLL_ADD` per watch.
+//!
+//! Why poll and not `IORING_OP_READ`/`IORING_OP_WAITID`: a pending read needs
+//! a buffer lent to the kernel per stream (memory per idle check), and
+//! `IORING_OP_WAITID` parks every waiter on one per-parent queue, so each exit
+//! walks all of them (measured 2.4x slower than poll+waitid at 10k in flight).
+//! Poll arms and cancels are batched into the same `io_uring_enter` that waits.
+
+use io_uring::{IoUring, opcode, types};
+use rustix::fd::{AsRawFd, BorrowedFd};
+use std::io;
+use std::time::Duration;
+
+/// Submission queue size; a full queue is flushed early, so this bounds nothing.
+const SQ_ENTRIES: u32 = 1024;
+/// Completion queue size (the kernel keeps overflow, FEAT_NODROP, but this avoids it).
+const CQ_ENTRIES: u32 = 16384;
+/// user_data of requests whose completions are of no interest (poll removals).
+const IGNORE: u64 = u64::MAX;
+
+/// An io_uring instance.
+pub(crate) struct Uring {
+    ring: IoUring,
+    /// Completions taken off the ring early (to make room) and not yet reported.
+    backlog: Vec<u64>,
+}
+
+impl Uring {
+    /// Set up the ring and probe for what we use; any failure means "use epoll".
+    pub fn new() -> io::Result<Uring> {
+        // Single issuer + deferred task work: completions are posted only when
+        // this (the loop) thread enters the kernel, which is the only time it
+        // looks. Older kernels refuse the flags; retry plain.
+        let ring = IoUring::builder()
+            .setup_cqsize(CQ_ENTRIES)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(SQ_ENTRIES)
+            .or_else(|_| {
+                IoUring::builder()
+                    .setup_cqsize(CQ_ENTRIES)
+                    .build(SQ_ENTRIES)
+            })?;
+        if !ring.params().is_feature_ext_arg() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_uring lacks IORING_FEAT_EXT_ARG (kernel < 5.11)",
+            ));
+        }
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        for (code, name) in [
+            (opcode::PollAdd::CODE, "POLL_ADD"),
+            (opcode::PollRemove::CODE, "POLL_REMOVE"),
+        ] {
+            if !probe.is_supported(code) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("io_uring lacks IORING_OP_{name}"),
+                ));
+            }
+        }
+        tracing::debug!("io_uring backend ready");
+        Ok(Uring {
+            ring,
+            backlog: Vec::new(),
+        })
+    }
+
+    /// Queue one SQE, flushing the submission queue to the kernel if it is full.
+    fn push(&mut self, sqe: io_uring::squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: poll and poll-remove SQEs reference no user memory: the
+            // fd is only a number the kernel resolves at submission.
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return Ok(());
+            }
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // The completion queue is full: take completions off it
+                    // (reported at the next `wait`) and try again.
+                    self.drain_completions();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Arm a oneshot POLLIN watch.
+    pub fn watch(&mut self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        let sqe = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(token);
+        self.push(sqe)
+    }
+
+    /// Cancel the pending watch registered under `token`.
+    pub fn unwatch(&mut self, token: u64) {
+        let sqe = opcode::PollRemove::new(token).build().user_data(IGNORE);
+        if let Err(e) = self.push(sqe) {
+            // The watch then fires (POLLHUP/exit) later under a stale token,
+            // which the loop ignores; only a kernel reference lingers until then.
+            tracing::warn!("io_uring: cannot queue poll removal: {e}");
+        }
+    }
+
+    /// Submit everything queued and wait for at least one completion or the timeout.
+    pub fn wait(&mut self, fired: &mut Vec<u64>, timeout: Option<Duration>) -> io::Result<()> {
+        let ready = !self.backlog.is_empty() || !self.ring.completion().is_empty();
+        let res = match (ready, timeout) {
+            (true, _) => self.ring.submit(),
+            (false, None) => self.ring.submit_and_wait(1),
+            (false, Some(d)) => {
+                let ts = types::Timespec::from(d);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+        };
+        match res {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        self.drain_completions();
+        fired.append(&mut self.backlog);
+        Ok(())
+    }
+
+    /// Move every completion off the ring into the backlog.
+    fn drain_completions(&mut self) {
+        for cqe in self.ring.completion() {
+            if cqe.user_data() != IGNORE {
+                self.backlog.push(cqe.user_data());
+            }
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! `Check`: what to run, and how long to let it run.
+//!
+//! A check is validated and turned into C strings (`Prepared`) on the
+//! submitting thread, so the event loop and the spawners never allocate for it.
+
+use crate::cmdline::{self, CommandLine};
+use crate::error::CheckError;
+use crate::state::State;
+use std::ffi::{CString, OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default time a check may run before it is sent SIGTERM.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time between SIGTERM and SIGKILL.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+/// Default bytes kept per output stream (more is counted and dropped).
+pub const DEFAULT_OUTPUT_CAP: usize = 64 * 1024;
+/// Default time output is still read after the leader was reaped.
+pub const DEFAULT_DRAIN: Duration = Duration::from_millis(200);
+
+/// Which environment a check starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EnvPolicy {
+    /// The executor's own environment (as it was when the executor was built).
+    #[default]
+    Inherit,
+    /// An empty environment: only the variables added with [`Check::env`].
+    Clear,
+}
+
+/// One monitoring check: a command plus the limits it runs under.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub(crate) argv: Vec<OsString>,
+    pub(crate) env_policy: EnvPolicy,
+    pub(crate) env: Vec<(OsString, OsString)>,
+    pub(crate) cwd: Option<PathBuf>,
+    pub(crate) timeout: Duration,
+    pub(crate) grace: Duration,
+    pub(crate) drain: Duration,
+    pub(crate) output_cap: usize,
+    pub(crate) kill_group_on_exit: bool,
+    pub(crate) timeout_state: State,
+    pub(crate) tag: Option<String>,
+}
+
+impl Check {
+    /// A check that runs `argv[0]` with the given arguments (no shell).
+    pub fn argv<I, S>(argv: I) -> Check
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Check {
+            argv: argv.into_iter().map(|s| s.as_ref().to_owned()).collect(),
+            env_policy: EnvPolicy::Inherit,
+            env: Vec::new(),
+            cwd: None,
+            timeout: DEFAULT_TIMEOUT,
+            grace: DEFAULT_GRACE,
+            drain: DEFAULT_DRAIN,
+            output_cap: DEFAULT_OUTPUT_CAP,
+            kill_group_on_exit: true,
+            timeout_state: State::Unknown,
+            tag: None,
+        }
+    }
+
+    /// A check from a Nagios-style command line: split like Nagios does, and
+    /// run through `/bin/sh -c` only when it holds shell metacharacters.
+    pub fn command_line(line: &str) -> Result<Check, CheckError> {
+        match cmdline::parse(line).map_err(CheckError::CommandLine)? {
+            CommandLine::Argv(argv) => Ok(Check::argv(argv)),
+            CommandLine::Shell(line) => Ok(Check::argv(["/bin/sh", "-c", line.as_str()])),
+        }
+    }
+
+    /// Seconds the check may run before SIGTERM (counted from the moment the child exists).
+    pub fn timeout(mut self, timeout: Duration) -> Check {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Time between SIGTERM and SIGKILL when the check does not exit.
+    pub fn grace(mut self, grace: Duration) -> Check {
+        self.grace = grace;
+        self
+    }
+
+    /// How long output is still read after the leader was reaped (a
+    /// descendant may hold the pipe open; past this the output is cut).
+    pub fn drain(mut self, drain: Duration) -> Check {
+        self.drain = drain;
+        self
+    }
+
+    /// Bytes kept per output stream; the excess is read, counted and dropped.
+    pub fn output_cap(mut self, bytes: usize) -> Check {
+        self.output_cap = bytes;
+        self
+    }
+
+    /// Start from an empty environment instead of the executor's.
+    pub fn env_clear(mut self) -> Check {
+        self.env_policy = EnvPolicy::Clear;
+        self
+    }
+
+    /// Choose the environment the check starts from.
+    pub fn env_policy(mut self, policy: EnvPolicy) -> Check {
+        self.env_policy = policy;
+        self
+    }
+
+    /// Set one environment variable (added to, or replacing in, the base environment).
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Check {
+        self.env
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Working directory of the check (default: the executor's).
+    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Check {
+        self.cwd = Some(dir.into());
+        self
+    }
+
+    /// Whether the check's process group is SIGKILLed after a normal exit too
+    /// (default true: a check's descendants end with it). After a timeout the
+    /// group is always swept.
+    pub fn kill_group_on_exit(mut self, yes: bool) -> Check {
+        self.kill_group_on_exit = yes;
+        self
+    }
+
+    /// The state reported when the check times out (default `Unknown`).
+    pub fn timeout_state(mut self, state: State) -> Check {
+        self.timeout_state = state;
+        self
+    }
+
+    /// An opaque label echoed back in the result.
+    pub fn tag(mut self, tag: impl Into<String>) -> Check {
+        self.tag = Some(tag.into());
+        self
+    }
+
+    /// The argument vector that will be executed.
+    pub fn args(&self) -> &[OsString] {
+        &self.argv
+    }
+
+    /// The timeout set on this check.
+    pub fn get_timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Check the request and turn it into C strings ready for `posix_spawn`.
+    pub(crate) fn prepare(
+        &self,
+        inherited: &[(OsString, OsString)],
+    ) -> Result<Prepared, CheckError> {
+        if self.argv.is_empty() || self.argv[0].is_empty() {
+            return Err(CheckError::EmptyArgv);
+        }
+        if self.timeout.is_zero() {
+            return Err(CheckError::ZeroTimeout);
+        }
+        let argv = self
+            .argv
+            .iter()
+            .map(|a| cstring(a.as_bytes(), "argument"))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        // Later entries win, as with `env(1)`: base first, then additions.
+        let mut vars: Vec<(&OsStr, &OsStr)> = match self.env_policy {
+            EnvPolicy::Inherit => inherited
+                .iter()
+                .map(|(k, v)| (k.as_os_str(), v.as_os_str()))
+                .collect(),
+            EnvPolicy::Clear => Vec::new(),
+        };
+        for (k, v) in &self.env {
+            if k.is_empty() || k.as_bytes().contains(&b'=') {
+                return Err(CheckError::BadEnvName(k.to_string_lossy().into_owned()));
+            }
+            vars.retain(|(ek, _)| *ek != k.as_os_str());
+            vars.push((k, v));
+        }
+        let path_var = vars
+            .iter()
+            .find(|(k, _)| k.as_bytes() == b"PATH")
+            .map(|(_, v)| v.as_bytes().to_vec());
+        let envp = vars
+            .iter()
+            .map(|(k, v)| {
+                let mut kv = Vec::with_capacity(k.len() + v.len() + 1);
+                kv.extend_from_slice(k.as_bytes());
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                cstring(&kv, "environment variable")
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let cwd = match &self.cwd {
+            Some(dir) => Some(cstring(dir.as_os_str().as_bytes(), "working directory")?),
+            None => None,
+        };
+        Ok(Prepared {
+            argv,
+            envp,
+            cwd,
+            path_var,
+        })
+    }
+}
+
+fn cstring(bytes: &[u8], what: &'static str) -> Result<CString, CheckError> {
+    CString::new(bytes).map_err(|_| CheckError::NulByte(what))
+}
+
+/// A validated check in the form `posix_spawn` takes.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    /// Arguments; `argv[0]` is also the program (resolved through PATH if it has no `/`).
+    pub argv: Vec<CString>,
+    /// `KEY=value` strings.
+    pub envp: Vec<CString>,
+    /// Working directory, if not the executor's.
+    pub cwd: Option<CString>,
+    /// The check's PATH, for resolving a bare program name.
+    pub path_var: Option<Vec<u8>>,
+}
+
+impl Prepared {
+    /// The program name as given (for messages).
+    pub fn program(&self) -> String {
+        String::from_utf8_lossy(self.argv[0].as_bytes()).into_owned()
+    }
+}
+
+/// Snapshot of this process's environment, for `EnvPolicy::Inherit`.
+pub(crate) fn inherited_env() -> Vec<(OsString, OsString)> {
+    std::env::vars_os()
+        .map(|(k, v)| (OsString::from_vec(k.into_vec()), v))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_argv_is_rejected() {
+        let empty: [&str; 0] = [];
+        assert!(matches!(
+            Check::argv(empty).prepare(&[]),
+            Err(CheckError::EmptyArgv)
+        ));
+        assert!(matches!(
+            Check::argv([""]).prepare(&[]),
+            Err(CheckError::EmptyArgv)
+        ));
+    }
+
+    #[test]
+    fn nul_bytes_are_rejected() {
+        assert!(matches!(
+            Check::argv(["/bin/echo", "a\0b"]).prepare(&[]),
+            Err(CheckError::NulByte("argument"))
+        ));
+    }
+
+    #[test]
+    fn env_additions_override_inherited() {
+        let inherited = vec![
+            (OsString::from("PATH"), OsString::from("/bin")),
+            (OsString::from("A"), OsString::from("1")),
+        ];
+        let p = Check::argv(["x"])
+            .env("A", "2")
+            .env("B", "3")
+            .prepare(&inherited)
+            .unwrap();
+        let envp: Vec<_> = p.envp.iter().map(|c| c.to_str().unwrap()).collect();
+        assert_eq!(envp, ["PATH=/bin", "A=2", "B=3"]);
+        assert_eq!(p.path_var.as_deref(), Some(&b"/bin"[..]));
+
+        let p = Check::argv(["x"])
+            .env_clear()
+            .env("B", "3")
+            .prepare(&inherited)
+            .unwrap();
+        assert_eq!(p.envp.len(), 1);
+        assert!(p.path_var.is_none());
+        assert!(matches!(
+            Check::argv(["x"]).env("A=B", "1").prepare(&inherited),
+            Err(CheckError::BadEnvName(_))
+        ));
+    }
+
+    #[test]
+    fn command_line_uses_shell_only_for_metacharacters() {
+        let c = Check::command_line("/bin/echo 'a b' c").unwrap();
+        assert_eq!(c.args(), ["/bin/echo", "a b", "c"]);
+        let c = Check::command_line("/bin/echo a > /dev/null").unwrap();
+        assert_eq!(c.args()[..2], ["/bin/sh", "-c"]);
+    }
+}

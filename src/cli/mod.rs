@@ -1,0 +1,4 @@
+//! Subcommands of the `pidring` binary.
+
+pub mod logging;
+pub mod run;

@@ -1,0 +1,69 @@
+//! Typed errors of the library.
+
+use crate::cmdline::CommandLineError;
+use std::io;
+use thiserror::Error;
+
+/// Why a check was refused before it ran.
+#[derive(Debug, Clone, Error)]
+pub enum CheckError {
+    /// No program to run.
+    #[error("empty command: a check needs at least a program to run")]
+    EmptyArgv,
+    /// A timeout of zero would kill the check before it starts.
+    #[error("timeout must be greater than zero")]
+    ZeroTimeout,
+    /// C strings cannot hold NUL.
+    #[error("{0} contains a NUL byte")]
+    NulByte(&'static str),
+    /// An environment variable name that is empty or holds `=`.
+    #[error("invalid environment variable name {0:?}")]
+    BadEnvName(String),
+    /// The Nagios command line could not be split.
+    #[error("bad command line: {0}")]
+    CommandLine(CommandLineError),
+}
+
+/// Why the executor did not accept a check. A rejected check gets no result.
+#[derive(Debug, Clone, Error)]
+pub enum SubmitError {
+    /// The check itself is invalid.
+    #[error("invalid check: {0}")]
+    Invalid(#[from] CheckError),
+    /// Every running slot is taken and the waiting queue is at its limit.
+    #[error(
+        "queue full: {running} checks running and {queued} queued (limit {limit}); retry later"
+    )]
+    QueueFull {
+        /// Checks running now.
+        running: usize,
+        /// Checks waiting now.
+        queued: usize,
+        /// The queue limit.
+        limit: usize,
+    },
+    /// The executor is stopping and accepts nothing new.
+    #[error("executor is shutting down")]
+    ShuttingDown,
+}
+
+/// Why an executor could not be built.
+#[derive(Debug, Error)]
+pub enum ExecutorError {
+    /// The requested backend could not be set up.
+    #[error("cannot set up the {backend} backend: {source}")]
+    Backend {
+        /// Which backend.
+        backend: &'static str,
+        /// What the kernel said.
+        source: io::Error,
+    },
+    /// Any other resource the executor needs (eventfd, /dev/null, threads).
+    #[error("cannot start executor: {what}: {source}")]
+    Setup {
+        /// What was being set up.
+        what: &'static str,
+        /// What the kernel said.
+        source: io::Error,
+    },
+}

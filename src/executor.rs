@@ -1,0 +1,357 @@
+//! `Executor`: the public face of the engine. Accepts checks from any thread
+//! and delivers exactly one `CheckResult` per accepted check.
+
+use crate::backend::BackendKind;
+use crate::check::Check;
+use crate::engine::{self, Request, Submission};
+use crate::error::{ExecutorError, SubmitError};
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::result::CheckResult;
+use crate::waker::Waker;
+use crossbeam_channel::{Receiver, Sender};
+use std::ffi::OsString;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+/// The id the executor gives each accepted check.
+pub type CheckId = u64;
+
+/// A callback that receives a check's one result, on the loop thread (keep it short).
+pub(crate) type Deliver = Box<dyn FnOnce(CheckResult) + Send>;
+
+/// State shared by the submitting side and the loop.
+pub(crate) struct Shared {
+    /// Accepted checks whose result is not delivered yet.
+    pub outstanding: AtomicUsize,
+    /// Checks holding a running slot (spawning, running or draining).
+    pub running: AtomicUsize,
+    /// Set once shutdown began: nothing new is accepted.
+    pub closed: AtomicBool,
+    /// Wakes the loop.
+    pub waker: Arc<Waker>,
+    /// Histograms and counters.
+    pub metrics: Mutex<Metrics>,
+    /// Running-slot limit.
+    pub max_running: usize,
+    /// Waiting-queue limit.
+    pub queue_limit: usize,
+    /// The backend the loop uses.
+    pub backend: Mutex<BackendKind>,
+}
+
+/// Configures and starts an [`Executor`].
+#[derive(Debug, Clone)]
+pub struct ExecutorBuilder {
+    max_running: usize,
+    queue_limit: usize,
+    backend: BackendKind,
+    spawn_threads: usize,
+    reap_orphans: bool,
+}
+
+impl Default for ExecutorBuilder {
+    fn default() -> Self {
+        ExecutorBuilder {
+            max_running: 1024,
+            queue_limit: 100_000,
+            backend: BackendKind::Auto,
+            spawn_threads: std::thread::available_parallelism()
+                .map(|n| n.get().min(4))
+                .unwrap_or(2),
+            reap_orphans: false,
+        }
+    }
+}
+
+impl ExecutorBuilder {
+    /// Most checks running at once (default 1024); the rest wait in FIFO order.
+    pub fn max_running(mut self, n: usize) -> Self {
+        self.max_running = n.max(1);
+        self
+    }
+
+    /// Most checks waiting for a slot (default 100,000); past it, `submit` fails at once.
+    pub fn queue_limit(mut self, n: usize) -> Self {
+        self.queue_limit = n;
+        self
+    }
+
+    /// Which backend to use (default: io_uring, falling back to epoll).
+    pub fn backend(mut self, kind: BackendKind) -> Self {
+        self.backend = kind;
+        self
+    }
+
+    /// Threads that run `posix_spawn` (default: CPUs, at most 4).
+    pub fn spawn_threads(mut self, n: usize) -> Self {
+        self.spawn_threads = n.max(1);
+        self
+    }
+
+    /// Become a child subreaper (`PR_SET_CHILD_SUBREAPER`) and reap descendants
+    /// that escaped their check and were re-parented to this process.
+    /// Only for a process that runs checks through this executor alone.
+    pub fn reap_orphans(mut self, yes: bool) -> Self {
+        self.reap_orphans = yes;
+        self
+    }
+
+    /// Start the loop and spawner threads.
+    pub fn build(self) -> Result<Executor, ExecutorError> {
+        let waker = Arc::new(Waker::new().map_err(|source| ExecutorError::Setup {
+            what: "eventfd",
+            source,
+        })?);
+        let shared = Arc::new(Shared {
+            outstanding: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            waker,
+            metrics: Mutex::new(Metrics::new()),
+            max_running: self.max_running,
+            queue_limit: self.queue_limit,
+            backend: Mutex::new(self.backend),
+        });
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let config = engine::Config {
+            backend: self.backend,
+            spawn_threads: self.spawn_threads,
+            reap_orphans: self.reap_orphans,
+        };
+        let (loop_thread, backend) = engine::start(config, shared.clone(), rx)?;
+        tracing::info!(backend = %backend, max_running = self.max_running, queue_limit = self.queue_limit, "executor started");
+        Ok(Executor {
+            shared,
+            tx,
+            loop_thread: Mutex::new(Some(loop_thread)),
+            next_id: AtomicU64::new(1),
+            inherited: Arc::new(crate::check::inherited_env()),
+            backend,
+        })
+    }
+}
+
+/// Runs checks. Cheap to share across threads (`Arc<Executor>`); dropping it
+/// shuts it down (every running check killed, swept, reaped and answered).
+pub struct Executor {
+    shared: Arc<Shared>,
+    tx: Sender<Request>,
+    loop_thread: Mutex<Option<JoinHandle<()>>>,
+    next_id: AtomicU64,
+    inherited: Arc<Vec<(OsString, OsString)>>,
+    backend: BackendKind,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("backend", &self.backend)
+            .field("running", &self.running())
+            .field("queued", &self.queued())
+            .finish()
+    }
+}
+
+impl Executor {
+    /// An executor with default settings.
+    pub fn new() -> Result<Executor, ExecutorError> {
+        Executor::builder().build()
+    }
+
+    /// Configure an executor.
+    pub fn builder() -> ExecutorBuilder {
+        ExecutorBuilder::default()
+    }
+
+    /// The backend the loop runs on.
+    pub fn backend(&self) -> BackendKind {
+        self.backend
+    }
+
+    /// Submit a check; wait for its result with [`Pending::wait`].
+    pub fn submit(&self, check: Check) -> Result<Pending, SubmitError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let id = self.submit_with(check, move |r| {
+            let _ = tx.send(r);
+        })?;
+        Ok(Pending { id, rx })
+    }
+
+    /// Submit a check; `deliver` is called exactly once with its result, on
+    /// the executor's loop thread — it must not block (send it on a channel).
+    pub fn submit_with<F>(&self, check: Check, deliver: F) -> Result<CheckId, SubmitError>
+    where
+        F: FnOnce(CheckResult) + Send + 'static,
+    {
+        let prepared = match check.prepare(&self.inherited) {
+            Ok(p) => p,
+            Err(e) => {
+                self.count_rejected();
+                return Err(e.into());
+            }
+        };
+        // Reserve a place first, then look at `closed`: the loop sets `closed`
+        // and then waits for `outstanding` to reach zero, so either it sees
+        // this reservation and waits for the message, or we see `closed`.
+        let limit = self.shared.max_running + self.shared.queue_limit;
+        let reserved =
+            self.shared
+                .outstanding
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n < limit).then_some(n + 1)
+                });
+        if let Err(n) = reserved {
+            self.count_rejected();
+            let running = self.shared.running.load(Ordering::Relaxed);
+            return Err(SubmitError::QueueFull {
+                running,
+                queued: n.saturating_sub(running),
+                limit: self.shared.queue_limit,
+            });
+        }
+        if self.shared.closed.load(Ordering::SeqCst) {
+            self.shared.outstanding.fetch_sub(1, Ordering::SeqCst);
+            self.count_rejected();
+            return Err(SubmitError::ShuttingDown);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let sub = Submission {
+            id,
+            check,
+            prepared,
+            submitted: Instant::now(),
+            submitted_wall: SystemTime::now(),
+            deliver: Box::new(deliver),
+        };
+        if let Err(lost) = self.tx.send(Request::Submit(Box::new(sub))) {
+            // The loop is gone (it panicked): answer here rather than never.
+            self.shared.outstanding.fetch_sub(1, Ordering::SeqCst);
+            if let Request::Submit(sub) = lost.0 {
+                let result = engine::unstarted_result(
+                    &sub,
+                    crate::result::Outcome::Shutdown,
+                    "executor loop is not running",
+                );
+                (sub.deliver)(result);
+            }
+            return Ok(id);
+        }
+        self.shared.waker.wake();
+        Ok(id)
+    }
+
+    fn count_rejected(&self) {
+        if let Ok(mut m) = self.shared.metrics.lock() {
+            m.counters.rejected += 1;
+        }
+    }
+
+    /// Cancel a check: a queued one is answered without running, a running one
+    /// is killed (group swept), reaped and answered with `Outcome::Cancelled`.
+    /// Unknown or finished ids are ignored.
+    pub fn cancel(&self, id: CheckId) {
+        if self.tx.send(Request::Cancel(id)).is_ok() {
+            self.shared.waker.wake();
+        }
+    }
+
+    /// Checks holding a running slot now.
+    pub fn running(&self) -> usize {
+        self.shared.running.load(Ordering::Relaxed)
+    }
+
+    /// Checks waiting for a slot now.
+    pub fn queued(&self) -> usize {
+        self.shared
+            .outstanding
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.running())
+    }
+
+    /// Accepted checks whose result is not yet delivered.
+    pub fn outstanding(&self) -> usize {
+        self.shared.outstanding.load(Ordering::SeqCst)
+    }
+
+    /// Wait until no check is running or queued, or `timeout` passes; true if idle.
+    /// (Polls every few milliseconds: meant for shutdown drains, not hot paths.)
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            if self.outstanding() == 0 {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Histograms and counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let m = self
+            .shared
+            .metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        m.snapshot(self.running(), self.queued(), self.backend.as_str())
+    }
+
+    /// Stop: refuse new checks, answer queued ones with `Outcome::Shutdown`,
+    /// SIGKILL every running check and its group, reap all, answer all, and
+    /// join the loop. Idempotent.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Request::Shutdown);
+        self.shared.waker.wake();
+        let handle = self
+            .loop_thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = handle
+            && h.join().is_err()
+        {
+            tracing::error!("executor loop thread panicked");
+        }
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A submitted check's future result.
+#[derive(Debug)]
+pub struct Pending {
+    id: CheckId,
+    rx: Receiver<CheckResult>,
+}
+
+impl Pending {
+    /// The check's id.
+    pub fn id(&self) -> CheckId {
+        self.id
+    }
+
+    /// Block until the result arrives.
+    pub fn wait(self) -> CheckResult {
+        self.rx
+            .recv()
+            .expect("pidring executor loop died without answering a check (this is a bug)")
+    }
+
+    /// Block up to `timeout` for the result.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<CheckResult> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+
+    /// The result if it is already there.
+    pub fn try_result(&self) -> Option<CheckResult> {
+        self.rx.try_recv().ok()
+    }
+}

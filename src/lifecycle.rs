@@ -1,0 +1,769 @@
+//! A check's life, in one place: the per-check state machine.
+//!
+//! ```text
+//! Spawning ──child──▶ Running ──deadline──▶ Terminating ──grace──▶ Killing
+//!     │                  │                       │                    │
+//!  failed                └──── leader exited (pidfd readable) ────────┘
+//!     │                                      │
+//!     │                   sweep group if needed (SIGKILL -pgid), then
+//!     │                   reap: waitid(P_PIDFD, WEXITED | WNOHANG)
+//!     │                                      │
+//!     │                  Draining (output still open, bounded by `drain`)
+//!     │                                      │
+//!     └─────────────────────────────────▶  Done ──▶ one CheckResult
+//! ```
+//!
+//! The invariants this file keeps (see DESIGN.md):
+//! - the leader is signalled only through its pidfd, and the group only while
+//!   `pidfd` is `Some` — i.e. the leader is unreaped and pins the group id;
+//! - the reap is never skipped: a signal's result never decides anything;
+//! - the group is swept before the reap after a timeout, cancel or shutdown
+//!   (and after a normal exit when `kill_group_on_exit`);
+//! - deadlines come from the timer alone, never from output or EOF.
+
+use crate::backend::Backend;
+use crate::check::Check;
+use crate::executor::Deliver;
+use crate::result::{CheckResult, ExitStatus, Outcome, Output, Rusage, Timings, signal_name};
+use crate::spawn::{self, Child, Reap, SpawnFailure};
+use crate::state::State;
+use rustix::fd::{AsFd, OwnedFd};
+use rustix::io::Errno;
+use rustix::process::{Pid, Signal};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::{Duration, Instant, SystemTime};
+
+/// What a token's fd is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// The leader's pidfd.
+    Pidfd = 0,
+    /// The stdout pipe.
+    Stdout = 1,
+    /// The stderr pipe.
+    Stderr = 2,
+}
+
+/// Pack (slot, generation, source) into a backend token.
+pub(crate) fn token(slot: usize, generation: u32, source: Source) -> u64 {
+    debug_assert!(slot < (1 << 24));
+    ((generation as u64) << 32) | ((slot as u64) << 8) | source as u64
+}
+
+/// Unpack a backend token.
+pub(crate) fn untoken(token: u64) -> (usize, u32, Option<Source>) {
+    let source = match token & 0xff {
+        0 => Some(Source::Pidfd),
+        1 => Some(Source::Stdout),
+        2 => Some(Source::Stderr),
+        _ => None,
+    };
+    (
+        ((token >> 8) & 0xff_ffff) as usize,
+        (token >> 32) as u32,
+        source,
+    )
+}
+
+/// What a timer is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum TimerKind {
+    /// The timeout: send SIGTERM.
+    Deadline,
+    /// Grace over: send SIGKILL.
+    Grace,
+    /// Drain bound over: cut the output.
+    Drain,
+    /// A watch could not be armed: look at every fd again.
+    Retry,
+}
+
+/// The loop's timers: a min-heap; stale entries are ignored when they fire.
+#[derive(Default)]
+pub(crate) struct Timers {
+    heap: BinaryHeap<Reverse<(Instant, usize, u32, TimerKind)>>,
+}
+
+impl Timers {
+    /// Fire `kind` for (slot, generation) at `at`.
+    pub fn push(&mut self, at: Instant, slot: usize, generation: u32, kind: TimerKind) {
+        self.heap.push(Reverse((at, slot, generation, kind)));
+    }
+
+    /// The earliest pending time.
+    pub fn next(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((at, ..))| *at)
+    }
+
+    /// Pop one timer due at or before `now`.
+    pub fn pop_due(&mut self, now: Instant) -> Option<(usize, u32, TimerKind)> {
+        match self.heap.peek() {
+            Some(Reverse((at, ..))) if *at <= now => {
+                self.heap.pop().map(|Reverse((_, s, g, k))| (s, g, k))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What the loop lends a check while it handles one event.
+pub(crate) struct Ctx<'a> {
+    /// The backend, to (re-)arm and cancel watches.
+    pub backend: &'a mut Backend,
+    /// The loop's timers.
+    pub timers: &'a mut Timers,
+    /// One shared read buffer (no check owns a buffer while idle).
+    pub scratch: &'a mut [u8],
+    /// The time this loop turn started.
+    pub now: Instant,
+}
+
+/// Why the executor signalled a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KillReason {
+    /// The deadline passed.
+    Timeout,
+    /// `Executor::cancel`.
+    Cancel,
+    /// The executor is shutting down.
+    Shutdown,
+}
+
+/// Where a check is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Handed to a spawner; no child known yet.
+    Spawning,
+    /// The child runs; its deadline is pending.
+    Running,
+    /// SIGTERM sent; SIGKILL at the end of the grace.
+    Terminating,
+    /// SIGKILL sent; waiting for the leader's exit.
+    Killing,
+    /// Leader reaped; output still open, read until EOF or the drain bound.
+    Draining,
+    /// Ready to be turned into a result.
+    Done,
+}
+
+/// One output pipe and what was read from it.
+#[derive(Default)]
+struct Stream {
+    fd: Option<OwnedFd>,
+    armed: bool,
+    out: Output,
+}
+
+/// Most reads per readiness event on one pipe, so a flooding plugin cannot
+/// starve the others (the watch is re-armed and fires again next turn).
+const READS_PER_EVENT: usize = 4;
+
+/// One check, from dispatch to result.
+pub(crate) struct Lifecycle {
+    id: u64,
+    slot: usize,
+    generation: u32,
+    tag: Option<String>,
+    deliver: Option<Deliver>,
+    timeout: Duration,
+    grace: Duration,
+    drain: Duration,
+    output_cap: usize,
+    kill_group_on_exit: bool,
+    timeout_state: State,
+    submitted: Instant,
+    submitted_wall: SystemTime,
+    dispatched: Instant,
+    phase: Phase,
+    pid: Option<Pid>,
+    /// `Some` exactly while the leader is unreaped.
+    pidfd: Option<OwnedFd>,
+    pidfd_armed: bool,
+    started: Option<Instant>,
+    deadline: Option<Instant>,
+    stdout: Stream,
+    stderr: Stream,
+    kill: Option<KillReason>,
+    last_signal: Option<Signal>,
+    escalated: bool,
+    first_signal_at: Option<Instant>,
+    exited_at: Option<Instant>,
+    reaped_at: Option<Instant>,
+    exit: Option<ExitStatus>,
+    rusage: Option<Rusage>,
+    spawn_failure: Option<SpawnFailure>,
+    output_cut: bool,
+}
+
+impl Lifecycle {
+    /// A check just handed to a spawner.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        slot: usize,
+        generation: u32,
+        check: &Check,
+        deliver: Deliver,
+        submitted: Instant,
+        submitted_wall: SystemTime,
+        now: Instant,
+    ) -> Lifecycle {
+        Lifecycle {
+            id,
+            slot,
+            generation,
+            tag: check.tag.clone(),
+            deliver: Some(deliver),
+            timeout: check.timeout,
+            grace: check.grace,
+            drain: check.drain,
+            output_cap: check.output_cap,
+            kill_group_on_exit: check.kill_group_on_exit,
+            timeout_state: check.timeout_state,
+            submitted,
+            submitted_wall,
+            dispatched: now,
+            phase: Phase::Spawning,
+            pid: None,
+            pidfd: None,
+            pidfd_armed: false,
+            started: None,
+            deadline: None,
+            stdout: Stream::default(),
+            stderr: Stream::default(),
+            kill: None,
+            last_signal: None,
+            escalated: false,
+            first_signal_at: None,
+            exited_at: None,
+            reaped_at: None,
+            exit: None,
+            rusage: None,
+            spawn_failure: None,
+            output_cut: false,
+        }
+    }
+
+    /// The executor's id of this check.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The slot generation.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// The leader's pid while it is unreaped (for the orphan scan).
+    pub fn unreaped_pid(&self) -> Option<Pid> {
+        self.pidfd.as_ref().and(self.pid)
+    }
+
+    /// Whether the result can be built.
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// The spawner created the child: watch it and start the clock.
+    pub fn started(&mut self, child: Child, ctx: &mut Ctx<'_>) {
+        self.pid = Some(child.pid);
+        self.started = Some(child.started);
+        let deadline = child.started + self.timeout;
+        self.deadline = Some(deadline);
+        self.pidfd = Some(child.pidfd);
+        self.stdout.fd = Some(child.stdout);
+        self.stderr.fd = Some(child.stderr);
+        self.phase = Phase::Running;
+        ctx.timers
+            .push(deadline, self.slot, self.generation, TimerKind::Deadline);
+        self.watch_all(ctx, true);
+        if let Some(reason) = self.kill {
+            // Cancelled or shut down while it was being spawned.
+            self.kill = None;
+            self.kill_now(reason, ctx);
+        }
+    }
+
+    /// The spawner could not create the child.
+    pub fn spawn_failed(&mut self, failure: SpawnFailure) {
+        self.spawn_failure = Some(failure);
+        self.phase = Phase::Done;
+    }
+
+    /// Arm every open, unarmed fd (after start, or to recover from a failed arm).
+    fn watch_all(&mut self, ctx: &mut Ctx<'_>, first: bool) {
+        let mut failed = false;
+        if let (Some(fd), false) = (&self.pidfd, self.pidfd_armed) {
+            match ctx.backend.watch(
+                fd.as_fd(),
+                token(self.slot, self.generation, Source::Pidfd),
+                first,
+            ) {
+                Ok(()) => self.pidfd_armed = true,
+                Err(e) => {
+                    tracing::warn!(id = self.id, "cannot watch pidfd: {e}; polling instead");
+                    failed = true;
+                }
+            }
+        }
+        for (source, stream) in [
+            (Source::Stdout, &mut self.stdout),
+            (Source::Stderr, &mut self.stderr),
+        ] {
+            if let (Some(fd), false) = (&stream.fd, stream.armed) {
+                match ctx.backend.watch(
+                    fd.as_fd(),
+                    token(self.slot, self.generation, source),
+                    first,
+                ) {
+                    Ok(()) => stream.armed = true,
+                    Err(e) => {
+                        tracing::warn!(
+                            id = self.id,
+                            "cannot watch output pipe: {e}; polling instead"
+                        );
+                        failed = true;
+                    }
+                }
+            }
+        }
+        if failed {
+            ctx.timers.push(
+                ctx.now + Duration::from_millis(10),
+                self.slot,
+                self.generation,
+                TimerKind::Retry,
+            );
+        }
+    }
+
+    /// A watched fd fired.
+    pub fn on_ready(&mut self, source: Source, ctx: &mut Ctx<'_>) {
+        match source {
+            Source::Pidfd => {
+                self.pidfd_armed = false;
+                self.leader_ready(ctx);
+            }
+            Source::Stdout | Source::Stderr => self.read_stream(source, ctx),
+        }
+    }
+
+    /// Send `sig` to the leader (pidfd) and its group. Only while unreaped.
+    fn signal(&mut self, sig: Signal, ctx: &Ctx<'_>) {
+        let (Some(pidfd), Some(pid)) = (&self.pidfd, self.pid) else {
+            return; // Reaped: nothing of this check is ever signalled again.
+        };
+        if self.first_signal_at.is_none() {
+            self.first_signal_at = Some(ctx.now);
+        }
+        self.last_signal = Some(sig);
+        if let Err(e) = spawn::signal_leader(pidfd.as_fd(), sig) {
+            tracing::warn!(id = self.id, "pidfd_send_signal({sig:?}) failed: {e}");
+        }
+        if let Err(e) = spawn::signal_group_of_unreaped_leader(pid, sig) {
+            tracing::warn!(id = self.id, "kill(-pgid, {sig:?}) failed: {e}");
+        }
+    }
+
+    /// A timer of this check fired.
+    pub fn on_timer(&mut self, kind: TimerKind, ctx: &mut Ctx<'_>) {
+        match kind {
+            TimerKind::Deadline if self.phase == Phase::Running => {
+                self.kill = Some(KillReason::Timeout);
+                self.phase = Phase::Terminating;
+                tracing::debug!(id = self.id, "timed out; sending SIGTERM");
+                self.signal(Signal::TERM, ctx);
+                // A stopped process would hold SIGTERM pending until the grace ran out.
+                if let Some(pid) = self.pid {
+                    let _ = spawn::signal_group_of_unreaped_leader(pid, Signal::CONT);
+                }
+                let deadline = self.deadline.unwrap_or(ctx.now);
+                ctx.timers.push(
+                    (deadline + self.grace).max(ctx.now),
+                    self.slot,
+                    self.generation,
+                    TimerKind::Grace,
+                );
+            }
+            TimerKind::Grace if self.phase == Phase::Terminating => {
+                tracing::debug!(id = self.id, "ignored SIGTERM; sending SIGKILL");
+                self.escalated = true;
+                self.phase = Phase::Killing;
+                self.signal(Signal::KILL, ctx);
+            }
+            TimerKind::Drain if self.phase == Phase::Draining => {
+                self.output_cut = true;
+                for (source, stream) in [
+                    (Source::Stdout, &mut self.stdout),
+                    (Source::Stderr, &mut self.stderr),
+                ] {
+                    if let Some(fd) = stream.fd.take()
+                        && stream.armed
+                    {
+                        ctx.backend
+                            .unwatch(fd.as_fd(), token(self.slot, self.generation, source));
+                    }
+                }
+                self.phase = Phase::Done;
+            }
+            TimerKind::Retry if self.phase != Phase::Done => {
+                // Act as if everything fired, then arm again what is still open.
+                if self.pidfd.is_some() && !self.pidfd_armed {
+                    self.leader_ready(ctx);
+                }
+                for source in [Source::Stdout, Source::Stderr] {
+                    let stream = if source == Source::Stdout {
+                        &self.stdout
+                    } else {
+                        &self.stderr
+                    };
+                    if stream.fd.is_some() && !stream.armed {
+                        self.read_stream(source, ctx);
+                    }
+                }
+            }
+            _ => {} // Stale: the phase moved on.
+        }
+    }
+
+    /// Kill now (cancel or shutdown): SIGKILL leader and group.
+    pub fn kill_now(&mut self, reason: KillReason, ctx: &mut Ctx<'_>) {
+        match self.phase {
+            Phase::Spawning => self.kill = Some(reason),
+            Phase::Running | Phase::Terminating => {
+                // A check already timing out stays "timed out".
+                if self.kill.is_none() {
+                    self.kill = Some(reason);
+                }
+                self.phase = Phase::Killing;
+                self.signal(Signal::KILL, ctx);
+            }
+            Phase::Killing | Phase::Draining | Phase::Done => {}
+        }
+    }
+
+    /// The pidfd is readable: the leader has exited. Sweep, then reap.
+    fn leader_ready(&mut self, ctx: &mut Ctx<'_>) {
+        let (Some(pidfd), Some(pid)) = (&self.pidfd, self.pid) else {
+            return;
+        };
+        if self.exited_at.is_none() {
+            self.exited_at = Some(ctx.now);
+        }
+        // Sweep before reap: the zombie leader still pins the group id.
+        if self.kill.is_some() || self.kill_group_on_exit {
+            let _ = spawn::signal_group_of_unreaped_leader(pid, Signal::KILL);
+        }
+        match spawn::reap(pidfd.as_fd()) {
+            Ok(Reap::Reaped(status, rusage)) => {
+                self.exit = Some(status);
+                self.rusage = Some(rusage);
+                self.reaped_at = Some(Instant::now());
+                self.pidfd = None; // closes it; its oneshot watch already fired
+                if self.stdout.fd.is_some() || self.stderr.fd.is_some() {
+                    self.phase = Phase::Draining;
+                    ctx.timers.push(
+                        ctx.now + self.drain,
+                        self.slot,
+                        self.generation,
+                        TimerKind::Drain,
+                    );
+                } else {
+                    self.phase = Phase::Done;
+                }
+            }
+            Ok(Reap::NotYet) => {
+                // Woken early: not exited after all. Watch again.
+                self.exited_at = None;
+                self.watch_all(ctx, false);
+            }
+            Err(Errno::CHILD) => {
+                // Someone reaped our child behind our back (a foreign
+                // waitpid(-1) in this process). Nothing left to signal.
+                tracing::error!(
+                    id = self.id,
+                    "child was reaped by someone else; exit status lost"
+                );
+                self.pidfd = None;
+                self.reaped_at = Some(Instant::now());
+                self.phase = if self.stdout.fd.is_some() || self.stderr.fd.is_some() {
+                    ctx.timers.push(
+                        ctx.now + self.drain,
+                        self.slot,
+                        self.generation,
+                        TimerKind::Drain,
+                    );
+                    Phase::Draining
+                } else {
+                    Phase::Done
+                };
+            }
+            Err(e) => {
+                tracing::warn!(id = self.id, "waitid failed: {e}; retrying");
+                ctx.timers.push(
+                    ctx.now + Duration::from_millis(10),
+                    self.slot,
+                    self.generation,
+                    TimerKind::Retry,
+                );
+            }
+        }
+    }
+
+    /// A pipe is readable (or hung up): read what is there into the capped buffer.
+    fn read_stream(&mut self, source: Source, ctx: &mut Ctx<'_>) {
+        let cap = self.output_cap;
+        let stream = if source == Source::Stdout {
+            &mut self.stdout
+        } else {
+            &mut self.stderr
+        };
+        stream.armed = false;
+        let Some(fd) = &stream.fd else { return };
+        let mut eof = false;
+        let mut drained = false;
+        for _ in 0..READS_PER_EVENT {
+            match rustix::io::read(fd, &mut *ctx.scratch) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => append_capped(&mut stream.out, &ctx.scratch[..n], cap),
+                Err(Errno::AGAIN) => {
+                    drained = true;
+                    break;
+                }
+                Err(Errno::INTR) => {}
+                Err(e) => {
+                    tracing::warn!(id = self.id, "reading output failed: {e}");
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        let _ = drained;
+        if eof {
+            stream.fd = None;
+            if self.phase == Phase::Draining && self.stdout.fd.is_none() && self.stderr.fd.is_none()
+            {
+                self.phase = Phase::Done;
+            }
+        } else {
+            // Drained (EAGAIN) or out of budget: either way, wait for more.
+            let fd = stream.fd.as_ref().map(|f| f.as_fd());
+            if let Some(fd) = fd {
+                match ctx
+                    .backend
+                    .watch(fd, token(self.slot, self.generation, source), false)
+                {
+                    Ok(()) => stream.armed = true,
+                    Err(e) => {
+                        tracing::warn!(id = self.id, "cannot re-watch output pipe: {e}");
+                        ctx.timers.push(
+                            ctx.now + Duration::from_millis(10),
+                            self.slot,
+                            self.generation,
+                            TimerKind::Retry,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Build the one result and hand back the callback that delivers it.
+    pub fn finish(mut self, now: Instant) -> (CheckResult, Deliver) {
+        let deliver = self.deliver.take().expect("a lifecycle is finished once");
+        let (outcome, state, reason) = self.judge();
+        let exited = self.exited_at.or(self.reaped_at);
+        let since = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+            (Some(a), Some(b)) => b.saturating_duration_since(a),
+            _ => Duration::ZERO,
+        };
+        let wall = |at: Option<Instant>| {
+            at.map(|at| {
+                unix_us(self.submitted_wall)
+                    + at.saturating_duration_since(self.submitted).as_micros() as u64
+            })
+            .unwrap_or(0)
+        };
+        let timings = Timings {
+            submitted_unix_us: unix_us(self.submitted_wall),
+            started_unix_us: wall(self.started),
+            exited_unix_us: wall(exited),
+            queue_wait: self.dispatched.saturating_duration_since(self.submitted),
+            spawn: since(Some(self.dispatched), self.started),
+            run: since(self.started, exited),
+            kill_lateness: match (self.kill, self.deadline, self.first_signal_at) {
+                (Some(KillReason::Timeout), Some(d), Some(s)) => {
+                    Some(s.saturating_duration_since(d))
+                }
+                _ => None,
+            },
+            exit_to_reaped: since(exited, self.reaped_at),
+            exit_to_delivered: since(exited, Some(now)),
+            total: now.saturating_duration_since(self.submitted),
+        };
+        let plugin = crate::plugin::PluginOutput::parse(&self.stdout.out.data);
+        let result = CheckResult {
+            id: self.id,
+            tag: self.tag.take(),
+            outcome,
+            state,
+            reason,
+            exit: self.exit,
+            pid: self.pid.map(|p| p.as_raw_nonzero().get()),
+            stdout: std::mem::take(&mut self.stdout.out),
+            stderr: std::mem::take(&mut self.stderr.out),
+            output_cut: self.output_cut,
+            plugin,
+            timings,
+            rusage: self.rusage,
+        };
+        (result, deliver)
+    }
+
+    /// Outcome, Nagios state and the reason text.
+    fn judge(&self) -> (Outcome, State, String) {
+        if let Some(f) = &self.spawn_failure {
+            return (
+                Outcome::SpawnFailed {
+                    errno: f.errno,
+                    message: f.message.clone(),
+                },
+                State::Unknown,
+                f.message.clone(),
+            );
+        }
+        match self.kill {
+            Some(KillReason::Timeout) => {
+                let sig = self.last_signal.unwrap_or(Signal::TERM);
+                let how = if self.escalated {
+                    format!(
+                        "ignored SIGTERM, killed by SIGKILL after {} grace",
+                        human(self.grace)
+                    )
+                } else {
+                    "stopped by SIGTERM".to_string()
+                };
+                return (
+                    Outcome::TimedOut {
+                        timeout_ms: self.timeout.as_millis() as u64,
+                        signal: sig.as_raw(),
+                        escalated: self.escalated,
+                    },
+                    self.timeout_state,
+                    format!("Check timed out after {}; {how}", human(self.timeout)),
+                );
+            }
+            Some(KillReason::Cancel) => {
+                return (
+                    Outcome::Cancelled,
+                    State::Unknown,
+                    "Check cancelled".to_string(),
+                );
+            }
+            Some(KillReason::Shutdown) => {
+                return (
+                    Outcome::Shutdown,
+                    State::Unknown,
+                    "Check killed: executor shutting down".to_string(),
+                );
+            }
+            None => {}
+        }
+        match self.exit {
+            Some(ExitStatus::Exited { code }) => match State::from_exit_code(code) {
+                Some(state) => (Outcome::Exited { code }, state, String::new()),
+                None => {
+                    let why = match code {
+                        126 => "plugin could not be executed (exit code 126)".to_string(),
+                        127 => "plugin not found (exit code 127)".to_string(),
+                        _ => format!("exit code {code} is out of bounds (0-3)"),
+                    };
+                    (Outcome::Exited { code }, State::Unknown, why)
+                }
+            },
+            Some(ExitStatus::Signaled {
+                signal,
+                core_dumped,
+            }) => (
+                Outcome::Signaled {
+                    signal,
+                    core_dumped,
+                },
+                State::Unknown,
+                format!(
+                    "plugin killed by {}{}",
+                    signal_name(signal),
+                    if core_dumped { " (core dumped)" } else { "" }
+                ),
+            ),
+            None => (
+                Outcome::Shutdown,
+                State::Unknown,
+                "exit status lost (child reaped elsewhere)".to_string(),
+            ),
+        }
+    }
+}
+
+/// Keep at most `cap` bytes; count the rest.
+fn append_capped(out: &mut Output, data: &[u8], cap: usize) {
+    let room = cap.saturating_sub(out.data.len());
+    let take = room.min(data.len());
+    if take > 0 {
+        out.data.extend_from_slice(&data[..take]);
+    }
+    if take < data.len() {
+        out.truncated = true;
+        out.dropped_bytes += (data.len() - take) as u64;
+    }
+}
+
+/// Microseconds since the Unix epoch.
+pub(crate) fn unix_us(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// A duration for people: `10s`, `1.5s`, `250ms`.
+pub(crate) fn human(d: Duration) -> String {
+    if d.subsec_millis() == 0 && d.as_secs() > 0 {
+        format!("{}s", d.as_secs())
+    } else if d.as_secs() > 0 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip() {
+        let t = token(123_456, 0xdead_beef, Source::Stderr);
+        assert_eq!(untoken(t), (123_456, 0xdead_beef, Some(Source::Stderr)));
+    }
+
+    #[test]
+    fn output_is_capped_and_counted() {
+        let mut o = Output::default();
+        append_capped(&mut o, b"hello", 8);
+        append_capped(&mut o, b"world", 8);
+        assert_eq!(o.data, b"hellowor");
+        assert!(o.truncated);
+        assert_eq!(o.dropped_bytes, 2);
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(human(Duration::from_secs(10)), "10s");
+        assert_eq!(human(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(human(Duration::from_millis(250)), "250ms");
+    }
+}

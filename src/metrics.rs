@@ -1,0 +1,293 @@
+//! Per-stage latency histograms (HdrHistogram) and counters kept by the executor.
+
+use crate::result::{CheckResult, Outcome};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// A timed stage of a check's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Submission → handed to a spawner.
+    QueueWait,
+    /// Handed to a spawner → child exists.
+    Spawn,
+    /// Child exists → leader seen exited.
+    Run,
+    /// Deadline → first signal sent.
+    KillLateness,
+    /// Leader seen exited → reaped.
+    ExitToReaped,
+    /// Leader seen exited → result delivered.
+    ExitToDelivered,
+    /// Submission → result delivered.
+    Total,
+}
+
+impl Stage {
+    /// Every stage, in lifecycle order.
+    pub const ALL: [Stage; 7] = [
+        Stage::QueueWait,
+        Stage::Spawn,
+        Stage::Run,
+        Stage::KillLateness,
+        Stage::ExitToReaped,
+        Stage::ExitToDelivered,
+        Stage::Total,
+    ];
+
+    /// snake_case name, used in JSON, Prometheus and file names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::QueueWait => "queue_wait",
+            Stage::Spawn => "spawn",
+            Stage::Run => "run",
+            Stage::KillLateness => "kill_lateness",
+            Stage::ExitToReaped => "exit_to_reaped",
+            Stage::ExitToDelivered => "exit_to_delivered",
+            Stage::Total => "total",
+        }
+    }
+}
+
+/// Counters of what the executor did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Checks accepted.
+    pub submitted: u64,
+    /// Checks refused (queue full, shutting down, invalid).
+    pub rejected: u64,
+    /// Results delivered (all outcomes).
+    pub completed: u64,
+    /// Results whose plugin exited by itself.
+    pub exited: u64,
+    /// Results of plugins that died of a signal nobody here sent.
+    pub signaled: u64,
+    /// Results of checks that timed out.
+    pub timed_out: u64,
+    /// Timed-out checks that needed SIGKILL after SIGTERM.
+    pub escalated: u64,
+    /// Checks that could not be started.
+    pub spawn_failed: u64,
+    /// Checks cancelled on request.
+    pub cancelled: u64,
+    /// Checks ended by shutdown.
+    pub shutdown: u64,
+    /// Results whose output was cut after the drain bound.
+    pub output_cut: u64,
+    /// Re-parented descendants reaped (subreaper mode).
+    pub orphans_reaped: u64,
+}
+
+/// The executor's live metrics (owned by the loop, behind a mutex).
+pub(crate) struct Metrics {
+    stages: Vec<Histogram<u64>>,
+    pub counters: Counters,
+}
+
+/// Highest value a histogram records, in microseconds (1 hour); larger values are clamped.
+const MAX_US: u64 = 3_600_000_000;
+
+impl Metrics {
+    /// Empty histograms (microsecond resolution, 3 significant digits).
+    pub fn new() -> Metrics {
+        Metrics {
+            stages: Stage::ALL
+                .iter()
+                .map(|_| Histogram::new_with_bounds(1, MAX_US, 3).expect("valid histogram bounds"))
+                .collect(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Record one stage duration.
+    pub fn record(&mut self, stage: Stage, d: Duration) {
+        let us = (d.as_micros() as u64).clamp(1, MAX_US);
+        let idx = Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0);
+        let _ = self.stages[idx].record(us);
+    }
+
+    /// Account one delivered result.
+    pub fn record_result(&mut self, r: &CheckResult) {
+        let c = &mut self.counters;
+        c.completed += 1;
+        match &r.outcome {
+            Outcome::Exited { .. } => c.exited += 1,
+            Outcome::Signaled { .. } => c.signaled += 1,
+            Outcome::TimedOut { escalated, .. } => {
+                c.timed_out += 1;
+                if *escalated {
+                    c.escalated += 1;
+                }
+            }
+            Outcome::Cancelled => c.cancelled += 1,
+            Outcome::Shutdown => c.shutdown += 1,
+            Outcome::SpawnFailed { .. } => c.spawn_failed += 1,
+        }
+        if r.output_cut {
+            c.output_cut += 1;
+        }
+        let t = &r.timings;
+        self.record(Stage::QueueWait, t.queue_wait);
+        self.record(Stage::Total, t.total);
+        if r.pid.is_some() {
+            self.record(Stage::Spawn, t.spawn);
+        }
+        if r.exit.is_some() {
+            self.record(Stage::Run, t.run);
+            self.record(Stage::ExitToReaped, t.exit_to_reaped);
+            self.record(Stage::ExitToDelivered, t.exit_to_delivered);
+        }
+        if let Some(k) = t.kill_lateness {
+            self.record(Stage::KillLateness, k);
+        }
+    }
+
+    /// A copy for readers.
+    pub fn snapshot(
+        &self,
+        running: usize,
+        queued: usize,
+        backend: &'static str,
+    ) -> MetricsSnapshot {
+        MetricsSnapshot {
+            backend: backend.to_string(),
+            running,
+            queued,
+            counters: self.counters,
+            stages: Stage::ALL
+                .iter()
+                .zip(&self.stages)
+                .map(|(s, h)| StageSnapshot::from_histogram(*s, h))
+                .collect(),
+            histograms: Stage::ALL
+                .iter()
+                .copied()
+                .zip(self.stages.iter().cloned())
+                .collect(),
+        }
+    }
+}
+
+/// Percentiles of one stage, in microseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageSnapshot {
+    /// Which stage.
+    pub stage: Stage,
+    /// Values recorded.
+    pub count: u64,
+    /// Median.
+    pub p50_us: u64,
+    /// 90th percentile.
+    pub p90_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Largest value.
+    pub max_us: u64,
+    /// Mean.
+    pub mean_us: f64,
+}
+
+impl StageSnapshot {
+    /// Percentiles of `h`.
+    pub fn from_histogram(stage: Stage, h: &Histogram<u64>) -> StageSnapshot {
+        StageSnapshot {
+            stage,
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.5),
+            p90_us: h.value_at_quantile(0.9),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+            mean_us: h.mean(),
+        }
+    }
+}
+
+/// A point-in-time copy of the executor's metrics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MetricsSnapshot {
+    /// The backend in use (`io_uring` or `epoll`).
+    pub backend: String,
+    /// Checks running now (spawning, running, or draining).
+    pub running: usize,
+    /// Checks waiting for a running slot.
+    pub queued: usize,
+    /// Counters since the executor started.
+    pub counters: Counters,
+    /// Percentiles per stage.
+    pub stages: Vec<StageSnapshot>,
+    /// The full histograms, for merging or writing `.hgrm` files.
+    #[serde(skip)]
+    pub histograms: Vec<(Stage, Histogram<u64>)>,
+}
+
+impl MetricsSnapshot {
+    /// The percentiles of one stage.
+    pub fn stage(&self, stage: Stage) -> Option<&StageSnapshot> {
+        self.stages.iter().find(|s| s.stage == stage)
+    }
+
+    /// The full histogram of one stage.
+    pub fn histogram(&self, stage: Stage) -> Option<&Histogram<u64>> {
+        self.histograms
+            .iter()
+            .find(|(s, _)| *s == stage)
+            .map(|(_, h)| h)
+    }
+
+    /// A table of percentiles per stage, for people.
+    pub fn render_table(&self) -> String {
+        let mut out = format!(
+            "{:<18} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+            "stage", "count", "p50", "p90", "p99", "p99.9", "max"
+        );
+        for s in &self.stages {
+            out.push_str(&format!(
+                "{:<18} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+                s.stage.as_str(),
+                s.count,
+                fmt_us(s.p50_us),
+                fmt_us(s.p90_us),
+                fmt_us(s.p99_us),
+                fmt_us(s.p999_us),
+                fmt_us(s.max_us)
+            ));
+        }
+        out
+    }
+}
+
+/// A microsecond count as a short human duration (`850µs`, `12.3ms`, `4.20s`).
+pub fn fmt_us(us: u64) -> String {
+    if us < 1_000 {
+        format!("{us}µs")
+    } else if us < 1_000_000 {
+        format!("{:.1}ms", us as f64 / 1e3)
+    } else {
+        format!("{:.2}s", us as f64 / 1e6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_and_reports_percentiles() {
+        let mut m = Metrics::new();
+        for i in 1..=100u64 {
+            m.record(Stage::Run, Duration::from_millis(i));
+        }
+        let s = m.snapshot(0, 0, "epoll");
+        let run = s.stage(Stage::Run).unwrap();
+        assert_eq!(run.count, 100);
+        assert!((49_000..=51_000).contains(&run.p50_us), "{run:?}");
+        assert!(run.max_us >= 99_000);
+        assert!(s.render_table().contains("run"));
+        assert_eq!(fmt_us(1500), "1.5ms");
+    }
+}
