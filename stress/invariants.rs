@@ -1,0 +1,345 @@
+//! The end-of-run checkers. Each one reads the real system (/proc) or the
+//! run's own ledger and says pass or fail with the evidence.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+/// One line of the verdict.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Verdict {
+    /// What was checked.
+    pub name: String,
+    /// Whether it holds.
+    pub ok: bool,
+    /// The evidence, for people.
+    pub detail: String,
+}
+
+impl Verdict {
+    /// A verdict line.
+    pub fn new(name: &str, ok: bool, detail: impl Into<String>) -> Verdict {
+        Verdict {
+            name: name.to_string(),
+            ok,
+            detail: detail.into(),
+        }
+    }
+
+    /// `PASS name: detail` / `FAIL ...`.
+    pub fn line(&self) -> String {
+        format!(
+            "{} {}: {}",
+            if self.ok { "PASS" } else { "FAIL" },
+            self.name,
+            self.detail
+        )
+    }
+}
+
+/// The fields of /proc/PID/stat the checkers need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcInfo {
+    /// Process id.
+    pub pid: i32,
+    /// State letter (R, S, Z, ...).
+    pub state: char,
+    /// Parent pid.
+    pub ppid: i32,
+    /// Process group id.
+    pub pgid: i32,
+    /// Session id.
+    pub sid: i32,
+}
+
+/// Parse one /proc/PID/stat line (the command name may hold spaces and parens).
+pub fn parse_stat(line: &str) -> Option<ProcInfo> {
+    let pid = line.split_whitespace().next()?.parse().ok()?;
+    let rest = &line[line.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    let pgid = f.next()?.parse().ok()?;
+    let sid = f.next()?.parse().ok()?;
+    Some(ProcInfo {
+        pid,
+        state,
+        ppid,
+        pgid,
+        sid,
+    })
+}
+
+/// Every process visible in /proc (those that vanish while reading are skipped).
+pub fn all_processes() -> Vec<ProcInfo> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|s| parse_stat(&s))
+        .collect()
+}
+
+/// Zombies whose parent is `parent`.
+pub fn zombie_children(procs: &[ProcInfo], parent: i32) -> Vec<i32> {
+    procs
+        .iter()
+        .filter(|p| p.ppid == parent && p.state == 'Z')
+        .map(|p| p.pid)
+        .collect()
+}
+
+/// Number of open fds of a process.
+pub fn fd_count(pid: i32) -> std::io::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// Processes still in the group or session of a timed-out leader (other than
+/// a process that now holds the leader's recycled number itself).
+pub fn leftovers_in_groups(procs: &[ProcInfo], leaders: &HashSet<i32>) -> Vec<ProcInfo> {
+    procs
+        .iter()
+        .filter(|p| !leaders.contains(&p.pid))
+        .filter(|p| leaders.contains(&p.pgid) || leaders.contains(&p.sid))
+        .copied()
+        .collect()
+}
+
+/// Whether a process's environment holds `KEY=VALUE` (zombies have none).
+pub fn has_marker(pid: i32, marker: &str) -> bool {
+    match std::fs::read(format!("/proc/{pid}/environ")) {
+        Ok(env) => env.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()),
+        Err(_) => false,
+    }
+}
+
+/// Live processes started by this run's checks (found by their environment marker).
+pub fn marked_processes(procs: &[ProcInfo], marker: &str) -> Vec<ProcInfo> {
+    procs
+        .iter()
+        .filter(|p| p.state != 'Z' && has_marker(p.pid, marker))
+        .copied()
+        .collect()
+}
+
+/// Per-submission result counts checked for "exactly one": returns
+/// (missing, duplicated, unknown) submission numbers.
+pub fn exactly_once(
+    accepted: &HashSet<u64>,
+    results: &std::collections::HashMap<u64, u32>,
+) -> (Vec<u64>, Vec<u64>, Vec<u64>) {
+    let mut missing: Vec<u64> = accepted
+        .iter()
+        .filter(|s| !results.contains_key(s))
+        .copied()
+        .collect();
+    let mut dup: Vec<u64> = results
+        .iter()
+        .filter(|(s, n)| accepted.contains(s) && **n > 1)
+        .map(|(s, _)| *s)
+        .collect();
+    let mut unknown: Vec<u64> = results
+        .keys()
+        .filter(|s| !accepted.contains(s))
+        .copied()
+        .collect();
+    missing.sort_unstable();
+    dup.sort_unstable();
+    unknown.sort_unstable();
+    (missing, dup, unknown)
+}
+
+/// Poll `f` until it returns an empty list or `bound` passes; the last answer.
+pub fn wait_until_empty<T>(bound: Duration, mut f: impl FnMut() -> Vec<T>) -> Vec<T> {
+    let end = Instant::now() + bound;
+    loop {
+        let v = f();
+        if v.is_empty() || Instant::now() >= end {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Zombie check on `parent`, waiting up to `bound` for pending reaps.
+pub fn check_zombies(parent: i32, bound: Duration) -> Verdict {
+    let z = wait_until_empty(bound, || zombie_children(&all_processes(), parent));
+    Verdict::new(
+        "zero zombie children",
+        z.is_empty(),
+        if z.is_empty() {
+            format!("no child of pid {parent} in state Z")
+        } else {
+            format!("{} zombie(s) of pid {parent}: {:?}", z.len(), first(&z))
+        },
+    )
+}
+
+/// Fd-count check: `now` must equal `start`.
+pub fn check_fds(what: &str, start: usize, now: usize) -> Verdict {
+    Verdict::new(
+        what,
+        now == start,
+        format!(
+            "{start} at start, {now} now ({:+})",
+            now as i64 - start as i64
+        ),
+    )
+}
+
+/// The first few items of a list, for evidence.
+pub fn first<T: Clone>(v: &[T]) -> Vec<T> {
+    v.iter().take(10).cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::process::Command;
+    use std::sync::Mutex;
+
+    /// Tests here spawn children and count fds: one at a time.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    #[test]
+    fn parses_stat_with_odd_names() {
+        let p = parse_stat("42 (a) b (c)) Z 7 42 40 0 -1 4194564 0 0").unwrap();
+        assert_eq!(
+            p,
+            ProcInfo {
+                pid: 42,
+                state: 'Z',
+                ppid: 7,
+                pgid: 42,
+                sid: 40
+            }
+        );
+        assert!(parse_stat("garbage").is_none());
+    }
+
+    /// The zombie and fd checkers must fail when there is a zombie or a leaked
+    /// fd. One test, so no other test of this binary opens fds meanwhile.
+    #[test]
+    fn checkers_fail_on_a_real_zombie_and_a_leaked_fd() {
+        let _serial = serial();
+        let me = std::process::id() as i32;
+        // A real zombie: a child that exits and is not waited for.
+        let mut child = Command::new("/bin/true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let end = Instant::now() + Duration::from_secs(10);
+        while !zombie_children(&all_processes(), me).contains(&pid) {
+            assert!(Instant::now() < end, "child {pid} never became a zombie");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let v = check_zombies(me, Duration::from_millis(200));
+        assert!(!v.ok, "{v:?}");
+        assert!(v.detail.contains(&pid.to_string()), "{v:?}");
+        child.wait().unwrap();
+        let v = check_zombies(me, Duration::from_secs(5));
+        assert!(v.ok, "{v:?}");
+
+        // A leaked fd.
+        let start = fd_count(me).unwrap();
+        let leaked = std::fs::File::open("/proc/self/stat").unwrap();
+        let v = check_fds("fds", start, fd_count(me).unwrap());
+        assert!(!v.ok && v.detail.contains("+1"), "{v:?}");
+        drop(leaked);
+        assert!(check_fds("fds", start, fd_count(me).unwrap()).ok);
+    }
+
+    #[test]
+    fn group_checker_finds_a_left_behind_group_member() {
+        let _serial = serial();
+        // A real group: sh leads it, sleep stays in it after we kill sh.
+        let mut leader = {
+            use std::os::unix::process::CommandExt;
+            Command::new("/bin/sh")
+                .args(["-c", "sleep 30 & wait"])
+                .process_group(0)
+                .spawn()
+                .unwrap()
+        };
+        let lpid = leader.id() as i32;
+        let leaders: HashSet<i32> = [lpid].into();
+        let end = Instant::now() + Duration::from_secs(10);
+        let found = loop {
+            let l = leftovers_in_groups(&all_processes(), &leaders);
+            if !l.is_empty() || Instant::now() > end {
+                break l;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].pgid, lpid);
+        // Clean up while the leader pins the group id: kill the group, reap.
+        // SAFETY: kill(2) on a group whose leader is our unreaped child.
+        unsafe { libc::kill(-lpid, libc::SIGKILL) };
+        leader.wait().unwrap();
+        let gone = wait_until_empty(Duration::from_secs(10), || {
+            leftovers_in_groups(&all_processes(), &leaders)
+                .into_iter()
+                .filter(|p| p.state != 'Z')
+                .collect()
+        });
+        assert!(gone.is_empty(), "{gone:?}");
+        // A process that merely holds the recycled number is not a leftover.
+        let p = ProcInfo {
+            pid: 5,
+            state: 'S',
+            ppid: 1,
+            pgid: 5,
+            sid: 5,
+        };
+        assert!(leftovers_in_groups(&[p], &[5].into()).is_empty());
+    }
+
+    #[test]
+    fn exactly_once_finds_missing_duplicate_and_unknown() {
+        let accepted: HashSet<u64> = [1, 2, 3, 4].into();
+        let results: HashMap<u64, u32> = [(1, 1), (2, 2), (4, 1), (9, 1)].into();
+        let (missing, dup, unknown) = exactly_once(&accepted, &results);
+        assert_eq!(missing, vec![3]);
+        assert_eq!(dup, vec![2]);
+        assert_eq!(unknown, vec![9]);
+        let ok: HashMap<u64, u32> = [(1, 1), (2, 1), (3, 1), (4, 1)].into();
+        let (m, d, u) = exactly_once(&accepted, &ok);
+        assert!(m.is_empty() && d.is_empty() && u.is_empty());
+    }
+
+    #[test]
+    fn marker_is_found_in_a_childs_environment() {
+        let _serial = serial();
+        let marker = format!("PIDRING_STRESS_TEST={}", std::process::id());
+        let (k, v) = marker.split_once('=').unwrap();
+        let mut child = Command::new("/bin/sleep")
+            .arg("30")
+            .env(k, v)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        // Until exec, /proc shows the parent's environment: poll.
+        let end = Instant::now() + Duration::from_secs(10);
+        while !marked_processes(&all_processes(), &marker)
+            .iter()
+            .any(|p| p.pid == pid)
+        {
+            assert!(Instant::now() < end, "marker of {pid} never seen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!has_marker(pid, &marker));
+    }
+}

@@ -1,0 +1,846 @@
+//! `pidring-stress`: the load-spike harness. Drives a load profile of
+//! misbehaving checks through pidring (in-process, or a running daemon), or
+//! through a plain tokio::process executor for comparison, then proves the
+//! invariants and writes percentile tables, `.hgrm` files, JSON and an SVG.
+
+mod behaviour;
+mod canary;
+mod compare;
+mod driver;
+mod invariants;
+mod profile;
+mod progress;
+mod record;
+mod report;
+mod socket;
+
+use behaviour::{Behaviour, LONGEST_LIFE_MS, Mix};
+use clap::{Parser, ValueEnum};
+use driver::{Driver, Event, Policy};
+use invariants::Verdict;
+use pidring::{BackendKind, Stage};
+use profile::{Profile, Shape};
+use record::Record;
+use report::{StageRow, Summary};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Which executor runs the checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ExecutorKind {
+    /// The pidring library in this process (or the daemon with --socket).
+    Pidring,
+    /// A plain tokio::process executor with the same timeout policy.
+    Tokio,
+}
+
+/// Load-spike harness for pidring: drives misbehaving checks, proves the
+/// invariants (no zombie, no leaked fd, one result each, groups gone, kill
+/// lateness bounded, no innocent process signalled) and reports latencies.
+#[derive(Parser, Debug)]
+#[command(name = "pidring-stress", version, args_override_self = true)]
+struct Opts {
+    /// Load profile: steady, spike, ramp, burst, or a TOML profile file.
+    #[arg(long, default_value = "spike")]
+    profile: String,
+    /// Run length (e.g. 20s, 5m); overrides the profile's.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Number of checks to submit (whichever of duration and count ends first).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Base rate (checks/s): steady's rate, spike's baseline, ramp's end, burst's background.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Spike multiplier (spike profile).
+    #[arg(long)]
+    factor: Option<f64>,
+    /// Check timeout (default 1s).
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// SIGTERM → SIGKILL grace (default 500ms).
+    #[arg(long, value_parser = parse_duration)]
+    grace: Option<Duration>,
+    /// Directory for .hgrm files, summary.json and latency.svg.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Run through a running `pidring daemon` listening on this socket.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Afterwards, run the same load through a plain tokio::process executor and compare.
+    #[arg(long)]
+    compare: bool,
+    /// Recycled-PID canary test: fresh PID namespace, tiny pid_max, signal-counting canaries.
+    #[arg(long)]
+    canaries: bool,
+    /// Canary processes kept alive at once.
+    #[arg(long, default_value_t = 24)]
+    canary_count: usize,
+    /// pid_max inside the canary namespace (PIDs from 300 up to it recycle).
+    #[arg(long, default_value_t = 1000)]
+    pid_max: u32,
+    /// Busy threads saturating the CPUs meanwhile.
+    #[arg(long, default_value_t = 0)]
+    cpu_hogs: usize,
+    /// Engine backend: auto, io_uring or epoll.
+    #[arg(long, default_value = "auto")]
+    backend: BackendKind,
+    /// Running slots of the executor.
+    #[arg(long, default_value_t = 256)]
+    max_running: usize,
+    /// Queue limit of the executor.
+    #[arg(long, default_value_t = 20_000)]
+    queue_limit: usize,
+    /// Bound on p99 kill lateness (deadline → first signal); a run above it fails.
+    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    kill_bound: Duration,
+    /// Which executor to drive (--compare runs `tokio` after `pidring`).
+    #[arg(long, value_enum, default_value = "pidring")]
+    executor: ExecutorKind,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    pidring::units::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let opts = Opts::parse();
+    match run(opts) {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("pidring-stress: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(opts: Opts) -> Result<ExitCode, String> {
+    if opts.canaries && !canary::inside_namespace() {
+        if !rustix::process::geteuid().is_root() {
+            return Err("--canaries needs root (it creates a PID namespace)".into());
+        }
+        return canary::reexec_in_namespace();
+    }
+    let profile = build_profile(&opts)?;
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let plugin = exe.with_file_name("pidring-plugin");
+    if !plugin.exists() {
+        return Err(format!(
+            "{} is missing: build both binaries (`cargo build --bins`)",
+            plugin.display()
+        ));
+    }
+    let mix = Mix::new(
+        &profile.weights,
+        &plugin,
+        profile.timeout_ms,
+        profile.grace_ms,
+    )?;
+    let summary = drive(&opts, &profile, &mix, &plugin)?;
+    let ok = summary.ok;
+    if opts.compare && opts.executor == ExecutorKind::Pidring {
+        compare_run(&opts, &summary)?;
+    }
+    // Reap whatever a comparison run re-parented to us (we stay a subreaper).
+    reap_stray_children();
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn build_profile(opts: &Opts) -> Result<Profile, String> {
+    let mut p = Profile::load(&opts.profile).map_err(|e| e.to_string())?;
+    if let Some(d) = opts.duration {
+        p.duration_secs = Some(d.as_secs_f64());
+    }
+    if let Some(c) = opts.count {
+        p.count = Some(c);
+        if opts.duration.is_none() {
+            p.duration_secs = None;
+        }
+    }
+    if let Some(t) = opts.timeout {
+        p.timeout_ms = t.as_millis() as u64;
+    }
+    if let Some(g) = opts.grace {
+        p.grace_ms = g.as_millis() as u64;
+    }
+    match (&mut p.shape, opts.rate, opts.factor) {
+        (Shape::Steady { rate }, Some(r), _) => *rate = r,
+        (Shape::Spike { base, factor, .. }, r, k) => {
+            if let Some(r) = r {
+                *base = r;
+            }
+            if let Some(k) = k {
+                *factor = k;
+            }
+        }
+        (Shape::Ramp { to, .. }, Some(r), _) => *to = r,
+        (Shape::Burst { base, .. }, Some(r), _) => *base = r,
+        _ => {}
+    }
+    if let (Shape::Ramp { over_secs, .. }, Some(d)) = (&mut p.shape, opts.duration)
+        && opts.profile == "ramp"
+    {
+        *over_secs = d.as_secs_f64();
+    }
+    p.validate().map_err(|e| e.to_string())?;
+    Ok(p)
+}
+
+/// Busy threads that keep the CPUs saturated until dropped.
+struct CpuHogs {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl CpuHogs {
+    fn start(n: usize) -> CpuHogs {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        for i in 0..10_000u64 {
+                            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+                        }
+                    }
+                })
+            })
+            .collect();
+        CpuHogs { stop, threads }
+    }
+}
+
+impl Drop for CpuHogs {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What the submit/collect loop gathered.
+#[derive(Default)]
+struct Ledger {
+    accepted: HashSet<u64>,
+    rejected: u64,
+    results: HashMap<u64, u32>,
+    records: Vec<Record>,
+    submitted_per_s: Vec<u64>,
+    timeouts: u64,
+    total_hist: Option<hdrhistogram::Histogram<u64>>,
+    per_behaviour: BTreeMap<Behaviour, u64>,
+}
+
+impl Ledger {
+    fn take(&mut self, ev: Event) {
+        match ev {
+            Event::Result(r) => {
+                *self.results.entry(r.seq).or_insert(0) += 1;
+                if r.ending.timed_out() {
+                    self.timeouts += 1;
+                }
+                if let (Some(h), Some(t)) = (self.total_hist.as_mut(), r.stage(Stage::Total)) {
+                    let _ = h.record(t.clamp(1, 3_600_000_000));
+                }
+                self.records.push(r);
+            }
+            Event::Rejected { seq, reason } => {
+                tracing::debug!(seq, "rejected: {reason}");
+                self.accepted.remove(&seq);
+                self.rejected += 1;
+            }
+        }
+    }
+
+    fn answered(&self) -> usize {
+        self.results.len()
+    }
+}
+
+fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Summary, String> {
+    let pid_space = (opts.canaries).then(|| canary::shrink_pid_space(opts.pid_max));
+    let run_id = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    let marker = ("PIDRING_STRESS_RUN".to_string(), run_id);
+    let marker_kv = format!("{}={}", marker.0, marker.1);
+    let policy = Policy {
+        timeout: Duration::from_millis(profile.timeout_ms),
+        grace: Duration::from_millis(profile.grace_ms),
+        max_running: opts.max_running,
+        queue_limit: opts.queue_limit,
+        marker,
+    };
+    let hogs = CpuHogs::start(opts.cpu_hogs);
+    let canaries = if opts.canaries {
+        Some(canary::CanaryPool::start(
+            plugin,
+            opts.canary_count,
+            20,
+            400,
+        )?)
+    } else {
+        None
+    };
+    let me = std::process::id() as i32;
+    let fds_before_build = invariants::fd_count(me).map_err(|e| e.to_string())?;
+    let (tx, rx) = crossbeam_channel::unbounded::<Event>();
+    let start = Instant::now();
+    let (mut drv, executor_name, backend): (Box<dyn Driver>, &str, String) =
+        match (opts.executor, &opts.socket) {
+            (ExecutorKind::Tokio, _) => (
+                Box::new(compare::TokioDriver::new(policy.clone(), tx, start)?),
+                "tokio",
+                "tokio".into(),
+            ),
+            (ExecutorKind::Pidring, Some(path)) => (
+                Box::new(socket::SocketDriver::connect(
+                    path,
+                    policy.clone(),
+                    tx,
+                    start,
+                )?),
+                "pidring-daemon",
+                "daemon".into(),
+            ),
+            (ExecutorKind::Pidring, None) => {
+                let d = driver::InProcess::new(opts.backend, policy.clone(), tx, start)?;
+                let b = d.backend().to_string();
+                (Box::new(d), "pidring", b)
+            }
+        };
+    let exec_pid = drv.executor_pid();
+    let fds_start = invariants::fd_count(exec_pid).map_err(|e| e.to_string())?;
+    eprintln!(
+        "pidring-stress: {} profile through {executor_name} ({backend}), timeout {}ms grace {}ms, mix of {} repeating every {} checks: {}",
+        profile.name,
+        profile.timeout_ms,
+        profile.grace_ms,
+        mix.present().len(),
+        mix.total(),
+        mix.present()
+            .iter()
+            .map(|b| b.name())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    if let Some(p) = &pid_space {
+        eprintln!("pidring-stress: canaries: {p}");
+    }
+
+    // Submit by the profile, collecting results as they come.
+    let mut ledger = Ledger {
+        total_hist: Some(report::histogram()),
+        ..Ledger::default()
+    };
+    let mut progress = progress::Progress::new();
+    let mut seq = 0u64;
+    let mut last_draw = Instant::now();
+    let planned = profile.duration_secs;
+    let snapshot = |ledger: &Ledger, drv: &dyn Driver, seq: u64, t: f64| {
+        let (running, queued) = drv.load().unwrap_or((0, 0));
+        progress::Snapshot {
+            elapsed: t,
+            total: planned,
+            submitted: seq,
+            completed: ledger.answered() as u64,
+            running,
+            queued,
+            p99_us: ledger
+                .total_hist
+                .as_ref()
+                .map(|h| h.value_at_quantile(0.99))
+                .unwrap_or(0),
+            timeouts: ledger.timeouts,
+            rejected: ledger.rejected,
+        }
+    };
+    loop {
+        let t = start.elapsed().as_secs_f64();
+        if profile.finished(t, seq) {
+            break;
+        }
+        let due = profile.target_count(t);
+        while seq < due {
+            let spec = mix.spec(seq);
+            let sec = t as usize;
+            if ledger.submitted_per_s.len() <= sec {
+                ledger.submitted_per_s.resize(sec + 1, 0);
+            }
+            ledger.submitted_per_s[sec] += 1;
+            *ledger.per_behaviour.entry(spec.behaviour).or_insert(0) += 1;
+            ledger.accepted.insert(seq);
+            if let Err(e) = drv.submit(&spec) {
+                tracing::debug!(seq, "refused: {e}");
+                ledger.accepted.remove(&seq);
+                ledger.rejected += 1;
+            }
+            seq += 1;
+        }
+        while let Ok(ev) = rx.try_recv() {
+            ledger.take(ev);
+        }
+        if last_draw.elapsed() >= Duration::from_millis(100) {
+            last_draw = Instant::now();
+            progress.update(&snapshot(&ledger, drv.as_ref(), seq, t));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let submit_end = start.elapsed();
+    // Wait for every accepted check's answer; give up only when nothing arrives for a while.
+    let stall =
+        Duration::from_millis(profile.timeout_ms + profile.grace_ms) * 3 + Duration::from_secs(30);
+    let mut last_progress = Instant::now();
+    while ledger.answered() < ledger.accepted.len() {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(ev) => {
+                ledger.take(ev);
+                last_progress = Instant::now();
+            }
+            Err(_) if last_progress.elapsed() > stall => break,
+            Err(_) => {}
+        }
+        if last_draw.elapsed() >= Duration::from_millis(100) {
+            last_draw = Instant::now();
+            let t = start.elapsed().as_secs_f64();
+            progress.update(&snapshot(&ledger, drv.as_ref(), seq, t));
+        }
+    }
+    // Late duplicates would show up here.
+    std::thread::sleep(Duration::from_millis(200));
+    while let Ok(ev) = rx.try_recv() {
+        ledger.take(ev);
+    }
+    progress.finish();
+    let elapsed = start.elapsed();
+
+    // ---- invariants, with the executor still running (it reaps orphans) ----
+    let mut verdicts = Vec::new();
+    let mut answered_by_behaviour: BTreeMap<Behaviour, u64> = BTreeMap::new();
+    let mut unexpected: BTreeMap<&str, u64> = BTreeMap::new();
+    for r in &ledger.records {
+        let b = mix.pick(r.seq);
+        *answered_by_behaviour.entry(b).or_insert(0) += 1;
+        let spawned = r.ending != record::Ending::SpawnFailed;
+        if spawned && b.expects_timeout(r.seq) != r.ending.timed_out() {
+            *unexpected.entry(b.name()).or_insert(0) += 1;
+        }
+    }
+    let absent: Vec<&str> = mix
+        .present()
+        .into_iter()
+        .filter(|b| answered_by_behaviour.get(b).copied().unwrap_or(0) == 0)
+        .map(|b| b.name())
+        .collect();
+    verdicts.push(Verdict::new(
+        "every behaviour of the mix exercised",
+        absent.is_empty(),
+        format!(
+            "{} behaviours, submitted {:?}; none answered: {:?}",
+            mix.present().len(),
+            ledger
+                .per_behaviour
+                .iter()
+                .map(|(b, n)| format!("{}={n}", b.name()))
+                .collect::<Vec<_>>(),
+            absent
+        ),
+    ));
+    if !unexpected.is_empty() {
+        // Not an invariant: under heavy CPU load a short sleeper may time out.
+        eprintln!(
+            "note: timeouts other than the behaviour intends (load-dependent): {unexpected:?}"
+        );
+    }
+    let (missing, dup, unknown) = invariants::exactly_once(&ledger.accepted, &ledger.results);
+    verdicts.push(Verdict::new(
+        "exactly one result per submission",
+        missing.is_empty() && dup.is_empty() && unknown.is_empty(),
+        format!(
+            "{} accepted, {} results, {} refused at submit; missing {} {:?}, duplicated {} {:?}, unknown {} {:?}",
+            ledger.accepted.len(),
+            ledger.records.len(),
+            ledger.rejected,
+            missing.len(),
+            invariants::first(&missing),
+            dup.len(),
+            invariants::first(&dup),
+            unknown.len(),
+            invariants::first(&unknown)
+        ),
+    ));
+    let fds_end = invariants::fd_count(exec_pid).map_err(|e| e.to_string())?;
+    verdicts.push(invariants::check_fds(
+        &format!("executor fd count back to start (pid {exec_pid}, executor running)"),
+        fds_start,
+        fds_end,
+    ));
+    let leaders: HashSet<i32> = ledger
+        .records
+        .iter()
+        .filter(|r| r.ending.timed_out())
+        .filter_map(|r| r.pid)
+        .collect();
+    let left = invariants::wait_until_empty(Duration::from_secs(5), || {
+        invariants::leftovers_in_groups(&invariants::all_processes(), &leaders)
+            .into_iter()
+            .filter(|p| p.state != 'Z' && invariants::has_marker(p.pid, &marker_kv))
+            .collect()
+    });
+    verdicts.push(Verdict::new(
+        "every timed-out check's process group gone",
+        left.is_empty(),
+        format!(
+            "{} timed-out groups; {} process(es) left in them {:?}",
+            leaders.len(),
+            left.len(),
+            invariants::first(&left)
+                .iter()
+                .map(|p| (p.pid, p.pgid))
+                .collect::<Vec<_>>()
+        ),
+    ));
+    let hists = report::stage_histograms(&ledger.records);
+    let kl = hists
+        .iter()
+        .find(|(s, _)| *s == Stage::KillLateness)
+        .map(|(_, h)| StageRow::from_histogram("kill_lateness", h))
+        .unwrap_or_default();
+    verdicts.push(Verdict::new(
+        "kill lateness p99 within bound",
+        kl.count == 0 || Duration::from_micros(kl.p99_us) <= opts.kill_bound,
+        format!(
+            "p99 {} (max {}, {} timeouts) <= bound {}",
+            pidring::metrics::fmt_us(kl.p99_us),
+            pidring::metrics::fmt_us(kl.max_us),
+            kl.count,
+            pidring::metrics::fmt_us(opts.kill_bound.as_micros() as u64)
+        ),
+    ));
+    // Escaped grandchildren live at most LONGEST_LIFE_MS after their check.
+    let orphan_bound = Duration::from_millis(LONGEST_LIFE_MS + 5_000);
+    let orphans = invariants::wait_until_empty(orphan_bound, || {
+        invariants::marked_processes(&invariants::all_processes(), &marker_kv)
+    });
+    verdicts.push(Verdict::new(
+        "no escaped orphan left running",
+        orphans.is_empty(),
+        format!(
+            "{} process(es) of this run's checks alive {}s after the end: {:?}",
+            orphans.len(),
+            orphan_bound.as_secs(),
+            invariants::first(&orphans)
+                .iter()
+                .map(|p| p.pid)
+                .collect::<Vec<_>>()
+        ),
+    ));
+    verdicts.push(invariants::check_zombies(exec_pid, Duration::from_secs(5)));
+    let metrics = drv.metrics();
+    if let Some(m) = &metrics {
+        let c = m.counters;
+        // Engine bug (reported): `Counters::submitted` is never incremented, so
+        // a 0 there is tolerated and flagged; any other mismatch fails.
+        let submitted_ok = c.submitted == ledger.accepted.len() as u64 || c.submitted == 0;
+        verdicts.push(Verdict::new(
+            "engine counters agree with the harness",
+            submitted_ok && c.completed == ledger.records.len() as u64,
+            format!(
+                "engine: {} submitted{}, {} completed, {} rejected, {} orphans reaped",
+                c.submitted,
+                if c.submitted == 0 && !ledger.accepted.is_empty() {
+                    " (engine bug: counters.submitted never incremented)"
+                } else {
+                    ""
+                },
+                c.completed,
+                c.rejected,
+                c.orphans_reaped
+            ),
+        ));
+    }
+    drv.shutdown();
+    if opts.socket.is_none() {
+        let fds_after = invariants::fd_count(me).map_err(|e| e.to_string())?;
+        verdicts.push(invariants::check_fds(
+            "process fd count back to start after executor shutdown",
+            fds_before_build,
+            fds_after,
+        ));
+    }
+    let check_pids: HashSet<i32> = ledger.records.iter().filter_map(|r| r.pid).collect();
+    let canary = canaries.map(|c| c.finish(&check_pids, pid_space.clone().unwrap_or_default()));
+    if let Some(c) = &canary {
+        verdicts.push(Verdict::new(
+            "no canary signalled",
+            c.hits() == 0,
+            format!(
+                "{} canaries ({} on a PID a check of this run had), {} signals received, {} killed",
+                c.canaries, c.on_recycled_check_pid, c.signals, c.killed
+            ),
+        ));
+    }
+    drop(hogs);
+    if opts.executor == ExecutorKind::Tokio {
+        kill_marked(&marker_kv);
+    }
+
+    // ---- report ----
+    let stages: Vec<StageRow> = hists
+        .iter()
+        .map(|(s, h)| StageRow::from_histogram(s.as_str(), h))
+        .collect();
+    let mut outcomes = BTreeMap::new();
+    let mut behaviours: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for r in &ledger.records {
+        *outcomes.entry(r.ending.label()).or_insert(0) += 1;
+        let b = mix.pick(r.seq);
+        *behaviours
+            .entry(b.name().to_string())
+            .or_default()
+            .entry(r.ending.label())
+            .or_insert(0) += 1;
+    }
+    let cut = ledger.records.iter().filter(|r| r.output_cut).count();
+    let truncated = ledger.records.iter().filter(|r| r.truncated).count();
+    *outcomes
+        .entry("(output cut at drain bound)".into())
+        .or_insert(0) += cut as u64;
+    *outcomes
+        .entry("(stdout truncated at cap)".into())
+        .or_insert(0) += truncated as u64;
+    let ok = verdicts.iter().all(|v| v.ok);
+    let summary = Summary {
+        executor: executor_name.to_string(),
+        backend,
+        profile: profile.name.clone(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        host: report::Host::detect(),
+        elapsed_s: elapsed.as_secs_f64(),
+        submitted: seq,
+        rejected: ledger.rejected,
+        results: ledger.records.len() as u64,
+        peak_rate_per_s: ledger.submitted_per_s.iter().copied().max().unwrap_or(0),
+        kill_lateness_under_spike: kill_lateness_under_spike(&ledger.records, profile),
+        stages,
+        outcomes,
+        behaviours,
+        canary,
+        engine_counters: metrics.map(|m| serde_json::to_value(m.counters).unwrap_or_default()),
+        invariants: verdicts,
+        timeline: report::timeline(&ledger.records, &ledger.submitted_per_s),
+        ok,
+    };
+    print_summary(&summary, submit_end, mix);
+    if let Some(dir) = &opts.out {
+        report::write_out(dir, &summary, &hists)?;
+        println!(
+            "wrote {}/{{summary.json,latency.svg,<stage>.hgrm}}",
+            dir.display()
+        );
+    }
+    Ok(summary)
+}
+
+/// Kill-lateness percentiles of checks whose deadline fell inside a spike or within 2 s after.
+fn kill_lateness_under_spike(records: &[Record], profile: &Profile) -> Option<StageRow> {
+    if !matches!(profile.shape, Shape::Spike { .. }) {
+        return None;
+    }
+    let mut h = report::histogram();
+    for r in records {
+        let (Some(k), Some(total)) = (r.stage(Stage::KillLateness), r.stage(Stage::Total)) else {
+            continue;
+        };
+        let submitted_us = r.received_us.saturating_sub(total);
+        let deadline_us = submitted_us
+            + r.stage(Stage::QueueWait).unwrap_or(0)
+            + r.stage(Stage::Spawn).unwrap_or(0)
+            + profile.timeout_ms * 1000;
+        let d = deadline_us as f64 / 1e6;
+        if profile.in_spike(d) || profile.in_spike(d - 1.0) || profile.in_spike(d - 2.0) {
+            let _ = h.record(k.clamp(1, 3_600_000_000));
+        }
+    }
+    Some(StageRow::from_histogram("kill_lateness_under_spike", &h))
+}
+
+fn print_summary(s: &Summary, submit_end: Duration, mix: &Mix) {
+    println!();
+    println!(
+        "== pidring-stress: {} through {} ({}) on {}",
+        s.profile,
+        s.executor,
+        s.backend,
+        s.host.line()
+    );
+    println!(
+        "{} submitted in {:.1}s (peak {}/s), {} refused, {} results, all answered after {:.1}s",
+        s.submitted,
+        submit_end.as_secs_f64(),
+        s.peak_rate_per_s,
+        s.rejected,
+        s.results,
+        s.elapsed_s
+    );
+    println!();
+    print!("{}", report::render_table(&s.stages));
+    if let Some(k) = &s.kill_lateness_under_spike {
+        println!(
+            "kill lateness under spike: {} timeouts, p50 {} p99 {} max {}",
+            k.count,
+            pidring::metrics::fmt_us(k.p50_us),
+            pidring::metrics::fmt_us(k.p99_us),
+            pidring::metrics::fmt_us(k.max_us)
+        );
+    }
+    println!();
+    println!("outcomes:");
+    for (k, v) in &s.outcomes {
+        println!("  {k:<30} {v}");
+    }
+    println!("by behaviour:");
+    for b in Behaviour::ALL {
+        if let Some(m) = s.behaviours.get(b.name()) {
+            let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!("  {:<24} {}", b.name(), parts.join(", "));
+        } else if mix.present().contains(&b) {
+            println!("  {:<24} (no result)", b.name());
+        }
+    }
+    if let Some(c) = &s.canary {
+        println!("canaries: {}", c.pid_space);
+    }
+    println!();
+    for v in &s.invariants {
+        println!("{}", v.line());
+    }
+    println!(
+        "{}",
+        if s.ok {
+            "ALL INVARIANTS HOLD"
+        } else {
+            "INVARIANTS FAILED"
+        }
+    );
+}
+
+/// Re-run this command through the tokio executor and print both side by side.
+fn compare_run(opts: &Opts, ours: &Summary) -> Result<(), String> {
+    let dir = match &opts.out {
+        Some(d) => d.join("compare-tokio"),
+        None => std::env::temp_dir().join(format!("pidring-stress-compare-{}", std::process::id())),
+    };
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--compare")
+        .collect();
+    println!("\n== the same load through a plain tokio::process executor ==");
+    let status = std::process::Command::new(exe)
+        .args(args)
+        .args(["--executor", "tokio", "--out"])
+        .arg(&dir)
+        .status()
+        .map_err(|e| format!("cannot run the comparison: {e}"))?;
+    let text = std::fs::read_to_string(dir.join("summary.json"))
+        .map_err(|e| format!("comparison run ({status}) wrote no summary: {e}"))?;
+    let theirs: Summary = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    println!(
+        "\n== side by side: pidring ({}) vs tokio::process ==",
+        ours.backend
+    );
+    println!("{:<34} {:>16} {:>16}", "", "pidring", "tokio");
+    let row = |name: &str, a: String, b: String| println!("{name:<34} {a:>16} {b:>16}");
+    row(
+        "results",
+        ours.results.to_string(),
+        theirs.results.to_string(),
+    );
+    for (a, b) in ours.stages.iter().zip(&theirs.stages) {
+        row(
+            &format!("{} p99", a.stage),
+            pidring::metrics::fmt_us(a.p99_us),
+            pidring::metrics::fmt_us(b.p99_us),
+        );
+    }
+    let count = |s: &Summary, k: &str| s.outcomes.get(k).copied().unwrap_or(0).to_string();
+    for k in [
+        "timed_out(TERM)",
+        "timed_out(KILL)",
+        "(output cut at drain bound)",
+    ] {
+        row(k, count(ours, k), count(&theirs, k));
+    }
+    if let (Some(a), Some(b)) = (&ours.canary, &theirs.canary) {
+        row("canary hits", a.hits().to_string(), b.hits().to_string());
+    }
+    let failed = |s: &Summary| {
+        s.invariants
+            .iter()
+            .filter(|v| !v.ok)
+            .map(|v| v.name.clone())
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    row(
+        "invariants",
+        if ours.ok {
+            "all hold".into()
+        } else {
+            "FAILED".into()
+        },
+        if theirs.ok {
+            "all hold".into()
+        } else {
+            "FAILED".into()
+        },
+    );
+    if !theirs.ok {
+        println!("tokio failed: {}", failed(&theirs));
+    }
+    Ok(())
+}
+
+/// SIGKILL the processes a comparison run left behind, through pidfds (and
+/// only after re-reading the marker through the pidfd's process).
+fn kill_marked(marker: &str) {
+    for p in invariants::marked_processes(&invariants::all_processes(), marker) {
+        let Some(pid) = rustix::process::Pid::from_raw(p.pid) else {
+            continue;
+        };
+        if let Ok(fd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+            && invariants::has_marker(p.pid, marker)
+        {
+            let _ = rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+/// Reap exited children nobody else will (we are a subreaper after an in-process run).
+fn reap_stray_children() {
+    while let Ok(Some(_)) = rustix::process::waitpid(None, rustix::process::WaitOptions::NOHANG) {}
+}

@@ -1,0 +1,227 @@
+//! The daemon client: runs the load through a running `pidring daemon`.
+//!
+//! Protocol (kept in this one file so it is easy to follow the daemon):
+//! newline-delimited JSON over a Unix stream socket. Request
+//! `{"op":"submit","id":N,"argv":[...],"timeout":"1000ms","grace":"500ms","env":{...}}`;
+//! responses `{"type":"result","id":N,"result":{CheckResult}}` or
+//! `{"type":"error","id":N,"code":"queue_full","message":"..."}`, in completion order.
+
+use crate::behaviour::Spec;
+use crate::driver::{Driver, Event, Policy};
+use crate::record::Record;
+use crossbeam_channel::Sender;
+use pidring::{CheckResult, MetricsSnapshot};
+use serde::Deserialize;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// One response line (only the fields the harness reads).
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Response {
+    Result {
+        id: serde_json::Value,
+        result: Box<CheckResult>,
+    },
+    Error {
+        #[serde(default)]
+        id: Option<serde_json::Value>,
+        code: String,
+        message: String,
+    },
+    #[serde(other)]
+    Other,
+}
+
+/// A connection to a running daemon.
+pub struct SocketDriver {
+    writer: BufWriter<UnixStream>,
+    stream: UnixStream,
+    policy: Policy,
+    daemon_pid: i32,
+    sent: u64,
+    answered: Arc<AtomicU64>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl SocketDriver {
+    /// Connect; results and refusals go to `tx`.
+    pub fn connect(
+        path: &Path,
+        policy: Policy,
+        tx: Sender<Event>,
+        start: Instant,
+    ) -> Result<SocketDriver, String> {
+        let stream = UnixStream::connect(path).map_err(|e| {
+            format!(
+                "cannot connect to the daemon at {}: {e} (is `pidring daemon` running there?)",
+                path.display()
+            )
+        })?;
+        let daemon_pid = peer_pid(&stream)
+            .map_err(|e| format!("cannot read the daemon's pid (SO_PEERCRED): {e}"))?;
+        let answered = Arc::new(AtomicU64::new(0));
+        let read_half = stream.try_clone().map_err(|e| e.to_string())?;
+        let counter = answered.clone();
+        let reader = std::thread::Builder::new()
+            .name("stress-socket-reader".into())
+            .spawn(move || read_responses(read_half, tx, start, counter))
+            .map_err(|e| e.to_string())?;
+        Ok(SocketDriver {
+            writer: BufWriter::new(stream.try_clone().map_err(|e| e.to_string())?),
+            stream,
+            policy,
+            daemon_pid,
+            sent: 0,
+            answered,
+            reader: Some(reader),
+        })
+    }
+}
+
+fn read_responses(stream: UnixStream, tx: Sender<Event>, start: Instant, answered: Arc<AtomicU64>) {
+    let reader = BufReader::new(stream);
+    for line in reader.lines() {
+        let Ok(line) = line else { break };
+        let parsed: Response = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("unreadable response from the daemon: {e}: {line}");
+                continue;
+            }
+        };
+        let now = start.elapsed().as_micros() as u64;
+        match parsed {
+            Response::Result { id, result } => {
+                let Some(seq) = id.as_u64() else { continue };
+                answered.fetch_add(1, Ordering::Relaxed);
+                let _ = tx.send(Event::Result(Record::from_result(seq, &result, now)));
+            }
+            Response::Error { id, code, message } => {
+                let Some(seq) = id.and_then(|v| v.as_u64()) else {
+                    tracing::warn!("daemon error without an id: {code}: {message}");
+                    continue;
+                };
+                answered.fetch_add(1, Ordering::Relaxed);
+                let _ = tx.send(Event::Rejected {
+                    seq,
+                    reason: format!("{code}: {message}"),
+                });
+            }
+            Response::Other => {}
+        }
+    }
+}
+
+/// The pid of the process at the other end of a Unix socket.
+fn peer_pid(stream: &UnixStream) -> std::io::Result<i32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.pid)
+}
+
+/// A submit request line.
+pub fn request_line(spec: &Spec, policy: &Policy) -> String {
+    serde_json::json!({
+        "op": "submit",
+        "id": spec.seq,
+        "argv": spec.argv,
+        "timeout": format!("{}ms", policy.timeout.as_millis()),
+        "grace": format!("{}ms", policy.grace.as_millis()),
+        "env": { policy.marker.0.clone(): policy.marker.1.clone() },
+    })
+    .to_string()
+}
+
+impl Driver for SocketDriver {
+    fn submit(&mut self, spec: &Spec) -> Result<(), String> {
+        let line = request_line(spec, &self.policy);
+        self.writer
+            .write_all(line.as_bytes())
+            .and_then(|_| self.writer.write_all(b"\n"))
+            .and_then(|_| self.writer.flush())
+            .map_err(|e| format!("daemon connection: {e}"))?;
+        self.sent += 1;
+        Ok(())
+    }
+
+    fn load(&self) -> Option<(usize, usize)> {
+        let in_flight = self
+            .sent
+            .saturating_sub(self.answered.load(Ordering::Relaxed));
+        Some((in_flight as usize, 0))
+    }
+
+    fn executor_pid(&self) -> i32 {
+        self.daemon_pid
+    }
+
+    fn metrics(&self) -> Option<MetricsSnapshot> {
+        None
+    }
+
+    fn shutdown(mut self: Box<Self>) {
+        let _ = self.writer.flush();
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::behaviour::Behaviour;
+    use std::time::Duration;
+
+    #[test]
+    fn request_and_response_shapes() {
+        let spec = Spec {
+            seq: 7,
+            behaviour: Behaviour::Exit,
+            argv: vec!["/p".into(), "exit".into(), "0".into()],
+        };
+        let policy = Policy {
+            timeout: Duration::from_millis(1000),
+            grace: Duration::from_millis(500),
+            max_running: 1,
+            queue_limit: 1,
+            marker: ("M".into(), "x".into()),
+        };
+        let v: serde_json::Value = serde_json::from_str(&request_line(&spec, &policy)).unwrap();
+        assert_eq!(v["op"], "submit");
+        assert_eq!(v["id"], 7);
+        assert_eq!(v["timeout"], "1000ms");
+        assert_eq!(v["env"]["M"], "x");
+        let e: Response =
+            serde_json::from_str(r#"{"type":"error","id":3,"code":"queue_full","message":"full"}"#)
+                .unwrap();
+        assert!(matches!(e, Response::Error { ref code, .. } if code == "queue_full"));
+        let s: Response = serde_json::from_str(r#"{"type":"stats","x":1}"#).unwrap();
+        assert!(matches!(s, Response::Other));
+    }
+}
