@@ -3,6 +3,11 @@
 //! such executors are commonly written: numeric `kill(-pgid)`, output read to
 //! EOF, and a group sweep *after* the leader was reaped — the step that can
 //! hit an innocent process once PIDs recycle.
+//!
+//! In `naive` mode the escalation is the seed's (Icinga 2.13) pattern: the
+//! SIGKILL for the group is a timer armed at SIGTERM and not disarmed when the
+//! check exits inside the grace window, so it fires at a number that may
+//! already belong to someone else.
 
 use crate::behaviour::Spec;
 use crate::driver::{Driver, Event, Policy};
@@ -34,9 +39,10 @@ pub struct TokioDriver {
 }
 
 impl TokioDriver {
-    /// Start the runtime.
+    /// Start the runtime; `naive` selects the seed-style escalation.
     pub fn new(
         policy: Policy,
+        naive: bool,
         events: Sender<Event>,
         start: Instant,
     ) -> Result<TokioDriver, String> {
@@ -65,7 +71,7 @@ impl TokioDriver {
                                 return;
                             };
                             running.fetch_add(1, Ordering::Relaxed);
-                            let rec = run_one(&job, &policy, start).await;
+                            let rec = run_one(&job, &policy, naive, start).await;
                             running.fetch_sub(1, Ordering::Relaxed);
                             outstanding.fetch_sub(1, Ordering::Relaxed);
                             let _ = events.send(Event::Result(rec));
@@ -109,7 +115,7 @@ async fn read_capped<R: tokio::io::AsyncRead + Unpin>(r: Option<R>) -> (usize, b
     }
 }
 
-async fn run_one(job: &Job, policy: &Policy, start: Instant) -> Record {
+async fn run_one(job: &Job, policy: &Policy, naive: bool, start: Instant) -> Record {
     let queue_wait = job.submitted.elapsed();
     let mut stages_us = [None; 7];
     let us = |d: Duration| Some(d.as_micros() as u64);
@@ -151,14 +157,26 @@ async fn run_one(job: &Job, policy: &Policy, start: Instant) -> Record {
             timed_out = true;
             stages_us[stage_index(Stage::KillLateness)] = us(deadline.elapsed());
             if let Some(p) = pid { killpg(p, libc::SIGTERM) }
-            tokio::select! {
+            if naive {
+                // The seed's escalation: a timer nobody disarms.
+                if let Some(p) = pid {
+                    let grace = policy.grace;
+                    tokio::spawn(async move {
+                        tokio::time::sleep(grace).await;
+                        killpg(p, libc::SIGKILL);
+                    });
+                }
+                let s = child.wait().await;
+                escalated = Instant::now() >= deadline + policy.grace;
+                s
+            } else { tokio::select! {
                 s = child.wait() => s,
                 _ = tokio::time::sleep(policy.grace) => {
                     escalated = true;
                     if let Some(p) = pid { killpg(p, libc::SIGKILL) }
                     child.wait().await
                 }
-            }
+            } }
         }
     };
     let exited = Instant::now();

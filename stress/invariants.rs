@@ -50,6 +50,28 @@ pub struct ProcInfo {
     pub pgid: i32,
     /// Session id.
     pub sid: i32,
+    /// When it started, in clock ticks since boot (/proc's `starttime`).
+    pub start_ticks: u64,
+}
+
+impl ProcInfo {
+    /// When it started, microseconds since boot (CLOCK_BOOTTIME).
+    pub fn start_us(&self) -> u64 {
+        self.start_ticks.saturating_mul(1_000_000) / clock_ticks()
+    }
+}
+
+/// Clock ticks per second of /proc's times.
+pub fn clock_ticks() -> u64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as u64 } else { 100 }
+}
+
+/// Now, microseconds since boot (the clock /proc start times count on).
+pub fn boottime_us() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
 }
 
 /// Parse one /proc/PID/stat line (the command name may hold spaces and parens).
@@ -61,12 +83,15 @@ pub fn parse_stat(line: &str) -> Option<ProcInfo> {
     let ppid = f.next()?.parse().ok()?;
     let pgid = f.next()?.parse().ok()?;
     let sid = f.next()?.parse().ok()?;
+    // starttime is field 22; we stand after field 6 (session).
+    let start_ticks = f.nth(15)?.parse().ok()?;
     Some(ProcInfo {
         pid,
         state,
         ppid,
         pgid,
         sid,
+        start_ticks,
     })
 }
 
@@ -101,13 +126,35 @@ pub fn fd_count(pid: i32) -> std::io::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
 }
 
-/// Processes still in the group or session of a timed-out leader (other than
-/// a process that now holds the leader's recycled number itself).
-pub fn leftovers_in_groups(procs: &[ProcInfo], leaders: &HashSet<i32>) -> Vec<ProcInfo> {
+/// A timed-out check's group: its leader's pid and when the leader lived
+/// (µs since boot, from spawn to result).
+pub type GroupLife = (i32, u64, u64);
+
+/// Slack for /proc's start-time resolution (one clock tick is 10 ms).
+const START_SLACK_US: u64 = 20_000;
+
+/// Processes still in the group or session of a timed-out leader: born while
+/// that leader lived, in its group or session, and not the holder of the
+/// recycled number itself. (The birth window keeps a later check that reused
+/// the number — and its own descendants — out of an earlier check's verdict.)
+pub fn leftovers_in_groups(procs: &[ProcInfo], groups: &[GroupLife]) -> Vec<ProcInfo> {
+    let mut by_leader: std::collections::HashMap<i32, Vec<(u64, u64)>> =
+        std::collections::HashMap::new();
+    for (pid, from, to) in groups {
+        by_leader.entry(*pid).or_default().push((*from, *to));
+    }
+    let born_in = |p: &ProcInfo, leader: i32| {
+        by_leader.get(&leader).is_some_and(|lives| {
+            let born = p.start_us();
+            lives
+                .iter()
+                .any(|(from, to)| born + START_SLACK_US >= *from && born <= to + START_SLACK_US)
+        })
+    };
     procs
         .iter()
-        .filter(|p| !leaders.contains(&p.pid))
-        .filter(|p| leaders.contains(&p.pgid) || leaders.contains(&p.sid))
+        .filter(|p| !by_leader.contains_key(&p.pid))
+        .filter(|p| born_in(p, p.pgid) || born_in(p, p.sid))
         .copied()
         .collect()
 }
@@ -199,23 +246,25 @@ pub fn first<T: Clone>(v: &[T]) -> Vec<T> {
     v.iter().take(10).cloned().collect()
 }
 
+/// Tests that spawn children or open fds take this, so the fd and zombie
+/// checker tests see only their own doing.
+#[cfg(test)]
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::process::Command;
-    use std::sync::Mutex;
-
-    /// Tests here spawn children and count fds: one at a time.
-    static SERIAL: Mutex<()> = Mutex::new(());
-
-    fn serial() -> std::sync::MutexGuard<'static, ()> {
-        SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-    }
 
     #[test]
     fn parses_stat_with_odd_names() {
-        let p = parse_stat("42 (a) b (c)) Z 7 42 40 0 -1 4194564 0 0").unwrap();
+        let p =
+            parse_stat("42 (a) b (c)) Z 7 42 40 0 -1 4194564 0 0 0 0 0 0 0 0 20 0 1 0 12345 0 0")
+                .unwrap();
         assert_eq!(
             p,
             ProcInfo {
@@ -223,7 +272,8 @@ mod tests {
                 state: 'Z',
                 ppid: 7,
                 pgid: 42,
-                sid: 40
+                sid: 40,
+                start_ticks: 12345
             }
         );
         assert!(parse_stat("garbage").is_none());
@@ -272,7 +322,9 @@ mod tests {
                 .unwrap()
         };
         let lpid = leader.id() as i32;
-        let leaders: HashSet<i32> = [lpid].into();
+        let born = boottime_us();
+        let leaders: Vec<GroupLife> =
+            vec![(lpid, born.saturating_sub(1_000_000), born + 60_000_000)];
         let end = Instant::now() + Duration::from_secs(10);
         let found = loop {
             let l = leftovers_in_groups(&all_processes(), &leaders);
@@ -294,15 +346,27 @@ mod tests {
                 .collect()
         });
         assert!(gone.is_empty(), "{gone:?}");
-        // A process that merely holds the recycled number is not a leftover.
+        // A process that merely holds the recycled number is not a leftover,
+        // nor one born in a later group that reused the number.
+        let t = clock_ticks();
         let p = ProcInfo {
             pid: 5,
             state: 'S',
             ppid: 1,
             pgid: 5,
             sid: 5,
+            start_ticks: 10 * t,
         };
-        assert!(leftovers_in_groups(&[p], &[5].into()).is_empty());
+        let life = [(5, 9_000_000, 11_000_000)];
+        assert!(leftovers_in_groups(&[p], &life).is_empty());
+        let member = ProcInfo { pid: 6, ..p };
+        assert_eq!(leftovers_in_groups(&[member], &life).len(), 1);
+        let later = ProcInfo {
+            pid: 7,
+            start_ticks: 20 * t,
+            ..p
+        };
+        assert!(leftovers_in_groups(&[later], &life).is_empty());
     }
 
     #[test]

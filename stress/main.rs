@@ -36,6 +36,8 @@ enum ExecutorKind {
     Pidring,
     /// A plain tokio::process executor with the same timeout policy.
     Tokio,
+    /// The same, with the seed's escalation: a SIGKILL timer armed at SIGTERM and never disarmed.
+    Naive,
 }
 
 /// Load-spike harness for pidring: drives misbehaving checks, proves the
@@ -309,12 +311,18 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
     let fds_before_build = invariants::fd_count(me).map_err(|e| e.to_string())?;
     let (tx, rx) = crossbeam_channel::unbounded::<Event>();
     let start = Instant::now();
+    let start_boot_us = invariants::boottime_us();
     let (mut drv, executor_name, backend): (Box<dyn Driver>, &str, String) =
         match (opts.executor, &opts.socket) {
             (ExecutorKind::Tokio, _) => (
-                Box::new(compare::TokioDriver::new(policy.clone(), tx, start)?),
+                Box::new(compare::TokioDriver::new(policy.clone(), false, tx, start)?),
                 "tokio",
                 "tokio".into(),
+            ),
+            (ExecutorKind::Naive, _) => (
+                Box::new(compare::TokioDriver::new(policy.clone(), true, tx, start)?),
+                "naive",
+                "tokio (seed-style)".into(),
             ),
             (ExecutorKind::Pidring, Some(path)) => (
                 Box::new(socket::SocketDriver::connect(
@@ -498,11 +506,16 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
         fds_start,
         fds_end,
     ));
-    let leaders: HashSet<i32> = ledger
+    let leaders: Vec<invariants::GroupLife> = ledger
         .records
         .iter()
         .filter(|r| r.ending.timed_out())
-        .filter_map(|r| r.pid)
+        .filter_map(|r| {
+            let pid = r.pid?;
+            let end = r.received_us;
+            let born = end.saturating_sub(r.stage(Stage::Total)?) + r.stage(Stage::QueueWait)?;
+            Some((pid, start_boot_us + born, start_boot_us + end))
+        })
         .collect();
     let left = invariants::wait_until_empty(Duration::from_secs(5), || {
         invariants::leftovers_in_groups(&invariants::all_processes(), &leaders)
@@ -604,7 +617,7 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
         ));
     }
     drop(hogs);
-    if opts.executor == ExecutorKind::Tokio {
+    if opts.executor != ExecutorKind::Pidring {
         kill_marked(&marker_kv);
     }
 
@@ -748,79 +761,93 @@ fn print_summary(s: &Summary, submit_end: Duration, mix: &Mix) {
     );
 }
 
-/// Re-run this command through the tokio executor and print both side by side.
+/// Re-run this command through the tokio executor (and, with --canaries, the
+/// seed-style naive one) and print the runs side by side.
 fn compare_run(opts: &Opts, ours: &Summary) -> Result<(), String> {
-    let dir = match &opts.out {
-        Some(d) => d.join("compare-tokio"),
-        None => std::env::temp_dir().join(format!("pidring-stress-compare-{}", std::process::id())),
-    };
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let args: Vec<std::ffi::OsString> = std::env::args_os()
-        .skip(1)
-        .filter(|a| a != "--compare")
-        .collect();
-    println!("\n== the same load through a plain tokio::process executor ==");
-    let status = std::process::Command::new(exe)
-        .args(args)
-        .args(["--executor", "tokio", "--out"])
-        .arg(&dir)
-        .status()
-        .map_err(|e| format!("cannot run the comparison: {e}"))?;
-    let text = std::fs::read_to_string(dir.join("summary.json"))
-        .map_err(|e| format!("comparison run ({status}) wrote no summary: {e}"))?;
-    let theirs: Summary = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-    println!(
-        "\n== side by side: pidring ({}) vs tokio::process ==",
-        ours.backend
-    );
-    println!("{:<34} {:>16} {:>16}", "", "pidring", "tokio");
-    let row = |name: &str, a: String, b: String| println!("{name:<34} {a:>16} {b:>16}");
-    row(
-        "results",
-        ours.results.to_string(),
-        theirs.results.to_string(),
-    );
-    for (a, b) in ours.stages.iter().zip(&theirs.stages) {
-        row(
-            &format!("{} p99", a.stage),
-            pidring::metrics::fmt_us(a.p99_us),
-            pidring::metrics::fmt_us(b.p99_us),
-        );
+    let mut kinds = vec![("tokio", "tokio::process")];
+    if opts.canaries {
+        kinds.push(("naive", "naive (seed)"));
     }
-    let count = |s: &Summary, k: &str| s.outcomes.get(k).copied().unwrap_or(0).to_string();
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut runs: Vec<(&str, Summary)> = vec![("pidring", ours.clone())];
+    for (kind, label) in kinds {
+        let dir = match &opts.out {
+            Some(d) => d.join(format!("compare-{kind}")),
+            None => std::env::temp_dir().join(format!(
+                "pidring-stress-compare-{kind}-{}",
+                std::process::id()
+            )),
+        };
+        let args: Vec<std::ffi::OsString> = std::env::args_os()
+            .skip(1)
+            .filter(|a| a != "--compare")
+            .collect();
+        println!("\n== the same load through {label} ==");
+        let status = std::process::Command::new(&exe)
+            .args(args)
+            .args(["--executor", kind, "--out"])
+            .arg(&dir)
+            .status()
+            .map_err(|e| format!("cannot run the comparison: {e}"))?;
+        let text = std::fs::read_to_string(dir.join("summary.json"))
+            .map_err(|e| format!("comparison run ({status}) wrote no summary: {e}"))?;
+        let theirs: Summary = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        runs.push((label, theirs));
+    }
+    println!("\n== side by side ==");
+    let mut head = format!("{:<30}", "");
+    for (label, _) in &runs {
+        head.push_str(&format!(" {label:>16}"));
+    }
+    println!("{head}");
+    let row = |name: &str, f: &dyn Fn(&Summary) -> String| {
+        let mut line = format!("{name:<30}");
+        for (_, s) in &runs {
+            line.push_str(&format!(" {:>16}", f(s)));
+        }
+        println!("{line}");
+    };
+    row("backend", &|s| s.backend.chars().take(16).collect());
+    row("results", &|s| s.results.to_string());
+    for (i, stage) in ours.stages.iter().enumerate() {
+        row(&format!("{} p99", stage.stage), &|s| {
+            s.stages
+                .get(i)
+                .map(|r| pidring::metrics::fmt_us(r.p99_us))
+                .unwrap_or_default()
+        });
+    }
     for k in [
         "timed_out(TERM)",
         "timed_out(KILL)",
         "(output cut at drain bound)",
     ] {
-        row(k, count(ours, k), count(&theirs, k));
+        row(k, &|s| s.outcomes.get(k).copied().unwrap_or(0).to_string());
     }
-    if let (Some(a), Some(b)) = (&ours.canary, &theirs.canary) {
-        row("canary hits", a.hits().to_string(), b.hits().to_string());
+    if ours.canary.is_some() {
+        row("canary hits", &|s| {
+            s.canary
+                .as_ref()
+                .map(|c| c.hits().to_string())
+                .unwrap_or_default()
+        });
     }
-    let failed = |s: &Summary| {
-        s.invariants
+    row("invariants", &|s| {
+        if s.ok { "all hold" } else { "FAILED" }.to_string()
+    });
+    for (label, s) in &runs[1..] {
+        let failed: Vec<String> = s
+            .invariants
             .iter()
             .filter(|v| !v.ok)
-            .map(|v| v.name.clone())
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
-    row(
-        "invariants",
-        if ours.ok {
-            "all hold".into()
-        } else {
-            "FAILED".into()
-        },
-        if theirs.ok {
-            "all hold".into()
-        } else {
-            "FAILED".into()
-        },
-    );
-    if !theirs.ok {
-        println!("tokio failed: {}", failed(&theirs));
+            .map(|v| v.line())
+            .collect();
+        if !failed.is_empty() {
+            println!("{label} failed:");
+            for f in failed {
+                println!("  {f}");
+            }
+        }
     }
     Ok(())
 }

@@ -224,4 +224,67 @@ mod tests {
         let s: Response = serde_json::from_str(r#"{"type":"stats","x":1}"#).unwrap();
         assert!(matches!(s, Response::Other));
     }
+
+    /// The client against a stand-in daemon speaking the protocol: odd ids run
+    /// for real through the engine, even ids get `queue_full`.
+    #[test]
+    fn client_round_trip_against_a_stand_in_daemon() {
+        let _serial = crate::invariants::serial();
+        use std::os::unix::net::UnixListener;
+        let dir = std::env::temp_dir().join(format!("pidring-stress-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let exec = pidring::Executor::builder().max_running(4).build().unwrap();
+            let (conn, _) = listener.accept().unwrap();
+            let mut out = conn.try_clone().unwrap();
+            for line in BufReader::new(conn).lines() {
+                let Ok(line) = line else { break };
+                let req: serde_json::Value = serde_json::from_str(&line).unwrap();
+                assert_eq!(req["env"]["M"], "x");
+                let id = req["id"].as_u64().unwrap();
+                let reply = if id % 2 == 1 {
+                    let argv: Vec<String> = serde_json::from_value(req["argv"].clone()).unwrap();
+                    let r = exec.submit(pidring::Check::argv(argv)).unwrap().wait();
+                    serde_json::json!({"type": "result", "id": id, "result": r})
+                } else {
+                    serde_json::json!({"type": "error", "id": id, "code": "queue_full", "message": "full"})
+                };
+                if writeln!(out, "{reply}").is_err() {
+                    break;
+                }
+            }
+        });
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let policy = Policy {
+            timeout: Duration::from_secs(10),
+            grace: Duration::from_secs(1),
+            max_running: 4,
+            queue_limit: 4,
+            marker: ("M".into(), "x".into()),
+        };
+        let mut d = SocketDriver::connect(&path, policy, tx, Instant::now()).unwrap();
+        assert_eq!(d.executor_pid(), std::process::id() as i32);
+        for seq in [1u64, 2] {
+            let spec = Spec {
+                seq,
+                behaviour: Behaviour::Exit,
+                argv: vec!["/bin/sh".into(), "-c".into(), "exit 2".into()],
+            };
+            d.submit(&spec).unwrap();
+        }
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            got.push(rx.recv_timeout(Duration::from_secs(30)).expect("an answer"));
+        }
+        Box::new(d).shutdown();
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(got.iter().any(|e| matches!(e,
+            Event::Result(r) if r.seq == 1 && r.ending == crate::record::Ending::Exited(2))));
+        assert!(got.iter().any(|e| matches!(e,
+            Event::Rejected { seq: 2, reason } if reason.starts_with("queue_full"))));
+    }
 }
