@@ -665,6 +665,7 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
         engine_counters: metrics.map(|m| serde_json::to_value(m.counters).unwrap_or_default()),
         invariants: verdicts,
         timeline: report::timeline(&ledger.records, &ledger.submitted_per_s),
+        spike_windows: profile.spike_windows(submit_end.as_secs_f64()),
         ok,
     };
     print_summary(&summary, submit_end, mix);

@@ -297,6 +297,26 @@ impl Profile {
         }
     }
 
+    /// The spike windows (start, end) in seconds within `0..until`.
+    pub fn spike_windows(&self, until: f64) -> Vec<(f64, f64)> {
+        let Shape::Spike {
+            spike_secs,
+            period_secs,
+            offset_secs,
+            ..
+        } = &self.shape
+        else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut start = *offset_secs;
+        while start < until && *spike_secs > 0.0 {
+            out.push((start, (start + spike_secs).min(until)));
+            start += period_secs;
+        }
+        out
+    }
+
     /// How many checks are due by `t` seconds: the integral of the rate plus
     /// the bursts started, capped by `count`.
     pub fn target_count(&self, t: f64) -> u64 {
@@ -401,6 +421,7 @@ mod tests {
         assert!(p.in_spike(5.0) && !p.in_spike(8.0) && p.in_spike(14.5));
         assert_eq!(p.rate_at(5.0), 320.0);
         assert_eq!(p.rate_at(3.0), 40.0);
+        assert_eq!(p.spike_windows(20.0), vec![(4.0, 7.0), (14.0, 17.0)]);
     }
 
     #[test]

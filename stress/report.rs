@@ -168,6 +168,9 @@ pub struct Summary {
     pub invariants: Vec<Verdict>,
     /// Per-second timeline.
     pub timeline: Vec<Second>,
+    /// Spike windows (start, end) in seconds, for the chart.
+    #[serde(default)]
+    pub spike_windows: Vec<(f64, f64)>,
     /// Whether every invariant holds.
     pub ok: bool,
 }
@@ -351,6 +354,12 @@ pub fn svg(path: &Path, s: &Summary) -> Result<(), Box<dyn std::error::Error>> {
         .y_desc("checks / s")
         .light_line_style(WHITE)
         .draw()?;
+    let shade = RGBColor(255, 200, 200).mix(0.35).filled();
+    c.draw_series(
+        s.spike_windows
+            .iter()
+            .map(|(a, b)| Rectangle::new([(*a, 0.0), (*b, rate_max)], shade)),
+    )?;
     type Column = fn(&Second) -> u64;
     let series: [(&str, RGBColor, Column); 3] = [
         ("submitted/s", BLUE, |x| x.submitted),
@@ -387,9 +396,14 @@ pub fn svg(path: &Path, s: &Summary) -> Result<(), Box<dyn std::error::Error>> {
         .y_label_area_size(64)
         .build_cartesian_2d(0f64..tmax, (0.001f64..ymax).log_scale())?;
     c.configure_mesh()
-        .x_desc("seconds since start")
+        .x_desc("seconds since start (shaded: spikes)")
         .y_desc("ms")
         .draw()?;
+    c.draw_series(
+        s.spike_windows
+            .iter()
+            .map(|(a, b)| Rectangle::new([(*a, 0.001), (*b, ymax)], shade)),
+    )?;
     let colors = [
         RGBColor(31, 119, 180),
         RGBColor(255, 127, 14),
