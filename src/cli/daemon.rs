@@ -74,11 +74,12 @@ pub fn main(cmd: DaemonCommand) -> ExitCode {
 }
 
 fn run_daemon(args: DaemonArgs) -> ExitCode {
-    super::logging::init("info", args.log_format == LogFormat::Json);
+    let json = args.log_format == LogFormat::Json;
+    super::logging::init("info", json);
     let mut config = match &args.config {
         Some(path) => match DaemonConfig::load(path) {
             Ok(c) => c,
-            Err(e) => return fail(&e.to_string()),
+            Err(e) => return fail(&e.to_string(), json),
         },
         None => DaemonConfig::default(),
     };
@@ -105,12 +106,16 @@ fn run_daemon(args: DaemonArgs) -> ExitCode {
     }
     match pidring::daemon::run(config) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e.to_string()),
+        Err(e) => fail(&e.to_string(), json),
     }
 }
 
-fn fail(msg: &str) -> ExitCode {
-    tracing::error!("{msg}");
-    eprintln!("pidring daemon: {msg}");
+/// Report a fatal error once: as a JSON log line for machines, else as plain text.
+fn fail(msg: &str, json: bool) -> ExitCode {
+    if json {
+        tracing::error!("{msg}");
+    } else {
+        eprintln!("pidring daemon: {msg}");
+    }
     ExitCode::FAILURE
 }

@@ -40,6 +40,9 @@ pub enum DaemonError {
     /// A configuration value is not valid.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// The socket's directory is controlled by someone else.
+    #[error("{0}")]
+    UnsafeDirectory(String),
     /// Another daemon answers on the socket.
     #[error(
         "another pidring daemon is already listening on {path}; stop it first, or pass --socket to use another path"

@@ -22,6 +22,16 @@ pub enum ClientId {
     Num(serde_json::Number),
 }
 
+impl ClientId {
+    /// The id as plain text (a string without quotes), e.g. for the check's tag.
+    pub fn as_text(&self) -> String {
+        match self {
+            ClientId::Str(s) => s.clone(),
+            ClientId::Num(n) => n.to_string(),
+        }
+    }
+}
+
 impl std::fmt::Display for ClientId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

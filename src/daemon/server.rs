@@ -307,6 +307,9 @@ fn bind_socket(config: &DaemonConfig) -> Result<(UnixListener, SocketGuard), Dae
                 source: e,
             })?;
     }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        check_socket_dir(dir)?;
+    }
     match std::fs::symlink_metadata(&path) {
         Ok(meta) => {
             if !meta.file_type().is_socket() {
@@ -346,6 +349,32 @@ fn bind_socket(config: &DaemonConfig) -> Result<(UnixListener, SocketGuard), Dae
         .set_nonblocking(true)
         .map_err(|e| sock_err("configure", e))?;
     Ok((listener, guard))
+}
+
+/// Refuse a socket directory that someone else controls: owned by another
+/// (non-root) user, or writable by others without the sticky bit — they
+/// could swap the socket for their own.
+fn check_socket_dir(dir: &std::path::Path) -> Result<(), DaemonError> {
+    let meta = std::fs::metadata(dir).map_err(|e| DaemonError::Socket {
+        what: "inspect directory",
+        path: dir.to_owned(),
+        source: e,
+    })?;
+    let me = rustix::process::getuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(DaemonError::UnsafeDirectory(format!(
+            "socket directory {} belongs to uid {}, not to this user (uid {me}); pick another --socket",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
+        return Err(DaemonError::UnsafeDirectory(format!(
+            "socket directory {} is world-writable without the sticky bit; pick another --socket",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// A group name (from /etc/group) or number.
@@ -997,7 +1026,7 @@ fn build_check(config: &DaemonConfig, req: &SubmitRequest, id: &ClientId) -> Res
         .timeout(req.timeout.map_or(config.timeout, |d| d.0))
         .grace(req.grace.map_or(config.grace, |d| d.0))
         .output_cap(req.output_cap.map_or(config.output_cap, |s| s.0))
-        .tag(id.to_string());
+        .tag(id.as_text());
     if req.env_clear {
         check = check.env_clear();
     }
