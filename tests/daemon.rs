@@ -269,6 +269,7 @@ on_both_backends!(
     second_signal_stops_now,
     stats_and_prometheus_report_counts,
     socket_mode_stale_and_live_socket,
+    client_commands_and_json_logs,
 );
 
 fn concurrent_clients_pipelining(backend: &str) {
@@ -679,6 +680,10 @@ fn second_signal_stops_now(backend: &str) {
             "argv": ["/bin/sh", "-c", "trap '' TERM; sleep 600"]}));
     }
     d.wait_stats("2 running", |s| s["engine"]["running"] == 2);
+    // SIGHUP is ignored: the daemon carries on.
+    d.signal(libc::SIGHUP);
+    c.send(&json!({"op": "ping", "id": "after-hup"}));
+    assert_eq!(c.recv()["type"], "pong");
     d.signal(libc::SIGTERM);
     let end = Instant::now() + PATIENCE;
     loop {
@@ -852,4 +857,80 @@ fn socket_mode_stale_and_live_socket(backend: &str) {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+}
+
+fn client_commands_and_json_logs(backend: &str) {
+    let d = Daemon::start(backend, &["--log-format", "json"], None);
+    let run = |args: &[&str]| {
+        // `--socket` right after the subcommand: after `--` it would be argv.
+        let out = Command::new(BIN)
+            .arg(args[0])
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, _) = run(&["ping"]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("pong"), "{out}");
+
+    // `submit` prints the plugin output and exits with the check's state.
+    let (code, out, _) = run(&["submit", "--", "/bin/echo", "OK - fine|t=1"]);
+    assert_eq!((code, out.as_str()), (Some(0), "OK - fine|t=1\n"));
+    let (code, out, _) = run(&["submit", "--command-line", "/bin/sh -c 'echo WARN; exit 1'"]);
+    assert_eq!((code, out.as_str()), (Some(1), "WARN\n"));
+    let (code, out, _) = run(&[
+        "submit",
+        "--timeout",
+        "200ms",
+        "--grace",
+        "100ms",
+        "--",
+        "/bin/sleep",
+        "30",
+    ]);
+    assert_eq!(code, Some(3));
+    assert!(out.contains("timed out"), "{out}");
+    let (code, out, _) = run(&["submit", "--json", "--", "/bin/echo", "x"]);
+    assert_eq!(code, Some(0));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["type"], "result");
+
+    // `stats`: a table, or JSON.
+    let (code, out, _) = run(&["stats"]);
+    assert_eq!(code, Some(0));
+    for word in ["stage", "p99.9", "total", "submitted", "results sent"] {
+        assert!(out.contains(word), "{word} missing in\n{out}");
+    }
+    let (code, out, _) = run(&["stats", "--json"]);
+    assert_eq!(code, Some(0));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["engine"]["counters"]["completed"], 4);
+
+    // A missing daemon: a human message, exit UNKNOWN.
+    let out = Command::new(BIN)
+        .args(["ping", "--socket"])
+        .arg(d.dir.path().join("nothing.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no such file (is `pidring daemon` running?)"),
+        "{err}"
+    );
+
+    // --log-format json: every log line is a JSON object.
+    let log = d.log();
+    assert!(log.contains("pidring daemon ready"), "{log}");
+    for line in log.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        assert!(v["level"].is_string());
+    }
 }

@@ -50,7 +50,16 @@ fn scrape(mut stream: TcpStream, daemon: &Daemon) -> io::Result<()> {
     stream.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
+    // A bound on the whole request, not just on each read: a client that
+    // trickles bytes cannot hold the (single) metrics thread.
+    let deadline = std::time::Instant::now() + SCRAPE_TIMEOUT;
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head too slow",
+            ));
+        }
         let n = stream.read(&mut buf)?;
         if n == 0 {
             break;

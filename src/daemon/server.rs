@@ -404,6 +404,13 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         signal_hook::low_level::pipe::register(sig, tx).map_err(DaemonError::Signals)?;
     }
     sig_rx.set_nonblocking(true).map_err(DaemonError::Signals)?;
+    // SIGHUP (a closed terminal, a `reload`) must not kill the daemon
+    // uncleanly; there is nothing to reload, so it is ignored.
+    signal_hook::flag::register(
+        signal_hook::consts::SIGHUP,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .map_err(DaemonError::Signals)?;
 
     let (listener, socket_guard) = bind_socket(&config)?;
     let exec = Executor::builder()
@@ -676,11 +683,26 @@ fn start_conn(
         finishing: AtomicBool::new(false),
         closed: AtomicBool::new(false),
     });
+    // Counted before the writer exists: the writer uncounts it when it ends.
+    daemon
+        .stats
+        .connections_open
+        .fetch_add(1, Ordering::Relaxed);
     let writer = {
         let (conn, daemon) = (conn.clone(), daemon.clone());
         std::thread::Builder::new()
             .name(format!("pidring-w{no}"))
-            .spawn(move || writer_loop(&conn, &daemon, rx))?
+            .spawn(move || writer_loop(&conn, &daemon, rx))
+    };
+    let writer = match writer {
+        Ok(w) => w,
+        Err(e) => {
+            daemon
+                .stats
+                .connections_open
+                .fetch_sub(1, Ordering::Relaxed);
+            return Err(e);
+        }
     };
     {
         let (rconn, daemon) = (conn.clone(), daemon.clone());
@@ -696,10 +718,6 @@ fn start_conn(
     daemon
         .stats
         .connections_accepted
-        .fetch_add(1, Ordering::Relaxed);
-    daemon
-        .stats
-        .connections_open
         .fetch_add(1, Ordering::Relaxed);
     tracing::debug!(conn = no, "client connected");
     Ok((conn, writer))
