@@ -140,6 +140,9 @@ struct Conn {
     finishing: AtomicBool,
     /// Nothing more will be written (finished or dropped).
     closed: AtomicBool,
+    /// Held while queueing a line and while closing, so a line is either
+    /// queued before the close (and drained, counted) or sees `closed`.
+    queue_gate: Mutex<()>,
 }
 
 impl Conn {
@@ -176,9 +179,25 @@ impl Conn {
         if let Response::Error { code, .. } = &response {
             self.stats.count_error(*code);
         }
-        if self.closed.load(Ordering::SeqCst) || self.tx.try_send(Outgoing::Line(response)).is_err()
-        {
+        if !self.queue(Outgoing::Line(response)) {
             self.release_slots(1);
+        }
+    }
+
+    /// Put a line in the writer's queue unless the connection is closed. Never blocks
+    /// for long: the gate is only held around a `try_send`.
+    fn queue(&self, m: Outgoing) -> bool {
+        let _gate = self.queue_gate.lock().unwrap_or_else(|p| p.into_inner());
+        if self.closed.load(Ordering::SeqCst) {
+            return false;
+        }
+        match self.tx.try_send(m) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                tracing::error!(conn = self.no, "response queue full (slot accounting bug)");
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => false,
         }
     }
 
@@ -198,16 +217,7 @@ impl Conn {
             tags,
             result: Box::new(result),
         });
-        let sent = !self.closed.load(Ordering::SeqCst)
-            && match self.tx.try_send(line) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_)) => {
-                    tracing::error!(conn = self.no, "response queue full (slot accounting bug)");
-                    false
-                }
-                Err(TrySendError::Disconnected(_)) => false,
-            };
-        if !sent {
+        if !self.queue(line) {
             self.stats.results_dropped.fetch_add(1, Ordering::Relaxed);
             self.release_slots(1);
         }
@@ -241,7 +251,10 @@ impl Conn {
 
     /// Stop writing: later results are dropped and counted.
     fn close(&self, rx: &Receiver<Outgoing>) {
-        self.closed.store(true, Ordering::SeqCst);
+        {
+            let _gate = self.queue_gate.lock().unwrap_or_else(|p| p.into_inner());
+            self.closed.store(true, Ordering::SeqCst);
+        }
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
         let mut released = 0;
         while let Ok(m) = rx.try_recv() {
@@ -682,6 +695,7 @@ fn start_conn(
         reader_done: AtomicBool::new(false),
         finishing: AtomicBool::new(false),
         closed: AtomicBool::new(false),
+        queue_gate: Mutex::new(()),
     });
     // Counted before the writer exists: the writer uncounts it when it ends.
     daemon
