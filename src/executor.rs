@@ -49,6 +49,7 @@ pub struct ExecutorBuilder {
     backend: BackendKind,
     spawn_threads: usize,
     reap_orphans: bool,
+    raise_nofile: bool,
 }
 
 impl Default for ExecutorBuilder {
@@ -61,6 +62,7 @@ impl Default for ExecutorBuilder {
                 .map(|n| n.get().min(4))
                 .unwrap_or(2),
             reap_orphans: false,
+            raise_nofile: true,
         }
     }
 }
@@ -98,8 +100,18 @@ impl ExecutorBuilder {
         self
     }
 
+    /// Raise this process's soft RLIMIT_NOFILE to its hard limit at build
+    /// (default true): every running check holds three fds.
+    pub fn raise_nofile_limit(mut self, yes: bool) -> Self {
+        self.raise_nofile = yes;
+        self
+    }
+
     /// Start the loop and spawner threads.
     pub fn build(self) -> Result<Executor, ExecutorError> {
+        if self.raise_nofile {
+            raise_nofile_limit();
+        }
         let waker = Arc::new(Waker::new().map_err(|source| ExecutorError::Setup {
             what: "eventfd",
             source,
@@ -130,6 +142,20 @@ impl ExecutorBuilder {
             inherited: Arc::new(crate::check::inherited_env()),
             backend,
         })
+    }
+}
+
+/// Raise the soft fd limit to the hard one; failure only costs headroom.
+fn raise_nofile_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        let from = lim.current;
+        lim.current = lim.maximum;
+        match setrlimit(Resource::Nofile, lim.clone()) {
+            Ok(()) => tracing::debug!(?from, to = ?lim.current, "raised RLIMIT_NOFILE"),
+            Err(e) => tracing::debug!("cannot raise RLIMIT_NOFILE: {e}"),
+        }
     }
 }
 
