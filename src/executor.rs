@@ -152,7 +152,7 @@ fn raise_nofile_limit() {
     if lim.current < lim.maximum {
         let from = lim.current;
         lim.current = lim.maximum;
-        match setrlimit(Resource::Nofile, lim.clone()) {
+        match setrlimit(Resource::Nofile, lim) {
             Ok(()) => tracing::debug!(?from, to = ?lim.current, "raised RLIMIT_NOFILE"),
             Err(e) => tracing::debug!("cannot raise RLIMIT_NOFILE: {e}"),
         }
