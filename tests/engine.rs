@@ -623,3 +623,43 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[test]
+fn every_descriptor_the_executor_opens_is_close_on_exec() {
+    let _guard = serial();
+    let fds = || -> HashSet<i32> {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
+    };
+    for backend in BACKENDS {
+        // Descriptors inherited from whoever started the tests are not ours.
+        let inherited = fds();
+        let exec = executor(backend);
+        let p = exec.submit(Check::argv(["/bin/sleep", "2"])).unwrap();
+        // The check's pidfd and two pipes appear once the spawner is done.
+        assert!(eventually(Duration::from_secs(10), || fds().len()
+            >= inherited.len() + 6));
+        let ours: Vec<i32> = fds().difference(&inherited).copied().collect();
+        for fd in ours {
+            let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
+                continue; // closed meanwhile (the directory listing itself)
+            };
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+                .unwrap();
+            let link = std::fs::read_link(format!("/proc/self/fd/{fd}"));
+            assert_ne!(
+                flags & libc::O_CLOEXEC as u32,
+                0,
+                "fd {fd} ({link:?}) lacks O_CLOEXEC"
+            );
+        }
+        exec.cancel(p.id());
+        p.wait();
+    }
+}
