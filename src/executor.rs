@@ -109,6 +109,8 @@ impl ExecutorBuilder {
 
     /// Start the loop and spawner threads.
     pub fn build(self) -> Result<Executor, ExecutorError> {
+        // First, before any descriptor of ours could take fd 0, 1 or 2.
+        crate::spawn::ensure_std_fds();
         if self.raise_nofile {
             raise_nofile_limit();
         }

@@ -575,6 +575,11 @@ impl Lifecycle {
     /// Build the one result and hand back the callback that delivers it.
     pub fn finish(mut self, now: Instant) -> (CheckResult, Deliver) {
         let deliver = self.deliver.take().expect("a lifecycle is finished once");
+        (self.build_result(now), deliver)
+    }
+
+    /// The result, from what is known now (takes the captured output).
+    fn build_result(&mut self, now: Instant) -> CheckResult {
         let (outcome, state, reason) = self.judge();
         let exited = self.exited_at.or(self.reaped_at);
         let since = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
@@ -606,7 +611,7 @@ impl Lifecycle {
             total: now.saturating_duration_since(self.submitted),
         };
         let plugin = crate::plugin::PluginOutput::parse(&self.stdout.out.data);
-        let result = CheckResult {
+        CheckResult {
             id: self.id,
             tag: self.tag.take(),
             outcome,
@@ -620,8 +625,7 @@ impl Lifecycle {
             plugin,
             timings,
             rusage: self.rusage,
-        };
-        (result, deliver)
+        }
     }
 
     /// Outcome, Nagios state and the reason text.
@@ -705,6 +709,29 @@ impl Lifecycle {
                 State::Unknown,
                 "exit status lost (child reaped elsewhere)".to_string(),
             ),
+        }
+    }
+}
+
+/// The safety net for a loop that dies (a bug, a panic while unwinding):
+/// a check dropped before it finished is still killed, swept, reaped and
+/// answered. A finished check has no pidfd and no callback left: no-op.
+impl Drop for Lifecycle {
+    fn drop(&mut self) {
+        if let (Some(pidfd), Some(pid)) = (self.pidfd.take(), self.pid) {
+            let _ = spawn::signal_leader(pidfd.as_fd(), Signal::KILL);
+            let _ = spawn::signal_group_of_unreaped_leader(pid, Signal::KILL);
+            // Blocking, but only on this abnormal path: SIGKILL was just sent.
+            let _ = rustix::process::waitid(
+                rustix::process::WaitId::PidFd(pidfd.as_fd()),
+                rustix::process::WaitIdOptions::EXITED,
+            );
+            self.reaped_at = Some(Instant::now());
+        }
+        if let Some(deliver) = self.deliver.take() {
+            self.kill = Some(KillReason::Shutdown);
+            let result = self.build_result(Instant::now());
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || deliver(result)));
         }
     }
 }

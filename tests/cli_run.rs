@@ -113,3 +113,32 @@ fn run_explains_bad_input() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid duration"));
     assert!(our_zombies().is_empty());
 }
+
+/// A daemon started with closed standard streams must not cross a check's
+/// stdout and stderr (pipe ends would otherwise land on fds 0 and 2).
+#[test]
+fn closed_standard_streams_do_not_cross_check_output() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = pidring();
+    cmd.args([
+        "run",
+        "--json",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo out; echo err >&2; readlink /proc/$$/fd/0 >&2",
+    ]);
+    // SAFETY: only async-signal-safe close(2) calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::close(0);
+            libc::close(2);
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stdout"]["data"], "out\n");
+    assert_eq!(v["stderr"]["data"], "err\n/dev/null\n");
+}
