@@ -27,6 +27,8 @@ pub(crate) struct Shared {
     pub outstanding: AtomicUsize,
     /// Checks holding a running slot (spawning, running or draining).
     pub running: AtomicUsize,
+    /// Checks accepted since the start.
+    pub submitted: AtomicU64,
     /// Set once shutdown began: nothing new is accepted.
     pub closed: AtomicBool,
     /// Wakes the loop.
@@ -121,6 +123,7 @@ impl ExecutorBuilder {
         let shared = Arc::new(Shared {
             outstanding: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
+            submitted: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             waker,
             metrics: Mutex::new(Metrics::new()),
@@ -245,6 +248,7 @@ impl Executor {
             return Err(SubmitError::ShuttingDown);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.shared.submitted.fetch_add(1, Ordering::Relaxed);
         let sub = Submission {
             id,
             check,
@@ -325,7 +329,9 @@ impl Executor {
             .metrics
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        m.snapshot(self.running(), self.queued(), self.backend.as_str())
+        let mut snap = m.snapshot(self.running(), self.queued(), self.backend.as_str());
+        snap.counters.submitted = self.shared.submitted.load(Ordering::Relaxed);
+        snap
     }
 
     /// Stop: refuse new checks, answer queued ones with `Outcome::Shutdown`,

@@ -609,6 +609,7 @@ fn metrics_count_what_happened() {
         let m = exec.metrics();
         assert_eq!(m.backend, backend.as_str());
         assert_eq!(m.counters.completed, 3);
+        assert_eq!(m.counters.submitted, 3);
         assert_eq!(m.counters.exited, 1);
         assert_eq!(m.counters.timed_out, 1);
         assert_eq!(m.counters.spawn_failed, 1);
