@@ -142,3 +142,83 @@ fn closed_standard_streams_do_not_cross_check_output() {
     assert_eq!(v["stdout"]["data"], "out\n");
     assert_eq!(v["stderr"]["data"], "err\n/dev/null\n");
 }
+
+/// Install a seccomp filter that makes io_uring_setup(2) fail with EPERM, as
+/// container runtimes' default profiles do. For use between fork and exec.
+fn block_io_uring() -> std::io::Result<()> {
+    let filter = [
+        libc::sock_filter {
+            code: 0x20,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        }, // ld [nr]
+        libc::sock_filter {
+            code: 0x15,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_io_uring_setup as u32,
+        }, // jeq
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x0005_0000 | libc::EPERM as u32,
+        }, // ret ERRNO
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x7fff_0000,
+        }, // ret ALLOW
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut _,
+    };
+    // SAFETY: prctl(2) reads `prog`, which lives on this frame during the call.
+    let ok = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+            && libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const _ as usize,
+                0,
+                0,
+            ) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Where io_uring is blocked (a container's seccomp profile), `auto` falls
+/// back to epoll, says so, and runs the check all the same.
+#[test]
+fn auto_falls_back_to_epoll_when_seccomp_blocks_io_uring() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = pidring();
+    cmd.env("RUST_LOG", "info")
+        .env_remove("PIDRING_BACKEND")
+        .args(["run", "--", "/bin/echo", "OK - via epoll"]);
+    // SAFETY: block_io_uring only calls prctl(2), which is async-signal-safe.
+    unsafe { cmd.pre_exec(block_io_uring) };
+    let out = cmd.output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "OK - via epoll\n");
+    assert!(log.contains("io_uring unavailable"), "{log}");
+    assert!(log.contains("backend=epoll"), "{log}");
+
+    // Asking for io_uring explicitly on such a host is a clear error.
+    let mut cmd = pidring();
+    cmd.args(["run", "--backend", "io_uring", "--", "/bin/true"]);
+    // SAFETY: as above.
+    unsafe { cmd.pre_exec(block_io_uring) };
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot set up the io_uring backend"), "{err}");
+}
