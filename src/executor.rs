@@ -340,12 +340,16 @@ impl Executor {
     pub fn shutdown(&self) {
         let _ = self.tx.send(Request::Shutdown);
         self.shared.waker.wake();
-        let handle = self
-            .loop_thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(h) = handle
+        let mut guard = self.loop_thread.lock().unwrap_or_else(|p| p.into_inner());
+        // Called from a result callback (on the loop thread itself): the loop
+        // stops by itself once everything is answered; joining would deadlock.
+        if guard
+            .as_ref()
+            .is_some_and(|h| h.thread().id() == std::thread::current().id())
+        {
+            return;
+        }
+        if let Some(h) = guard.take()
             && h.join().is_err()
         {
             tracing::error!("executor loop thread panicked");

@@ -664,3 +664,23 @@ fn every_descriptor_the_executor_opens_is_close_on_exec() {
         p.wait();
     }
 }
+
+#[test]
+fn shutdown_from_a_result_callback_does_not_deadlock() {
+    let _guard = serial();
+    for backend in BACKENDS {
+        let exec = std::sync::Arc::new(executor(backend));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let weak = std::sync::Arc::downgrade(&exec);
+        exec.submit_with(Check::argv(["/bin/true"]), move |r| {
+            if let Some(e) = weak.upgrade() {
+                e.shutdown();
+            }
+            let _ = tx.send(r);
+        })
+        .unwrap();
+        let r = rx.recv_timeout(Duration::from_secs(30)).expect("result");
+        assert_eq!(r.state, State::Ok);
+        drop(exec);
+    }
+}
