@@ -150,17 +150,42 @@ impl ExecutorBuilder {
     }
 }
 
-/// Raise the soft fd limit to the hard one; failure only costs headroom.
+/// Raise RLIMIT_NOFILE: to 1Mi (bounded by fs.nr_open) where allowed (root),
+/// else the soft limit to the hard one. Failure only costs headroom.
 fn raise_nofile_limit() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut lim = getrlimit(Resource::Nofile);
-    if lim.current < lim.maximum {
-        let from = lim.current;
-        lim.current = lim.maximum;
-        match setrlimit(Resource::Nofile, lim) {
-            Ok(()) => tracing::debug!(?from, to = ?lim.current, "raised RLIMIT_NOFILE"),
-            Err(e) => tracing::debug!("cannot raise RLIMIT_NOFILE: {e}"),
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let want = nr_open.min(1 << 20);
+    // Never lower a limit: an infinite or larger hard limit stays as it is.
+    let wide = match lim.maximum {
+        Some(max) if max >= want => Rlimit {
+            current: Some(max.min(nr_open)),
+            maximum: Some(max),
+        },
+        Some(_) => Rlimit {
+            current: Some(want),
+            maximum: Some(want),
+        },
+        None => Rlimit {
+            current: Some(want),
+            maximum: None,
+        },
+    };
+    let soft_to_hard = Rlimit {
+        current: lim.maximum,
+        maximum: lim.maximum,
+    };
+    let raised =
+        setrlimit(Resource::Nofile, wide).or_else(|_| setrlimit(Resource::Nofile, soft_to_hard));
+    match raised {
+        Ok(()) => {
+            tracing::debug!(from = ?lim.current, to = ?getrlimit(Resource::Nofile).current, "raised RLIMIT_NOFILE")
         }
+        Err(e) => tracing::debug!("cannot raise RLIMIT_NOFILE: {e}"),
     }
 }
 
