@@ -262,7 +262,7 @@ impl Engine {
                 now,
             };
             f(&mut check, &mut ctx);
-            self.put_back(slot, check, now);
+            self.put_back(slot, check);
         }
     }
 
@@ -276,10 +276,10 @@ impl Engine {
     }
 
     /// Put a check back in its slot, or deliver it if it is done.
-    fn put_back(&mut self, slot: usize, check: Lifecycle, now: Instant) {
+    fn put_back(&mut self, slot: usize, check: Lifecycle) {
         if check.is_done() {
             self.by_id.remove(&check.id());
-            self.finish(check, now);
+            self.finish(check);
         } else {
             // The slot is free (we just removed it) and slab reuses the most
             // recently freed slot first, so the same index comes back.
@@ -343,10 +343,10 @@ impl Engine {
             }
             self.with_check(done.slot, done.generation, now, |c, ctx| {
                 match done.result {
-                    Ok(child) => c.started(child, ctx),
+                    Ok(child) => c.started(child, done.picked, ctx),
                     Err(failure) => {
                         tracing::debug!(id = c.id(), "spawn failed: {}", failure.message);
-                        c.spawn_failed(failure);
+                        c.spawn_failed(failure, done.picked);
                     }
                 }
             });
@@ -397,8 +397,8 @@ impl Engine {
                 self.spawning -= 1;
                 let mut c = self.checks.remove(slot);
                 self.by_id.remove(&id);
-                c.spawn_failed(spawn_gone());
-                self.finish(c, now);
+                c.spawn_failed(spawn_gone(), now);
+                self.finish(c);
             }
         }
         self.shared
@@ -409,9 +409,7 @@ impl Engine {
     fn cancel(&mut self, id: u64, now: Instant) {
         if let Some(&slot) = self.by_id.get(&id) {
             let generation = self.checks[slot].generation();
-            self.with_check(slot, generation, now, |c, ctx| {
-                c.kill_now(KillReason::Cancel, ctx)
-            });
+            self.with_check(slot, generation, now, |c, _| c.kill_now(KillReason::Cancel));
         } else if let Some(pos) = self.queue.iter().position(|s| s.id == id)
             && let Some(sub) = self.queue.remove(pos)
         {
@@ -445,14 +443,15 @@ impl Engine {
             .map(|(s, c)| (s, c.generation()))
             .collect();
         for (slot, generation) in slots {
-            self.with_check(slot, generation, now, |c, ctx| {
-                c.kill_now(KillReason::Shutdown, ctx)
+            self.with_check(slot, generation, now, |c, _| {
+                c.kill_now(KillReason::Shutdown)
             });
         }
     }
 
-    fn finish(&mut self, check: Lifecycle, now: Instant) {
-        let (result, deliver) = check.finish(now);
+    fn finish(&mut self, check: Lifecycle) {
+        // Stamp delivery at the moment it happens, not at the turn's start.
+        let (result, deliver) = check.finish(Instant::now());
         self.deliver(result, deliver);
         self.shared
             .running

@@ -12,7 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use rustix::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A request to create one check's child.
 pub(crate) struct SpawnJob {
@@ -32,6 +32,8 @@ pub(crate) struct SpawnDone {
     pub generation: u32,
     /// The child, or why there is none.
     pub result: Result<Child, SpawnFailure>,
+    /// When a spawner took the job off the queue.
+    pub picked: Instant,
 }
 
 /// Lets the orphan scan see a moment when no spawn is in progress.
@@ -96,6 +98,7 @@ pub(crate) fn start(
                     for job in jobs.iter() {
                         // Held until the answer is sent: see `SpawnGate`.
                         let _gate = gate.enter();
+                        let picked = Instant::now();
                         let result = spawn::spawn(&job.prepared, devnull.as_fd());
                         // Free the argv/env strings here, not on the loop.
                         drop(job.prepared);
@@ -103,6 +106,7 @@ pub(crate) fn start(
                             slot: job.slot,
                             generation: job.generation,
                             result,
+                            picked,
                         };
                         if let Err(lost) = done.send(msg) {
                             // The loop is gone (it only goes after every
