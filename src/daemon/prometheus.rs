@@ -89,7 +89,7 @@ fn scrape(mut stream: TcpStream, daemon: &Daemon) -> io::Result<()> {
     let path = path.split('?').next().unwrap_or("");
     match path {
         "/metrics" => {
-            let body = render(&daemon.engine_metrics(), &daemon.stats.snapshot());
+            let body = render(&daemon.exec.metrics(), &daemon.stats.snapshot());
             let body = if method == "HEAD" { "" } else { body.as_str() };
             respond(
                 &mut stream,

@@ -92,20 +92,10 @@ pub(crate) struct Daemon {
 }
 
 impl Daemon {
-    /// The engine's metrics, plus what only the daemon knows.
-    pub(crate) fn engine_metrics(&self) -> crate::metrics::MetricsSnapshot {
-        let mut m = self.exec.metrics();
-        // The engine on main does not count `submitted` yet; in this process
-        // every engine submit comes from the daemon, so its count is exact.
-        let accepted = self.stats.submits_accepted.load(Ordering::Relaxed);
-        m.counters.submitted = m.counters.submitted.max(accepted);
-        m
-    }
-
     fn stats_response(&self, id: Option<ClientId>) -> Response {
         Response::Stats {
             id,
-            engine: Box::new(self.engine_metrics()),
+            engine: Box::new(self.exec.metrics()),
             daemon: self.stats.snapshot(),
         }
     }
