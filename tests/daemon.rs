@@ -453,6 +453,14 @@ fn bad_input_keeps_connection_usable(backend: &str) {
     // The id is free again.
     c.good_submit("dup");
 
+    // A program that cannot start is a result (spawn_failed), not an error.
+    c.send(&json!({"op": "submit", "id": "nx", "argv": ["/nonexistent/check_x"]}));
+    let r = c.recv();
+    assert_eq!(r["type"], "result", "{r}");
+    assert_eq!(r["result"]["outcome"]["kind"], "spawn_failed");
+    assert_eq!(r["result"]["state"], "UNKNOWN");
+    c.good_submit("after-spawn-failure");
+
     // Another client never noticed any of it.
     other.send(&json!({"op": "ping", "id": 1}));
     let r = other.recv();
