@@ -45,19 +45,34 @@ impl StageRow {
     }
 }
 
-/// One second of the run.
+/// One window of the run (one second, or a few for long runs).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Second {
-    /// Seconds since the start.
+    /// Seconds since the start (window start).
     pub t: u64,
-    /// Checks submitted in this second.
+    /// Window length, seconds.
+    #[serde(default = "one")]
+    pub secs: u64,
+    /// Checks submitted in this window.
     pub submitted: u64,
-    /// Results received in this second.
+    /// Results received in this window.
     pub completed: u64,
-    /// Timed-out results received in this second.
+    /// Timed-out results received in this window.
     pub timeouts: u64,
-    /// p99 per stage (µs) of results received in this second.
+    /// p99 per stage (µs) of results received in this window.
     pub p99_us: BTreeMap<String, u64>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// The 1-minute load average now (0 if unreadable).
+pub fn load_1m() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(0.0)
 }
 
 /// What the canaries saw.
@@ -166,7 +181,13 @@ pub struct Summary {
     pub engine_counters: Option<serde_json::Value>,
     /// Invariant verdicts.
     pub invariants: Vec<Verdict>,
-    /// Per-second timeline.
+    /// Mean of the 1-minute load average sampled each second of the run.
+    #[serde(default)]
+    pub load_1m_mean: f64,
+    /// Largest 1-minute load average seen during the run.
+    #[serde(default)]
+    pub load_1m_max: f64,
+    /// Timeline in windows of one second (a few for long runs).
     pub timeline: Vec<Second>,
     /// Spike windows (start, end) in seconds, for the chart.
     #[serde(default)]
@@ -265,22 +286,24 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
     out
 }
 
-/// Per-second timeline from records and per-second submission counts.
-pub fn timeline(records: &[Record], submitted_per_s: &[u64]) -> Vec<Second> {
+/// Timeline in windows of `window` seconds from records and per-second submission counts.
+pub fn timeline(records: &[Record], submitted_per_s: &[u64], window: u64) -> Vec<Second> {
+    let window = window.max(1);
     let last = records
         .iter()
         .map(|r| r.received_us / 1_000_000)
         .max()
         .unwrap_or(0)
         .max(submitted_per_s.len().saturating_sub(1) as u64);
-    let mut buckets: Vec<Vec<&Record>> = vec![Vec::new(); last as usize + 1];
+    let n = (last / window) as usize + 1;
+    let mut buckets: Vec<Vec<&Record>> = vec![Vec::new(); n];
     for r in records {
-        buckets[(r.received_us / 1_000_000) as usize].push(r);
+        buckets[(r.received_us / 1_000_000 / window) as usize].push(r);
     }
     buckets
         .iter()
         .enumerate()
-        .map(|(t, rs)| {
+        .map(|(i, rs)| {
             let mut p99 = BTreeMap::new();
             for s in Stage::ALL {
                 let mut v: Vec<u64> = rs.iter().filter_map(|r| r.stage(s)).collect();
@@ -290,9 +313,15 @@ pub fn timeline(records: &[Record], submitted_per_s: &[u64]) -> Vec<Second> {
                     p99.insert(s.as_str().to_string(), v[idx]);
                 }
             }
+            let from = i * window as usize;
+            let to = (from + window as usize).min(submitted_per_s.len());
             Second {
-                t: t as u64,
-                submitted: submitted_per_s.get(t).copied().unwrap_or(0),
+                t: from as u64,
+                secs: window,
+                submitted: submitted_per_s
+                    .get(from..to)
+                    .map(|x| x.iter().sum())
+                    .unwrap_or(0),
                 completed: rs.len() as u64,
                 timeouts: rs.iter().filter(|r| r.ending.timed_out()).count() as u64,
                 p99_us: p99,
@@ -327,22 +356,29 @@ pub fn svg(path: &Path, s: &Summary) -> Result<(), Box<dyn std::error::Error>> {
     let root = SVGBackend::new(path, (1100, 760)).into_drawing_area();
     root.fill(&WHITE)?;
     let (top, bottom) = root.split_vertically(260);
-    let tmax = (s.timeline.len().max(2)) as f64;
+    let tmax = s
+        .timeline
+        .last()
+        .map(|x| (x.t + x.secs) as f64)
+        .unwrap_or(2.0)
+        .max(2.0);
+    let per_s = |x: &Second, n: u64| n as f64 / x.secs.max(1) as f64;
+    let mid = |x: &Second| x.t as f64 + x.secs as f64 / 2.0;
     let rate_max = s
         .timeline
         .iter()
-        .map(|x| x.submitted.max(x.completed))
-        .max()
-        .unwrap_or(1)
-        .max(1) as f64
+        .map(|x| per_s(x, x.submitted.max(x.completed)))
+        .fold(1.0, f64::max)
         * 1.15;
     let title = format!(
-        "pidring-stress: {} profile, {} ({}) — {} checks, {}",
+        "pidring-stress: {} profile, {} ({}) — {} checks, {}, load avg {:.0} (max {:.0})",
         s.profile,
         s.executor,
         s.backend,
         s.results,
-        s.host.line()
+        s.host.line(),
+        s.load_1m_mean,
+        s.load_1m_max
     );
     let mut c = ChartBuilder::on(&top)
         .caption(title, ("sans-serif", 16))
@@ -368,7 +404,7 @@ pub fn svg(path: &Path, s: &Summary) -> Result<(), Box<dyn std::error::Error>> {
     ];
     for (name, color, f) in series {
         c.draw_series(LineSeries::new(
-            s.timeline.iter().map(|x| (x.t as f64 + 0.5, f(x) as f64)),
+            s.timeline.iter().map(|x| (mid(x), per_s(x, f(x)))),
             color.stroke_width(2),
         ))?
         .label(name)
@@ -422,7 +458,7 @@ pub fn svg(path: &Path, s: &Summary) -> Result<(), Box<dyn std::error::Error>> {
             .filter_map(|x| {
                 x.p99_us
                     .get(name)
-                    .map(|v| (x.t as f64 + 0.5, (*v as f64 / 1000.0).max(0.001)))
+                    .map(|v| (mid(x), (*v as f64 / 1000.0).max(0.001)))
             })
             .collect();
         if pts.is_empty() {
@@ -502,7 +538,7 @@ mod tests {
             rec(900_000, 20, Ending::TimedOutTerm),
             rec(2_500_000, 30, Ending::Exited(0)),
         ];
-        let tl = timeline(&recs, &[5, 0, 1]);
+        let tl = timeline(&recs, &[5, 0, 1], 1);
         assert_eq!(tl.len(), 3);
         assert_eq!(
             (tl[0].submitted, tl[0].completed, tl[0].timeouts),
@@ -511,5 +547,9 @@ mod tests {
         assert_eq!(tl[0].p99_us["total"], 20);
         assert_eq!(tl[1].completed, 0);
         assert_eq!(tl[2].p99_us["total"], 30);
+        let tl = timeline(&recs, &[5, 0, 1], 2);
+        assert_eq!(tl.len(), 2);
+        assert_eq!((tl[0].secs, tl[0].submitted, tl[0].completed), (2, 5, 2));
+        assert_eq!((tl[1].t, tl[1].submitted, tl[1].completed), (2, 1, 1));
     }
 }
