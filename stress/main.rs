@@ -100,6 +100,9 @@ struct Opts {
     /// Bound on p99 kill lateness (deadline → first signal); a run above it fails.
     #[arg(long, value_parser = parse_duration, default_value = "100ms")]
     kill_bound: Duration,
+    /// Only redraw latency.svg in --out from this summary.json (no run).
+    #[arg(long)]
+    replot: Option<PathBuf>,
     /// Which executor to drive (--compare runs `tokio` after `pidring`).
     #[arg(long, value_enum, default_value = "pidring")]
     executor: ExecutorKind,
@@ -128,6 +131,19 @@ fn main() -> ExitCode {
 }
 
 fn run(opts: Opts) -> Result<ExitCode, String> {
+    if let Some(path) = &opts.replot {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let summary: Summary = serde_json::from_str(&text)
+            .map_err(|e| format!("{} is not a pidring-stress summary: {e}", path.display()))?;
+        let out = opts.out.clone().unwrap_or_else(|| PathBuf::from("."));
+        std::fs::create_dir_all(&out)
+            .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+        let svg = out.join("latency.svg");
+        report::svg(&svg, &summary).map_err(|e| format!("cannot draw {}: {e}", svg.display()))?;
+        println!("wrote {}", svg.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     if opts.canaries && !canary::inside_namespace() {
         if !rustix::process::geteuid().is_root() {
             return Err("--canaries needs root (it creates a PID namespace)".into());

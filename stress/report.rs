@@ -424,7 +424,10 @@ pub fn svg(path: &Path, s: &Summary) -> Result<(), Box<dyn std::error::Error>> {
     let ymax = (all.iter().copied().max().unwrap_or(1000) as f64 / 1000.0 * 2.0).max(1.0);
     let mut c = ChartBuilder::on(&bottom)
         .caption(
-            "p99 per stage, per second (ms, log scale)",
+            match s.timeline.first().map(|x| x.secs).unwrap_or(1) {
+                1 => "p99 per stage, per second (ms, log scale)".to_string(),
+                n => format!("p99 per stage, per {n} s window (ms, log scale)"),
+            },
             ("sans-serif", 15),
         )
         .margin(12)
