@@ -804,12 +804,24 @@ fn compare_run(opts: &Opts, ours: &Summary) -> Result<(), String> {
             .filter(|a| a != "--compare")
             .collect();
         println!("\n== the same load through {label} ==");
-        let status = std::process::Command::new(&exe)
+        let mut child = std::process::Command::new(&exe)
             .args(args)
             .args(["--executor", kind, "--out"])
             .arg(&dir)
-            .status()
+            .spawn()
             .map_err(|e| format!("cannot run the comparison: {e}"))?;
+        // Orphans of the comparison run are re-parented to us (a subreaper,
+        // or PID 1 in the canary namespace) and our executor is gone: reap
+        // them meanwhile, or they pin PIDs and exhaust a small PID space.
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) => {}
+                Err(e) => return Err(format!("comparison run: {e}")),
+            }
+            reap_stray_children_except(child.id() as i32);
+            std::thread::sleep(Duration::from_millis(50));
+        };
         let text = std::fs::read_to_string(dir.join("summary.json"))
             .map_err(|e| format!("comparison run ({status}) wrote no summary: {e}"))?;
         let theirs: Summary = serde_json::from_str(&text).map_err(|e| e.to_string())?;
@@ -884,6 +896,19 @@ fn kill_marked(marker: &str) {
             && invariants::has_marker(p.pid, marker)
         {
             let _ = rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+/// Reap our zombie children other than `keep` (by pid, so `keep`'s status stays ours).
+fn reap_stray_children_except(keep: i32) {
+    let me = std::process::id() as i32;
+    for pid in invariants::zombie_children(&invariants::all_processes(), me) {
+        if pid == keep {
+            continue;
+        }
+        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG);
         }
     }
 }
