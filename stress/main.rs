@@ -339,7 +339,7 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
             (ExecutorKind::Naive, _) => (
                 Box::new(compare::TokioDriver::new(policy.clone(), true, tx, start)?),
                 "naive",
-                "tokio (seed-style)".into(),
+                "tokio/seed".into(),
             ),
             (ExecutorKind::Pidring, Some(path)) => (
                 Box::new(socket::SocketDriver::connect(
