@@ -1,4 +1,5 @@
 //! Subcommands of the `pidring` binary.
 
 pub mod logging;
+pub mod nagios_worker;
 pub mod run;

@@ -120,8 +120,10 @@ impl NagiosWorkers {
 
     /// Stop reading jobs, kill and reap the jobs in flight, answer them while
     /// the connection is up, close every connection and join the threads.
-    pub fn stop(mut self) {
+    /// Returns the final counters.
+    pub fn stop(mut self) -> WorkerStatsSnapshot {
         self.stop_and_join();
+        self.stats.snapshot()
     }
 
     fn stop_and_join(&mut self) {
