@@ -74,7 +74,8 @@ declare -A s0 c0
 for p in $(procs); do read -r -a f < "/proc/$p/stat"; s0[$p]=$((f[13]+f[14])); c0[$p]=$((f[15]+f[16])); done
 sleep "$window"
 hz=$(getconf CLK_TCK)
-last1m=$(/usr/sbin/nagios4stats -c "$dir/nagios.cfg" -m -d NUMSVCACTCHK1M 2>/dev/null || echo 0)
+# active service checks run in the last minute (the window is >= 60 s)
+last1m=$(/usr/sbin/nagios4stats -c "$dir/nagios.cfg" -m -d NUMACTSVCCHECKS1M 2>/dev/null || echo 0)
 tot=0; totc=0; detail=
 for p in "${!s0[@]}"; do
   read -r -a f < "/proc/$p/stat" || continue
@@ -82,6 +83,6 @@ for p in "${!s0[@]}"; do
   detail="$detail  pid $p ${f[1]}: self $(echo "scale=2; $d/$hz" | bc) s, reaped children $(echo "scale=2; $dc/$hz" | bc) s"$'\n'
 done
 echo "mode=$mode services=$n window=${window}s"
-echo "checks in the last minute (nagios4stats NUMSVCACTCHK1M): $last1m = $(echo "scale=1; $last1m/60" | bc) checks/s"
+echo "active service checks in the last minute (nagios4stats NUMACTSVCCHECKS1M): $last1m = $(echo "scale=1; $last1m/60" | bc) checks/s"
 echo "CPU of core+workers+pidring: $(echo "scale=2; $tot/$hz" | bc) s in ${window}s = $(echo "scale=1; 100*$tot/$hz/$window" | bc)% of one CPU; plugins (reaped children): $(echo "scale=2; $totc/$hz" | bc) s"
 printf '%s' "$detail"

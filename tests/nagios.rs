@@ -155,7 +155,8 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
 fn write_config(dir: &Path) {
     let d = dir.display();
     let probe = dir.join("probe");
-    // The plugin names the process that started it (its parent) and that pid.
+    // The plugin names the process that started it (its parent) and that pid,
+    // and the service it checks from the core's environment macros (`env`).
     fs::write(
         &probe,
         "#!/bin/sh\n\
@@ -164,7 +165,7 @@ fn write_config(dir: &Path) {
            sleep) exec sleep 30 ;;\n\
            crit) echo \"CRITICAL via $parent $PPID\"; exit 2 ;;\n\
          esac\n\
-         echo \"OK via $parent $PPID|probe=1\"\n",
+         echo \"OK via $parent $PPID for $NAGIOS_SERVICEDESC|probe=1\"\n",
     )
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -257,7 +258,7 @@ fn write_config(dir: &Path) {
          log_rotation_method=n\n\
          log_archive_path={d}\n\
          debug_level=0\n\
-         enable_environment_macros=0\n"
+         enable_environment_macros=1\n"
     );
     fs::write(dir.join("nagios.cfg"), cfg).unwrap();
 }
@@ -299,7 +300,7 @@ fn all_fresh_from_pidring(status: &Path, pidring_pid: u32, since: u64) -> Result
             && match name.as_str() {
                 "crit" => state == "2" && out == format!("CRITICAL {via}"),
                 "slow" => out.starts_with("(Service check timed out after"),
-                n if n.starts_with("probe") => state == "0" && out == format!("OK {via}"),
+                n if n.starts_with("probe") => state == "0" && out == format!("OK {via} for {n}"),
                 _ => out.ends_with(&via_dummy),
             };
         if !ok {
