@@ -94,6 +94,32 @@ fn pids_mentioning(dir: &Path) -> Vec<i32> {
     out
 }
 
+/// Zombie children of `parent` right now (state Z, ppid == parent).
+fn zombie_children(parent: u32) -> std::collections::HashSet<i32> {
+    let mut out = std::collections::HashSet::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+        let Some((head, tail)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut f = tail.split_whitespace();
+        let (state, ppid) = (f.next(), f.next().and_then(|p| p.parse::<u32>().ok()));
+        if state == Some("Z")
+            && ppid == Some(parent)
+            && let Some(pid) = head.split_whitespace().next().and_then(|p| p.parse().ok())
+        {
+            out.insert(pid);
+        }
+    }
+    out
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -426,6 +452,24 @@ fn nagios_core_runs_its_checks_through_pidring() {
     wait_for("fresh pidring results after the restart", || {
         all_fresh_from_pidring(&status, pidring_pid, since)
     });
+
+    // No zombie lingers under pidring: a child may be a zombie for the
+    // moment between its exit and its reap, never across two samples.
+    let mut previous = zombie_children(pidring_pid);
+    wait_for(
+        "two zombie samples of pidring's children with nothing in common",
+        || {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = zombie_children(pidring_pid);
+            let lingering: Vec<_> = now.intersection(&previous).copied().collect();
+            previous = now;
+            if lingering.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("lingering zombies {lingering:?}"))
+            }
+        },
+    );
 
     // Clean stop: SIGTERM makes pidring kill, reap and answer what is in flight.
     let mut pidring = procs.pidring.take().unwrap();
