@@ -133,7 +133,7 @@ impl Decoder {
             self.start = 0;
         } else if self.start > 64 * 1024 && self.start * 2 > self.buf.len() {
             self.buf.drain(..self.start);
-            self.scanned -= self.start;
+            self.scanned = self.scanned.saturating_sub(self.start);
             self.start = 0;
         }
         self.buf.extend_from_slice(data);
@@ -147,7 +147,11 @@ impl Decoder {
             let found = find(&self.buf[from..], MSG_DELIM).map(|i| from + i);
             let Some(end) = found else {
                 // Keep the last 3 bytes unscanned: a delimiter may straddle reads.
-                self.scanned = self.buf.len().saturating_sub(MSG_DELIM.len() - 1);
+                self.scanned = self
+                    .buf
+                    .len()
+                    .saturating_sub(MSG_DELIM.len() - 1)
+                    .max(self.start);
                 let pending = self.buf.len() - self.start;
                 if pending > MAX_MESSAGE {
                     return Err(DecodeError::TooLong(MAX_MESSAGE));
@@ -362,6 +366,62 @@ mod tests {
             assert!(d.next_message().unwrap().is_some());
         }
         assert!(d.buf.capacity() < 1024 * 1024, "{}", d.buf.capacity());
+    }
+
+    #[test]
+    fn compaction_with_a_short_tail_after_a_big_message() {
+        let pad = "x".repeat(100 * 1024);
+        let big = encode([("job_id", "1"), ("pad", pad.as_str())]);
+        let next = encode([("job_id", "2")]);
+        let mut d = Decoder::new();
+        d.feed(&big);
+        d.feed(&next[..2]); // a tail shorter than the delimiter
+        assert_eq!(d.next_message().unwrap().unwrap().get("job_id"), Some("1"));
+        assert!(d.next_message().unwrap().is_none());
+        d.feed(&next[2..]); // compacts: the consumed big message goes
+        assert_eq!(d.next_message().unwrap().unwrap().get("job_id"), Some("2"));
+        assert_eq!(d.pending(), 0);
+    }
+
+    #[test]
+    fn random_messages_in_random_chunks() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let mut expected = Vec::new();
+        let mut stream = Vec::new();
+        for i in 0..2000 {
+            let len = [0, 1, 3, 4, 5, 100, 70_000][rand(7)];
+            // Values with SOH, NUL and '=' in them; NULs are stripped on encode.
+            let value: Vec<u8> = (0..len).map(|_| b"ab=\x01\0z"[rand(6)]).collect();
+            let job_id = i.to_string();
+            encode_into(
+                [("job_id".as_bytes(), job_id.as_bytes()), (b"v", &value)],
+                &mut stream,
+            );
+            let stripped: Vec<u8> = value.into_iter().filter(|&b| b != 0).collect();
+            expected.push((job_id, String::from_utf8(stripped).unwrap()));
+        }
+        let mut d = Decoder::new();
+        let mut got = Vec::new();
+        let mut at = 0;
+        while at < stream.len() {
+            let n = (1 + rand(9000)).min(stream.len() - at);
+            d.feed(&stream[at..at + n]);
+            at += n;
+            while let Some(m) = d.next_message().unwrap() {
+                got.push((
+                    m.get("job_id").unwrap().to_string(),
+                    m.get("v").unwrap().to_string(),
+                ));
+            }
+        }
+        assert_eq!(got, expected);
+        assert_eq!(d.pending(), 0);
     }
 
     #[test]
