@@ -13,15 +13,15 @@ use crate::executor::{Deliver, Shared};
 use crate::lifecycle::{self, Ctx, KillReason, Lifecycle, Timers, unix_us};
 use crate::result::{CheckResult, Outcome, Output, Timings};
 use crate::spawn;
-use crate::spawner::{self, SpawnDone, SpawnJob};
+use crate::spawner::{self, SpawnDone, SpawnGate, SpawnJob};
 use crate::state::State;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use rustix::process::Pid;
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -107,7 +107,7 @@ pub(crate) fn start(
             };
             let (job_tx, job_rx) = crossbeam_channel::unbounded();
             let (done_tx, done_rx) = crossbeam_channel::unbounded();
-            let gate = Arc::new(RwLock::new(()));
+            let gate = Arc::new(SpawnGate::default());
             let spawners = match spawner::start(
                 config.spawn_threads,
                 job_rx,
@@ -144,9 +144,13 @@ pub(crate) fn start(
                 shutting_down: false,
                 reap_orphans: config.reap_orphans,
                 gate,
+                orphan_misses: 0,
                 next_orphan_scan: Instant::now() + ORPHAN_SCAN,
             };
             engine.run();
+            if engine.reap_orphans {
+                engine.final_orphan_sweep();
+            }
             drop(engine.jobs.take());
             for s in spawners {
                 let _ = s.join();
@@ -193,7 +197,9 @@ struct Engine {
     /// Held for reading by spawners from before `posix_spawn` until the
     /// answer is sent; the orphan scan runs only when it can take it for
     /// writing, so every child of ours is then known to the loop.
-    gate: Arc<RwLock<()>>,
+    gate: Arc<SpawnGate>,
+    /// Consecutive scans that found a spawn in progress.
+    orphan_misses: u32,
     next_orphan_scan: Instant,
 }
 
@@ -229,7 +235,6 @@ impl Engine {
             }
             if self.reap_orphans && now >= self.next_orphan_scan {
                 self.scan_orphans();
-                self.next_orphan_scan = now + ORPHAN_SCAN;
             }
             self.admit(now);
             if self.shutting_down
@@ -260,7 +265,7 @@ impl Engine {
                 now,
             };
             f(&mut check, &mut ctx);
-            self.put_back(slot, check, now);
+            self.put_back(slot, check);
         }
     }
 
@@ -274,10 +279,10 @@ impl Engine {
     }
 
     /// Put a check back in its slot, or deliver it if it is done.
-    fn put_back(&mut self, slot: usize, check: Lifecycle, now: Instant) {
+    fn put_back(&mut self, slot: usize, check: Lifecycle) {
         if check.is_done() {
             self.by_id.remove(&check.id());
-            self.finish(check, now);
+            self.finish(check);
         } else {
             // The slot is free (we just removed it) and slab reuses the most
             // recently freed slot first, so the same index comes back.
@@ -341,10 +346,10 @@ impl Engine {
             }
             self.with_check(done.slot, done.generation, now, |c, ctx| {
                 match done.result {
-                    Ok(child) => c.started(child, ctx),
+                    Ok(child) => c.started(child, done.picked, ctx),
                     Err(failure) => {
                         tracing::debug!(id = c.id(), "spawn failed: {}", failure.message);
-                        c.spawn_failed(failure);
+                        c.spawn_failed(failure, done.picked);
                     }
                 }
             });
@@ -395,8 +400,8 @@ impl Engine {
                 self.spawning -= 1;
                 let mut c = self.checks.remove(slot);
                 self.by_id.remove(&id);
-                c.spawn_failed(spawn_gone());
-                self.finish(c, now);
+                c.spawn_failed(spawn_gone(), now);
+                self.finish(c);
             }
         }
         self.shared
@@ -407,9 +412,7 @@ impl Engine {
     fn cancel(&mut self, id: u64, now: Instant) {
         if let Some(&slot) = self.by_id.get(&id) {
             let generation = self.checks[slot].generation();
-            self.with_check(slot, generation, now, |c, ctx| {
-                c.kill_now(KillReason::Cancel, ctx)
-            });
+            self.with_check(slot, generation, now, |c, _| c.kill_now(KillReason::Cancel));
         } else if let Some(pos) = self.queue.iter().position(|s| s.id == id)
             && let Some(sub) = self.queue.remove(pos)
         {
@@ -443,14 +446,15 @@ impl Engine {
             .map(|(s, c)| (s, c.generation()))
             .collect();
         for (slot, generation) in slots {
-            self.with_check(slot, generation, now, |c, ctx| {
-                c.kill_now(KillReason::Shutdown, ctx)
+            self.with_check(slot, generation, now, |c, _| {
+                c.kill_now(KillReason::Shutdown)
             });
         }
     }
 
-    fn finish(&mut self, check: Lifecycle, now: Instant) {
-        let (result, deliver) = check.finish(now);
+    fn finish(&mut self, check: Lifecycle) {
+        // Stamp delivery at the moment it happens, not at the turn's start.
+        let (result, deliver) = check.finish(Instant::now());
         self.deliver(result, deliver);
         self.shared
             .running
@@ -471,10 +475,18 @@ impl Engine {
     /// Reap descendants that escaped their check and were re-parented to us.
     fn scan_orphans(&mut self) {
         let gate = self.gate.clone();
-        // Never block the loop: if a spawner is mid-spawn, try next time.
-        let Ok(_exclusive) = gate.try_write() else {
+        // Never block the loop: if a spawner is mid-spawn, try again soon.
+        let Some(_exclusive) = gate.try_exclusive() else {
+            self.orphan_misses += 1;
+            if self.orphan_misses >= 5 {
+                gate.pause();
+            }
+            self.next_orphan_scan = Instant::now() + Duration::from_millis(1);
             return;
         };
+        self.orphan_misses = 0;
+        gate.resume();
+        self.next_orphan_scan = Instant::now() + ORPHAN_SCAN;
         // With the gate held no spawn is in progress; take the answers that
         // were sent, so every child of ours that is a check is in the slab.
         self.drain_spawned(Instant::now());
@@ -484,22 +496,11 @@ impl Engine {
             .filter_map(|(_, c)| c.unreaped_pid())
             .map(|p| p.as_raw_nonzero().get())
             .collect();
-        let mut reaped = 0u64;
-        for pid in children_of_self() {
-            if ours.contains(&pid) {
-                continue;
-            }
-            let Some(pid) = Pid::from_raw(pid) else {
-                continue;
-            };
-            // Not a check leader: an orphan. Reap it if it has exited.
-            if let Ok(Some(_)) = rustix::process::waitid(
-                rustix::process::WaitId::Pid(pid),
-                rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
-            ) {
-                reaped += 1;
-            }
-        }
+        let (reaped, _alive) = reap_exited_orphans(&ours);
+        self.count_orphans(reaped);
+    }
+
+    fn count_orphans(&self, reaped: u64) {
         if reaped > 0 {
             tracing::info!(reaped, "reaped orphaned descendants of checks");
             if let Ok(mut m) = self.shared.metrics.lock() {
@@ -507,10 +508,83 @@ impl Engine {
             }
         }
     }
+
+    /// At the end of a shutdown in subreaper mode: every check is reaped, so
+    /// every child left is an adopted descendant (escaped, or killed with its
+    /// group and not yet collected). SIGKILL the live ones through a pidfd
+    /// and reap them all, for a bounded time, so nothing outlives the executor.
+    fn final_orphan_sweep(&mut self) {
+        const BOUND: Duration = Duration::from_secs(5);
+        let end = Instant::now() + BOUND;
+        let mut signalled = HashSet::new();
+        let mut total = 0;
+        loop {
+            let (reaped, alive) = reap_exited_orphans(&HashSet::new());
+            total += reaped;
+            if alive.is_empty() {
+                break;
+            }
+            for pid in alive {
+                // An unreaped child of ours: its pid cannot be reused under us.
+                if signalled.insert(pid)
+                    && let Ok(fd) =
+                        rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+                {
+                    let _ = spawn::signal_leader(
+                        rustix::fd::AsFd::as_fd(&fd),
+                        rustix::process::Signal::KILL,
+                    );
+                }
+            }
+            if Instant::now() >= end {
+                tracing::error!(left = ?children_of_self(), "descendants still alive {BOUND:?} after SIGKILL (uninterruptible sleep?)");
+                break;
+            }
+            // The loop serves nobody any more: a short sleep is the wait.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.count_orphans(total);
+    }
+}
+
+/// Reap every exited child of this process that is not in `ours` (check
+/// leaders, which are reaped only through their pidfds). Returns how many
+/// were reaped and the children still alive.
+fn reap_exited_orphans(ours: &HashSet<i32>) -> (u64, Vec<Pid>) {
+    let mut reaped = 0;
+    let mut alive = Vec::new();
+    for pid in children_of_self() {
+        if ours.contains(&pid) {
+            continue;
+        }
+        let Some(pid) = Pid::from_raw(pid) else {
+            continue;
+        };
+        match rustix::process::waitid(
+            rustix::process::WaitId::Pid(pid),
+            rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
+        ) {
+            Ok(Some(_)) => reaped += 1,
+            Ok(None) => alive.push(pid),
+            Err(_) => {} // gone meanwhile
+        }
+    }
+    (reaped, alive)
+}
+
+/// If the loop dies (a bug), still answer what is queued; running checks are
+/// killed and reaped by `Lifecycle`'s own drop.
+impl Drop for Engine {
+    fn drop(&mut self) {
+        for sub in std::mem::take(&mut self.queue) {
+            let r = unstarted_result(&sub, Outcome::Shutdown, "executor loop stopped");
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(move || (sub.deliver)(r)));
+        }
+    }
 }
 
 /// Every child of this process (all threads), from /proc.
-fn children_of_self() -> Vec<i32> {
+pub(crate) fn children_of_self() -> Vec<i32> {
     let mut pids = Vec::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return pids;

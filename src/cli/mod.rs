@@ -1,5 +1,7 @@
 //! Subcommands of the `pidring` binary.
 
+pub mod client;
+pub mod daemon;
 pub mod logging;
 pub mod nagios_worker;
 pub mod run;
