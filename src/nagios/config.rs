@@ -87,6 +87,25 @@ mod tests {
     }
 
     #[test]
+    fn embeds_as_a_toml_section() {
+        #[derive(Deserialize)]
+        struct Outer {
+            nagios: Option<NagiosWorkerConfig>,
+        }
+        let o: Outer = toml::from_str(
+            "[nagios]\nqh_socket = \"/var/lib/nagios4/rw/nagios.qh\"\nplugins = [\"check_dummy\"]\nconnections = 2\n",
+        )
+        .unwrap();
+        let c = o.nagios.unwrap();
+        assert_eq!(c.plugins, ["check_dummy"]);
+        assert_eq!(c.general_connections(), 2);
+        assert_eq!(c.max_jobs, 4096);
+        let o: Outer = toml::from_str("").unwrap();
+        assert!(o.nagios.is_none());
+        assert!(toml::from_str::<Outer>("[nagios]\nplugin = \"x\"\n").is_err());
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         assert!(serde_json::from_str::<NagiosWorkerConfig>(r#"{"socket": "x"}"#).is_err());
         let c = NagiosWorkerConfig {
