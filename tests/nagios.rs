@@ -349,6 +349,26 @@ fn all_fresh_from_pidring(status: &Path, pidring_pid: u32, since: u64) -> Result
 
 #[test]
 fn nagios_core_runs_its_checks_through_pidring() {
+    e2e(Mode::Worker);
+}
+
+/// The same, through `pidring daemon` with a `[nagios]` section in its config:
+/// one daemon serves its own socket and the core, and counts both in stats.
+#[test]
+fn nagios_core_runs_its_checks_through_the_daemon() {
+    e2e(Mode::Daemon);
+}
+
+/// How pidring is started against the core.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Mode {
+    /// `pidring nagios-worker`.
+    Worker,
+    /// `pidring daemon --config` with a `[nagios]` section.
+    Daemon,
+}
+
+fn e2e(mode: Mode) {
     if !Path::new(NAGIOS).exists() {
         eprintln!(
             "\n\n!!!!! SKIPPED: {NAGIOS} is not installed; this end-to-end test needs \
@@ -360,7 +380,10 @@ fn nagios_core_runs_its_checks_through_pidring() {
         Path::new(CHECK_DUMMY).exists(),
         "{CHECK_DUMMY} is missing: install monitoring-plugins-basic"
     );
-    let dir = std::env::temp_dir().join(format!("pidring-nagios-e2e-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "pidring-nagios-e2e-{}-{mode:?}",
+        std::process::id()
+    ));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     // Kept on failure for a look at nagios.log, status.dat and pidring.log.
@@ -399,11 +422,28 @@ fn nagios_core_runs_its_checks_through_pidring() {
             .then_some(())
             .ok_or_else(|| "not there yet".to_string())
     });
-    let pidring = Command::new(env!("CARGO_BIN_EXE_pidring"))
-        .args(["nagios-worker", "--qh-socket"])
-        .arg(dir.join("nagios.qh"))
-        .args(["--plugin", "check_dummy", "--plugin"])
-        .arg(dir.join("probe"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pidring"));
+    match mode {
+        Mode::Worker => {
+            cmd.args(["nagios-worker", "--qh-socket"])
+                .arg(dir.join("nagios.qh"))
+                .args(["--plugin", "check_dummy", "--plugin"])
+                .arg(dir.join("probe"));
+        }
+        Mode::Daemon => {
+            let toml = format!(
+                "[nagios]\nqh_socket = {:?}\nplugins = [\"check_dummy\", {:?}]\n",
+                dir.join("nagios.qh"),
+                dir.join("probe")
+            );
+            fs::write(dir.join("daemon.toml"), toml).unwrap();
+            cmd.args(["daemon", "--socket"])
+                .arg(dir.join("d.sock"))
+                .arg("--config")
+                .arg(dir.join("daemon.toml"));
+        }
+    }
+    let pidring = cmd
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -470,6 +510,21 @@ fn nagios_core_runs_its_checks_through_pidring() {
             }
         },
     );
+
+    if mode == Mode::Daemon {
+        // The core's jobs count in the daemon's own stats.
+        let out = Command::new(env!("CARGO_BIN_EXE_pidring"))
+            .args(["stats", "--json", "--socket"])
+            .arg(dir.join("d.sock"))
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("stats: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+        let completed = v
+            .pointer("/engine/counters/completed")
+            .and_then(|c| c.as_u64());
+        assert!(completed.is_some_and(|c| c >= 122), "daemon stats: {v}");
+    }
 
     // Clean stop: SIGTERM makes pidring kill, reap and answer what is in flight.
     let mut pidring = procs.pidring.take().unwrap();
