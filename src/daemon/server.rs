@@ -86,7 +86,7 @@ impl Stats {
 
 /// What every connection thread shares.
 pub(crate) struct Daemon {
-    pub(crate) exec: Executor,
+    pub(crate) exec: Arc<Executor>,
     pub(crate) config: DaemonConfig,
     pub(crate) stats: Arc<Stats>,
 }
@@ -422,6 +422,11 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         .backend(config.backend)
         .reap_orphans(true)
         .build()?;
+    let exec = Arc::new(exec);
+    let nagios = match &config.nagios {
+        Some(n) => Some(crate::nagios::spawn_workers(n, exec.clone())?),
+        None => None,
+    };
     let stats = Arc::new(Stats::default());
     let daemon = Arc::new(Daemon {
         exec,
@@ -509,12 +514,15 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         }
     }
 
+    // The Nagios connections answer their in-flight jobs (cancelled) first.
+    if let Some(workers) = nagios {
+        let s = workers.stop();
+        tracing::info!(?s, "nagios worker connections stopped");
+    }
     // 3. Kill, sweep and reap what is left; every accepted check is answered.
+    //    In subreaper mode the executor's shutdown also kills and reaps every
+    //    adopted descendant (escaped, or a group member killed by the sweep).
     daemon.exec.shutdown();
-    // 4. The loop is gone, so every child still ours is an escaped descendant
-    //    of a check (or a group member the sweep killed, re-parented to us
-    //    when its leader was reaped): kill and reap them all before exiting.
-    reap_remaining_children();
 
     // 5. Flush every answer, then close the connections.
     for (c, _) in &conns {
@@ -546,77 +554,6 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     );
     drop(socket_guard);
     Ok(())
-}
-
-/// How long the exit sweep waits for killed descendants to die.
-const FINAL_SWEEP: Duration = Duration::from_secs(5);
-
-/// Kill and reap every remaining child of this process. Only called after the
-/// executor has stopped: it has reaped all its check leaders, so every child
-/// left is an orphan we adopted as subreaper. A child's pid cannot be reused
-/// before we reap it, and signals still go through a pidfd.
-fn reap_remaining_children() {
-    let end = Instant::now() + FINAL_SWEEP;
-    let (mut killed, mut reaped) = (0u64, 0u64);
-    let mut signalled = std::collections::HashSet::new();
-    loop {
-        let children = children_of_self();
-        if children.is_empty() {
-            break;
-        }
-        for pid in children {
-            let Some(p) = rustix::process::Pid::from_raw(pid) else {
-                continue;
-            };
-            match rustix::process::waitid(
-                rustix::process::WaitId::Pid(p),
-                rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
-            ) {
-                Ok(Some(_)) => reaped += 1,
-                Ok(None) => {
-                    if signalled.insert(pid)
-                        && let Ok(fd) =
-                            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())
-                        && rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL)
-                            .is_ok()
-                    {
-                        killed += 1;
-                    }
-                }
-                Err(_) => {}
-            }
-        }
-        if Instant::now() >= end {
-            tracing::error!(
-                left = ?children_of_self(),
-                "children still alive after the exit sweep (uninterruptible sleep?)"
-            );
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    if killed + reaped > 0 {
-        tracing::info!(
-            killed,
-            reaped,
-            "exit sweep: reaped escaped descendants of checks"
-        );
-    }
-}
-
-/// Every child of this process (all threads), from /proc.
-fn children_of_self() -> Vec<i32> {
-    let mut pids = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        for task in tasks.flatten() {
-            if let Ok(s) = std::fs::read_to_string(task.path().join("children")) {
-                pids.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-            }
-        }
-    }
-    pids.sort_unstable();
-    pids.dedup();
-    pids
 }
 
 /// Empty the signal pipe; true if a signal arrived.
