@@ -314,6 +314,8 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
         marker,
     };
     let hogs = CpuHogs::start(opts.cpu_hogs);
+    let me = std::process::id() as i32;
+    let fds_before_build = invariants::fd_count(me).map_err(|e| e.to_string())?;
     let canaries = if opts.canaries {
         Some(canary::CanaryPool::start(
             plugin,
@@ -324,8 +326,6 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
     } else {
         None
     };
-    let me = std::process::id() as i32;
-    let fds_before_build = invariants::fd_count(me).map_err(|e| e.to_string())?;
     let (tx, rx) = crossbeam_channel::unbounded::<Event>();
     let start = Instant::now();
     let start_boot_us = invariants::boottime_us();
@@ -605,15 +605,8 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
             ),
         ));
     }
-    drv.shutdown();
-    if opts.socket.is_none() {
-        let fds_after = invariants::fd_count(me).map_err(|e| e.to_string())?;
-        verdicts.push(invariants::check_fds(
-            "process fd count back to start after executor shutdown",
-            fds_before_build,
-            fds_after,
-        ));
-    }
+    // The canary pool is a child of ours but no check: stop it before the
+    // executor's shutdown, which (subreaper mode) SIGKILLs every other child.
     let check_pids: HashSet<i32> = ledger.records.iter().filter_map(|r| r.pid).collect();
     let canary = canaries.map(|c| c.finish(&check_pids, pid_space.clone().unwrap_or_default()));
     if let Some(c) = &canary {
@@ -624,6 +617,15 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
                 "{} canaries ({} on a PID a check of this run had), {} signals received, {} killed",
                 c.canaries, c.on_recycled_check_pid, c.signals, c.killed
             ),
+        ));
+    }
+    drv.shutdown();
+    if opts.socket.is_none() {
+        let fds_after = invariants::fd_count(me).map_err(|e| e.to_string())?;
+        verdicts.push(invariants::check_fds(
+            "process fd count back to start after executor shutdown",
+            fds_before_build,
+            fds_after,
         ));
     }
     drop(hogs);
