@@ -20,6 +20,10 @@ pub const DEFAULT_OUTPUT_CAP: usize = 64 * 1024;
 /// Default time output is still read after the leader was reaped.
 pub const DEFAULT_DRAIN: Duration = Duration::from_millis(200);
 
+/// Longest timeout, grace or drain accepted (a year): longer is surely a
+/// mistake, and deadlines must stay far from `Instant` overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Which environment a check starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EnvPolicy {
@@ -168,6 +172,15 @@ impl Check {
         if self.timeout.is_zero() {
             return Err(CheckError::ZeroTimeout);
         }
+        for (what, d) in [
+            ("timeout", self.timeout),
+            ("grace", self.grace),
+            ("drain", self.drain),
+        ] {
+            if d > MAX_DURATION {
+                return Err(CheckError::TooLong(what));
+            }
+        }
         let argv = self
             .argv
             .iter()
@@ -262,6 +275,17 @@ mod tests {
             Check::argv([""]).prepare(&[]),
             Err(CheckError::EmptyArgv)
         ));
+    }
+
+    #[test]
+    fn absurd_durations_are_rejected() {
+        let c = Check::argv(["x"]).timeout(Duration::from_secs(u64::MAX));
+        assert!(matches!(
+            c.prepare(&[]),
+            Err(CheckError::TooLong("timeout"))
+        ));
+        let c = Check::argv(["x"]).grace(Duration::MAX);
+        assert!(matches!(c.prepare(&[]), Err(CheckError::TooLong("grace"))));
     }
 
     #[test]

@@ -13,15 +13,15 @@ use crate::executor::{Deliver, Shared};
 use crate::lifecycle::{self, Ctx, KillReason, Lifecycle, Timers, unix_us};
 use crate::result::{CheckResult, Outcome, Output, Timings};
 use crate::spawn;
-use crate::spawner::{self, SpawnDone, SpawnJob};
+use crate::spawner::{self, SpawnDone, SpawnGate, SpawnJob};
 use crate::state::State;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use rustix::process::Pid;
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -107,7 +107,7 @@ pub(crate) fn start(
             };
             let (job_tx, job_rx) = crossbeam_channel::unbounded();
             let (done_tx, done_rx) = crossbeam_channel::unbounded();
-            let gate = Arc::new(RwLock::new(()));
+            let gate = Arc::new(SpawnGate::default());
             let spawners = match spawner::start(
                 config.spawn_threads,
                 job_rx,
@@ -144,6 +144,7 @@ pub(crate) fn start(
                 shutting_down: false,
                 reap_orphans: config.reap_orphans,
                 gate,
+                orphan_misses: 0,
                 next_orphan_scan: Instant::now() + ORPHAN_SCAN,
             };
             engine.run();
@@ -193,7 +194,9 @@ struct Engine {
     /// Held for reading by spawners from before `posix_spawn` until the
     /// answer is sent; the orphan scan runs only when it can take it for
     /// writing, so every child of ours is then known to the loop.
-    gate: Arc<RwLock<()>>,
+    gate: Arc<SpawnGate>,
+    /// Consecutive scans that found a spawn in progress.
+    orphan_misses: u32,
     next_orphan_scan: Instant,
 }
 
@@ -229,7 +232,6 @@ impl Engine {
             }
             if self.reap_orphans && now >= self.next_orphan_scan {
                 self.scan_orphans();
-                self.next_orphan_scan = now + ORPHAN_SCAN;
             }
             self.admit(now);
             if self.shutting_down
@@ -260,7 +262,7 @@ impl Engine {
                 now,
             };
             f(&mut check, &mut ctx);
-            self.put_back(slot, check, now);
+            self.put_back(slot, check);
         }
     }
 
@@ -274,10 +276,10 @@ impl Engine {
     }
 
     /// Put a check back in its slot, or deliver it if it is done.
-    fn put_back(&mut self, slot: usize, check: Lifecycle, now: Instant) {
+    fn put_back(&mut self, slot: usize, check: Lifecycle) {
         if check.is_done() {
             self.by_id.remove(&check.id());
-            self.finish(check, now);
+            self.finish(check);
         } else {
             // The slot is free (we just removed it) and slab reuses the most
             // recently freed slot first, so the same index comes back.
@@ -341,10 +343,10 @@ impl Engine {
             }
             self.with_check(done.slot, done.generation, now, |c, ctx| {
                 match done.result {
-                    Ok(child) => c.started(child, ctx),
+                    Ok(child) => c.started(child, done.picked, ctx),
                     Err(failure) => {
                         tracing::debug!(id = c.id(), "spawn failed: {}", failure.message);
-                        c.spawn_failed(failure);
+                        c.spawn_failed(failure, done.picked);
                     }
                 }
             });
@@ -395,8 +397,8 @@ impl Engine {
                 self.spawning -= 1;
                 let mut c = self.checks.remove(slot);
                 self.by_id.remove(&id);
-                c.spawn_failed(spawn_gone());
-                self.finish(c, now);
+                c.spawn_failed(spawn_gone(), now);
+                self.finish(c);
             }
         }
         self.shared
@@ -407,9 +409,7 @@ impl Engine {
     fn cancel(&mut self, id: u64, now: Instant) {
         if let Some(&slot) = self.by_id.get(&id) {
             let generation = self.checks[slot].generation();
-            self.with_check(slot, generation, now, |c, ctx| {
-                c.kill_now(KillReason::Cancel, ctx)
-            });
+            self.with_check(slot, generation, now, |c, _| c.kill_now(KillReason::Cancel));
         } else if let Some(pos) = self.queue.iter().position(|s| s.id == id)
             && let Some(sub) = self.queue.remove(pos)
         {
@@ -443,14 +443,15 @@ impl Engine {
             .map(|(s, c)| (s, c.generation()))
             .collect();
         for (slot, generation) in slots {
-            self.with_check(slot, generation, now, |c, ctx| {
-                c.kill_now(KillReason::Shutdown, ctx)
+            self.with_check(slot, generation, now, |c, _| {
+                c.kill_now(KillReason::Shutdown)
             });
         }
     }
 
-    fn finish(&mut self, check: Lifecycle, now: Instant) {
-        let (result, deliver) = check.finish(now);
+    fn finish(&mut self, check: Lifecycle) {
+        // Stamp delivery at the moment it happens, not at the turn's start.
+        let (result, deliver) = check.finish(Instant::now());
         self.deliver(result, deliver);
         self.shared
             .running
@@ -471,10 +472,18 @@ impl Engine {
     /// Reap descendants that escaped their check and were re-parented to us.
     fn scan_orphans(&mut self) {
         let gate = self.gate.clone();
-        // Never block the loop: if a spawner is mid-spawn, try next time.
-        let Ok(_exclusive) = gate.try_write() else {
+        // Never block the loop: if a spawner is mid-spawn, try again soon.
+        let Some(_exclusive) = gate.try_exclusive() else {
+            self.orphan_misses += 1;
+            if self.orphan_misses >= 5 {
+                gate.pause();
+            }
+            self.next_orphan_scan = Instant::now() + Duration::from_millis(1);
             return;
         };
+        self.orphan_misses = 0;
+        gate.resume();
+        self.next_orphan_scan = Instant::now() + ORPHAN_SCAN;
         // With the gate held no spawn is in progress; take the answers that
         // were sent, so every child of ours that is a check is in the slab.
         self.drain_spawned(Instant::now());
@@ -505,6 +514,17 @@ impl Engine {
             if let Ok(mut m) = self.shared.metrics.lock() {
                 m.counters.orphans_reaped += reaped;
             }
+        }
+    }
+}
+
+/// If the loop dies (a bug), still answer what is queued; running checks are
+/// killed and reaped by `Lifecycle`'s own drop.
+impl Drop for Engine {
+    fn drop(&mut self) {
+        for sub in std::mem::take(&mut self.queue) {
+            let r = unstarted_result(&sub, Outcome::Shutdown, "executor loop stopped");
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(move || (sub.deliver)(r)));
         }
     }
 }

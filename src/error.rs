@@ -13,6 +13,9 @@ pub enum CheckError {
     /// A timeout of zero would kill the check before it starts.
     #[error("timeout must be greater than zero")]
     ZeroTimeout,
+    /// A timeout, grace or drain beyond `check::MAX_DURATION`.
+    #[error("{0} is too long (at most 365 days)")]
+    TooLong(&'static str),
     /// C strings cannot hold NUL.
     #[error("{0} contains a NUL byte")]
     NulByte(&'static str),

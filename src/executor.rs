@@ -27,6 +27,8 @@ pub(crate) struct Shared {
     pub outstanding: AtomicUsize,
     /// Checks holding a running slot (spawning, running or draining).
     pub running: AtomicUsize,
+    /// Checks accepted since the start.
+    pub submitted: AtomicU64,
     /// Set once shutdown began: nothing new is accepted.
     pub closed: AtomicBool,
     /// Wakes the loop.
@@ -49,6 +51,7 @@ pub struct ExecutorBuilder {
     backend: BackendKind,
     spawn_threads: usize,
     reap_orphans: bool,
+    raise_nofile: bool,
 }
 
 impl Default for ExecutorBuilder {
@@ -61,6 +64,7 @@ impl Default for ExecutorBuilder {
                 .map(|n| n.get().min(4))
                 .unwrap_or(2),
             reap_orphans: false,
+            raise_nofile: true,
         }
     }
 }
@@ -98,8 +102,20 @@ impl ExecutorBuilder {
         self
     }
 
+    /// Raise this process's soft RLIMIT_NOFILE to its hard limit at build
+    /// (default true): every running check holds three fds.
+    pub fn raise_nofile_limit(mut self, yes: bool) -> Self {
+        self.raise_nofile = yes;
+        self
+    }
+
     /// Start the loop and spawner threads.
     pub fn build(self) -> Result<Executor, ExecutorError> {
+        // First, before any descriptor of ours could take fd 0, 1 or 2.
+        crate::spawn::ensure_std_fds();
+        if self.raise_nofile {
+            raise_nofile_limit();
+        }
         let waker = Arc::new(Waker::new().map_err(|source| ExecutorError::Setup {
             what: "eventfd",
             source,
@@ -107,6 +123,7 @@ impl ExecutorBuilder {
         let shared = Arc::new(Shared {
             outstanding: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
+            submitted: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             waker,
             metrics: Mutex::new(Metrics::new()),
@@ -130,6 +147,45 @@ impl ExecutorBuilder {
             inherited: Arc::new(crate::check::inherited_env()),
             backend,
         })
+    }
+}
+
+/// Raise RLIMIT_NOFILE: to 1Mi (bounded by fs.nr_open) where allowed (root),
+/// else the soft limit to the hard one. Failure only costs headroom.
+fn raise_nofile_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let want = nr_open.min(1 << 20);
+    // Never lower a limit: an infinite or larger hard limit stays as it is.
+    let wide = match lim.maximum {
+        Some(max) if max >= want => Rlimit {
+            current: Some(max.min(nr_open)),
+            maximum: Some(max),
+        },
+        Some(_) => Rlimit {
+            current: Some(want),
+            maximum: Some(want),
+        },
+        None => Rlimit {
+            current: Some(want),
+            maximum: None,
+        },
+    };
+    let soft_to_hard = Rlimit {
+        current: lim.maximum,
+        maximum: lim.maximum,
+    };
+    let raised =
+        setrlimit(Resource::Nofile, wide).or_else(|_| setrlimit(Resource::Nofile, soft_to_hard));
+    match raised {
+        Ok(()) => {
+            tracing::debug!(from = ?lim.current, to = ?getrlimit(Resource::Nofile).current, "raised RLIMIT_NOFILE")
+        }
+        Err(e) => tracing::debug!("cannot raise RLIMIT_NOFILE: {e}"),
     }
 }
 
@@ -217,6 +273,7 @@ impl Executor {
             return Err(SubmitError::ShuttingDown);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.shared.submitted.fetch_add(1, Ordering::Relaxed);
         let sub = Submission {
             id,
             check,
@@ -297,7 +354,9 @@ impl Executor {
             .metrics
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        m.snapshot(self.running(), self.queued(), self.backend.as_str())
+        let mut snap = m.snapshot(self.running(), self.queued(), self.backend.as_str());
+        snap.counters.submitted = self.shared.submitted.load(Ordering::Relaxed);
+        snap
     }
 
     /// Stop: refuse new checks, answer queued ones with `Outcome::Shutdown`,
@@ -306,12 +365,16 @@ impl Executor {
     pub fn shutdown(&self) {
         let _ = self.tx.send(Request::Shutdown);
         self.shared.waker.wake();
-        let handle = self
-            .loop_thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(h) = handle
+        let mut guard = self.loop_thread.lock().unwrap_or_else(|p| p.into_inner());
+        // Called from a result callback (on the loop thread itself): the loop
+        // stops by itself once everything is answered; joining would deadlock.
+        if guard
+            .as_ref()
+            .is_some_and(|h| h.thread().id() == std::thread::current().id())
+        {
+            return;
+        }
+        if let Some(h) = guard.take()
             && h.join().is_err()
         {
             tracing::error!("executor loop thread panicked");

@@ -174,6 +174,7 @@ pub(crate) struct Lifecycle {
     timeout_state: State,
     submitted: Instant,
     submitted_wall: SystemTime,
+    /// When a spawner took the job (queue wait ends, spawn begins).
     dispatched: Instant,
     phase: Phase,
     pid: Option<Pid>,
@@ -266,7 +267,8 @@ impl Lifecycle {
     }
 
     /// The spawner created the child: watch it and start the clock.
-    pub fn started(&mut self, child: Child, ctx: &mut Ctx<'_>) {
+    pub fn started(&mut self, child: Child, picked: Instant, ctx: &mut Ctx<'_>) {
+        self.dispatched = picked;
         self.pid = Some(child.pid);
         self.started = Some(child.started);
         let deadline = child.started + self.timeout;
@@ -281,12 +283,13 @@ impl Lifecycle {
         if let Some(reason) = self.kill {
             // Cancelled or shut down while it was being spawned.
             self.kill = None;
-            self.kill_now(reason, ctx);
+            self.kill_now(reason);
         }
     }
 
     /// The spawner could not create the child.
-    pub fn spawn_failed(&mut self, failure: SpawnFailure) {
+    pub fn spawn_failed(&mut self, failure: SpawnFailure, picked: Instant) {
+        self.dispatched = picked;
         self.spawn_failure = Some(failure);
         self.phase = Phase::Done;
     }
@@ -350,12 +353,12 @@ impl Lifecycle {
     }
 
     /// Send `sig` to the leader (pidfd) and its group. Only while unreaped.
-    fn signal(&mut self, sig: Signal, ctx: &Ctx<'_>) {
+    fn signal(&mut self, sig: Signal) {
         let (Some(pidfd), Some(pid)) = (&self.pidfd, self.pid) else {
             return; // Reaped: nothing of this check is ever signalled again.
         };
         if self.first_signal_at.is_none() {
-            self.first_signal_at = Some(ctx.now);
+            self.first_signal_at = Some(Instant::now());
         }
         self.last_signal = Some(sig);
         if let Err(e) = spawn::signal_leader(pidfd.as_fd(), sig) {
@@ -373,7 +376,7 @@ impl Lifecycle {
                 self.kill = Some(KillReason::Timeout);
                 self.phase = Phase::Terminating;
                 tracing::debug!(id = self.id, "timed out; sending SIGTERM");
-                self.signal(Signal::TERM, ctx);
+                self.signal(Signal::TERM);
                 // A stopped process would hold SIGTERM pending until the grace ran out.
                 if let Some(pid) = self.pid {
                     let _ = spawn::signal_group_of_unreaped_leader(pid, Signal::CONT);
@@ -390,7 +393,7 @@ impl Lifecycle {
                 tracing::debug!(id = self.id, "ignored SIGTERM; sending SIGKILL");
                 self.escalated = true;
                 self.phase = Phase::Killing;
-                self.signal(Signal::KILL, ctx);
+                self.signal(Signal::KILL);
             }
             TimerKind::Drain if self.phase == Phase::Draining => {
                 self.output_cut = true;
@@ -428,7 +431,7 @@ impl Lifecycle {
     }
 
     /// Kill now (cancel or shutdown): SIGKILL leader and group.
-    pub fn kill_now(&mut self, reason: KillReason, ctx: &mut Ctx<'_>) {
+    pub fn kill_now(&mut self, reason: KillReason) {
         match self.phase {
             Phase::Spawning => self.kill = Some(reason),
             Phase::Running | Phase::Terminating => {
@@ -437,7 +440,7 @@ impl Lifecycle {
                     self.kill = Some(reason);
                 }
                 self.phase = Phase::Killing;
-                self.signal(Signal::KILL, ctx);
+                self.signal(Signal::KILL);
             }
             Phase::Killing | Phase::Draining | Phase::Done => {}
         }
@@ -575,6 +578,11 @@ impl Lifecycle {
     /// Build the one result and hand back the callback that delivers it.
     pub fn finish(mut self, now: Instant) -> (CheckResult, Deliver) {
         let deliver = self.deliver.take().expect("a lifecycle is finished once");
+        (self.build_result(now), deliver)
+    }
+
+    /// The result, from what is known now (takes the captured output).
+    fn build_result(&mut self, now: Instant) -> CheckResult {
         let (outcome, state, reason) = self.judge();
         let exited = self.exited_at.or(self.reaped_at);
         let since = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
@@ -606,7 +614,7 @@ impl Lifecycle {
             total: now.saturating_duration_since(self.submitted),
         };
         let plugin = crate::plugin::PluginOutput::parse(&self.stdout.out.data);
-        let result = CheckResult {
+        CheckResult {
             id: self.id,
             tag: self.tag.take(),
             outcome,
@@ -620,8 +628,7 @@ impl Lifecycle {
             plugin,
             timings,
             rusage: self.rusage,
-        };
-        (result, deliver)
+        }
     }
 
     /// Outcome, Nagios state and the reason text.
@@ -705,6 +712,29 @@ impl Lifecycle {
                 State::Unknown,
                 "exit status lost (child reaped elsewhere)".to_string(),
             ),
+        }
+    }
+}
+
+/// The safety net for a loop that dies (a bug, a panic while unwinding):
+/// a check dropped before it finished is still killed, swept, reaped and
+/// answered. A finished check has no pidfd and no callback left: no-op.
+impl Drop for Lifecycle {
+    fn drop(&mut self) {
+        if let (Some(pidfd), Some(pid)) = (self.pidfd.take(), self.pid) {
+            let _ = spawn::signal_leader(pidfd.as_fd(), Signal::KILL);
+            let _ = spawn::signal_group_of_unreaped_leader(pid, Signal::KILL);
+            // Blocking, but only on this abnormal path: SIGKILL was just sent.
+            let _ = rustix::process::waitid(
+                rustix::process::WaitId::PidFd(pidfd.as_fd()),
+                rustix::process::WaitIdOptions::EXITED,
+            );
+            self.reaped_at = Some(Instant::now());
+        }
+        if let Some(deliver) = self.deliver.take() {
+            self.kill = Some(KillReason::Shutdown);
+            let result = self.build_result(Instant::now());
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || deliver(result)));
         }
     }
 }

@@ -356,6 +356,26 @@ pub(crate) fn reap(pidfd: BorrowedFd<'_>) -> Result<Reap, Errno> {
     Ok(Reap::Reaped(exit, rusage))
 }
 
+/// Make sure fds 0, 1 and 2 are open (on /dev/null if closed), as daemons
+/// started with closed standard streams would otherwise get a check's pipe
+/// ends as fd 1 or 2 — and `dup2` onto them would then cross the streams.
+pub(crate) fn ensure_std_fds() {
+    for fd in 0..3 {
+        // SAFETY: fd 0..3 is only probed with F_GETFD, not used as owned.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        if rustix::io::fcntl_getfd(borrowed) == Err(Errno::BADF) {
+            // The lowest free number is `fd`: that is where this lands. Kept open for good.
+            if let Ok(null) = rustix::fs::open(
+                "/dev/null",
+                rustix::fs::OFlags::RDWR,
+                rustix::fs::Mode::empty(),
+            ) {
+                std::mem::forget(null);
+            }
+        }
+    }
+}
+
 /// Open /dev/null once per executor (O_CLOEXEC), to become every check's stdin.
 pub(crate) fn open_devnull() -> std::io::Result<OwnedFd> {
     Ok(rustix::fs::open(

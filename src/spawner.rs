@@ -10,7 +10,9 @@ use crate::spawn::{self, Child, SpawnFailure};
 use crate::waker::Waker;
 use crossbeam_channel::{Receiver, Sender};
 use rustix::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 /// A request to create one check's child.
 pub(crate) struct SpawnJob {
@@ -30,6 +32,46 @@ pub(crate) struct SpawnDone {
     pub generation: u32,
     /// The child, or why there is none.
     pub result: Result<Child, SpawnFailure>,
+    /// When a spawner took the job off the queue.
+    pub picked: Instant,
+}
+
+/// Lets the orphan scan see a moment when no spawn is in progress.
+///
+/// Spawners hold it shared from before `posix_spawn` until their answer is
+/// sent; the loop's scan takes it exclusively without ever blocking
+/// (`try_exclusive`), so every child of ours is then known to the loop.
+/// Under saturating load the scan may keep missing; after a few misses it
+/// asks spawners to pause between jobs until it got its turn.
+#[derive(Default)]
+pub(crate) struct SpawnGate {
+    lock: RwLock<()>,
+    pause: AtomicBool,
+}
+
+impl SpawnGate {
+    /// Spawner side: wait out a requested pause, then hold the gate shared.
+    fn enter(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        while self.pause.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        self.lock.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Loop side: exclusive access if no spawn is in progress right now.
+    pub fn try_exclusive(&self) -> Option<RwLockWriteGuard<'_, ()>> {
+        self.lock.try_write().ok()
+    }
+
+    /// Ask spawners to stop taking new jobs until `resume`.
+    pub fn pause(&self) {
+        self.pause.store(true, Ordering::Release);
+    }
+
+    /// Let spawners go on.
+    pub fn resume(&self) {
+        self.pause.store(false, Ordering::Release);
+    }
 }
 
 /// Start `threads` spawner threads; they exit when `jobs` is disconnected.
@@ -39,7 +81,7 @@ pub(crate) fn start(
     done: Sender<SpawnDone>,
     waker: Arc<Waker>,
     devnull: Arc<OwnedFd>,
-    gate: Arc<RwLock<()>>,
+    gate: Arc<SpawnGate>,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     (0..threads.max(1))
         .map(|i| {
@@ -54,8 +96,9 @@ pub(crate) fn start(
                 .name(format!("pidring-spawn-{i}"))
                 .spawn(move || {
                     for job in jobs.iter() {
-                        // Held until the answer is sent: see the orphan scan.
-                        let _gate = gate.read().unwrap_or_else(|p| p.into_inner());
+                        // Held until the answer is sent: see `SpawnGate`.
+                        let _gate = gate.enter();
+                        let picked = Instant::now();
                         let result = spawn::spawn(&job.prepared, devnull.as_fd());
                         // Free the argv/env strings here, not on the loop.
                         drop(job.prepared);
@@ -63,6 +106,7 @@ pub(crate) fn start(
                             slot: job.slot,
                             generation: job.generation,
                             result,
+                            picked,
                         };
                         if let Err(lost) = done.send(msg) {
                             // The loop is gone (it only goes after every

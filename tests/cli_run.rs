@@ -1,0 +1,224 @@
+//! `pidring run`: the one-shot command, as a user runs it.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+
+fn pidring() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pidring"))
+}
+
+#[test]
+fn run_prints_output_and_exits_with_the_state() {
+    for backend in ["io_uring", "epoll"] {
+        let out = pidring()
+            .args([
+                "run",
+                "--backend",
+                backend,
+                "--",
+                "/bin/sh",
+                "-c",
+                "echo 'WARNING - disk 91%|disk=91%;90;95'; exit 1",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{backend}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "WARNING - disk 91%|disk=91%;90;95\n"
+        );
+    }
+}
+
+#[test]
+fn run_times_out_like_timeout_1_but_with_nagios_semantics() {
+    let out = pidring()
+        .args([
+            "run",
+            "--timeout",
+            "200ms",
+            "--grace",
+            "200ms",
+            "--",
+            "/bin/sh",
+            "-c",
+            "trap '' TERM; echo partial; sleep 30",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("UNKNOWN: Check timed out after 200ms"),
+        "{text}"
+    );
+    assert!(text.contains("partial"), "{text}");
+
+    let out = pidring()
+        .args([
+            "run",
+            "--timeout",
+            "100ms",
+            "--timeout-state",
+            "critical",
+            "--",
+            "/bin/sleep",
+            "10",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn run_json_is_a_full_result() {
+    let out = pidring()
+        .args([
+            "run",
+            "--json",
+            "--command-line",
+            "/bin/echo 'OK - fine' '|' 'a=1'",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "OK");
+    assert_eq!(v["outcome"]["kind"], "exited");
+    assert_eq!(v["plugin"]["text"], "OK - fine");
+    assert_eq!(v["plugin"]["perfdata"][0]["label"], "a");
+    assert!(v["timings"]["run"].as_u64().is_some());
+}
+
+#[test]
+fn run_explains_bad_input() {
+    let out = pidring().args(["run"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to run"));
+
+    let out = pidring()
+        .args(["run", "--", "/no/such/plugin"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("No such file"));
+
+    let out = pidring()
+        .args(["run", "--timeout", "soon", "--", "/bin/true"])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid duration"));
+    assert!(our_zombies().is_empty());
+}
+
+/// A daemon started with closed standard streams must not cross a check's
+/// stdout and stderr (pipe ends would otherwise land on fds 0 and 2).
+#[test]
+fn closed_standard_streams_do_not_cross_check_output() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = pidring();
+    cmd.args([
+        "run",
+        "--json",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo out; echo err >&2; readlink /proc/$$/fd/0 >&2",
+    ]);
+    // SAFETY: only async-signal-safe close(2) calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::close(0);
+            libc::close(2);
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stdout"]["data"], "out\n");
+    assert_eq!(v["stderr"]["data"], "err\n/dev/null\n");
+}
+
+/// Install a seccomp filter that makes io_uring_setup(2) fail with EPERM, as
+/// container runtimes' default profiles do. For use between fork and exec.
+fn block_io_uring() -> std::io::Result<()> {
+    let filter = [
+        libc::sock_filter {
+            code: 0x20,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        }, // ld [nr]
+        libc::sock_filter {
+            code: 0x15,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_io_uring_setup as u32,
+        }, // jeq
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x0005_0000 | libc::EPERM as u32,
+        }, // ret ERRNO
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x7fff_0000,
+        }, // ret ALLOW
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut _,
+    };
+    // SAFETY: prctl(2) reads `prog`, which lives on this frame during the call.
+    let ok = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+            && libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const _ as usize,
+                0,
+                0,
+            ) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Where io_uring is blocked (a container's seccomp profile), `auto` falls
+/// back to epoll, says so, and runs the check all the same.
+#[test]
+fn auto_falls_back_to_epoll_when_seccomp_blocks_io_uring() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = pidring();
+    cmd.env("RUST_LOG", "info")
+        .env_remove("PIDRING_BACKEND")
+        .args(["run", "--", "/bin/echo", "OK - via epoll"]);
+    // SAFETY: block_io_uring only calls prctl(2), which is async-signal-safe.
+    unsafe { cmd.pre_exec(block_io_uring) };
+    let out = cmd.output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "OK - via epoll\n");
+    assert!(log.contains("io_uring unavailable"), "{log}");
+    assert!(log.contains("backend=epoll"), "{log}");
+
+    // Asking for io_uring explicitly on such a host is a clear error.
+    let mut cmd = pidring();
+    cmd.args(["run", "--backend", "io_uring", "--", "/bin/true"]);
+    // SAFETY: as above.
+    unsafe { cmd.pre_exec(block_io_uring) };
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot set up the io_uring backend"), "{err}");
+}

@@ -1,0 +1,144 @@
+//! Shared helpers for the integration tests: invariant probes read from /proc.
+#![allow(dead_code)]
+
+use pidring::{BackendKind, Check, CheckResult, Executor};
+use std::collections::HashSet;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Both backends; every integration test runs against each.
+pub const BACKENDS: [BackendKind; 2] = [BackendKind::IoUring, BackendKind::Epoll];
+
+/// Tests in one binary run one at a time: fd and zombie counts are per process.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Take the per-binary test lock (poison-tolerant: one failed test must not fail the rest).
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Parse /proc/PID/stat: (state, ppid, pgrp, session).
+pub fn stat(pid: i32) -> Option<(char, i32, i32, i32)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The comm field may hold spaces and parentheses: split after the last ')'.
+    let rest = &s[s.rfind(')')? + 2..];
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    let pgrp = f.next()?.parse().ok()?;
+    let session = f.next()?.parse().ok()?;
+    Some((state, ppid, pgrp, session))
+}
+
+/// Every pid in /proc.
+pub fn all_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Our own zombie children (never count anyone else's: PID 1 here reaps slowly).
+pub fn our_zombies() -> Vec<i32> {
+    let me = std::process::id() as i32;
+    all_pids()
+        .into_iter()
+        .filter(|&p| matches!(stat(p), Some(('Z', ppid, _, _)) if ppid == me))
+        .collect()
+}
+
+/// Live (non-zombie) processes whose session id is one of `sids`.
+pub fn live_in_sessions(sids: &HashSet<i32>) -> Vec<i32> {
+    all_pids()
+        .into_iter()
+        .filter(|&p| matches!(stat(p), Some((st, _, _, sid)) if st != 'Z' && st != 'X' && sids.contains(&sid)))
+        .collect()
+}
+
+/// Open fds of this process.
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Poll `cond` until true or `limit` passes (for kernel state we cannot wait on directly).
+pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Assert the process-level invariants after an executor is gone: no zombie
+/// children, fds back to where they were.
+pub fn assert_clean(fds_before: usize) {
+    // Reaps happen before results are delivered, and the executor is dropped
+    // (loop joined) before this is called: zombies must be zero right now.
+    let z = our_zombies();
+    assert!(z.is_empty(), "zombie children left: {z:?}");
+    let fds = fd_count();
+    if fds != fds_before {
+        let list: Vec<String> = std::fs::read_dir("/proc/self/fd")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| {
+                        format!(
+                            "{:?}->{:?}",
+                            e.file_name(),
+                            std::fs::read_link(e.path()).ok()
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        panic!("fd leak: {fds_before} fds before, {fds} after: {list:?}");
+    }
+}
+
+/// Run `body` once per backend with a fresh executor, checking invariants after each.
+pub fn each_backend(
+    build: impl Fn(BackendKind) -> Executor,
+    body: impl Fn(&Executor, BackendKind),
+) {
+    let _guard = serial();
+    for backend in BACKENDS {
+        let before = fd_count();
+        let exec = build(backend);
+        assert_eq!(exec.backend(), backend);
+        body(&exec, backend);
+        drop(exec);
+        assert_clean(before);
+    }
+}
+
+/// A default executor on `backend`.
+pub fn executor(backend: BackendKind) -> Executor {
+    Executor::builder()
+        .backend(backend)
+        .max_running(2048)
+        .build()
+        .expect("executor")
+}
+
+/// A `/bin/sh -c SCRIPT` check.
+pub fn sh(script: &str) -> Check {
+    Check::argv(["/bin/sh", "-c", script])
+}
+
+/// Submit and wait, with a generous bound.
+pub fn run(exec: &Executor, check: Check) -> CheckResult {
+    exec.submit(check)
+        .expect("accepted")
+        .wait_timeout(Duration::from_secs(60))
+        .expect("a result within 60s")
+}

@@ -1,0 +1,691 @@
+//! Integration tests of the engine, each run on both backends, each ending
+//! with "no zombie children, no leaked fds" (see `common::each_backend`).
+
+mod common;
+
+use common::*;
+use pidring::{Check, Outcome, State, SubmitError};
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+#[test]
+fn exit_codes_map_to_nagios_states() {
+    each_backend(executor, |exec, backend| {
+        for (code, state) in [
+            (0, State::Ok),
+            (1, State::Warning),
+            (2, State::Critical),
+            (3, State::Unknown),
+            (4, State::Unknown),
+            (126, State::Unknown),
+            (127, State::Unknown),
+        ] {
+            let r = run(
+                exec,
+                sh(&format!("echo 'text {code}|x=1;2;3'; exit {code}")),
+            );
+            assert_eq!(r.outcome, Outcome::Exited { code }, "{backend}");
+            assert_eq!(r.state, state, "{backend} code {code}");
+            assert_eq!(r.plugin.text, format!("text {code}"));
+            assert_eq!(r.plugin.perfdata.len(), 1);
+            assert_eq!(r.exit.unwrap().wait_status(), code << 8);
+            if code > 3 {
+                assert!(!r.reason.is_empty(), "an out-of-range code is explained");
+            } else {
+                assert!(r.reason.is_empty());
+            }
+            assert!(r.rusage.is_some());
+        }
+    });
+}
+
+#[test]
+fn a_crash_is_unknown_with_the_signal_named() {
+    each_backend(executor, |exec, _| {
+        let r = run(exec, sh("kill -SEGV $$"));
+        assert!(
+            matches!(r.outcome, Outcome::Signaled { signal: 11, .. }),
+            "{:?}",
+            r.outcome
+        );
+        assert_eq!(r.state, State::Unknown);
+        assert!(r.reason.contains("SIGSEGV"), "{}", r.reason);
+    });
+}
+
+#[test]
+fn spawn_failures_are_results_with_clear_messages() {
+    let dir = tempdir();
+    let not_exec = dir.join("not-executable");
+    std::fs::write(&not_exec, "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(&not_exec, std::fs::Permissions::from_mode(0o644)).unwrap();
+    each_backend(executor, |exec, _| {
+        let r = run(exec, Check::argv(["/nonexistent/check_nothing", "-H", "x"]));
+        match &r.outcome {
+            Outcome::SpawnFailed { errno, message } => {
+                assert_eq!(*errno, Some(libc::ENOENT));
+                assert!(message.contains("/nonexistent/check_nothing"), "{message}");
+            }
+            o => panic!("expected spawn failure, got {o:?}"),
+        }
+        assert_eq!(r.state, State::Unknown);
+        assert!(r.pid.is_none());
+
+        let r = run(exec, Check::argv([not_exec.to_str().unwrap()]));
+        assert!(
+            matches!(
+                r.outcome,
+                Outcome::SpawnFailed {
+                    errno: Some(libc::EACCES),
+                    ..
+                }
+            ),
+            "{:?}",
+            r.outcome
+        );
+
+        let r = run(exec, Check::argv(["no-such-plugin-anywhere"]));
+        assert!(matches!(
+            r.outcome,
+            Outcome::SpawnFailed {
+                errno: Some(libc::ENOENT),
+                ..
+            }
+        ));
+
+        // A bare name is found through PATH.
+        let r = run(exec, Check::argv(["true"]));
+        assert_eq!(r.outcome, Outcome::Exited { code: 0 });
+    });
+}
+
+#[test]
+fn invalid_checks_are_rejected_at_submit() {
+    each_backend(executor, |exec, _| {
+        let empty: [&str; 0] = [];
+        assert!(matches!(
+            exec.submit(Check::argv(empty)),
+            Err(SubmitError::Invalid(_))
+        ));
+        assert!(matches!(
+            exec.submit(Check::argv(["/bin/true"]).timeout(Duration::ZERO)),
+            Err(SubmitError::Invalid(_))
+        ));
+        assert!(Check::command_line("   ").is_err());
+        // The executor keeps serving.
+        assert_eq!(run(exec, Check::argv(["/bin/true"])).state, State::Ok);
+    });
+}
+
+#[test]
+fn a_check_that_honours_sigterm_times_out_without_escalation() {
+    each_backend(executor, |exec, _| {
+        let t0 = Instant::now();
+        let r = run(
+            exec,
+            sh("echo partial; exec sleep 30")
+                .timeout(Duration::from_millis(300))
+                .grace(Duration::from_secs(10)),
+        );
+        assert_eq!(
+            r.outcome,
+            Outcome::TimedOut {
+                timeout_ms: 300,
+                signal: libc::SIGTERM,
+                escalated: false
+            }
+        );
+        assert_eq!(r.state, State::Unknown);
+        assert!(r.reason.contains("timed out after 300ms"), "{}", r.reason);
+        assert_eq!(r.stdout.text(), "partial\n");
+        assert!(r.timings.kill_lateness.is_some());
+        assert!(
+            t0.elapsed() < Duration::from_secs(9),
+            "no SIGKILL was needed"
+        );
+    });
+}
+
+#[test]
+fn timeout_state_is_configurable() {
+    each_backend(executor, |exec, _| {
+        let r = run(
+            exec,
+            Check::argv(["/bin/sleep", "30"])
+                .timeout(Duration::from_millis(100))
+                .timeout_state(State::Critical),
+        );
+        assert!(r.timed_out());
+        assert_eq!(r.state, State::Critical);
+    });
+}
+
+#[test]
+fn a_check_that_ignores_sigterm_is_killed_after_the_grace() {
+    each_backend(executor, |exec, _| {
+        let t0 = Instant::now();
+        let r = run(
+            exec,
+            sh("trap '' TERM; echo started; while :; do sleep 1; done")
+                .timeout(Duration::from_millis(200))
+                .grace(Duration::from_millis(300)),
+        );
+        assert_eq!(
+            r.outcome,
+            Outcome::TimedOut {
+                timeout_ms: 200,
+                signal: libc::SIGKILL,
+                escalated: true
+            }
+        );
+        assert!(matches!(
+            r.exit,
+            Some(pidring::ExitStatus::Signaled { signal: 9, .. })
+        ));
+        assert!(r.reason.contains("SIGKILL"), "{}", r.reason);
+        assert!(t0.elapsed() >= Duration::from_millis(500));
+    });
+}
+
+/// The seed's race: the plugin traps SIGTERM and exits by itself inside the
+/// grace window. It must be reaped (no zombie) and never signalled again.
+#[test]
+fn exits_inside_the_grace_window_are_reaped_every_time() {
+    each_backend(executor, |exec, _| {
+        let n = 150;
+        let pendings: Vec<_> = (0..n)
+            .map(|i| {
+                // Vary the exit time around the grace end to hit every ordering.
+                let delay = [0.0, 0.01, 0.05, 0.1, 0.15][i % 5];
+                exec.submit(
+                    sh(&format!(
+                        "trap 'sleep {delay}; exit 0' TERM; while :; do sleep 1; done"
+                    ))
+                    .timeout(Duration::from_millis(100))
+                    .grace(Duration::from_millis(100)),
+                )
+                .unwrap()
+            })
+            .collect();
+        let mut sids = HashSet::new();
+        for p in pendings {
+            let r = p.wait_timeout(Duration::from_secs(60)).expect("result");
+            assert!(r.timed_out(), "{:?}", r.outcome);
+            sids.insert(r.pid.unwrap());
+        }
+        assert!(live_in_sessions(&sids).is_empty());
+    });
+}
+
+#[test]
+fn grandchildren_in_the_group_die_on_timeout() {
+    each_backend(executor, |exec, _| {
+        let r = run(
+            exec,
+            sh("sleep 300 & sleep 300 & echo $!; wait").timeout(Duration::from_millis(200)),
+        );
+        assert!(r.timed_out());
+        let grandchild: i32 = r.stdout.text().trim().parse().expect("grandchild pid");
+        let sid = r.pid.unwrap();
+        // Their session is empty of live processes (orphans may linger as
+        // zombies of PID 1 for a while: those are dead).
+        let sids = HashSet::from([sid]);
+        assert!(
+            eventually(Duration::from_secs(5), || live_in_sessions(&sids)
+                .is_empty()),
+            "group members survived: {:?}",
+            live_in_sessions(&sids)
+        );
+        assert!(!matches!(stat(grandchild), Some((s, ..)) if s != 'Z'));
+    });
+}
+
+#[test]
+fn leftover_group_members_are_swept_after_a_normal_exit() {
+    each_backend(executor, |exec, _| {
+        let r = run(exec, sh("sleep 300 >/dev/null 2>&1 & echo ok"));
+        assert_eq!(r.state, State::Ok);
+        let sids = HashSet::from([r.pid.unwrap()]);
+        assert!(eventually(Duration::from_secs(5), || live_in_sessions(
+            &sids
+        )
+        .is_empty()));
+    });
+}
+
+#[test]
+fn a_descendant_holding_stdout_does_not_hold_the_check() {
+    each_backend(executor, |exec, _| {
+        // Escapes the group (setsid) and keeps stdout open for 30s.
+        let t0 = Instant::now();
+        let r = run(
+            exec,
+            // The leader waits until the grandchild has really left its
+            // session (else the exit sweep could kill it first).
+            sh("setsid sleep 30 & pid=$!; echo $pid; \
+                while [ \"$(cut -d' ' -f6 /proc/$pid/stat)\" != \"$pid\" ]; do sleep 0.01; done; \
+                echo 'OK - leader done'")
+            .drain(Duration::from_millis(200)),
+        );
+        let took = t0.elapsed();
+        assert_eq!(r.state, State::Ok);
+        assert!(r.output_cut, "output was cut at the drain bound");
+        assert!(took < Duration::from_secs(10), "held for {took:?}");
+        let escaped: i32 = r.stdout.text().lines().next().unwrap().parse().unwrap();
+        // Test hygiene: the escaped process is not ours to keep.
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(escaped).unwrap(),
+            rustix::process::Signal::KILL,
+        );
+
+        // Same with a group member when the group is not swept on exit.
+        let r = run(
+            exec,
+            sh("sleep 30 & echo ok")
+                .kill_group_on_exit(false)
+                .drain(Duration::from_millis(100)),
+        );
+        assert!(r.output_cut);
+        let sid = r.pid.unwrap();
+        for p in live_in_sessions(&HashSet::from([sid])) {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(p).unwrap(),
+                rustix::process::Signal::KILL,
+            );
+        }
+    });
+}
+
+#[test]
+fn closing_stdout_does_not_stop_the_clock_and_others_keep_completing() {
+    each_backend(executor, |exec, _| {
+        let t0 = Instant::now();
+        let stuck = exec
+            .submit(sh("exec >&- 2>&-; sleep 30").timeout(Duration::from_secs(3)))
+            .unwrap();
+        // While it runs with closed pipes, other checks complete.
+        for i in 0..20 {
+            let r = run(exec, sh(&format!("echo {i}")));
+            assert_eq!(r.stdout.text(), format!("{i}\n"));
+        }
+        assert!(
+            stuck.try_result().is_none(),
+            "the stuck check is not done yet"
+        );
+        let r = stuck.wait_timeout(Duration::from_secs(30)).unwrap();
+        assert!(r.timed_out());
+        let took = t0.elapsed();
+        assert!(
+            took < Duration::from_secs(10),
+            "timeout enforced on time: {took:?}"
+        );
+    });
+}
+
+#[test]
+fn output_floods_are_capped_and_counted() {
+    each_backend(executor, |exec, _| {
+        let total: u64 = 50 * 1024 * 1024;
+        let cap = 64 * 1024;
+        let r = run(
+            exec,
+            sh(&format!(
+                "head -c {total} /dev/zero; head -c 1000 /dev/zero >&2"
+            ))
+            .output_cap(cap)
+            .timeout(Duration::from_secs(60)),
+        );
+        assert_eq!(r.state, State::Ok);
+        assert_eq!(r.stdout.data.len(), cap);
+        assert!(r.stdout.truncated);
+        assert_eq!(r.stdout.dropped_bytes, total - cap as u64);
+        assert_eq!(r.stderr.data.len(), 1000);
+        assert!(!r.stderr.truncated);
+        assert!(r.stdout.data.capacity() <= 2 * cap, "memory stays bounded");
+    });
+}
+
+#[test]
+fn children_see_only_stdin_stdout_stderr() {
+    each_backend(executor, |exec, _| {
+        // A descriptor this process leaks without O_CLOEXEC must not reach a check.
+        // SAFETY: dup(2) of our own stdin; closed again below.
+        let leaked = unsafe { libc::dup(0) };
+        assert!(leaked > 2);
+        // `ls` (a child of the shell) lists the shell's fds: no glob, no pipe
+        // in the shell itself that could add one of its own.
+        let r = run(exec, sh("ls /proc/$$/fd"));
+        let fds: Vec<String> = r.stdout.text().lines().map(String::from).collect();
+        // SAFETY: closing the fd dup'ed above.
+        unsafe { libc::close(leaked) };
+        assert_eq!(fds, ["0", "1", "2"], "child fds");
+        let r = run(exec, sh("readlink /proc/$$/fd/0"));
+        assert_eq!(r.stdout.text().trim(), "/dev/null");
+    });
+}
+
+#[test]
+fn env_and_cwd_are_applied() {
+    each_backend(executor, |exec, _| {
+        let r = run(
+            exec,
+            sh("echo \"$PIDRING_T|$HOME|$(pwd)\"")
+                .env("PIDRING_T", "v1")
+                .cwd("/tmp"),
+        );
+        let home = std::env::var("HOME").unwrap_or_default();
+        assert_eq!(r.stdout.text().trim(), format!("v1|{home}|/tmp"));
+        let r = run(
+            exec,
+            Check::argv(["/usr/bin/env"]).env_clear().env("ONLY", "1"),
+        );
+        assert_eq!(r.stdout.text(), "ONLY=1\n");
+        let r = run(exec, sh("echo x").cwd("/nonexistent-dir"));
+        assert!(
+            matches!(r.outcome, Outcome::SpawnFailed { .. }),
+            "{:?}",
+            r.outcome
+        );
+    });
+}
+
+#[test]
+fn signal_dispositions_and_mask_are_reset_in_the_child() {
+    each_backend(executor, |exec, _| {
+        // Rust ignores SIGPIPE in this process, and the environment may block
+        // or ignore others (SIGCHLD is blocked here); a check gets defaults.
+        // Only the 31 classic signals are compared: glibc reserves 32 and 33.
+        // exec: the shell itself becomes grep, so no fork of the shell (dash
+        // blocks all signals around fork) can be caught mid-way.
+        let r = run(
+            exec,
+            sh("exec grep -E '^(SigIgn|SigBlk)' /proc/self/status"),
+        );
+        let lines: Vec<String> = r.stdout.text().lines().map(String::from).collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for line in lines {
+            let mask = u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap();
+            assert_eq!(mask & 0x7fff_ffff, 0, "{line}");
+        }
+    });
+}
+
+#[test]
+fn command_lines_split_like_nagios() {
+    each_backend(executor, |exec, _| {
+        let r = run(
+            exec,
+            Check::command_line("/bin/echo 'a  b' \"c d\" e").unwrap(),
+        );
+        assert_eq!(r.stdout.text(), "a  b c d e\n");
+        let r = run(exec, Check::command_line("echo $((1+2)) | tr 3 x").unwrap());
+        assert_eq!(r.stdout.text(), "x\n");
+    });
+}
+
+#[test]
+fn a_thousand_concurrent_checks_get_exactly_one_result_each() {
+    each_backend(executor, |exec, _| {
+        let n = 1200;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut ids = HashSet::new();
+        for _ in 0..n {
+            let tx = tx.clone();
+            let id = exec
+                .submit_with(
+                    Check::argv(["/bin/sleep", "1"]).timeout(Duration::from_secs(60)),
+                    move |r| {
+                        let _ = tx.send(r);
+                    },
+                )
+                .unwrap();
+            ids.insert(id);
+        }
+        drop(tx);
+        assert!(
+            eventually(Duration::from_secs(30), || exec.running() >= 1000),
+            "1000+ in flight at once (saw {})",
+            exec.running()
+        );
+        let mut seen = HashMap::new();
+        while let Ok(r) = rx.recv_timeout(Duration::from_secs(60)) {
+            assert_eq!(r.state, State::Ok, "{:?}", r.outcome);
+            *seen.entry(r.id).or_insert(0) += 1;
+        }
+        assert_eq!(seen.len(), n);
+        assert!(seen.values().all(|&c| c == 1), "exactly one result each");
+        assert_eq!(seen.keys().copied().collect::<HashSet<_>>(), ids);
+        let m = exec.metrics();
+        assert_eq!(m.counters.completed as usize, n);
+        assert_eq!(exec.outstanding(), 0);
+    });
+}
+
+#[test]
+fn a_full_queue_rejects_clearly_and_recovers() {
+    let build = |b| {
+        pidring::Executor::builder()
+            .backend(b)
+            .max_running(2)
+            .queue_limit(3)
+            .build()
+            .unwrap()
+    };
+    each_backend(build, |exec, _| {
+        let sleepers: Vec<_> = (0..5)
+            .map(|_| exec.submit(Check::argv(["/bin/sleep", "30"])).unwrap())
+            .collect();
+        match exec.submit(Check::argv(["/bin/true"])) {
+            Err(e @ SubmitError::QueueFull { limit: 3, .. }) => {
+                assert!(e.to_string().contains("queue full"), "{e}");
+            }
+            other => panic!("expected QueueFull, got {other:?}"),
+        }
+        for p in &sleepers {
+            exec.cancel(p.id());
+        }
+        for p in sleepers {
+            let r = p.wait_timeout(Duration::from_secs(30)).unwrap();
+            assert_eq!(r.outcome, Outcome::Cancelled);
+        }
+        // Load dropped: accepted again.
+        assert_eq!(run(exec, Check::argv(["/bin/true"])).state, State::Ok);
+        assert!(exec.metrics().counters.rejected >= 1);
+    });
+}
+
+#[test]
+fn timeouts_count_from_the_spawn_not_the_queue() {
+    let build = |b| {
+        pidring::Executor::builder()
+            .backend(b)
+            .max_running(1)
+            .build()
+            .unwrap()
+    };
+    each_backend(build, |exec, _| {
+        let first = exec.submit(Check::argv(["/bin/sleep", "0.6"])).unwrap();
+        // Waits ~0.6s in the queue, then runs 0.3s of its 0.5s timeout.
+        let second = exec
+            .submit(Check::argv(["/bin/sleep", "0.3"]).timeout(Duration::from_millis(500)))
+            .unwrap();
+        assert_eq!(first.wait().state, State::Ok);
+        let r = second.wait();
+        assert_eq!(r.outcome, Outcome::Exited { code: 0 });
+        assert!(
+            r.timings.queue_wait >= Duration::from_millis(400),
+            "{:?}",
+            r.timings
+        );
+    });
+}
+
+#[test]
+fn cancel_kills_sweeps_reaps_and_answers() {
+    each_backend(executor, |exec, _| {
+        let p = exec
+            .submit(sh("trap '' TERM; sleep 300 & sleep 300"))
+            .unwrap();
+        assert!(eventually(Duration::from_secs(10), || exec.running() == 1));
+        // Let it spawn before cancelling (cancel works in every phase, but this
+        // exercises the running path).
+        std::thread::sleep(Duration::from_millis(100));
+        exec.cancel(p.id());
+        let r = p.wait_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(r.outcome, Outcome::Cancelled);
+        if let Some(pid) = r.pid {
+            let sids = HashSet::from([pid]);
+            assert!(eventually(Duration::from_secs(5), || live_in_sessions(
+                &sids
+            )
+            .is_empty()));
+        }
+        exec.cancel(123_456_789); // unknown ids are ignored
+    });
+}
+
+#[test]
+fn shutdown_kills_reaps_and_answers_everything() {
+    let _guard = serial();
+    for backend in BACKENDS {
+        let before = fd_count();
+        let exec = pidring::Executor::builder()
+            .backend(backend)
+            .max_running(20)
+            .build()
+            .unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let n = 30; // 20 running, 10 queued
+        for _ in 0..n {
+            let tx = tx.clone();
+            exec.submit_with(
+                sh("trap '' TERM INT HUP; sleep 300 & sleep 300"),
+                move |r| {
+                    let _ = tx.send(r);
+                },
+            )
+            .unwrap();
+        }
+        drop(tx);
+        assert!(eventually(Duration::from_secs(10), || exec.running() == 20));
+        exec.shutdown();
+        assert!(matches!(
+            exec.submit(Check::argv(["/bin/true"])),
+            Err(SubmitError::ShuttingDown)
+        ));
+        let results: Vec<_> = rx.iter().collect();
+        assert_eq!(results.len(), n, "every accepted check answered");
+        let mut sids = HashSet::new();
+        for r in &results {
+            assert_eq!(r.outcome, Outcome::Shutdown, "{backend}");
+            if let Some(pid) = r.pid {
+                sids.insert(pid);
+            }
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || live_in_sessions(&sids)
+                .is_empty()),
+            "check processes survived shutdown"
+        );
+        drop(exec);
+        assert_clean(before);
+    }
+}
+
+#[test]
+fn a_panicking_callback_does_not_lose_other_results() {
+    each_backend(executor, |exec, _| {
+        exec.submit_with(Check::argv(["/bin/true"]), |_| panic!("callback panics"))
+            .unwrap();
+        assert_eq!(run(exec, Check::argv(["/bin/true"])).state, State::Ok);
+    });
+}
+
+#[test]
+fn metrics_count_what_happened() {
+    each_backend(executor, |exec, backend| {
+        run(exec, Check::argv(["/bin/true"]));
+        run(
+            exec,
+            Check::argv(["/bin/sleep", "10"]).timeout(Duration::from_millis(50)),
+        );
+        run(exec, Check::argv(["/nonexistent"]));
+        let m = exec.metrics();
+        assert_eq!(m.backend, backend.as_str());
+        assert_eq!(m.counters.completed, 3);
+        assert_eq!(m.counters.submitted, 3);
+        assert_eq!(m.counters.exited, 1);
+        assert_eq!(m.counters.timed_out, 1);
+        assert_eq!(m.counters.spawn_failed, 1);
+        let kl = m.stage(pidring::Stage::KillLateness).unwrap();
+        assert_eq!(kl.count, 1);
+        assert!(m.render_table().contains("kill_lateness"));
+    });
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("pidring-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn every_descriptor_the_executor_opens_is_close_on_exec() {
+    let _guard = serial();
+    let fds = || -> HashSet<i32> {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
+    };
+    for backend in BACKENDS {
+        // Descriptors inherited from whoever started the tests are not ours.
+        let inherited = fds();
+        let exec = executor(backend);
+        let p = exec.submit(Check::argv(["/bin/sleep", "2"])).unwrap();
+        // The check's pidfd and two pipes appear once the spawner is done.
+        assert!(eventually(Duration::from_secs(10), || fds().len()
+            >= inherited.len() + 6));
+        let ours: Vec<i32> = fds().difference(&inherited).copied().collect();
+        for fd in ours {
+            let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
+                continue; // closed meanwhile (the directory listing itself)
+            };
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+                .unwrap();
+            let link = std::fs::read_link(format!("/proc/self/fd/{fd}"));
+            assert_ne!(
+                flags & libc::O_CLOEXEC as u32,
+                0,
+                "fd {fd} ({link:?}) lacks O_CLOEXEC"
+            );
+        }
+        exec.cancel(p.id());
+        p.wait();
+    }
+}
+
+#[test]
+fn shutdown_from_a_result_callback_does_not_deadlock() {
+    let _guard = serial();
+    for backend in BACKENDS {
+        let exec = std::sync::Arc::new(executor(backend));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let weak = std::sync::Arc::downgrade(&exec);
+        exec.submit_with(Check::argv(["/bin/true"]), move |r| {
+            if let Some(e) = weak.upgrade() {
+                e.shutdown();
+            }
+            let _ = tx.send(r);
+        })
+        .unwrap();
+        let r = rx.recv_timeout(Duration::from_secs(30)).expect("result");
+        assert_eq!(r.state, State::Ok);
+        drop(exec);
+    }
+}

@@ -1,0 +1,86 @@
+//! Subreaper mode: descendants that escape their check (setsid, double fork)
+//! are re-parented to the executor's process and reaped there — while every
+//! check leader is still reaped only through its pidfd.
+//! (Its own test binary: becoming a subreaper changes the whole process.)
+
+mod common;
+
+use common::*;
+use pidring::{Check, Executor, Outcome};
+use std::time::Duration;
+
+#[test]
+fn escaped_orphans_are_reaped_and_counted_and_leaders_keep_their_status() {
+    let _guard = serial();
+    for backend in BACKENDS {
+        let before = fd_count();
+        let exec = Executor::builder()
+            .backend(backend)
+            .reap_orphans(true)
+            .build()
+            .unwrap();
+        let orphans_before = exec.metrics().counters.orphans_reaped;
+        // Each check leaves a grandchild in a new session that outlives it briefly.
+        let n = 20;
+        let pendings: Vec<_> = (0..n)
+            .map(|_| {
+                exec.submit(sh("setsid sh -c 'sleep 0.3' & pid=$!; echo $pid; \
+                     while [ \"$(cut -d' ' -f6 /proc/$pid/stat)\" != \"$pid\" ]; do sleep 0.01; done"))
+                    .unwrap()
+            })
+            .collect();
+        // Meanwhile many short checks: none may be reaped by the orphan scan.
+        let quick: Vec<_> = (0..300)
+            .map(|i| exec.submit(sh(&format!("exit {}", i % 4))).unwrap())
+            .collect();
+        let mut escaped = Vec::new();
+        for p in pendings {
+            let r = p.wait_timeout(Duration::from_secs(60)).unwrap();
+            assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{backend}: {r:?}");
+            escaped.push(r.stdout.text().trim().parse::<i32>().unwrap());
+        }
+        for (i, p) in quick.into_iter().enumerate() {
+            let r = p.wait_timeout(Duration::from_secs(60)).unwrap();
+            assert_eq!(
+                r.outcome,
+                Outcome::Exited {
+                    code: (i % 4) as i32
+                },
+                "a leader's status was lost: {r:?}"
+            );
+        }
+        assert!(
+            eventually(Duration::from_secs(20), || {
+                exec.metrics().counters.orphans_reaped >= orphans_before + n as u64
+            }),
+            "{backend}: orphans reaped: {}",
+            exec.metrics().counters.orphans_reaped - orphans_before
+        );
+        assert!(eventually(Duration::from_secs(5), || our_zombies().is_empty()));
+        for pid in escaped {
+            assert!(stat(pid).is_none(), "escaped orphan {pid} still exists");
+        }
+        drop(exec);
+        assert_clean(before);
+    }
+}
+
+#[test]
+fn without_subreaper_mode_nothing_foreign_is_reaped() {
+    let _guard = serial();
+    // A child of this process that is not a check must be left alone when
+    // reap_orphans is off: the executor reaps only its own, via pidfds.
+    let exec = Executor::builder().backend(BACKENDS[1]).build().unwrap();
+    let mut own = std::process::Command::new("/bin/sleep")
+        .arg("0.2")
+        .spawn()
+        .unwrap();
+    let r = exec
+        .submit(Check::argv(["/bin/sleep", "0.5"]))
+        .unwrap()
+        .wait();
+    assert_eq!(r.outcome, Outcome::Exited { code: 0 });
+    let status = own.wait().expect("our own child is still ours to reap");
+    assert!(status.success());
+    assert_eq!(exec.metrics().counters.orphans_reaped, 0);
+}
