@@ -89,6 +89,8 @@ struct Report {
     leftover_children: usize,
     /// Processes that escaped the contender (re-parented to the harness).
     escaped: usize,
+    /// Most children the contender had alive at once (sampled every 50 ms).
+    peak_children: usize,
     /// First few problems, for the log.
     errors: Vec<String>,
 }
@@ -197,8 +199,8 @@ fn harness(args: &[String]) -> i32 {
     println!();
     println!("machine: {}", machine());
     println!(
-        "limits: pid_max {} (was {}), RLIMIT_NOFILE {}",
-        limits.pid_max, limits.pid_max_was, limits.nofile
+        "limits: pid_max {} (was {}), RLIMIT_NOFILE {} (raising the hard limit needs CAP_SYS_RESOURCE), so at most {} checks in flight",
+        limits.pid_max, limits.pid_max_was, limits.nofile, limits.max_in_flight
     );
     let mut all_ok = true;
     for w in opts.workloads.chars() {
@@ -209,6 +211,9 @@ fn harness(args: &[String]) -> i32 {
         println!();
         println!("## ({w}) {title}");
         println!();
+        if spec.n == 0 {
+            continue;
+        }
         let mut reports = Vec::new();
         for c in &opts.contenders {
             if c == "raw" && w != 'a' {
@@ -261,7 +266,19 @@ struct Limits {
     pid_max_was: u64,
     pid_max: u64,
     nofile: u64,
-    nproc_now: u64,
+    /// Most checks in flight: 3 fds per check (pidfd, two pipes) within
+    /// RLIMIT_NOFILE, and a thread plus a child per check (the std contender)
+    /// within pid_max, with room for everything else on the machine.
+    max_in_flight: usize,
+}
+
+impl Limits {
+    fn why_max(&self) -> String {
+        format!(
+            "RLIMIT_NOFILE {} at 3 fds per check, pid_max {} at 2 tasks per check",
+            self.nofile, self.pid_max
+        )
+    }
 }
 
 /// Raise pid_max and RLIMIT_NOFILE as far as the machine lets a root user.
@@ -301,11 +318,13 @@ fn raise_limits(raise: bool) -> Limits {
     let nproc_now = std::fs::read_dir("/proc")
         .map(|d| d.count() as u64)
         .unwrap_or(500);
+    let by_pids = (pid_max.saturating_sub(nproc_now + 2_000) / 2) as usize;
+    let by_fds = (rl.rlim_cur.saturating_sub(1_000) / 3) as usize;
     Limits {
         pid_max_was: was,
         pid_max,
         nofile: rl.rlim_cur,
-        nproc_now,
+        max_in_flight: by_pids.min(by_fds),
     }
 }
 
@@ -357,17 +376,35 @@ fn workload(w: char, quick: bool, me: &str, l: &Limits) -> Option<(String, Spec)
             } else {
                 q(30_000, 400)
             };
-            // The std contender needs a thread and a child per check; keep
-            // room for everything else on the machine, and 3 fds per check.
-            let by_pids = (l.pid_max.saturating_sub(l.nproc_now + 2_000) / 2) as usize;
-            let by_fds = (l.nofile.saturating_sub(1_000) / 3) as usize;
-            let n = want.min(by_pids).min(by_fds);
-            let ms = if quick { 300 } else { 2_000 };
+            let n = want.min(l.max_in_flight);
+            if w == 'c' && n <= q(10_000, 200) {
+                return Some((
+                    format!(
+                        "skipped: this machine allows at most {} checks in flight ({})",
+                        l.max_in_flight,
+                        l.why_max()
+                    ),
+                    Spec {
+                        workload: w,
+                        n: 0,
+                        in_flight: 0,
+                        argv: Vec::new(),
+                        timeout_ms: 0,
+                        grace_ms: 0,
+                        expect: Expect::Exit0,
+                    },
+                ));
+            }
+            // Sleep long enough that the last check is spawned before the first
+            // exits (spawning runs at ≈1k/s with thousands of fds open), so all
+            // are in flight at once and the exits then arrive at the spawn
+            // rate on an otherwise idle machine.
+            let ms = if quick { 300 } else { 2_000 } + (n as u64 * 1000) / 800;
             (
                 format!(
-                    "{n} checks of a {ms} ms sleeper, all in flight at once{}",
+                    "{n} checks in flight at once{}: each a sleeper that waits {ms} ms (2 s + the time to spawn them all), writes its exit stamp and exits",
                     if n < want {
-                        format!(" (wanted {want}; pid_max/RLIMIT_NOFILE allow {n})")
+                        format!(" (wanted {want}; the machine allows {n}: {})", l.why_max())
                     } else {
                         String::new()
                     }
@@ -442,17 +479,36 @@ fn run_contender(me: &str, contender: &str, spec: &Spec) -> Result<Report, Strin
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start contender {contender}: {e}"))?;
+    // Count the contender's children from here (its CPU is not the contender's):
+    // the most alive at once shows whether all were in flight together.
+    let pid = child.id();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !done.load(Ordering::Relaxed) {
+                peak = peak.max(children_of(&format!("/proc/{pid}/task")));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        })
+    };
     let mut out = String::new();
     let mut stdout = child.stdout.take().expect("piped");
     // A contender bounds its own work; this read ends when it exits.
     let read = stdout.read_to_string(&mut out);
     let status = child.wait().map_err(|e| e.to_string())?;
+    done.store(true, Ordering::Relaxed);
+    let peak = sampler.join().unwrap_or(0);
     read.map_err(|e| e.to_string())?;
     if !status.success() {
         return Err(format!("contender {contender} failed: {status}"));
     }
-    serde_json::from_str(out.trim())
-        .map_err(|e| format!("contender {contender}: bad report {e}: {out}"))
+    let mut r: Report = serde_json::from_str(out.trim())
+        .map_err(|e| format!("contender {contender}: bad report {e}: {out}"))?;
+    r.peak_children = peak;
+    Ok(r)
 }
 
 fn print_table(w: char, spec: &Spec, reports: &[Report]) {
@@ -496,16 +552,17 @@ fn print_table(w: char, spec: &Spec, reports: &[Report]) {
         }
         'b' | 'c' => {
             println!(
-                "| contender | ok | checks/s | × tokio | CPU µs/check | CPU × tokio | peak RSS MiB | RSS/in-flight KiB | RSS × tokio | exit→result p50/p99 |"
+                "| contender | ok | peak alive | checks/s | × tokio | CPU µs/check | CPU × tokio | peak RSS MiB | RSS/in-flight KiB | RSS × tokio | exit→result p50/p99 |"
             );
-            println!("|---|---|---|---|---|---|---|---|---|---|");
+            println!("|---|---|---|---|---|---|---|---|---|---|---|");
             for r in reports {
                 let delta = r.rss_hwm_kb.saturating_sub(r.rss_base_kb);
                 println!(
-                    "| {} | {}/{} | {:.0} | {} | {:.0} | {} | {:.1} | {:.2} | {} | {} |",
+                    "| {} | {}/{} | {} | {:.0} | {} | {:.0} | {} | {:.1} | {:.2} | {} | {} |",
                     r.contender,
                     r.correct,
                     spec.n,
+                    r.peak_children,
                     rate(r),
                     ratio(rate(r), tokio_rate),
                     cpu(r),
@@ -573,7 +630,12 @@ fn status_kb(field: &str) -> u64 {
 
 /// Children of this process still not reaped (every thread's children).
 fn own_children() -> usize {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+    children_of("/proc/self/task")
+}
+
+/// Children of the process whose task directory is `tasks`.
+fn children_of(tasks: &str) -> usize {
+    let Ok(tasks) = std::fs::read_dir(tasks) else {
         return 0;
     };
     tasks
