@@ -26,7 +26,8 @@
 //! the same way for every contender, from outside the executor.
 //!
 //! Options: `--quick` (small counts; CI), `--workloads abcd`, `--contenders
-//! raw,uring,epoll,tokio,std`, `--no-raise` (leave pid_max / RLIMIT_NOFILE).
+//! raw,uring,epoll,tokio,std`, `--no-raise` (leave pid_max / RLIMIT_NOFILE),
+//! `--spawn-threads N` (pidring's spawner pool; default: its own default).
 //! `--quick` asserts nothing about speed, only that every contender completed
 //! its workload correctly and left no child behind; it exits 1 otherwise.
 
@@ -57,6 +58,9 @@ struct Spec {
     grace_ms: u64,
     /// What a correct result is.
     expect: Expect,
+    /// pidring's spawner threads (None: its default).
+    #[serde(default)]
+    spawn_threads: Option<usize>,
 }
 
 /// What every check of a workload must end with.
@@ -139,6 +143,7 @@ struct Opts {
     workloads: String,
     contenders: Vec<String>,
     raise: bool,
+    spawn_threads: Option<usize>,
 }
 
 fn parse_opts(args: &[String]) -> Result<Opts, String> {
@@ -149,12 +154,20 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             .map(String::from)
             .to_vec(),
         raise: true,
+        spawn_threads: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => o.quick = true,
             "--no-raise" => o.raise = false,
+            "--spawn-threads" => {
+                o.spawn_threads = Some(
+                    it.next()
+                        .and_then(|v| v.parse().ok())
+                        .ok_or("--spawn-threads needs a number")?,
+                )
+            }
             "--workloads" => o.workloads = it.next().ok_or("--workloads needs a value")?.clone(),
             "--contenders" => {
                 o.contenders = it
@@ -167,7 +180,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: cargo bench --bench compare -- [--quick] [--workloads abcd] \
-                     [--contenders raw,uring,epoll,tokio,std] [--no-raise]"
+                     [--contenders raw,uring,epoll,tokio,std] [--no-raise] [--spawn-threads N]"
                         .into(),
                 );
             }
@@ -204,10 +217,11 @@ fn harness(args: &[String]) -> i32 {
     );
     let mut all_ok = true;
     for w in opts.workloads.chars() {
-        let Some((title, spec)) = workload(w, opts.quick, &me, &limits) else {
+        let Some((title, mut spec)) = workload(w, opts.quick, &me, &limits) else {
             eprintln!("unknown workload {w:?}");
             return 2;
         };
+        spec.spawn_threads = opts.spawn_threads;
         println!();
         println!("## ({w}) {title}");
         println!();
@@ -367,6 +381,7 @@ fn workload(w: char, quick: bool, me: &str, l: &Limits) -> Option<(String, Spec)
                     timeout_ms: 60_000,
                     grace_ms: 5_000,
                     expect: Expect::Exit0,
+                    spawn_threads: None,
                 },
             )
         }
@@ -392,6 +407,7 @@ fn workload(w: char, quick: bool, me: &str, l: &Limits) -> Option<(String, Spec)
                         timeout_ms: 0,
                         grace_ms: 0,
                         expect: Expect::Exit0,
+                        spawn_threads: None,
                     },
                 ));
             }
@@ -417,6 +433,7 @@ fn workload(w: char, quick: bool, me: &str, l: &Limits) -> Option<(String, Spec)
                     timeout_ms: 120_000,
                     grace_ms: 5_000,
                     expect: Expect::Exit0Stamp,
+                    spawn_threads: None,
                 },
             )
         }
@@ -435,6 +452,7 @@ fn workload(w: char, quick: bool, me: &str, l: &Limits) -> Option<(String, Spec)
                     timeout_ms: t,
                     grace_ms: 5_000,
                     expect: Expect::TimedOutTerm,
+                    spawn_threads: None,
                 },
             )
         }
@@ -804,7 +822,11 @@ fn run_raw(spec: &Spec) -> (Vec<Sample>, Measured) {
 }
 
 fn run_pidring(spec: &Spec, backend: BackendKind) -> (Vec<Sample>, Measured) {
-    let exec = Executor::builder()
+    let mut builder = Executor::builder();
+    if let Some(n) = spec.spawn_threads {
+        builder = builder.spawn_threads(n);
+    }
+    let exec = builder
         .max_running(spec.in_flight)
         .queue_limit(spec.n + 16)
         .backend(backend)
