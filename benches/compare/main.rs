@@ -732,6 +732,42 @@ fn contender_main(name: &str, spec_json: &str) {
     );
 }
 
+/// Where finished checks go: a vector behind a mutex, and a condvar rung
+/// once when the last one arrives, so the waiting thread costs no CPU (a
+/// channel's blocking receive spins and yields first, which would be counted
+/// as the contender's CPU).
+struct Collector {
+    samples: Mutex<Vec<Sample>>,
+    all_in: Condvar,
+    expected: usize,
+}
+
+impl Collector {
+    fn new(expected: usize) -> Arc<Collector> {
+        Arc::new(Collector {
+            samples: Mutex::new(Vec::with_capacity(expected)),
+            all_in: Condvar::new(),
+            expected,
+        })
+    }
+
+    fn push(&self, s: Sample) {
+        let mut v = self.samples.lock().expect("collector lock");
+        v.push(s);
+        if v.len() == self.expected {
+            self.all_in.notify_one();
+        }
+    }
+
+    fn wait_all(&self) -> Vec<Sample> {
+        let mut v = self.samples.lock().expect("collector lock");
+        while v.len() < self.expected {
+            v = self.all_in.wait(v).expect("collector lock");
+        }
+        std::mem::take(&mut *v)
+    }
+}
+
 /// CPU, wall time and RSS around a workload (after the executor is set up).
 struct Measured {
     wall: Duration,
@@ -838,9 +874,9 @@ fn run_pidring(spec: &Spec, backend: BackendKind) -> (Vec<Sample>, Measured) {
         .grace(Duration::from_millis(spec.grace_ms));
     let spec2 = Arc::new(spec.clone());
     measure(move || {
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let results = Collector::new(spec2.n);
         for _ in 0..spec2.n {
-            let tx = tx.clone();
+            let tx = results.clone();
             let spec = spec2.clone();
             exec.submit_with(check.clone(), move |r| {
                 // On the loop thread: judge and send; never block.
@@ -859,7 +895,7 @@ fn run_pidring(spec: &Spec, backend: BackendKind) -> (Vec<Sample>, Measured) {
                     ),
                 };
                 let (out_ok, lat_ext_ns) = judge_output(&spec, &r.stdout.data, now);
-                let _ = tx.send(Sample {
+                tx.push(Sample {
                     correct: correct_outcome && out_ok,
                     lat_ext_ns,
                     kill_late_ns: r.timings.kill_lateness.map(|d| d.as_nanos() as u64),
@@ -869,8 +905,7 @@ fn run_pidring(spec: &Spec, backend: BackendKind) -> (Vec<Sample>, Measured) {
             })
             .expect("submit");
         }
-        drop(tx);
-        let samples: Vec<Sample> = rx.iter().take(spec2.n).collect();
+        let samples = results.wait_all();
         exec.shutdown();
         samples
     })
@@ -1059,7 +1094,7 @@ fn run_std(spec: &Spec) -> (Vec<Sample>, Measured) {
     let grace = Duration::from_millis(spec.grace_ms);
     let wd_thread = std::thread::spawn(move || wd.run(grace));
     let result = measure(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = Collector::new(spec.n);
         let slots = Arc::new((Mutex::new(0usize), Condvar::new()));
         let spawned = AtomicUsize::new(0);
         for _ in 0..spec.n {
@@ -1077,7 +1112,7 @@ fn run_std(spec: &Spec) -> (Vec<Sample>, Measured) {
                 .stack_size(64 * 1024)
                 .spawn(move || {
                     let s = std_one(&spec2, &wd);
-                    let _ = tx2.send(s);
+                    tx2.push(s);
                     let (lock, cv) = &*slots2;
                     *lock.lock().expect("slots") -= 1;
                     cv.notify_one();
@@ -1087,7 +1122,7 @@ fn run_std(spec: &Spec) -> (Vec<Sample>, Measured) {
                     spawned.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    let _ = tx.send(Sample {
+                    tx.push(Sample {
                         error: Some(format!("thread: {e}")),
                         ..Sample::default()
                     });
@@ -1095,8 +1130,7 @@ fn run_std(spec: &Spec) -> (Vec<Sample>, Measured) {
                 }
             }
         }
-        drop(tx);
-        rx.iter().take(spec.n).collect()
+        tx.wait_all()
     });
     watchdog.state.lock().expect("watchdog lock").stop = true;
     watchdog.cv.notify_one();
