@@ -149,6 +149,9 @@ pub(crate) fn start(
                 next_orphan_scan: Instant::now() + ORPHAN_SCAN,
             };
             engine.run();
+            if engine.reap_orphans {
+                engine.final_orphan_sweep();
+            }
             drop(engine.jobs.take());
             if let Some(spawners) = engine.spawners.take() {
                 spawners.join();
@@ -523,22 +526,11 @@ impl Engine {
             .filter_map(|(_, c)| c.unreaped_pid())
             .map(|p| p.as_raw_nonzero().get())
             .collect();
-        let mut reaped = 0u64;
-        for pid in children_of_self() {
-            if ours.contains(&pid) {
-                continue;
-            }
-            let Some(pid) = Pid::from_raw(pid) else {
-                continue;
-            };
-            // Not a check leader: an orphan. Reap it if it has exited.
-            if let Ok(Some(_)) = rustix::process::waitid(
-                rustix::process::WaitId::Pid(pid),
-                rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
-            ) {
-                reaped += 1;
-            }
-        }
+        let (reaped, _alive) = reap_exited_orphans(&ours);
+        self.count_orphans(reaped);
+    }
+
+    fn count_orphans(&self, reaped: u64) {
         if reaped > 0 {
             tracing::info!(reaped, "reaped orphaned descendants of checks");
             if let Ok(mut m) = self.shared.metrics.lock() {
@@ -546,6 +538,68 @@ impl Engine {
             }
         }
     }
+
+    /// At the end of a shutdown in subreaper mode: every check is reaped, so
+    /// every child left is an adopted descendant (escaped, or killed with its
+    /// group and not yet collected). SIGKILL the live ones through a pidfd
+    /// and reap them all, for a bounded time, so nothing outlives the executor.
+    fn final_orphan_sweep(&mut self) {
+        const BOUND: Duration = Duration::from_secs(5);
+        let end = Instant::now() + BOUND;
+        let mut signalled = HashSet::new();
+        let mut total = 0;
+        loop {
+            let (reaped, alive) = reap_exited_orphans(&HashSet::new());
+            total += reaped;
+            if alive.is_empty() {
+                break;
+            }
+            for pid in alive {
+                // An unreaped child of ours: its pid cannot be reused under us.
+                if signalled.insert(pid)
+                    && let Ok(fd) =
+                        rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+                {
+                    let _ = spawn::signal_leader(
+                        rustix::fd::AsFd::as_fd(&fd),
+                        rustix::process::Signal::KILL,
+                    );
+                }
+            }
+            if Instant::now() >= end {
+                tracing::error!(left = ?children_of_self(), "descendants still alive {BOUND:?} after SIGKILL (uninterruptible sleep?)");
+                break;
+            }
+            // The loop serves nobody any more: a short sleep is the wait.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.count_orphans(total);
+    }
+}
+
+/// Reap every exited child of this process that is not in `ours` (check
+/// leaders, which are reaped only through their pidfds). Returns how many
+/// were reaped and the children still alive.
+fn reap_exited_orphans(ours: &HashSet<i32>) -> (u64, Vec<Pid>) {
+    let mut reaped = 0;
+    let mut alive = Vec::new();
+    for pid in children_of_self() {
+        if ours.contains(&pid) {
+            continue;
+        }
+        let Some(pid) = Pid::from_raw(pid) else {
+            continue;
+        };
+        match rustix::process::waitid(
+            rustix::process::WaitId::Pid(pid),
+            rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
+        ) {
+            Ok(Some(_)) => reaped += 1,
+            Ok(None) => alive.push(pid),
+            Err(_) => {} // gone meanwhile
+        }
+    }
+    (reaped, alive)
 }
 
 /// If the loop dies (a bug), still answer what is queued; running checks are
@@ -560,7 +614,7 @@ impl Drop for Engine {
 }
 
 /// Every child of this process (all threads), from /proc.
-fn children_of_self() -> Vec<i32> {
+pub(crate) fn children_of_self() -> Vec<i32> {
     let mut pids = Vec::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return pids;

@@ -23,6 +23,7 @@
 pub mod backend;
 pub mod check;
 pub mod cmdline;
+pub mod daemon;
 mod engine;
 pub mod error;
 pub mod executor;

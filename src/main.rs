@@ -18,11 +18,15 @@ enum Command {
     /// Run one check through the engine, print its output and exit with its
     /// Nagios state (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).
     Run(cli::run::RunArgs),
+    /// `daemon`, `submit`, `stats`, `ping`: the executor service and its clients.
+    #[command(flatten)]
+    Daemon(cli::daemon::DaemonCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => cli::run::main(args),
+        Command::Daemon(cmd) => cli::daemon::main(cmd),
     }
 }

@@ -76,7 +76,9 @@ pub struct Counters {
     pub shutdown: u64,
     /// Results whose output was cut after the drain bound.
     pub output_cut: u64,
-    /// Re-parented descendants reaped (subreaper mode).
+    /// Descendants of checks re-parented to the executor and reaped by it
+    /// (subreaper mode): escaped with setsid, or group members that outlived
+    /// their leader's reap (killed by the sweep, collected here).
     pub orphans_reaped: u64,
 }
 

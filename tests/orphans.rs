@@ -84,3 +84,60 @@ fn without_subreaper_mode_nothing_foreign_is_reaped() {
     assert!(status.success());
     assert_eq!(exec.metrics().counters.orphans_reaped, 0);
 }
+
+#[test]
+fn shutdown_in_subreaper_mode_leaves_no_descendant_behind() {
+    let _guard = serial();
+    for backend in BACKENDS {
+        let exec = Executor::builder()
+            .backend(backend)
+            .reap_orphans(true)
+            .build()
+            .unwrap();
+        // Group members that survive their leader's reap until the sweep, and
+        // an escaped (setsid) descendant that would live for minutes.
+        let pendings: Vec<_> = (0..5)
+            .map(|_| {
+                exec.submit(sh(
+                    "trap '' TERM; setsid sleep 300 & sleep 120 & sleep 120; wait",
+                ))
+                .unwrap()
+            })
+            .collect();
+        // Wait until every leader has its three children (two group members
+        // and the escapee), so the shutdown really has descendants to deal with.
+        assert!(eventually(Duration::from_secs(20), || {
+            let leaders = children();
+            leaders.len() == 5
+                && leaders.iter().all(|l| {
+                    std::fs::read_to_string(format!("/proc/{l}/task/{l}/children"))
+                        .map(|c| c.split_whitespace().count() >= 3)
+                        .unwrap_or(false)
+                })
+        }));
+        exec.shutdown();
+        for p in pendings {
+            assert_eq!(p.wait().outcome, Outcome::Shutdown);
+        }
+        let left = children();
+        assert!(
+            left.is_empty(),
+            "{backend}: children left after shutdown: {left:?}"
+        );
+        assert!(our_zombies().is_empty());
+    }
+}
+
+/// Every child of this process, from /proc.
+fn children() -> Vec<i32> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}

@@ -1,4 +1,6 @@
 //! Subcommands of the `pidring` binary.
 
+pub mod client;
+pub mod daemon;
 pub mod logging;
 pub mod run;

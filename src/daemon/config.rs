@@ -1,0 +1,223 @@
+//! Daemon configuration: built-in defaults, a TOML file, and command-line overrides.
+
+use super::DaemonError;
+use crate::backend::BackendKind;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Everything the daemon can be told. Every field has a working default.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Socket path (default: `$XDG_RUNTIME_DIR/pidring.sock`, or `/run/pidring/pidring.sock` as root).
+    pub socket: Option<PathBuf>,
+    /// Permission bits of the socket (default 0600). In TOML: `0o660` or `"0660"`.
+    #[serde(deserialize_with = "de_mode")]
+    pub socket_mode: u32,
+    /// Group (name or number) given to the socket, for `socket_mode = 0o660`.
+    pub socket_group: Option<String>,
+    /// Checks running at once.
+    pub max_running: usize,
+    /// Checks waiting for a slot; past it, submits get `queue_full`.
+    pub queue_limit: usize,
+    /// Timeout of a submit that gives none.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Grace (SIGTERM → SIGKILL) of a submit that gives none.
+    #[serde(deserialize_with = "de_duration")]
+    pub grace: Duration,
+    /// Output cap per stream of a submit that gives none.
+    #[serde(deserialize_with = "de_size")]
+    pub output_cap: usize,
+    /// Event backend.
+    pub backend: BackendKind,
+    /// Serve Prometheus text exposition on this address (loopback advised).
+    pub metrics: Option<SocketAddr>,
+    /// How long SIGTERM waits for in-flight checks before killing them.
+    #[serde(deserialize_with = "de_duration")]
+    pub drain_timeout: Duration,
+    /// Longest request line accepted.
+    #[serde(deserialize_with = "de_size")]
+    pub max_line_bytes: usize,
+    /// Per connection: checks in flight plus answers not yet written. At the
+    /// limit the daemon stops reading that connection's requests.
+    pub max_client_queue: usize,
+    /// A client whose socket accepts no bytes for this long is dropped.
+    #[serde(deserialize_with = "de_duration")]
+    pub client_write_timeout: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            socket: None,
+            socket_mode: 0o600,
+            socket_group: None,
+            max_running: 1024,
+            queue_limit: 100_000,
+            timeout: crate::check::DEFAULT_TIMEOUT,
+            grace: crate::check::DEFAULT_GRACE,
+            output_cap: crate::check::DEFAULT_OUTPUT_CAP,
+            backend: BackendKind::Auto,
+            metrics: None,
+            drain_timeout: Duration::from_secs(10),
+            max_line_bytes: 1024 * 1024,
+            max_client_queue: 4096,
+            client_write_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl DaemonConfig {
+    /// Read a TOML file.
+    pub fn load(path: &Path) -> Result<DaemonConfig, DaemonError> {
+        let text = std::fs::read_to_string(path).map_err(|source| DaemonError::ConfigRead {
+            path: path.to_owned(),
+            source,
+        })?;
+        DaemonConfig::parse(&text).map_err(|message| DaemonError::Config {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parse TOML text.
+    pub fn parse(text: &str) -> Result<DaemonConfig, String> {
+        let config: DaemonConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reject values that cannot work.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_running == 0 {
+            return Err("max_running must be at least 1".into());
+        }
+        if self.timeout.is_zero() {
+            return Err("timeout must be greater than zero".into());
+        }
+        if self.max_line_bytes < 64 {
+            return Err("max_line_bytes must be at least 64".into());
+        }
+        if self.max_client_queue == 0 {
+            return Err("max_client_queue must be at least 1".into());
+        }
+        if self.client_write_timeout.is_zero() {
+            return Err("client_write_timeout must be greater than zero".into());
+        }
+        Ok(())
+    }
+
+    /// The socket path to use: the configured one or the default.
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket.clone().unwrap_or_else(default_socket_path)
+    }
+}
+
+/// The default socket: `/run/pidring/pidring.sock` as root, else
+/// `$XDG_RUNTIME_DIR/pidring.sock`, else `/tmp/pidring-$UID/pidring.sock`.
+pub fn default_socket_path() -> PathBuf {
+    let uid = rustix::process::getuid();
+    if uid.is_root() {
+        return PathBuf::from("/run/pidring/pidring.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("pidring.sock"),
+        _ => PathBuf::from(format!("/tmp/pidring-{}", uid.as_raw())).join("pidring.sock"),
+    }
+}
+
+fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    super::protocol::WireDuration::deserialize(d).map(|w| w.0)
+}
+
+fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    super::protocol::WireSize::deserialize(d).map(|w| w.0)
+}
+
+fn de_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Num(u32),
+        Text(String),
+    }
+    let mode = match Raw::deserialize(d)? {
+        Raw::Num(n) => n,
+        Raw::Text(t) => parse_mode(&t).map_err(serde::de::Error::custom)?,
+    };
+    if mode > 0o777 {
+        return Err(serde::de::Error::custom(format!(
+            "socket_mode {mode} is not a permission mode: write it in octal, e.g. 0o660 or \"0660\""
+        )));
+    }
+    Ok(mode)
+}
+
+/// Parse an octal permission mode such as `0600`, `600` or `0o660`.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let digits = t.strip_prefix("0o").unwrap_or(t);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!(
+            "invalid socket mode {s:?}: expected octal permission bits such as 0600 or 0660"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(DaemonConfig::parse("").unwrap(), DaemonConfig::default());
+    }
+
+    #[test]
+    fn parses_every_field() {
+        let c = DaemonConfig::parse(
+            r#"
+            socket = "/tmp/x.sock"
+            socket_mode = 0o660
+            socket_group = "nagios"
+            max_running = 8
+            queue_limit = 100
+            timeout = "30s"
+            grace = 2
+            output_cap = "16k"
+            backend = "epoll"
+            metrics = "127.0.0.1:9100"
+            drain_timeout = "1m"
+            max_line_bytes = "64KiB"
+            max_client_queue = 10
+            client_write_timeout = "5s"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.socket_mode, 0o660);
+        assert_eq!(c.timeout, Duration::from_secs(30));
+        assert_eq!(c.grace, Duration::from_secs(2));
+        assert_eq!(c.output_cap, 16 * 1024);
+        assert_eq!(c.backend, BackendKind::Epoll);
+        assert_eq!(c.drain_timeout, Duration::from_secs(60));
+        assert_eq!(c.max_line_bytes, 64 * 1024);
+        assert_eq!(
+            DaemonConfig::parse("socket_mode = \"0640\"")
+                .unwrap()
+                .socket_mode,
+            0o640
+        );
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(DaemonConfig::parse("socket_mode = 600").is_err());
+        assert!(DaemonConfig::parse("max_runing = 3").is_err());
+        assert!(DaemonConfig::parse("timeout = \"soon\"").is_err());
+        assert!(DaemonConfig::parse("max_running = 0").is_err());
+    }
+}

@@ -1,0 +1,994 @@
+//! The socket, its connections, and the shutdown sequence.
+//!
+//! Each connection has a reader thread (parses requests, submits checks) and
+//! a writer thread (drains a bounded queue of responses to the socket). The
+//! engine delivers results on its loop thread, which must never block: the
+//! result callback only does `try_send` into the connection's queue. That
+//! queue never overflows because every queued response and every check in
+//! flight holds one of the connection's `max_client_queue` slots, and the
+//! reader takes a slot before it reads the next request — so a client that
+//! does not read its answers stops being read (backpressure), and one whose
+//! socket takes no bytes for `client_write_timeout` is dropped.
+
+use super::config::DaemonConfig;
+use super::protocol::{
+    self, ClientId, DaemonCounters, ErrorCode, Request, RequestError, Response, SubmitRequest,
+};
+use super::{DaemonError, prometheus};
+use crate::check::Check;
+use crate::error::SubmitError;
+use crate::executor::{CheckId, Executor};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use rustix::event::{PollFd, PollFlags};
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, ErrorKind, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Bytes of responses written to a socket in one `write`.
+const WRITE_BATCH: usize = 64 * 1024;
+/// How long shutdown waits for writers to flush before cutting connections.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Daemon-wide counters (atomics: touched from every connection thread).
+#[derive(Default)]
+pub(crate) struct Stats {
+    connections_accepted: AtomicU64,
+    connections_open: AtomicU64,
+    requests: AtomicU64,
+    submits_accepted: AtomicU64,
+    results_sent: AtomicU64,
+    results_dropped: AtomicU64,
+    errors: AtomicU64,
+    errors_by_code: [AtomicU64; ErrorCode::ALL.len()],
+    clients_dropped_stuck: AtomicU64,
+    clients_gone_in_flight: AtomicU64,
+    shutting_down: AtomicBool,
+    metrics_address: OnceLock<String>,
+}
+
+impl Stats {
+    fn count_error(&self, code: ErrorCode) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = ErrorCode::ALL.iter().position(|c| *c == code) {
+            self.errors_by_code[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A copy for `stats` and Prometheus.
+    pub(crate) fn snapshot(&self) -> DaemonCounters {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        DaemonCounters {
+            connections_accepted: get(&self.connections_accepted),
+            connections_open: get(&self.connections_open),
+            requests: get(&self.requests),
+            submits_accepted: get(&self.submits_accepted),
+            results_sent: get(&self.results_sent),
+            results_dropped: get(&self.results_dropped),
+            errors: get(&self.errors),
+            errors_by_code: ErrorCode::ALL
+                .iter()
+                .zip(&self.errors_by_code)
+                .map(|(c, n)| (c.as_str().to_string(), get(n)))
+                .collect(),
+            clients_dropped_stuck: get(&self.clients_dropped_stuck),
+            clients_gone_in_flight: get(&self.clients_gone_in_flight),
+            metrics_address: self.metrics_address.get().cloned(),
+            shutting_down: self.shutting_down.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What every connection thread shares.
+pub(crate) struct Daemon {
+    pub(crate) exec: Executor,
+    pub(crate) config: DaemonConfig,
+    pub(crate) stats: Arc<Stats>,
+}
+
+impl Daemon {
+    fn stats_response(&self, id: Option<ClientId>) -> Response {
+        Response::Stats {
+            id,
+            engine: Box::new(self.exec.metrics()),
+            daemon: self.stats.snapshot(),
+        }
+    }
+}
+
+/// A message for a connection's writer.
+enum Outgoing {
+    /// A response line (holds one slot).
+    Line(Response),
+    /// Re-check whether the connection is finished (holds no slot).
+    Wake,
+}
+
+/// One client connection.
+struct Conn {
+    /// Connection number, for logs.
+    no: u64,
+    stream: UnixStream,
+    stats: Arc<Stats>,
+    tx: Sender<Outgoing>,
+    /// Slots in use: checks in flight plus queued responses plus the request being handled.
+    slots_used: Mutex<usize>,
+    slot_freed: Condvar,
+    slot_limit: usize,
+    /// Ids in flight on this connection → the engine's id (None while submitting).
+    in_flight: Mutex<HashMap<ClientId, Option<CheckId>>>,
+    /// Checks in flight whose result has not been queued yet.
+    in_flight_count: AtomicUsize,
+    /// The client closed its sending side.
+    reader_done: AtomicBool,
+    /// The daemon is shutting down: finish once everything is written.
+    finishing: AtomicBool,
+    /// Nothing more will be written (finished or dropped).
+    closed: AtomicBool,
+    /// Held while queueing a line and while closing, so a line is either
+    /// queued before the close (and drained, counted) or sees `closed`.
+    queue_gate: Mutex<()>,
+}
+
+impl Conn {
+    /// Take a slot, waiting while all are used. False if the connection closed.
+    fn acquire_slot(&self) -> bool {
+        let mut used = self.slots_used.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if self.closed.load(Ordering::SeqCst) {
+                return false;
+            }
+            if *used < self.slot_limit {
+                *used += 1;
+                return true;
+            }
+            used = self
+                .slot_freed
+                .wait_timeout(used, Duration::from_millis(500))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn release_slots(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let mut used = self.slots_used.lock().unwrap_or_else(|p| p.into_inner());
+        *used = used.saturating_sub(n);
+        self.slot_freed.notify_all();
+    }
+
+    /// Queue a response that holds a slot; on a closed connection it is dropped.
+    fn send(&self, response: Response) {
+        if let Response::Error { code, .. } = &response {
+            self.stats.count_error(*code);
+        }
+        if !self.queue(Outgoing::Line(response)) {
+            self.release_slots(1);
+        }
+    }
+
+    /// Put a line in the writer's queue unless the connection is closed. Never blocks
+    /// for long: the gate is only held around a `try_send`.
+    fn queue(&self, m: Outgoing) -> bool {
+        let _gate = self.queue_gate.lock().unwrap_or_else(|p| p.into_inner());
+        if self.closed.load(Ordering::SeqCst) {
+            return false;
+        }
+        match self.tx.try_send(m) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                tracing::error!(conn = self.no, "response queue full (slot accounting bug)");
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    fn wake_writer(&self) {
+        let _ = self.tx.try_send(Outgoing::Wake);
+    }
+
+    /// The engine's result callback. Runs on the loop thread: never blocks
+    /// (the queue has room, reserved by the slot this check holds).
+    fn deliver(&self, id: ClientId, tags: Option<serde_json::Value>, result: crate::CheckResult) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        let line = Outgoing::Line(Response::Result {
+            id,
+            tags,
+            result: Box::new(result),
+        });
+        if !self.queue(line) {
+            self.stats.results_dropped.fetch_add(1, Ordering::Relaxed);
+            self.release_slots(1);
+        }
+        // After the send, so a writer that sees zero in flight also sees the line.
+        self.in_flight_count.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Whether the writer may finish: nothing in flight, nothing queued, and
+    /// the client stopped sending or the daemon is stopping.
+    fn is_finished(&self, rx: &Receiver<Outgoing>) -> bool {
+        (self.reader_done.load(Ordering::SeqCst) || self.finishing.load(Ordering::SeqCst))
+            && self.in_flight_count.load(Ordering::SeqCst) == 0
+            && rx.is_empty()
+    }
+
+    /// Cancel every check of this connection still in flight (nobody will read the results).
+    fn cancel_in_flight(&self, exec: &Executor) -> usize {
+        let ids: Vec<CheckId> = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .flatten()
+            .copied()
+            .collect();
+        for id in &ids {
+            exec.cancel(*id);
+        }
+        ids.len()
+    }
+
+    /// Stop writing: later results are dropped and counted.
+    fn close(&self, rx: &Receiver<Outgoing>) {
+        {
+            let _gate = self.queue_gate.lock().unwrap_or_else(|p| p.into_inner());
+            self.closed.store(true, Ordering::SeqCst);
+        }
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let mut released = 0;
+        while let Ok(m) = rx.try_recv() {
+            if let Outgoing::Line(r) = m {
+                if matches!(r, Response::Result { .. }) {
+                    self.stats.results_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                released += 1;
+            }
+        }
+        self.release_slots(released);
+        self.slot_freed.notify_all();
+    }
+}
+
+/// Removes the socket file on drop, if it is still the one we bound.
+struct SocketGuard {
+    path: PathBuf,
+    dev_ino: (u64, u64),
+}
+
+impl SocketGuard {
+    fn remove(&self) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.path)
+            && (m.dev(), m.ino()) == self.dev_ino
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Create the socket: refuse a live one, replace a stale one, set mode and group.
+fn bind_socket(config: &DaemonConfig) -> Result<(UnixListener, SocketGuard), DaemonError> {
+    let path = config.socket_path();
+    let sock_err = |what, source| DaemonError::Socket {
+        what,
+        path: path.clone(),
+        source,
+    };
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        // Private unless the socket itself is meant to be shared.
+        let mode = if config.socket_mode & 0o077 == 0 {
+            0o700
+        } else {
+            0o755
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(dir)
+            .map_err(|e| DaemonError::Socket {
+                what: "create directory",
+                path: dir.to_owned(),
+                source: e,
+            })?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        check_socket_dir(dir)?;
+    }
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) => {
+            if !meta.file_type().is_socket() {
+                return Err(DaemonError::NotASocket { path });
+            }
+            match UnixStream::connect(&path) {
+                Ok(_) => return Err(DaemonError::SocketInUse { path }),
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                    tracing::warn!(socket = %path.display(), "removing stale socket (no daemon answers on it)");
+                    std::fs::remove_file(&path).map_err(|e| sock_err("remove stale socket", e))?;
+                }
+                Err(e) => return Err(sock_err("probe existing socket", e)),
+            }
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(sock_err("inspect", e)),
+    }
+    // Bind under a strict umask so the socket is never, even briefly, more
+    // open than asked. No check runs yet (the executor starts later), so the
+    // process-wide umask change reaches nobody else.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let bound = UnixListener::bind(&path);
+    rustix::process::umask(old);
+    let listener = bound.map_err(|e| sock_err("bind", e))?;
+    let meta = std::fs::symlink_metadata(&path).map_err(|e| sock_err("inspect", e))?;
+    let guard = SocketGuard {
+        path: path.clone(),
+        dev_ino: (meta.dev(), meta.ino()),
+    };
+    if let Some(group) = &config.socket_group {
+        let gid = resolve_group(group).map_err(|m| DaemonError::Invalid(m.to_string()))?;
+        std::os::unix::fs::chown(&path, None, Some(gid)).map_err(|e| sock_err("chown", e))?;
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(config.socket_mode))
+        .map_err(|e| sock_err("chmod", e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| sock_err("configure", e))?;
+    Ok((listener, guard))
+}
+
+/// Refuse a socket directory that someone else controls: owned by another
+/// (non-root) user, or writable by others without the sticky bit — they
+/// could swap the socket for their own.
+fn check_socket_dir(dir: &std::path::Path) -> Result<(), DaemonError> {
+    let meta = std::fs::metadata(dir).map_err(|e| DaemonError::Socket {
+        what: "inspect directory",
+        path: dir.to_owned(),
+        source: e,
+    })?;
+    let me = rustix::process::getuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(DaemonError::UnsafeDirectory(format!(
+            "socket directory {} belongs to uid {}, not to this user (uid {me}); pick another --socket",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
+        return Err(DaemonError::UnsafeDirectory(format!(
+            "socket directory {} is world-writable without the sticky bit; pick another --socket",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A group name (from /etc/group) or number.
+fn resolve_group(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let text = std::fs::read_to_string("/etc/group")
+        .map_err(|e| format!("cannot read /etc/group to find group {group:?}: {e}"))?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let gid = f.nth(1)?.parse::<u32>().ok()?;
+            (name == group).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| format!("socket_group {group:?}: no such group in /etc/group"))
+}
+
+/// The daemon's main thread: bind, serve until a signal, shut down.
+pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
+    // Signals first, so a SIGTERM during startup still means a clean stop.
+    let (sig_rx, sig_tx) = UnixStream::pair().map_err(DaemonError::Signals)?;
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        let tx = sig_tx.try_clone().map_err(DaemonError::Signals)?;
+        signal_hook::low_level::pipe::register(sig, tx).map_err(DaemonError::Signals)?;
+    }
+    sig_rx.set_nonblocking(true).map_err(DaemonError::Signals)?;
+    // SIGHUP (a closed terminal, a `reload`) must not kill the daemon
+    // uncleanly; there is nothing to reload, so it is ignored.
+    signal_hook::flag::register(
+        signal_hook::consts::SIGHUP,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .map_err(DaemonError::Signals)?;
+
+    let (listener, socket_guard) = bind_socket(&config)?;
+    let exec = Executor::builder()
+        .max_running(config.max_running)
+        .queue_limit(config.queue_limit)
+        .backend(config.backend)
+        .reap_orphans(true)
+        .build()?;
+    let stats = Arc::new(Stats::default());
+    let daemon = Arc::new(Daemon {
+        exec,
+        config,
+        stats: stats.clone(),
+    });
+    if let Some(addr) = daemon.config.metrics {
+        let bound = prometheus::serve(addr, daemon.clone())
+            .map_err(|source| DaemonError::Metrics { addr, source })?;
+        let _ = stats.metrics_address.set(bound.to_string());
+        tracing::info!(address = %bound, "serving Prometheus metrics at http://{bound}/metrics");
+    }
+    tracing::info!(
+        socket = %socket_guard.path.display(),
+        backend = %daemon.exec.backend(),
+        max_running = daemon.config.max_running,
+        queue_limit = daemon.config.queue_limit,
+        pid = std::process::id(),
+        "pidring daemon ready"
+    );
+
+    let mut conns: Vec<(Arc<Conn>, JoinHandle<()>)> = Vec::new();
+    let mut next_conn = 1u64;
+    loop {
+        let mut fds = [
+            PollFd::new(&listener, PollFlags::IN),
+            PollFd::new(&sig_rx, PollFlags::IN),
+        ];
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "poll on the listening socket failed; shutting down");
+                break;
+            }
+        }
+        let (listen_ready, signalled) =
+            (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+        if signalled && drain_signals(&sig_rx) {
+            tracing::info!("signal received: shutting down");
+            break;
+        }
+        if listen_ready {
+            accept_all(&listener, &daemon, &mut conns, &mut next_conn);
+        }
+    }
+
+    // 1. Stop accepting, and let no other daemon's socket be removed later.
+    stats.shutting_down.store(true, Ordering::SeqCst);
+    drop(listener);
+    socket_guard.remove();
+
+    // 2. Let in-flight checks finish, up to the drain timeout; a second signal cuts it short.
+    let drain = daemon.config.drain_timeout;
+    let deadline = Instant::now() + drain;
+    let outstanding = daemon.exec.outstanding();
+    if outstanding > 0 {
+        tracing::info!(
+            outstanding,
+            drain_timeout = ?drain,
+            "waiting for in-flight checks (send the signal again to stop now)"
+        );
+    }
+    while daemon.exec.outstanding() > 0 {
+        let now = Instant::now();
+        if now >= deadline {
+            tracing::warn!(
+                outstanding = daemon.exec.outstanding(),
+                "drain timeout passed: killing the remaining checks"
+            );
+            break;
+        }
+        let wait = (deadline - now).min(Duration::from_millis(20));
+        let mut fds = [PollFd::new(&sig_rx, PollFlags::IN)];
+        let ts = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: wait.as_nanos() as i64,
+        };
+        if rustix::event::poll(&mut fds, Some(&ts)).unwrap_or(0) > 0 && drain_signals(&sig_rx) {
+            tracing::warn!(
+                outstanding = daemon.exec.outstanding(),
+                "second signal: killing the remaining checks now"
+            );
+            break;
+        }
+    }
+
+    // 3. Kill, sweep and reap what is left; every accepted check is answered.
+    //    In subreaper mode the executor's shutdown also kills and reaps every
+    //    adopted descendant (escaped, or a group member killed by the sweep).
+    daemon.exec.shutdown();
+
+    // 5. Flush every answer, then close the connections.
+    for (c, _) in &conns {
+        c.finishing.store(true, Ordering::SeqCst);
+        c.wake_writer();
+    }
+    let flush_end = Instant::now() + FLUSH_TIMEOUT;
+    for (c, h) in conns {
+        while !h.is_finished() && Instant::now() < flush_end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !h.is_finished() {
+            tracing::warn!(
+                conn = c.no,
+                "client did not take its answers in time; closing it"
+            );
+            c.closed.store(true, Ordering::SeqCst);
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        }
+        let _ = h.join();
+    }
+    let s = stats.snapshot();
+    tracing::info!(
+        connections = s.connections_accepted,
+        submits = s.submits_accepted,
+        results_sent = s.results_sent,
+        results_dropped = s.results_dropped,
+        "pidring daemon stopped"
+    );
+    drop(socket_guard);
+    Ok(())
+}
+
+/// Empty the signal pipe; true if a signal arrived.
+fn drain_signals(sig_rx: &UnixStream) -> bool {
+    let mut buf = [0u8; 64];
+    let mut got = false;
+    loop {
+        match io::Read::read(&mut &*sig_rx, &mut buf) {
+            Ok(0) => return got,
+            Ok(_) => got = true,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return got,
+        }
+    }
+}
+
+fn accept_all(
+    listener: &UnixListener,
+    daemon: &Arc<Daemon>,
+    conns: &mut Vec<(Arc<Conn>, JoinHandle<()>)>,
+    next_conn: &mut u64,
+) {
+    conns.retain(|(_, h)| !h.is_finished());
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // EMFILE and friends: log and go on; the client sees a refused connection.
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(10));
+                return;
+            }
+        };
+        let no = *next_conn;
+        *next_conn += 1;
+        match start_conn(no, stream, daemon) {
+            Ok(pair) => conns.push(pair),
+            Err(e) => tracing::warn!(conn = no, error = %e, "cannot serve a new connection"),
+        }
+    }
+}
+
+fn start_conn(
+    no: u64,
+    stream: UnixStream,
+    daemon: &Arc<Daemon>,
+) -> io::Result<(Arc<Conn>, JoinHandle<()>)> {
+    stream.set_nonblocking(false)?;
+    // A client that takes no bytes for this long is dropped (the writer's send fails).
+    stream.set_write_timeout(Some(daemon.config.client_write_timeout))?;
+    let read_half = stream.try_clone()?;
+    let limit = daemon.config.max_client_queue;
+    let (tx, rx) = crossbeam_channel::bounded(limit + 2);
+    let conn = Arc::new(Conn {
+        no,
+        stream,
+        stats: daemon.stats.clone(),
+        tx,
+        slots_used: Mutex::new(0),
+        slot_freed: Condvar::new(),
+        slot_limit: limit,
+        in_flight: Mutex::new(HashMap::new()),
+        in_flight_count: AtomicUsize::new(0),
+        reader_done: AtomicBool::new(false),
+        finishing: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
+        queue_gate: Mutex::new(()),
+    });
+    // Counted before the writer exists: the writer uncounts it when it ends.
+    daemon
+        .stats
+        .connections_open
+        .fetch_add(1, Ordering::Relaxed);
+    let writer = {
+        let (conn, daemon) = (conn.clone(), daemon.clone());
+        std::thread::Builder::new()
+            .name(format!("pidring-w{no}"))
+            .spawn(move || writer_loop(&conn, &daemon, rx))
+    };
+    let writer = match writer {
+        Ok(w) => w,
+        Err(e) => {
+            daemon
+                .stats
+                .connections_open
+                .fetch_sub(1, Ordering::Relaxed);
+            return Err(e);
+        }
+    };
+    {
+        let (rconn, daemon) = (conn.clone(), daemon.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("pidring-r{no}"))
+            .spawn(move || reader_loop(&rconn, &daemon, read_half));
+        if let Err(e) = spawned {
+            conn.reader_done.store(true, Ordering::SeqCst);
+            conn.wake_writer();
+            return Err(e);
+        }
+    }
+    daemon
+        .stats
+        .connections_accepted
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(conn = no, "client connected");
+    Ok((conn, writer))
+}
+
+fn writer_loop(conn: &Conn, daemon: &Daemon, rx: Receiver<Outgoing>) {
+    let mut buf = Vec::with_capacity(WRITE_BATCH);
+    let mut stream = &conn.stream;
+    'outer: loop {
+        if conn.is_finished(&rx) {
+            break;
+        }
+        let Ok(first) = rx.recv() else { break };
+        buf.clear();
+        let (mut lines, mut results) = (0usize, 0u64);
+        let mut next = Some(first);
+        while let Some(m) = next {
+            if let Outgoing::Line(r) = m {
+                protocol::write_response(&mut buf, &r);
+                lines += 1;
+                if matches!(r, Response::Result { .. }) {
+                    results += 1;
+                }
+            }
+            next = if buf.len() < WRITE_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if buf.is_empty() {
+            continue;
+        }
+        match stream.write_all(&buf) {
+            Ok(()) => {
+                conn.stats
+                    .results_sent
+                    .fetch_add(results, Ordering::Relaxed);
+                conn.release_slots(lines);
+            }
+            Err(e) => {
+                conn.stats
+                    .results_dropped
+                    .fetch_add(results, Ordering::Relaxed);
+                conn.release_slots(lines);
+                let stuck = matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut);
+                let cancelled = conn.cancel_in_flight(&daemon.exec);
+                if stuck {
+                    conn.stats
+                        .clients_dropped_stuck
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        conn = conn.no,
+                        timeout = ?daemon.config.client_write_timeout,
+                        cancelled,
+                        "dropping client: it has not read its responses (its checks are cancelled and their results dropped)"
+                    );
+                } else if !conn.closed.load(Ordering::SeqCst) {
+                    tracing::info!(conn = conn.no, error = %e, cancelled, "client went away; its results are dropped");
+                }
+                break 'outer;
+            }
+        }
+    }
+    conn.close(&rx);
+    daemon
+        .stats
+        .connections_open
+        .fetch_sub(1, Ordering::Relaxed);
+    tracing::debug!(conn = conn.no, "connection closed");
+}
+
+fn reader_loop(conn: &Arc<Conn>, daemon: &Daemon, stream: UnixStream) {
+    let max = daemon.config.max_line_bytes;
+    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    let mut line: Vec<u8> = Vec::new();
+    // Inside an oversize line (already answered): skip to its newline.
+    let mut skipping = false;
+    loop {
+        let buf = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        if buf.is_empty() {
+            // EOF: a last line without its newline still counts.
+            if !skipping && !line.is_empty() && !handle_line(conn, daemon, &line) {
+                return;
+            }
+            break;
+        }
+        let (chunk, newline) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], true),
+            None => (buf, false),
+        };
+        let used = chunk.len() + usize::from(newline);
+        if !skipping {
+            if line.len() + chunk.len() > max {
+                skipping = true;
+                line.clear();
+                line.shrink_to(64 * 1024);
+                if !conn.acquire_slot() {
+                    return;
+                }
+                conn.stats.requests.fetch_add(1, Ordering::Relaxed);
+                conn.send(
+                    RequestError::new(
+                        ErrorCode::LineTooLong,
+                        format!(
+                            "request line longer than {max} bytes; the rest of the line is skipped"
+                        ),
+                    )
+                    .into_response(),
+                );
+            } else {
+                line.extend_from_slice(chunk);
+            }
+        }
+        reader.consume(used);
+        if newline {
+            if skipping {
+                skipping = false;
+            } else if !handle_line(conn, daemon, &line) {
+                return;
+            }
+            line.clear();
+        }
+    }
+    conn.reader_done.store(true, Ordering::SeqCst);
+    conn.wake_writer();
+    watch_hangup(conn, daemon);
+}
+
+/// After the client's EOF: if it hangs up entirely while checks are in flight,
+/// cancel them (their results have nowhere to go). A client that only shut
+/// down its sending side keeps getting its results.
+fn watch_hangup(conn: &Conn, daemon: &Daemon) {
+    while !conn.closed.load(Ordering::SeqCst) {
+        let mut fds = [PollFd::new(&conn.stream, PollFlags::empty())];
+        let ts = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 200_000_000,
+        };
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        if fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR) {
+            if conn.in_flight_count.load(Ordering::SeqCst) > 0 {
+                let cancelled = conn.cancel_in_flight(&daemon.exec);
+                conn.stats
+                    .clients_gone_in_flight
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    conn = conn.no,
+                    cancelled,
+                    "client hung up with checks in flight: cancelling them, their results are dropped"
+                );
+            }
+            return;
+        }
+    }
+}
+
+/// Serve one request line. False when the connection is closed.
+fn handle_line(conn: &Arc<Conn>, daemon: &Daemon, raw: &[u8]) -> bool {
+    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    if raw.iter().all(u8::is_ascii_whitespace) {
+        return true;
+    }
+    if !conn.acquire_slot() {
+        return false;
+    }
+    conn.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let text = match std::str::from_utf8(raw) {
+        Ok(t) => t,
+        Err(e) => {
+            conn.send(
+                RequestError::new(
+                    ErrorCode::InvalidUtf8,
+                    format!("request is not valid UTF-8 ({e})"),
+                )
+                .into_response(),
+            );
+            return true;
+        }
+    };
+    let request = match protocol::parse_request(text) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(conn = conn.no, code = e.code.as_str(), message = %e.message, "bad request");
+            conn.send(e.into_response());
+            return true;
+        }
+    };
+    match request {
+        Request::Submit(s) => {
+            if let Err(e) = submit(conn, daemon, *s) {
+                conn.send(e.into_response());
+            }
+            // Accepted: the slot now belongs to the check (and then its result).
+        }
+        Request::Cancel(c) => {
+            let engine_id = conn
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&c.id)
+                .copied()
+                .flatten();
+            match engine_id {
+                Some(eid) => {
+                    // The check's own result (outcome "cancelled", or how it
+                    // ended if it finished first) is the answer.
+                    daemon.exec.cancel(eid);
+                    conn.release_slots(1);
+                }
+                None => conn.send(
+                    RequestError {
+                        code: ErrorCode::NotFound,
+                        message: format!(
+                            "no check with id {} is in flight on this connection",
+                            c.id
+                        ),
+                        id: Some(c.id),
+                        op: Some("cancel".into()),
+                    }
+                    .into_response(),
+                ),
+            }
+        }
+        Request::Stats(p) => conn.send(daemon.stats_response(p.id)),
+        Request::Ping(p) => conn.send(Response::Pong {
+            id: p.id,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }),
+    }
+    true
+}
+
+/// Build the check and hand it to the engine.
+fn submit(conn: &Arc<Conn>, daemon: &Daemon, req: SubmitRequest) -> Result<(), RequestError> {
+    let id = req.id.clone().unwrap_or(ClientId::Num(0.into()));
+    let err = |code, message: String| RequestError {
+        code,
+        message,
+        id: Some(id.clone()),
+        op: Some("submit".into()),
+    };
+    if conn.stats.shutting_down.load(Ordering::SeqCst) {
+        return Err(err(
+            ErrorCode::ShuttingDown,
+            "the daemon is shutting down and accepts no new checks".into(),
+        ));
+    }
+    let check =
+        build_check(&daemon.config, &req, &id).map_err(|m| err(ErrorCode::BadRequest, m))?;
+    {
+        let mut map = conn.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if map.contains_key(&id) {
+            return Err(err(
+                ErrorCode::DuplicateId,
+                format!("a check with id {id} is still in flight on this connection"),
+            ));
+        }
+        map.insert(id.clone(), None);
+    }
+    conn.in_flight_count.fetch_add(1, Ordering::SeqCst);
+    // Counted before the engine sees it, so `completed` never passes `submitted`.
+    conn.stats.submits_accepted.fetch_add(1, Ordering::Relaxed);
+    let cb_conn = conn.clone();
+    let cb_id = id.clone();
+    let tags = req.tags;
+    match daemon
+        .exec
+        .submit_with(check, move |r| cb_conn.deliver(cb_id, tags, r))
+    {
+        Ok(engine_id) => {
+            // The result may already have been delivered (and the id removed).
+            if let Some(slot) = conn
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(&id)
+            {
+                *slot = Some(engine_id);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            conn.in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            conn.in_flight_count.fetch_sub(1, Ordering::SeqCst);
+            conn.stats.submits_accepted.fetch_sub(1, Ordering::Relaxed);
+            Err(match e {
+                SubmitError::QueueFull { .. } => err(ErrorCode::QueueFull, e.to_string()),
+                SubmitError::ShuttingDown => err(
+                    ErrorCode::ShuttingDown,
+                    "the daemon is shutting down and accepts no new checks".into(),
+                ),
+                SubmitError::Invalid(_) => err(ErrorCode::BadRequest, e.to_string()),
+            })
+        }
+    }
+}
+
+fn build_check(config: &DaemonConfig, req: &SubmitRequest, id: &ClientId) -> Result<Check, String> {
+    let check = match (&req.argv, &req.command_line) {
+        (Some(argv), None) => Check::argv(argv),
+        (None, Some(line)) => Check::command_line(line).map_err(|e| e.to_string())?,
+        (Some(_), Some(_)) => {
+            return Err("give either \"argv\" or \"command_line\", not both".into());
+        }
+        (None, None) => {
+            return Err(
+                "nothing to run: give \"argv\" (an array) or \"command_line\" (a string)".into(),
+            );
+        }
+    };
+    let mut check = check
+        .timeout(req.timeout.map_or(config.timeout, |d| d.0))
+        .grace(req.grace.map_or(config.grace, |d| d.0))
+        .output_cap(req.output_cap.map_or(config.output_cap, |s| s.0))
+        .tag(id.as_text());
+    if req.env_clear {
+        check = check.env_clear();
+    }
+    if let Some(env) = &req.env {
+        for (k, v) in env {
+            check = check.env(k, v);
+        }
+    }
+    if let Some(cwd) = &req.cwd {
+        check = check.cwd(cwd);
+    }
+    if let Some(state) = req.timeout_state {
+        check = check.timeout_state(state);
+    }
+    Ok(check)
+}

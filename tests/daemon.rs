@@ -1,0 +1,984 @@
+//! End-to-end tests of `pidring daemon`: the real binary on a temporary
+//! socket, driven over the socket. Every scenario runs on both backends.
+
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pidring");
+/// Upper bound for anything the tests wait on (never reached when things work).
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A daemon process on a temporary socket.
+struct Daemon {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    /// Start `pidring daemon --backend B --socket S [args]` with an optional config file.
+    fn start(backend: &str, args: &[&str], config: Option<&str>) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("pidring.sock");
+        let mut d = Daemon::spawn_on(dir, socket, backend, args, config);
+        d.wait_ready();
+        d
+    }
+
+    fn spawn_on(
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        backend: &str,
+        args: &[&str],
+        config: Option<&str>,
+    ) -> Daemon {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("daemon")
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--backend", backend])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("daemon.log")).unwrap());
+        if let Some(text) = config {
+            let path = dir.path().join("pidring.toml");
+            std::fs::write(&path, text).unwrap();
+            cmd.arg("--config").arg(path);
+        }
+        let child = cmd.spawn().expect("start pidring daemon");
+        Daemon {
+            child: Some(child),
+            dir,
+            socket,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self) {
+        let end = Instant::now() + PATIENCE;
+        loop {
+            if UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited with {st}:\n{}", self.log());
+            }
+            assert!(Instant::now() < end, "daemon not ready:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.socket)
+    }
+
+    /// A `stats` answer over a fresh connection.
+    fn stats(&self) -> Value {
+        let mut c = self.client();
+        c.send(&json!({"op": "stats", "id": "s"}));
+        let r = c.recv();
+        assert_eq!(r["type"], "stats", "{r}");
+        r
+    }
+
+    /// Poll `stats` until `pred` holds (or fail after PATIENCE with the last answer).
+    fn wait_stats(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let end = Instant::now() + PATIENCE;
+        loop {
+            let s = self.stats();
+            if pred(&s) {
+                return s;
+            }
+            assert!(Instant::now() < end, "timed out waiting for {what}: {s:#}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0);
+    }
+
+    /// Wait for the daemon to exit (bounded).
+    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.child = None;
+                return st;
+            }
+            assert!(Instant::now() < end, "daemon did not exit:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One connection to the daemon.
+struct Client {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+}
+
+impl Client {
+    fn connect(path: &Path) -> Client {
+        let s = UnixStream::connect(path).expect("connect to daemon");
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        Client {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        }
+    }
+
+    fn send(&mut self, v: &Value) {
+        let mut line = serde_json::to_vec(v).unwrap();
+        line.push(b'\n');
+        self.w.write_all(&line).unwrap();
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) {
+        self.w.write_all(bytes).unwrap();
+    }
+
+    fn recv(&mut self) -> Value {
+        let mut line = String::new();
+        let n = self.r.read_line(&mut line).expect("read a response");
+        assert!(n > 0, "daemon closed the connection");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad response {line:?}: {e}"))
+    }
+
+    /// Read until EOF; every line parsed.
+    fn recv_all(&mut self) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut line = String::new();
+        while self.r.read_line(&mut line).expect("read") > 0 {
+            out.push(serde_json::from_str(&line).unwrap());
+            line.clear();
+        }
+        out
+    }
+
+    /// Submit `/bin/echo fine` under `id` and expect its OK result next.
+    fn good_submit(&mut self, id: &str) {
+        self.send(&json!({"op": "submit", "id": id, "argv": ["/bin/echo", "fine"]}));
+        let r = self.recv();
+        assert_eq!(r["type"], "result", "{r}");
+        assert_eq!(r["id"], id);
+        assert_eq!(r["result"]["state"], "OK");
+        assert_eq!(r["result"]["stdout"]["data"], "fine\n");
+    }
+}
+
+/// (state, ppid, session id) from /proc/<pid>/stat.
+fn proc_stat(pid: i32) -> Option<(char, i32, i32)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((f[0].chars().next()?, f[1].parse().ok()?, f[3].parse().ok()?))
+}
+
+/// Children of `pid` (all threads).
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// Processes whose session id is one of `sids` (a check's leader is its session leader).
+fn processes_in_sessions(sids: &[i32]) -> Vec<(i32, i32)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Some((_, _, sid)) = proc_stat(pid)
+            && sids.contains(&sid)
+        {
+            out.push((pid, sid));
+        }
+    }
+    out
+}
+
+fn zombie_children(pid: i32) -> Vec<i32> {
+    children_of(pid)
+        .into_iter()
+        .filter(|c| matches!(proc_stat(*c), Some(('Z', ..))))
+        .collect()
+}
+
+fn counter(stats: &Value, name: &str) -> u64 {
+    stats["engine"]["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no engine counter {name}: {stats}"))
+}
+
+fn dcounter(stats: &Value, name: &str) -> u64 {
+    stats["daemon"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no daemon counter {name}: {stats}"))
+}
+
+/// Run each scenario on both backends.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod epoll { $( #[test] fn $name() { super::$name("epoll"); } )* }
+        mod io_uring { $( #[test] fn $name() { super::$name("io_uring"); } )* }
+    };
+}
+
+on_both_backends!(
+    concurrent_clients_pipelining,
+    bad_input_keeps_connection_usable,
+    queue_full_then_recovery,
+    client_disconnecting_mid_flight,
+    client_that_never_reads,
+    escaped_grandchild_reaped_as_orphan,
+    sigterm_answers_everything_and_leaves_nothing,
+    second_signal_stops_now,
+    stats_and_prometheus_report_counts,
+    socket_mode_stale_and_live_socket,
+    client_commands_and_json_logs,
+    half_closed_client_gets_every_answer,
+);
+
+fn concurrent_clients_pipelining(backend: &str) {
+    const CLIENTS: usize = 3;
+    const PER_CLIENT: usize = 300;
+    let d = Daemon::start(backend, &["--max-running", "64"], None);
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let mut client = d.client();
+            std::thread::spawn(move || {
+                let mut w = client.w.try_clone().unwrap();
+                // Send everything from another thread while this one reads: pipelined.
+                let writer = std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    for i in 0..PER_CLIENT {
+                        // Alternate string and numeric ids.
+                        let id = if i.is_multiple_of(2) {
+                            json!(format!("c{c}-{i}"))
+                        } else {
+                            json!(c * 100_000 + i)
+                        };
+                        let req = json!({"op": "submit", "id": id,
+                            "argv": ["/bin/echo", format!("OK {c}-{i}")],
+                            "tags": {"client": c, "n": i}});
+                        serde_json::to_writer(&mut buf, &req).unwrap();
+                        buf.push(b'\n');
+                        if buf.len() > 16 * 1024 {
+                            w.write_all(&buf).unwrap();
+                            buf.clear();
+                        }
+                    }
+                    w.write_all(&buf).unwrap();
+                });
+                let mut seen: HashMap<String, usize> = HashMap::new();
+                for _ in 0..PER_CLIENT {
+                    let r = client.recv();
+                    assert_eq!(r["type"], "result", "{r}");
+                    let i = r["tags"]["n"].as_u64().unwrap() as usize;
+                    assert_eq!(r["tags"]["client"], c);
+                    let want_id = if i.is_multiple_of(2) {
+                        json!(format!("c{c}-{i}"))
+                    } else {
+                        json!(c * 100_000 + i)
+                    };
+                    assert_eq!(r["id"], want_id, "wrong id for {r}");
+                    assert_eq!(r["result"]["state"], "OK");
+                    assert_eq!(r["result"]["stdout"]["data"], format!("OK {c}-{i}\n"));
+                    *seen.entry(r["id"].to_string()).or_default() += 1;
+                }
+                writer.join().unwrap();
+                assert_eq!(seen.len(), PER_CLIENT, "every submit answered");
+                assert!(seen.values().all(|n| *n == 1), "answered exactly once");
+                // Nothing more comes: a ping is the next line.
+                client.send(&json!({"op": "ping", "id": "end"}));
+                assert_eq!(client.recv()["type"], "pong");
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let s = d.wait_stats("all results sent", |s| {
+        dcounter(s, "results_sent") == (CLIENTS * PER_CLIENT) as u64
+    });
+    assert_eq!(counter(&s, "completed"), (CLIENTS * PER_CLIENT) as u64);
+    assert_eq!(dcounter(&s, "results_dropped"), 0);
+}
+
+fn bad_input_keeps_connection_usable(backend: &str) {
+    let d = Daemon::start(backend, &[], Some("max_line_bytes = \"4k\"\n"));
+    let mut c = d.client();
+    let mut other = d.client();
+    let expect_error = |c: &mut Client, code: &str| -> Value {
+        let r = c.recv();
+        assert_eq!(r["type"], "error", "{r}");
+        assert_eq!(r["code"], code, "{r}");
+        assert!(!r["message"].as_str().unwrap().is_empty());
+        r
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("malformed", b"{nope\n".to_vec(), "bad_request"),
+        ("not an object", b"[1,2,3]\n".to_vec(), "bad_request"),
+        ("missing op", b"{\"id\":1}\n".to_vec(), "bad_request"),
+        ("op not a string", b"{\"op\":5}\n".to_vec(), "bad_request"),
+        (
+            "unknown op",
+            b"{\"op\":\"frobnicate\",\"id\":\"u\"}\n".to_vec(),
+            "unknown_op",
+        ),
+        (
+            "unknown field",
+            b"{\"op\":\"submit\",\"id\":\"f\",\"argv\":[\"/bin/true\"],\"colour\":\"red\"}\n"
+                .to_vec(),
+            "bad_request",
+        ),
+        (
+            "wrong type",
+            b"{\"op\":\"submit\",\"id\":\"t\",\"argv\":\"/bin/true\"}\n".to_vec(),
+            "bad_request",
+        ),
+        (
+            "argv and command_line",
+            b"{\"op\":\"submit\",\"id\":\"b\",\"argv\":[\"/bin/true\"],\"command_line\":\"/bin/true\"}\n".to_vec(),
+            "bad_request",
+        ),
+        (
+            "nothing to run",
+            b"{\"op\":\"submit\",\"id\":\"n\"}\n".to_vec(),
+            "bad_request",
+        ),
+        (
+            "empty argv",
+            b"{\"op\":\"submit\",\"id\":\"e\",\"argv\":[]}\n".to_vec(),
+            "bad_request",
+        ),
+        (
+            "zero timeout",
+            b"{\"op\":\"submit\",\"id\":\"z\",\"argv\":[\"/bin/true\"],\"timeout\":0}\n".to_vec(),
+            "bad_request",
+        ),
+        (
+            "bad duration",
+            b"{\"op\":\"submit\",\"id\":\"z\",\"argv\":[\"/bin/true\"],\"timeout\":\"soon\"}\n"
+                .to_vec(),
+            "bad_request",
+        ),
+        (
+            "submit without id",
+            b"{\"op\":\"submit\",\"argv\":[\"/bin/true\"]}\n".to_vec(),
+            "bad_request",
+        ),
+        (
+            "invalid utf-8",
+            b"{\"op\":\"ping\",\"id\":\"\xff\xfe\"}\n".to_vec(),
+            "invalid_utf8",
+        ),
+        (
+            "cancel of nothing",
+            b"{\"op\":\"cancel\",\"id\":\"nobody\"}\n".to_vec(),
+            "not_found",
+        ),
+    ];
+    let mut by_code: HashMap<&str, u64> = HashMap::new();
+    for (i, (what, line, code)) in cases.iter().enumerate() {
+        c.send_raw(line);
+        let r = expect_error(&mut c, code);
+        if *what == "unknown op" {
+            assert_eq!(r["id"], "u", "the id is echoed when readable");
+        }
+        if *what == "unknown field" {
+            assert!(r["message"].as_str().unwrap().contains("colour"), "{r}");
+            assert_eq!(r["id"], "f");
+        }
+        *by_code.entry(code).or_default() += 1;
+        c.good_submit(&format!("good-{i}"));
+    }
+
+    // An oversize line (arriving in pieces), then a good request on the same connection.
+    let mut long = b"{\"op\":\"submit\",\"id\":\"long\",\"argv\":[\"/bin/echo\",\"".to_vec();
+    long.extend(std::iter::repeat_n(b'x', 100_000));
+    long.extend_from_slice(b"\"]}\n");
+    for piece in long.chunks(7_000) {
+        c.send_raw(piece);
+    }
+    expect_error(&mut c, "line_too_long");
+    *by_code.entry("line_too_long").or_default() += 1;
+    c.good_submit("after-long");
+
+    // A duplicate id while the first is in flight, then cancel it.
+    c.send(&json!({"op": "submit", "id": "dup", "argv": ["/bin/sleep", "30"]}));
+    c.send(&json!({"op": "submit", "id": "dup", "argv": ["/bin/true"]}));
+    let r = expect_error(&mut c, "duplicate_id");
+    assert_eq!(r["id"], "dup");
+    *by_code.entry("duplicate_id").or_default() += 1;
+    c.send(&json!({"op": "cancel", "id": "dup"}));
+    let r = c.recv();
+    assert_eq!(r["type"], "result", "{r}");
+    assert_eq!(r["id"], "dup");
+    assert_eq!(r["result"]["outcome"]["kind"], "cancelled");
+    // The id is free again.
+    c.good_submit("dup");
+
+    // A program that cannot start is a result (spawn_failed), not an error.
+    c.send(&json!({"op": "submit", "id": "nx", "argv": ["/nonexistent/check_x"]}));
+    let r = c.recv();
+    assert_eq!(r["type"], "result", "{r}");
+    assert_eq!(r["result"]["outcome"]["kind"], "spawn_failed");
+    assert_eq!(r["result"]["state"], "UNKNOWN");
+    c.good_submit("after-spawn-failure");
+
+    // Another client never noticed any of it.
+    other.send(&json!({"op": "ping", "id": 1}));
+    let r = other.recv();
+    assert_eq!(r["type"], "pong");
+    assert_eq!(r["id"], 1);
+
+    let s = d.stats();
+    for (code, n) in by_code {
+        assert_eq!(
+            s["daemon"]["errors_by_code"][code].as_u64(),
+            Some(n),
+            "{code}: {s:#}"
+        );
+    }
+}
+
+fn queue_full_then_recovery(backend: &str) {
+    let d = Daemon::start(backend, &["--max-running", "2", "--queue-limit", "2"], None);
+    let mut c = d.client();
+    for i in 0..4 {
+        c.send(&json!({"op": "submit", "id": i, "argv": ["/bin/sleep", "30"]}));
+    }
+    let start = Instant::now();
+    c.send(&json!({"op": "submit", "id": 99, "argv": ["/bin/true"]}));
+    let r = c.recv();
+    assert_eq!(r["type"], "error", "{r}");
+    assert_eq!(r["code"], "queue_full");
+    assert_eq!(r["id"], 99);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "queue_full must be immediate, took {:?}",
+        start.elapsed()
+    );
+    // Load drops: cancel the sleepers, each answered once.
+    for i in 0..4 {
+        c.send(&json!({"op": "cancel", "id": i}));
+    }
+    let mut ids: Vec<u64> = (0..4)
+        .map(|_| {
+            let r = c.recv();
+            assert_eq!(r["type"], "result", "{r}");
+            assert_eq!(r["result"]["outcome"]["kind"], "cancelled");
+            r["id"].as_u64().unwrap()
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, [0, 1, 2, 3]);
+    // Recovered.
+    c.good_submit("after");
+    let s = d.stats();
+    assert_eq!(s["daemon"]["errors_by_code"]["queue_full"], 1);
+    assert_eq!(counter(&s, "rejected"), 1);
+}
+
+fn client_disconnecting_mid_flight(backend: &str) {
+    let d = Daemon::start(backend, &[], None);
+    {
+        let mut c = d.client();
+        for i in 0..5 {
+            c.send(&json!({"op": "submit", "id": i, "argv": ["/bin/sleep", "30"]}));
+        }
+        d.wait_stats("5 running", |s| s["engine"]["running"] == 5);
+        // The connection drops here with 5 checks in flight.
+    }
+    let s = d.wait_stats("results dropped", |s| {
+        dcounter(s, "results_dropped") == 5 && s["engine"]["running"] == 0
+    });
+    assert_eq!(dcounter(&s, "clients_gone_in_flight"), 1);
+    assert_eq!(counter(&s, "cancelled"), 5);
+    assert_eq!(counter(&s, "completed"), 5);
+    // Killed and reaped: the daemon has no children left, and no zombie.
+    let end = Instant::now() + PATIENCE;
+    while !children_of(d.pid()).is_empty() {
+        assert!(
+            Instant::now() < end,
+            "children left: {:?}",
+            children_of(d.pid())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Others are unaffected.
+    d.client().good_submit("still-fine");
+}
+
+fn client_that_never_reads(backend: &str) {
+    let d = Daemon::start(
+        backend,
+        &[],
+        Some("max_client_queue = 8\nclient_write_timeout = \"1s\"\n"),
+    );
+    let stuck = UnixStream::connect(&d.socket).unwrap();
+    let mut w = stuck.try_clone().unwrap();
+    // Each result carries ~60 KB of output: the socket buffer fills fast.
+    let writer = std::thread::spawn(move || {
+        for i in 0..200 {
+            let req = json!({"op": "submit", "id": i,
+                "argv": ["/bin/sh", "-c", "head -c 60000 /dev/zero | tr '\\0' a"]});
+            let mut line = serde_json::to_vec(&req).unwrap();
+            line.push(b'\n');
+            if w.write_all(&line).is_err() {
+                return i; // the daemon dropped us
+            }
+        }
+        200
+    });
+    let s = d.wait_stats("stuck client dropped", |s| {
+        dcounter(s, "clients_dropped_stuck") == 1
+    });
+    // Backpressure: the daemon stopped reading long before all 200 submits.
+    let accepted = dcounter(&s, "submits_accepted");
+    assert!(accepted < 100, "daemon kept reading a stuck client: {s:#}");
+    let log = d.log();
+    assert!(log.contains("dropping client"), "{log}");
+    // Everything accepted is accounted for: sent (into the socket buffer) or dropped.
+    let s = d.wait_stats("accounted", |s| {
+        s["engine"]["running"] == 0
+            && s["engine"]["queued"] == 0
+            && dcounter(s, "results_sent") + dcounter(s, "results_dropped")
+                == dcounter(s, "submits_accepted")
+    });
+    assert!(dcounter(&s, "results_dropped") > 0);
+    drop(stuck);
+    let _ = writer.join();
+    // The daemon is fine for everyone else.
+    d.client().good_submit("other");
+}
+
+fn escaped_grandchild_reaped_as_orphan(backend: &str) {
+    let d = Daemon::start(backend, &[], None);
+    let mut c = d.client();
+    // The grandchild leaves the check's session and outlives the check.
+    // It reports its pid only after setsid(), so the check's group sweep
+    // cannot catch it before it escaped.
+    let script = "f=$(mktemp); \
+        setsid sh -c 'echo $$ > \"$1\"; exec sleep 2' sh \"$f\" </dev/null >/dev/null 2>&1 & \
+        while [ ! -s \"$f\" ]; do sleep 0.01; done; cat \"$f\"; rm -f \"$f\"";
+    c.send(&json!({"op": "submit", "id": "esc", "argv": ["/bin/sh", "-c", script]}));
+    let r = c.recv();
+    assert_eq!(r["type"], "result", "{r}");
+    assert_eq!(r["result"]["state"], "OK", "{r}");
+    let check_pid = r["result"]["pid"].as_i64().unwrap() as i32;
+    let grandchild: i32 = r["result"]["stdout"]["data"]
+        .as_str()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // While it lives it is re-parented to the daemon (the subreaper).
+    if let Some((state, ppid, sid)) = proc_stat(grandchild)
+        && state != 'Z'
+    {
+        assert_eq!(ppid, d.pid(), "orphan re-parented to the daemon");
+        assert_ne!(sid, check_pid, "it escaped the check's session");
+    }
+    let s = d.wait_stats("orphan reaped", |s| counter(s, "orphans_reaped") >= 1);
+    assert_eq!(counter(&s, "orphans_reaped"), 1, "{s:#}");
+    match proc_stat(grandchild) {
+        None => {}
+        Some((state, ppid, _)) => assert!(
+            ppid != d.pid(),
+            "grandchild {grandchild} still a child of the daemon in state {state}"
+        ),
+    }
+    assert!(zombie_children(d.pid()).is_empty());
+}
+
+fn sigterm_answers_everything_and_leaves_nothing(backend: &str) {
+    let mut d = Daemon::start(
+        backend,
+        &["--max-running", "3", "--drain-timeout", "2s"],
+        None,
+    );
+    let mut c = d.client();
+    // Five TERM-ignoring checks: three run, two wait for a slot.
+    for i in 0..5 {
+        c.send(&json!({"op": "submit", "id": i, "timeout": 120,
+            "argv": ["/bin/sh", "-c", "trap '' TERM; sleep 120 & sleep 120; wait"]}));
+    }
+    d.wait_stats("3 running", |s| {
+        s["engine"]["running"] == 3 && s["engine"]["queued"] == 2
+    });
+    let socket = d.socket.clone();
+    d.signal(libc::SIGTERM);
+    // While draining, new work is refused with `shutting_down` (checked on
+    // the open connection; the socket itself is already gone).
+    let end = Instant::now() + PATIENCE;
+    loop {
+        c.send(&json!({"op": "stats", "id": "st"}));
+        let r = c.recv();
+        if r["daemon"]["shutting_down"] == true {
+            break;
+        }
+        assert!(Instant::now() < end);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    c.send(&json!({"op": "submit", "id": "late", "argv": ["/bin/true"]}));
+    let r = c.recv();
+    assert_eq!(r["code"], "shutting_down", "{r}");
+    // Every accepted check is answered, then the connection closes.
+    let rest = c.recv_all();
+    let results: Vec<&Value> = rest.iter().filter(|r| r["type"] == "result").collect();
+    assert_eq!(results.len(), 5, "{rest:#?}");
+    let mut ids: Vec<u64> = results.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    ids.sort();
+    assert_eq!(ids, [0, 1, 2, 3, 4]);
+    let mut sessions = Vec::new();
+    for r in &results {
+        assert_eq!(r["result"]["outcome"]["kind"], "shutdown", "{r}");
+        if let Some(pid) = r["result"]["pid"].as_i64() {
+            sessions.push(pid as i32);
+        }
+    }
+    assert_eq!(sessions.len(), 3, "three had started");
+    let st = d.wait_exit(PATIENCE);
+    assert!(st.success(), "daemon exit status {st}:\n{}", d.log());
+    assert!(!socket.exists(), "socket removed");
+    let left = processes_in_sessions(&sessions);
+    assert!(left.is_empty(), "processes of checks survived: {left:?}");
+}
+
+fn second_signal_stops_now(backend: &str) {
+    let mut d = Daemon::start(backend, &["--drain-timeout", "10m"], None);
+    let mut c = d.client();
+    for i in 0..2 {
+        c.send(&json!({"op": "submit", "id": i, "timeout": 600,
+            "argv": ["/bin/sh", "-c", "trap '' TERM; sleep 600"]}));
+    }
+    d.wait_stats("2 running", |s| s["engine"]["running"] == 2);
+    // SIGHUP is ignored: the daemon carries on.
+    d.signal(libc::SIGHUP);
+    c.send(&json!({"op": "ping", "id": "after-hup"}));
+    assert_eq!(c.recv()["type"], "pong");
+    d.signal(libc::SIGTERM);
+    let end = Instant::now() + PATIENCE;
+    loop {
+        c.send(&json!({"op": "ping", "id": "p"}));
+        let _ = c.recv();
+        if d.log().contains("waiting for in-flight checks") {
+            break;
+        }
+        assert!(Instant::now() < end);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let start = Instant::now();
+    d.signal(libc::SIGINT);
+    let st = d.wait_exit(PATIENCE);
+    assert!(st.success(), "{st}");
+    assert!(start.elapsed() < Duration::from_secs(30));
+    let results: Vec<Value> = c
+        .recv_all()
+        .into_iter()
+        .filter(|r| r["type"] == "result")
+        .collect();
+    assert_eq!(results.len(), 2);
+    let sessions: Vec<i32> = results
+        .iter()
+        .map(|r| r["result"]["pid"].as_i64().unwrap() as i32)
+        .collect();
+    assert!(processes_in_sessions(&sessions).is_empty());
+}
+
+fn stats_and_prometheus_report_counts(backend: &str) {
+    let d = Daemon::start(backend, &["--metrics", "127.0.0.1:0"], None);
+    let mut c = d.client();
+    for i in 0..10 {
+        c.send(&json!({"op": "submit", "id": i, "argv": ["/bin/echo", "OK"]}));
+    }
+    for i in 10..12 {
+        c.send(&json!({"op": "submit", "id": i, "argv": ["/bin/sh", "-c", "echo bad; exit 2"]}));
+    }
+    c.send(
+        &json!({"op": "submit", "id": 12, "timeout": "300ms", "grace": "200ms",
+        "argv": ["/bin/sh", "-c", "trap '' TERM; sleep 30"]}),
+    );
+    c.send_raw(b"not json\n{\"op\":\"submit\",\"id\":1000}\n{\"op\":\"nope\"}\n");
+    let mut states: HashMap<String, u32> = HashMap::new();
+    let mut errors = 0;
+    // Whether SIGKILL was needed depends on whether the shell had set its
+    // trap before the deadline: count what the results say.
+    let mut escalated = 0;
+    for _ in 0..16 {
+        let r = c.recv();
+        match r["type"].as_str().unwrap() {
+            "result" => {
+                if r["result"]["outcome"]["escalated"] == true {
+                    escalated += 1;
+                }
+                *states
+                    .entry(r["result"]["state"].as_str().unwrap().to_string())
+                    .or_default() += 1
+            }
+            "error" => errors += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(errors, 3);
+    assert_eq!(states["OK"], 10);
+    assert_eq!(states["CRITICAL"], 2);
+    assert_eq!(states["UNKNOWN"], 1);
+
+    let s = d.wait_stats("results counted", |s| dcounter(s, "results_sent") == 13);
+    assert_eq!(counter(&s, "submitted"), 13);
+    assert_eq!(counter(&s, "completed"), 13);
+    assert_eq!(counter(&s, "exited"), 12);
+    assert_eq!(counter(&s, "timed_out"), 1);
+    assert_eq!(counter(&s, "escalated"), escalated);
+    assert_eq!(s["daemon"]["errors_by_code"]["bad_request"], 2);
+    assert_eq!(s["daemon"]["errors_by_code"]["unknown_op"], 1);
+    assert_eq!(s["engine"]["backend"], backend);
+    let total = s["engine"]["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|st| st["stage"] == "total")
+        .unwrap();
+    assert_eq!(total["count"], 13);
+
+    // The same numbers over Prometheus.
+    let addr = s["daemon"]["metrics_address"].as_str().unwrap().to_string();
+    let mut http = std::net::TcpStream::connect(&addr).unwrap();
+    http.set_read_timeout(Some(PATIENCE)).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    http.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
+    assert!(body.contains("text/plain; version=0.0.4"));
+    let metric = |line: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(line).and_then(|v| v.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("no {line} in\n{body}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(metric("pidring_checks_submitted_total"), 13.0);
+    assert_eq!(metric("pidring_checks_completed_total"), 13.0);
+    assert_eq!(metric("pidring_checks_escalated_total"), escalated as f64);
+    assert_eq!(
+        metric("pidring_checks_outcome_total{outcome=\"exited\"}"),
+        12.0
+    );
+    assert_eq!(
+        metric("pidring_checks_outcome_total{outcome=\"timed_out\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric("pidring_request_errors_total{code=\"bad_request\"}"),
+        2.0
+    );
+    assert_eq!(metric("pidring_results_sent_total"), 13.0);
+    assert_eq!(
+        metric("pidring_stage_duration_seconds_count{stage=\"total\"}"),
+        13.0
+    );
+    for q in ["0.5", "0.9", "0.99", "0.999"] {
+        let v = metric(&format!(
+            "pidring_stage_duration_seconds{{stage=\"run\",quantile=\"{q}\"}}"
+        ));
+        assert!(v > 0.0);
+    }
+    // The timed-out check ran ~0.5 s: the max run time shows it.
+    assert!(metric("pidring_stage_duration_max_seconds{stage=\"run\"}") >= 0.3);
+    assert!(body.contains("# TYPE pidring_stage_duration_seconds summary"));
+    assert!(body.contains("# TYPE pidring_checks_submitted_total counter"));
+    assert_eq!(
+        metric(&format!("pidring_backend_info{{backend=\"{backend}\"}}")),
+        1.0
+    );
+}
+
+fn socket_mode_stale_and_live_socket(backend: &str) {
+    let mut first = Daemon::start(backend, &[], None);
+    let mode = std::fs::metadata(&first.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+
+    // A live socket is not stolen.
+    let out = Command::new(BIN)
+        .args(["daemon", "--backend", backend, "--socket"])
+        .arg(&first.socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already listening"), "{err}");
+    first.client().good_submit("still-first");
+
+    // A crash leaves a stale socket: the next daemon replaces it.
+    first.signal(libc::SIGKILL);
+    let _ = first.wait_exit(PATIENCE);
+    assert!(first.socket.exists(), "SIGKILL leaves the socket behind");
+    let dir = std::mem::replace(&mut first.dir, tempfile::tempdir().unwrap());
+    let mut second = Daemon::spawn_on(dir, first.socket.clone(), backend, &[], None);
+    second.wait_ready();
+    second.client().good_submit("second");
+
+    // A configured group mode.
+    let shared = Daemon::start(
+        backend,
+        &[],
+        Some("socket_mode = \"0660\"\nsocket_group = \"root\"\n"),
+    );
+    let meta = std::fs::metadata(&shared.socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 0);
+
+    // Something that is not a socket is never removed.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-socket");
+    std::fs::write(&file, "keep me").unwrap();
+    let out = Command::new(BIN)
+        .args(["daemon", "--backend", backend, "--socket"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+}
+
+fn client_commands_and_json_logs(backend: &str) {
+    let d = Daemon::start(backend, &["--log-format", "json"], None);
+    let run = |args: &[&str]| {
+        // `--socket` right after the subcommand: after `--` it would be argv.
+        let out = Command::new(BIN)
+            .arg(args[0])
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, _) = run(&["ping"]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("pong"), "{out}");
+
+    // `submit` prints the plugin output and exits with the check's state.
+    let (code, out, _) = run(&["submit", "--", "/bin/echo", "OK - fine|t=1"]);
+    assert_eq!((code, out.as_str()), (Some(0), "OK - fine|t=1\n"));
+    let (code, out, _) = run(&["submit", "--command-line", "/bin/sh -c 'echo WARN; exit 1'"]);
+    assert_eq!((code, out.as_str()), (Some(1), "WARN\n"));
+    let (code, out, _) = run(&[
+        "submit",
+        "--timeout",
+        "200ms",
+        "--grace",
+        "100ms",
+        "--",
+        "/bin/sleep",
+        "30",
+    ]);
+    assert_eq!(code, Some(3));
+    assert!(out.contains("timed out"), "{out}");
+    let (code, out, _) = run(&["submit", "--json", "--", "/bin/echo", "x"]);
+    assert_eq!(code, Some(0));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["type"], "result");
+
+    // `stats`: a table, or JSON.
+    let (code, out, _) = run(&["stats"]);
+    assert_eq!(code, Some(0));
+    for word in ["stage", "p99.9", "total", "submitted", "results sent"] {
+        assert!(out.contains(word), "{word} missing in\n{out}");
+    }
+    let (code, out, _) = run(&["stats", "--json"]);
+    assert_eq!(code, Some(0));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["engine"]["counters"]["completed"], 4);
+
+    // A missing daemon: a human message, exit UNKNOWN.
+    let out = Command::new(BIN)
+        .args(["ping", "--socket"])
+        .arg(d.dir.path().join("nothing.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no such file (is `pidring daemon` running?)"),
+        "{err}"
+    );
+
+    // --log-format json: every log line is a JSON object.
+    let log = d.log();
+    assert!(log.contains("pidring daemon ready"), "{log}");
+    for line in log.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        assert!(v["level"].is_string());
+    }
+}
+
+fn half_closed_client_gets_every_answer(backend: &str) {
+    let d = Daemon::start(backend, &[], None);
+    let mut c = d.client();
+    for i in 0..20 {
+        c.send(&json!({"op": "submit", "id": i, "argv": ["/bin/sh", "-c", "sleep 0.2; echo OK"]}));
+    }
+    // Done sending; keep reading.
+    c.w.shutdown(std::net::Shutdown::Write).unwrap();
+    let answers = c.recv_all();
+    let mut ids: Vec<u64> = answers
+        .iter()
+        .map(|r| {
+            assert_eq!(r["type"], "result", "{r}");
+            assert_eq!(r["result"]["state"], "OK");
+            r["id"].as_u64().unwrap()
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, (0..20).collect::<Vec<_>>());
+    let s = d.wait_stats("closed", |s| dcounter(s, "connections_open") == 1);
+    assert_eq!(dcounter(&s, "results_dropped"), 0);
+}
