@@ -382,3 +382,34 @@ fn private_table(keep: &[RawFd]) -> bool {
     }
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{Check, Executor, Outcome};
+    use rustix::pipe::PipeFlags;
+
+    /// A spawner's private table must not keep the application's files open:
+    /// a pipe whose write end the application closes must reach EOF.
+    #[test]
+    fn spawners_do_not_pin_descriptors_opened_before_the_executor() {
+        let (r, w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC).expect("pipe");
+        let exec = Executor::builder()
+            .spawn_threads(2)
+            .build()
+            .expect("executor");
+        // `build` returns once every spawner has its own table; run a few checks anyway.
+        let pending: Vec<_> = (0..4)
+            .map(|_| exec.submit(Check::argv(["/bin/true"])).expect("submit"))
+            .collect();
+        for p in pending {
+            assert!(matches!(p.wait().outcome, Outcome::Exited { code: 0 }));
+        }
+        drop(w);
+        rustix::io::ioctl_fionbio(&r, true).expect("nonblocking");
+        assert_eq!(
+            rustix::io::read(&r, &mut [0u8; 1]),
+            Ok(0),
+            "a spawner still holds the write end"
+        );
+    }
+}
