@@ -350,7 +350,8 @@ fn send_fds(outbox: BorrowedFd<'_>, child: &Child) -> Result<(), Errno> {
             outbox,
             &[IoSlice::new(&pid)],
             &mut control,
-            SendFlags::empty(),
+            // No SIGPIPE if the loop is gone: an embedding program may not ignore it.
+            SendFlags::NOSIGNAL,
         ) {
             Ok(_) => return Ok(()),
             Err(Errno::INTR) => continue,
