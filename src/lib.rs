@@ -29,6 +29,7 @@ pub mod error;
 pub mod executor;
 mod lifecycle;
 pub mod metrics;
+pub mod nagios;
 pub mod plugin;
 pub mod result;
 mod spawn;

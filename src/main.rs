@@ -21,6 +21,9 @@ enum Command {
     /// `daemon`, `submit`, `stats`, `ping`: the executor service and its clients.
     #[command(flatten)]
     Daemon(cli::daemon::DaemonCommand),
+    /// Serve a Nagios 4 core's checks as an external worker on its
+    /// query-handler socket, until SIGTERM.
+    NagiosWorker(cli::nagios_worker::NagiosWorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -28,5 +31,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => cli::run::main(args),
         Command::Daemon(cmd) => cli::daemon::main(cmd),
+        Command::NagiosWorker(args) => cli::nagios_worker::main(args),
     }
 }

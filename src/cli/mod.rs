@@ -3,4 +3,5 @@
 pub mod client;
 pub mod daemon;
 pub mod logging;
+pub mod nagios_worker;
 pub mod run;

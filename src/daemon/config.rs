@@ -47,6 +47,9 @@ pub struct DaemonConfig {
     /// A client whose socket accepts no bytes for this long is dropped.
     #[serde(deserialize_with = "de_duration")]
     pub client_write_timeout: Duration,
+    /// Also serve a Nagios 4 core as an external worker (`[nagios]` section),
+    /// through the same executor: its jobs show in the same stats.
+    pub nagios: Option<crate::nagios::NagiosWorkerConfig>,
 }
 
 impl Default for DaemonConfig {
@@ -66,6 +69,7 @@ impl Default for DaemonConfig {
             max_line_bytes: 1024 * 1024,
             max_client_queue: 4096,
             client_write_timeout: Duration::from_secs(30),
+            nagios: None,
         }
     }
 }
@@ -106,6 +110,9 @@ impl DaemonConfig {
         }
         if self.client_write_timeout.is_zero() {
             return Err("client_write_timeout must be greater than zero".into());
+        }
+        if let Some(n) = &self.nagios {
+            n.validate().map_err(|e| format!("[nagios]: {e}"))?;
         }
         Ok(())
     }

@@ -78,6 +78,9 @@ pub enum DaemonError {
         /// Why.
         source: io::Error,
     },
+    /// The Nagios worker connections could not start.
+    #[error(transparent)]
+    Nagios(#[from] crate::nagios::NagiosError),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),

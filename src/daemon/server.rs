@@ -86,7 +86,7 @@ impl Stats {
 
 /// What every connection thread shares.
 pub(crate) struct Daemon {
-    pub(crate) exec: Executor,
+    pub(crate) exec: Arc<Executor>,
     pub(crate) config: DaemonConfig,
     pub(crate) stats: Arc<Stats>,
 }
@@ -422,6 +422,11 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         .backend(config.backend)
         .reap_orphans(true)
         .build()?;
+    let exec = Arc::new(exec);
+    let nagios = match &config.nagios {
+        Some(n) => Some(crate::nagios::spawn_workers(n, exec.clone())?),
+        None => None,
+    };
     let stats = Arc::new(Stats::default());
     let daemon = Arc::new(Daemon {
         exec,
@@ -509,6 +514,11 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         }
     }
 
+    // The Nagios connections answer their in-flight jobs (cancelled) first.
+    if let Some(workers) = nagios {
+        let s = workers.stop();
+        tracing::info!(?s, "nagios worker connections stopped");
+    }
     // 3. Kill, sweep and reap what is left; every accepted check is answered.
     //    In subreaper mode the executor's shutdown also kills and reaps every
     //    adopted descendant (escaped, or a group member killed by the sweep).

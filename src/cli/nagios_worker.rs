@@ -1,0 +1,127 @@
+//! `pidring nagios-worker`: serve a Nagios 4 core's checks as an external worker.
+
+use clap::Args;
+use pidring::nagios::{self, NagiosWorkerConfig};
+use pidring::{BackendKind, Executor};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Arguments of `pidring nagios-worker`.
+#[derive(Args, Debug)]
+pub struct NagiosWorkerArgs {
+    /// The core's query-handler socket (`query_socket=` in nagios.cfg).
+    #[arg(long, default_value = nagios::config::DEFAULT_QH_SOCKET)]
+    qh_socket: PathBuf,
+    /// Take over every job whose command starts with this plugin (name or
+    /// full path, as in the command definition). Repeat for more plugins;
+    /// each gets its own connection.
+    #[arg(long = "plugin", value_name = "NAME")]
+    plugins: Vec<String>,
+    /// General connections joining the core's round-robin with its own
+    /// workers (default: 1 without --plugin, 0 with).
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Worker name shown in nagios.log.
+    #[arg(long, default_value = "pidring")]
+    name: String,
+    /// Most jobs the core may hand one connection at once.
+    #[arg(long, default_value_t = 4096)]
+    max_jobs: usize,
+    /// Event backend: auto, io_uring or epoll.
+    #[arg(long, default_value = "auto")]
+    backend: BackendKind,
+    /// Most checks running at once; the rest wait in FIFO order.
+    #[arg(long, default_value_t = 1024)]
+    max_running: usize,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+/// Run until SIGTERM or SIGINT.
+pub fn main(args: NagiosWorkerArgs) -> ExitCode {
+    super::logging::init("info", args.log_json);
+    // Block the stop signals in every thread (the executor's threads inherit
+    // the mask; checks do not: the spawner resets it) and take them with sigwait.
+    let stop_signals = match block_stop_signals() {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("cannot block SIGTERM/SIGINT: {e}")),
+    };
+    let config = NagiosWorkerConfig {
+        qh_socket: args.qh_socket,
+        plugins: args.plugins,
+        connections: args.connections,
+        name: args.name,
+        max_jobs: args.max_jobs,
+    };
+    if let Err(e) = config.validate() {
+        return fail(&e);
+    }
+    let exec = match Executor::builder()
+        .backend(args.backend)
+        .max_running(args.max_running)
+        .reap_orphans(true)
+        .build()
+    {
+        Ok(e) => Arc::new(e),
+        Err(e) => return fail(&e.to_string()),
+    };
+    let workers = match nagios::spawn_workers(&config, exec.clone()) {
+        Ok(w) => w,
+        Err(e) => return fail(&e.to_string()),
+    };
+    tracing::info!(
+        socket = %config.qh_socket.display(),
+        plugins = ?config.plugins,
+        general = config.general_connections(),
+        "pidring nagios-worker running; stop with SIGTERM"
+    );
+    let sig = wait_for(&stop_signals);
+    tracing::info!(
+        signal = sig,
+        "stopping: killing and answering jobs in flight"
+    );
+    let stats = workers.stop();
+    exec.shutdown();
+    tracing::info!(
+        jobs = stats.jobs,
+        answers = stats.answers,
+        registrations = stats.registrations,
+        "stopped\n{}",
+        exec.metrics().render_table()
+    );
+    ExitCode::SUCCESS
+}
+
+fn block_stop_signals() -> std::io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it, and
+    // pthread_sigmask only changes this thread's mask (before any thread exists).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        Ok(set)
+    }
+}
+
+fn wait_for(set: &libc::sigset_t) -> i32 {
+    loop {
+        let mut sig = 0;
+        // SAFETY: `set` is an initialised sigset_t and `sig` a valid out-pointer.
+        let rc = unsafe { libc::sigwait(set, &mut sig) };
+        if rc == 0 {
+            return sig;
+        }
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("pidring nagios-worker: {msg}");
+    ExitCode::from(2)
+}

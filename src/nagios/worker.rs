@@ -1,0 +1,1044 @@
+//! External worker connections to a Nagios 4 core: register on the core's
+//! query-handler socket, run every job it sends through the shared
+//! [`Executor`], answer in the core's format, reconnect when the core restarts.
+//!
+//! Each connection has two threads: a reader that decodes jobs and submits
+//! them, and a writer that sends answers as soon as the executor delivers
+//! them (the executor's callback only puts the result on a channel).
+
+use super::codec::{self, Decoder, Message};
+use super::config::NagiosWorkerConfig;
+use crate::executor::{CheckId, Executor};
+use crate::result::{CheckResult, Outcome, signal_name};
+use crate::{Check, State, SubmitError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::collections::HashSet;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The errno the core reads as "the program timed out" (`ETIME`).
+pub const ERROR_TIMED_OUT: i32 = libc::ETIME;
+/// Timeout used when a job carries none (or 0): the core's default check timeout.
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time between SIGTERM and SIGKILL for a job past its timeout.
+pub const KILL_GRACE: Duration = Duration::from_secs(1);
+/// How long a clean stop waits for cancelled jobs to be answered.
+pub const STOP_DRAIN: Duration = Duration::from_secs(10);
+
+const READ_POLL: Duration = Duration::from_millis(200);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Why the workers could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NagiosError {
+    /// The configuration cannot work.
+    #[error("invalid nagios worker config: {0}")]
+    Config(String),
+    /// A connection thread could not be started.
+    #[error("cannot start a nagios worker thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Why one registration attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The socket could not be reached.
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading or writing the registration failed.
+    #[error("registration i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The core answered something other than `OK`.
+    #[error("the core refused the registration: {0:?}")]
+    Refused(String),
+}
+
+/// Counters over all connections, readable while they run.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    registrations: AtomicU64,
+    connected: AtomicUsize,
+    jobs: AtomicU64,
+    answers: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// A copy of [`WorkerStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WorkerStatsSnapshot {
+    /// Successful registrations (first connects and reconnects).
+    pub registrations: u64,
+    /// Connections registered right now.
+    pub connected: usize,
+    /// Jobs received from the core.
+    pub jobs: u64,
+    /// Answers written to the core.
+    pub answers: u64,
+    /// Jobs answered with an error without running (bad command, queue full).
+    pub refused: u64,
+}
+
+impl WorkerStats {
+    fn snapshot(&self) -> WorkerStatsSnapshot {
+        WorkerStatsSnapshot {
+            registrations: self.registrations.load(Ordering::Relaxed),
+            connected: self.connected.load(Ordering::Relaxed),
+            jobs: self.jobs.load(Ordering::Relaxed),
+            answers: self.answers.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Running worker connections; [`NagiosWorkers::stop`] (or drop) ends them.
+#[derive(Debug)]
+pub struct NagiosWorkers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    stats: Arc<WorkerStats>,
+}
+
+impl NagiosWorkers {
+    /// Counters over all connections.
+    pub fn stats(&self) -> WorkerStatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Stop reading jobs, kill and reap the jobs in flight, answer them while
+    /// the connection is up, close every connection and join the threads.
+    /// Returns the final counters.
+    pub fn stop(mut self) -> WorkerStatsSnapshot {
+        self.stop_and_join();
+        self.stats.snapshot()
+    }
+
+    fn stop_and_join(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a nagios worker connection thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for NagiosWorkers {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// One connection to open: what to register as.
+#[derive(Debug, Clone)]
+struct ConnSpec {
+    /// For logs.
+    label: String,
+    /// The `@wproc register ...` request, NUL included.
+    request: Vec<u8>,
+    socket: PathBuf,
+}
+
+/// The registration request for one connection. Never carries `pid=`: the
+/// core would SIGKILL that pid when the connection closes.
+pub fn register_request(name: &str, max_jobs: usize, plugin: Option<&str>) -> Vec<u8> {
+    let mut s = format!("@wproc register name={name};max_jobs={max_jobs}");
+    if let Some(p) = plugin {
+        s.push_str(";plugin=");
+        s.push_str(p);
+    }
+    let mut v = s.into_bytes();
+    v.retain(|&b| b != 0);
+    v.push(0);
+    v
+}
+
+/// Start one connection per plugin plus the general connections, each on
+/// its own threads; they connect (and keep reconnecting) in the background.
+pub fn spawn_workers(
+    config: &NagiosWorkerConfig,
+    exec: Arc<Executor>,
+) -> Result<NagiosWorkers, NagiosError> {
+    config.validate().map_err(NagiosError::Config)?;
+    let mut specs = Vec::new();
+    for plugin in &config.plugins {
+        let name = format!("{} {}", config.name, plugin);
+        specs.push(ConnSpec {
+            label: format!("plugin {plugin}"),
+            request: register_request(&name, config.max_jobs, Some(plugin)),
+            socket: config.qh_socket.clone(),
+        });
+    }
+    for i in 0..config.general_connections() {
+        let name = format!("{} {}", config.name, i + 1);
+        specs.push(ConnSpec {
+            label: format!("general #{}", i + 1),
+            request: register_request(&name, config.max_jobs, None),
+            socket: config.qh_socket.clone(),
+        });
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(WorkerStats::default());
+    let mut workers = NagiosWorkers {
+        stop: stop.clone(),
+        threads: Vec::new(),
+        stats: stats.clone(),
+    };
+    for spec in specs {
+        let ctx = ConnCtx {
+            spec,
+            exec: exec.clone(),
+            stop: stop.clone(),
+            stats: stats.clone(),
+        };
+        let t = std::thread::Builder::new()
+            .name("pidring-nagios".into())
+            .spawn(move || ctx.run())
+            .map_err(NagiosError::Thread)?; // `workers` drops: started threads stop
+        workers.threads.push(t);
+    }
+    Ok(workers)
+}
+
+/// Connect to the socket, register, and read the core's `OK`. Returns the
+/// stream and whatever the core sent after the `OK` (jobs may follow at once).
+pub fn register(socket: &Path, request: &[u8]) -> Result<(UnixStream, Vec<u8>), RegisterError> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| RegisterError::Connect {
+        path: socket.to_owned(),
+        source,
+    })?;
+    stream.set_write_timeout(Some(REGISTER_TIMEOUT))?;
+    stream.set_read_timeout(Some(REGISTER_TIMEOUT))?;
+    stream.write_all(request)?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = Instant::now() + REGISTER_TIMEOUT;
+    loop {
+        if let Some(nul) = got.iter().position(|&b| b == 0) {
+            let answer = String::from_utf8_lossy(&got[..nul]).into_owned();
+            if answer != "OK" {
+                return Err(RegisterError::Refused(answer));
+            }
+            return Ok((stream, got[nul + 1..].to_vec()));
+        }
+        if Instant::now() >= end || got.len() > 64 * 1024 {
+            return Err(RegisterError::Refused(
+                String::from_utf8_lossy(&got).into_owned(),
+            ));
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                return Err(RegisterError::Refused(format!(
+                    "connection closed after {:?}",
+                    String::from_utf8_lossy(&got)
+                )));
+            }
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+struct ConnCtx {
+    spec: ConnSpec,
+    exec: Arc<Executor>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<WorkerStats>,
+}
+
+/// What a job gets back: the executor's result, or an error found before it ran.
+enum Answer {
+    Done {
+        echo: Vec<(String, String)>,
+        result: Box<CheckResult>,
+    },
+    Refused {
+        echo: Vec<(String, String)>,
+        code: i32,
+        message: String,
+        at_us: u64,
+    },
+    /// A `log=` message: the core writes it to nagios.log.
+    Log(String),
+}
+
+impl ConnCtx {
+    fn run(self) {
+        let mut backoff = BACKOFF_FIRST;
+        let mut failures = 0u32;
+        while !self.stop.load(Ordering::SeqCst) {
+            match register(&self.spec.socket, &self.spec.request) {
+                Ok((stream, leftover)) => {
+                    failures = 0;
+                    backoff = BACKOFF_FIRST;
+                    self.stats.registrations.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(conn = %self.spec.label, socket = %self.spec.socket.display(), "registered with the nagios core");
+                    self.stats.connected.fetch_add(1, Ordering::Relaxed);
+                    let end = self.serve(stream, leftover);
+                    self.stats.connected.fetch_sub(1, Ordering::Relaxed);
+                    match end {
+                        SessionEnd::Stopped => return,
+                        SessionEnd::Closed => {
+                            tracing::info!(conn = %self.spec.label, "the core closed the connection (restart or shutdown); reconnecting")
+                        }
+                        SessionEnd::Broken(why) => {
+                            tracing::warn!(conn = %self.spec.label, "connection to the core broke: {why}; reconnecting")
+                        }
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    // The socket is absent for a moment during every restart: quiet at first.
+                    if failures <= 3 {
+                        tracing::debug!(conn = %self.spec.label, "cannot register yet: {e}");
+                    } else {
+                        tracing::warn!(conn = %self.spec.label, retry_in = ?backoff, "cannot register with the nagios core: {e}");
+                    }
+                }
+            }
+            self.sleep_unless_stopped(backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn sleep_unless_stopped(&self, d: Duration) {
+        let end = Instant::now() + d;
+        while !self.stop.load(Ordering::SeqCst) {
+            let now = Instant::now();
+            if now >= end {
+                return;
+            }
+            std::thread::sleep((end - now).min(Duration::from_millis(50)));
+        }
+    }
+
+    fn serve(&self, stream: UnixStream, leftover: Vec<u8>) -> SessionEnd {
+        let writer_stream = match stream
+            .try_clone()
+            .and_then(|s| s.set_write_timeout(Some(WRITE_TIMEOUT)).map(|_| s))
+            .and_then(|s| stream.set_read_timeout(Some(READ_POLL)).map(|_| s))
+        {
+            Ok(s) => s,
+            Err(e) => return SessionEnd::Broken(format!("socket setup: {e}")),
+        };
+        let (tx, rx) = crossbeam_channel::unbounded::<Answer>();
+        let inflight: Arc<Mutex<HashSet<CheckId>>> = Arc::default();
+        let alive = Arc::new(AtomicBool::new(true));
+        let writer = {
+            let (inflight, alive, stats) = (inflight.clone(), alive.clone(), self.stats.clone());
+            let label = self.spec.label.clone();
+            std::thread::Builder::new()
+                .name("pidring-nagios-w".into())
+                .spawn(move || write_loop(writer_stream, rx, inflight, alive, stats, &label))
+        };
+        let writer = match writer {
+            Ok(w) => w,
+            Err(e) => return SessionEnd::Broken(format!("cannot start writer thread: {e}")),
+        };
+        let session = Session {
+            tx,
+            inflight,
+            alive,
+        };
+        let _ = session.tx.send(Answer::Log(format!(
+            "pidring worker connected ({}); checks run through pidring",
+            self.spec.label
+        )));
+        let end = self.read_loop(&stream, leftover, &session);
+        if matches!(end, SessionEnd::Stopped) {
+            self.drain(&session);
+        }
+        session.alive.store(false, Ordering::SeqCst);
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        drop(session);
+        if writer.join().is_err() {
+            tracing::error!("nagios writer thread panicked");
+        }
+        end
+    }
+
+    fn read_loop(&self, mut stream: &UnixStream, leftover: Vec<u8>, s: &Session) -> SessionEnd {
+        let mut decoder = Decoder::new();
+        decoder.feed(&leftover);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            loop {
+                match decoder.next_message() {
+                    Ok(Some(msg)) => self.start_job(msg, s),
+                    Ok(None) => break,
+                    Err(e) => return SessionEnd::Broken(e.to_string()),
+                }
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                return SessionEnd::Stopped;
+            }
+            if !s.alive.load(Ordering::SeqCst) {
+                return SessionEnd::Broken("writing an answer failed".into());
+            }
+            match stream.read(&mut buf) {
+                Ok(0) => return SessionEnd::Closed,
+                Ok(n) => decoder.feed(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return SessionEnd::Broken(format!("read: {e}")),
+            }
+        }
+    }
+
+    /// Kill the jobs still in flight and give the writer time to answer them.
+    fn drain(&self, s: &Session) {
+        let ids: Vec<CheckId> = lock(&s.inflight).iter().copied().collect();
+        if !ids.is_empty() {
+            tracing::info!(conn = %self.spec.label, jobs = ids.len(), "stopping: killing jobs in flight");
+        }
+        for id in ids {
+            self.exec.cancel(id);
+        }
+        let end = Instant::now() + STOP_DRAIN;
+        while !lock(&s.inflight).is_empty() && s.alive.load(Ordering::SeqCst) {
+            if Instant::now() >= end {
+                tracing::warn!(conn = %self.spec.label, "stopping: some cancelled jobs were not answered in time");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn start_job(&self, msg: Message, s: &Session) {
+        self.stats.jobs.fetch_add(1, Ordering::Relaxed);
+        if msg.get("job_id").is_none() {
+            tracing::warn!(conn = %self.spec.label, "message from the core without job_id ignored: {:?}", msg.pairs);
+            return;
+        }
+        let check = match job_check(&msg) {
+            Ok(c) => c,
+            Err((code, message)) => return self.refuse(s, &msg, code, message),
+        };
+        let echo = echo_pairs(&msg);
+        let tx = s.tx.clone();
+        let mut inflight = lock(&s.inflight);
+        let submitted = self.exec.submit_with(check, move |result| {
+            let _ = tx.send(Answer::Done {
+                echo,
+                result: Box::new(result),
+            });
+        });
+        match submitted {
+            Ok(id) => {
+                inflight.insert(id);
+            }
+            Err(e) => {
+                drop(inflight);
+                let code = match e {
+                    SubmitError::QueueFull { .. } => libc::EAGAIN,
+                    SubmitError::ShuttingDown => libc::ESHUTDOWN,
+                    SubmitError::Invalid(_) => libc::EINVAL,
+                };
+                self.refuse(s, &msg, code, format!("pidring: {e}"));
+            }
+        }
+    }
+
+    fn refuse(&self, s: &Session, msg: &Message, code: i32, message: String) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(conn = %self.spec.label, job = ?msg.get("job_id"), "job refused: {message}");
+        let _ = s.tx.send(Answer::Refused {
+            echo: echo_pairs(msg),
+            code,
+            message,
+            at_us: codec::now_unix_us(),
+        });
+    }
+}
+
+struct Session {
+    tx: Sender<Answer>,
+    inflight: Arc<Mutex<HashSet<CheckId>>>,
+    alive: Arc<AtomicBool>,
+}
+
+enum SessionEnd {
+    Stopped,
+    Closed,
+    Broken(String),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_loop(
+    mut stream: UnixStream,
+    rx: Receiver<Answer>,
+    inflight: Arc<Mutex<HashSet<CheckId>>>,
+    alive: Arc<AtomicBool>,
+    stats: Arc<WorkerStats>,
+    label: &str,
+) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        let first = match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(a) => a,
+            Err(RecvTimeoutError::Timeout) => {
+                if alive.load(Ordering::SeqCst) {
+                    continue;
+                }
+                return;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        buf.clear();
+        let mut answers = 0u64;
+        // Batch what is already there into one write.
+        for answer in std::iter::once(first).chain(rx.try_iter().take(255)) {
+            match answer {
+                Answer::Done { echo, result } => {
+                    lock(&inflight).remove(&result.id);
+                    codec::encode_into(response_pairs(&echo, &result), &mut buf);
+                    answers += 1;
+                }
+                Answer::Log(text) => codec::encode_into([("log", text)], &mut buf),
+                Answer::Refused {
+                    echo,
+                    code,
+                    message,
+                    at_us,
+                } => {
+                    codec::encode_into(refusal_pairs(&echo, code, &message, at_us), &mut buf);
+                    answers += 1;
+                }
+            }
+        }
+        if let Err(e) = stream.write_all(&buf) {
+            tracing::warn!(conn = %label, "cannot write answers to the core: {e}");
+            alive.store(false, Ordering::SeqCst);
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        stats.answers.fetch_add(answers, Ordering::Relaxed);
+    }
+}
+
+/// The request's pairs that go back in the answer: all but `env`.
+pub fn echo_pairs(msg: &Message) -> Vec<(String, String)> {
+    msg.pairs
+        .iter()
+        .filter(|(k, _)| k != "env")
+        .cloned()
+        .collect()
+}
+
+/// Turn a job into a check: its command line (split like Nagios does), its
+/// timeout, and its environment macros. Err: (errno, message) for the core.
+pub fn job_check(msg: &Message) -> Result<Check, (i32, String)> {
+    let command = msg
+        .get("command")
+        .filter(|c| !c.trim().is_empty())
+        .ok_or((libc::EINVAL, "pidring: the job has no command".to_string()))?;
+    let timeout = msg
+        .get("timeout")
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .filter(|&t| t > 0)
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_JOB_TIMEOUT);
+    let mut check = Check::command_line(command)
+        .map_err(|e| {
+            (
+                libc::EINVAL,
+                format!("pidring: cannot run {command:?}: {e}"),
+            )
+        })?
+        .timeout(timeout)
+        .grace(KILL_GRACE)
+        .timeout_state(State::Unknown);
+    if let Some(env) = msg.get("env") {
+        for line in env.split('\n') {
+            match line.split_once('=') {
+                Some((k, v)) if !k.is_empty() => check = check.env(k, v),
+                _ if line.is_empty() => {}
+                _ => tracing::debug!("ignoring environment line without a name: {line:?}"),
+            }
+        }
+    }
+    Ok(check)
+}
+
+/// The answer to a job that ran (or was cancelled): the echoed request,
+/// then `wait_status`, `start`, `stop`, `runtime`, `exited_ok` (plus
+/// `error_code`/`error_msg` when 0), `outstd`, `outerr`. No `ru_*` keys.
+pub fn response_pairs(echo: &[(String, String)], r: &CheckResult) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = echo
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+        .collect();
+    let start_us = if r.timings.started_unix_us > 0 {
+        r.timings.started_unix_us
+    } else {
+        r.timings.submitted_unix_us
+    };
+    let stop_us = if r.timings.exited_unix_us > 0 {
+        r.timings.exited_unix_us
+    } else {
+        codec::now_unix_us().max(start_us)
+    };
+    let mut wait_status = r.exit.map(|e| e.wait_status());
+    let mut outerr = r.stderr.data.clone();
+    // (exited_ok, error_code, error_msg)
+    let failure: Option<(i32, String)> = match &r.outcome {
+        Outcome::Exited { .. } | Outcome::Signaled { .. } => None,
+        Outcome::TimedOut {
+            timeout_ms, signal, ..
+        } => Some((
+            ERROR_TIMED_OUT,
+            format!(
+                "pidring: timed out after {:.3} s; killed with {}",
+                *timeout_ms as f64 / 1000.0,
+                signal_name(*signal)
+            ),
+        )),
+        Outcome::Cancelled | Outcome::Shutdown => Some((
+            libc::ECANCELED,
+            "pidring: check killed because the worker is shutting down".to_string(),
+        )),
+        Outcome::SpawnFailed { errno, message } => match errno {
+            // What a fork+exec worker reports for a missing or non-executable
+            // plugin, so the core prints its usual "plugin may be missing" hint.
+            Some(e) if *e == libc::ENOENT || *e == libc::EACCES => {
+                wait_status = Some(if *e == libc::ENOENT { 127 } else { 126 } << 8);
+                outerr = format!("pidring: {message}").into_bytes();
+                None
+            }
+            _ => Some((
+                errno.unwrap_or(libc::EINVAL),
+                format!("pidring: cannot start the check: {message}"),
+            )),
+        },
+    };
+    out.push((
+        "wait_status".into(),
+        wait_status.unwrap_or(0).to_string().into_bytes(),
+    ));
+    out.push(("start".into(), codec::format_timeval(start_us).into_bytes()));
+    out.push(("stop".into(), codec::format_timeval(stop_us).into_bytes()));
+    out.push((
+        "runtime".into(),
+        format!("{:.6}", r.timings.run.as_secs_f64()).into_bytes(),
+    ));
+    match failure {
+        None => out.push(("exited_ok".into(), b"1".to_vec())),
+        Some((code, msg)) => {
+            out.push(("exited_ok".into(), b"0".to_vec()));
+            out.push(("error_code".into(), code.to_string().into_bytes()));
+            out.push(("error_msg".into(), msg.into_bytes()));
+        }
+    }
+    out.push(("outstd".into(), r.stdout.data.clone()));
+    out.push(("outerr".into(), outerr));
+    out
+}
+
+/// The answer to a job that never ran (no command, queue full, ...).
+pub fn refusal_pairs(
+    echo: &[(String, String)],
+    code: i32,
+    message: &str,
+    at_us: u64,
+) -> Vec<(String, String)> {
+    let mut out = echo.to_vec();
+    let at = codec::format_timeval(at_us);
+    out.push(("wait_status".into(), "0".into()));
+    out.push(("start".into(), at.clone()));
+    out.push(("stop".into(), at));
+    out.push(("runtime".into(), "0.000000".into()));
+    out.push(("exited_ok".into(), "0".into()));
+    out.push(("error_code".into(), code.to_string()));
+    out.push(("error_msg".into(), message.to_string()));
+    out.push(("outstd".into(), String::new()));
+    out.push(("outerr".into(), message.to_string()));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::result::{ExitStatus, Output, Timings};
+    use std::os::unix::net::UnixListener;
+
+    fn result(outcome: Outcome, exit: Option<ExitStatus>, stdout: &[u8]) -> CheckResult {
+        CheckResult {
+            id: 1,
+            tag: None,
+            outcome,
+            state: State::Ok,
+            reason: String::new(),
+            exit,
+            pid: Some(10),
+            stdout: Output {
+                data: stdout.to_vec(),
+                ..Default::default()
+            },
+            stderr: Output::default(),
+            output_cut: false,
+            plugin: Default::default(),
+            timings: Timings {
+                submitted_unix_us: 1_700_000_000_000_000,
+                started_unix_us: 1_700_000_000_000_007,
+                exited_unix_us: 1_700_000_001_250_000,
+                run: Duration::from_micros(1_249_993),
+                ..Default::default()
+            },
+            rusage: None,
+        }
+    }
+
+    fn as_map(pairs: &[(String, Vec<u8>)]) -> std::collections::HashMap<&str, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v).into_owned()))
+            .collect()
+    }
+
+    fn job(pairs: &[(&str, &str)]) -> Message {
+        Message {
+            pairs: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn register_request_has_no_pid() {
+        assert_eq!(
+            register_request("pidring check_dummy", 64, Some("check_dummy")),
+            b"@wproc register name=pidring check_dummy;max_jobs=64;plugin=check_dummy\0"
+        );
+        assert_eq!(
+            register_request("pidring 1", 8, None),
+            b"@wproc register name=pidring 1;max_jobs=8\0"
+        );
+    }
+
+    #[test]
+    fn answer_echoes_request_but_not_env() {
+        let m = job(&[
+            ("job_id", "3"),
+            ("type", "0"),
+            ("command", "check_x"),
+            ("timeout", "60"),
+            ("env", "NAGIOS_HOSTNAME=h\nNAGIOS_X=y"),
+        ]);
+        let r = result(
+            Outcome::Exited { code: 2 },
+            Some(ExitStatus::Exited { code: 2 }),
+            b"CRIT",
+        );
+        let pairs = response_pairs(&echo_pairs(&m), &r);
+        let keys: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "job_id",
+                "type",
+                "command",
+                "timeout",
+                "wait_status",
+                "start",
+                "stop",
+                "runtime",
+                "exited_ok",
+                "outstd",
+                "outerr"
+            ]
+        );
+        let m = as_map(&pairs);
+        assert_eq!(m["wait_status"], "512");
+        assert_eq!(m["start"], "1700000000.000007");
+        assert_eq!(m["stop"], "1700000001.250000");
+        assert_eq!(m["runtime"], "1.249993");
+        assert_eq!(m["exited_ok"], "1");
+        assert_eq!(m["outstd"], "CRIT");
+    }
+
+    #[test]
+    fn timeout_is_etime_and_signal_is_raw_status() {
+        let r = result(
+            Outcome::TimedOut {
+                timeout_ms: 2000,
+                signal: libc::SIGTERM,
+                escalated: false,
+            },
+            Some(ExitStatus::Signaled {
+                signal: libc::SIGTERM,
+                core_dumped: false,
+            }),
+            b"",
+        );
+        let m = response_pairs(&[], &r);
+        let m = as_map(&m);
+        assert_eq!(m["exited_ok"], "0");
+        assert_eq!(m["error_code"], "62");
+        assert_eq!(m["wait_status"], libc::SIGTERM.to_string());
+        assert!(m["error_msg"].contains("timed out after 2.000 s"), "{m:?}");
+
+        let r = result(
+            Outcome::Signaled {
+                signal: libc::SIGSEGV,
+                core_dumped: true,
+            },
+            Some(ExitStatus::Signaled {
+                signal: libc::SIGSEGV,
+                core_dumped: true,
+            }),
+            b"",
+        );
+        let m = response_pairs(&[], &r);
+        let m = as_map(&m);
+        assert_eq!(m["wait_status"], (libc::SIGSEGV | 0x80).to_string());
+        assert_eq!(m["exited_ok"], "1");
+        assert!(!m.keys().any(|k| k.starts_with("ru_")));
+    }
+
+    #[test]
+    fn missing_plugin_looks_like_exit_127_and_cancel_is_an_error() {
+        let mut r = result(
+            Outcome::SpawnFailed {
+                errno: Some(libc::ENOENT),
+                message: "/nope: No such file".into(),
+            },
+            None,
+            b"",
+        );
+        r.timings.started_unix_us = 0;
+        r.timings.exited_unix_us = 0;
+        let m = response_pairs(&[], &r);
+        let m = as_map(&m);
+        assert_eq!(m["wait_status"], (127 << 8).to_string());
+        assert_eq!(m["exited_ok"], "1");
+        assert!(m["outerr"].contains("No such file"));
+        assert_eq!(m["start"], "1700000000.000000");
+
+        let r = result(Outcome::Cancelled, None, b"");
+        let m = response_pairs(&[], &r);
+        let m = as_map(&m);
+        assert_eq!(m["exited_ok"], "0");
+        assert_eq!(m["error_code"], libc::ECANCELED.to_string());
+    }
+
+    #[test]
+    fn job_check_splits_command_and_applies_timeout_and_env() {
+        let m = job(&[
+            ("job_id", "1"),
+            ("command", "/bin/echo 'a b' c"),
+            ("timeout", "7"),
+            ("env", "NAGIOS_A=1\nbad line\nNAGIOS_B=x=y\n"),
+        ]);
+        let c = job_check(&m).unwrap();
+        assert_eq!(c.args(), ["/bin/echo", "a b", "c"]);
+        assert_eq!(c.timeout, Duration::from_secs(7));
+        assert!(c.env.iter().any(|(k, v)| k == "NAGIOS_B" && v == "x=y"));
+        assert_eq!(c.env.len(), 2);
+        let c = job_check(&job(&[("command", "x"), ("timeout", "0")])).unwrap();
+        assert_eq!(c.timeout, DEFAULT_JOB_TIMEOUT);
+        assert_eq!(
+            job_check(&job(&[("job_id", "1")])).unwrap_err().0,
+            libc::EINVAL
+        );
+        assert_eq!(
+            job_check(&job(&[("command", "  ")])).unwrap_err().0,
+            libc::EINVAL
+        );
+    }
+
+    /// A stand-in for the core's side of one connection.
+    struct FakeCore {
+        stream: UnixStream,
+        decoder: Decoder,
+    }
+
+    impl FakeCore {
+        fn accept(listener: &UnixListener, first_jobs: &[u8]) -> (FakeCore, String) {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut req = Vec::new();
+            let mut b = [0u8; 1];
+            while b[0] != 0 || req.is_empty() {
+                match stream.read(&mut b) {
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    r => assert_eq!(r.unwrap(), 1, "worker hung up"),
+                }
+                req.push(b[0]);
+            }
+            // OK and the first jobs in one write: the worker must keep the rest.
+            let mut out = b"OK\0".to_vec();
+            out.extend_from_slice(first_jobs);
+            stream.write_all(&out).unwrap();
+            let req = String::from_utf8(req[..req.len() - 1].to_vec()).unwrap();
+            (
+                FakeCore {
+                    stream,
+                    decoder: Decoder::new(),
+                },
+                req,
+            )
+        }
+
+        /// The next answer to a job (log messages skipped).
+        fn answer(&mut self) -> Message {
+            let mut buf = [0u8; 4096];
+            loop {
+                while let Some(m) = self.decoder.next_message().unwrap() {
+                    if m.get("log").is_none() {
+                        return m;
+                    }
+                }
+                let n = match self.stream.read(&mut buf) {
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    r => r.expect("no answer within 30 s"),
+                };
+                assert!(n > 0, "worker closed the connection");
+                self.decoder.feed(&buf[..n]);
+            }
+        }
+    }
+
+    fn temp_socket(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pidring-nagios-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("nagios.qh")
+    }
+
+    #[test]
+    fn serves_jobs_reconnects_and_answers_on_stop() {
+        let socket = temp_socket("serve");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let exec = Arc::new(Executor::builder().max_running(16).build().unwrap());
+        let config = NagiosWorkerConfig {
+            qh_socket: socket.clone(),
+            plugins: vec!["/bin/sh".into()],
+            name: "test".into(),
+            ..Default::default()
+        };
+        let workers = spawn_workers(&config, exec.clone()).unwrap();
+
+        let first = codec::encode([
+            ("job_id", "1"),
+            ("type", "0"),
+            (
+                "command",
+                "/bin/sh -c 'echo out $NAGIOS_X; echo err >&2; exit 2'",
+            ),
+            ("timeout", "10"),
+            ("env", "NAGIOS_X=from-env"),
+        ]);
+        let (mut core, req) = FakeCore::accept(&listener, &first);
+        assert_eq!(
+            req,
+            "@wproc register name=test /bin/sh;max_jobs=4096;plugin=/bin/sh"
+        );
+        let a = core.answer();
+        assert_eq!(a.get("job_id"), Some("1"));
+        assert_eq!(a.get("type"), Some("0"));
+        assert_eq!(a.get("env"), None);
+        assert_eq!(a.get("wait_status"), Some("512"));
+        assert_eq!(a.get("exited_ok"), Some("1"));
+        assert_eq!(a.get("outstd"), Some("out from-env\n"));
+        assert_eq!(a.get("outerr"), Some("err\n"));
+        let start = a.get("start").unwrap();
+        assert_eq!(start.split('.').nth(1).unwrap().len(), 6, "{start}");
+
+        // A timeout, and several jobs in one write.
+        let mut jobs = codec::encode([
+            ("job_id", "2"),
+            ("type", "0"),
+            ("command", "/bin/sh -c 'exec sleep 30'"),
+            ("timeout", "1"),
+        ]);
+        for id in 3..13 {
+            codec::encode_into(
+                [
+                    ("job_id", id.to_string()),
+                    ("type", "0".into()),
+                    ("command", format!("/bin/sh -c 'echo {id}'")),
+                    ("timeout", "10".into()),
+                ],
+                &mut jobs,
+            );
+        }
+        core.stream.write_all(&jobs).unwrap();
+        let mut seen = HashSet::new();
+        let mut timed_out = None;
+        for _ in 2..13 {
+            let a = core.answer();
+            let id: u32 = a.get("job_id").unwrap().parse().unwrap();
+            if id == 2 {
+                timed_out = Some(a);
+            } else {
+                assert_eq!(a.get("outstd"), Some(format!("{id}\n").as_str()));
+            }
+            seen.insert(id);
+        }
+        assert_eq!(seen.len(), 11);
+        let t = timed_out.unwrap();
+        assert_eq!(t.get("exited_ok"), Some("0"));
+        assert_eq!(t.get("error_code"), Some("62"));
+
+        // The core restarts: the worker registers again and keeps serving.
+        drop(core);
+        let job = codec::encode([
+            ("job_id", "20"),
+            ("type", "0"),
+            ("command", "/bin/sh -c 'echo again'"),
+            ("timeout", "10"),
+        ]);
+        let (mut core, _) = FakeCore::accept(&listener, &job);
+        assert_eq!(core.answer().get("outstd"), Some("again\n"));
+        assert!(workers.stats().registrations >= 2);
+
+        // Stop with a job in flight: it is killed, reaped and answered.
+        core.stream
+            .write_all(&codec::encode([
+                ("job_id", "21"),
+                ("type", "0"),
+                ("command", "/bin/sh -c 'exec sleep 60'"),
+                ("timeout", "100"),
+            ]))
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(30);
+        while exec.running() == 0 {
+            assert!(Instant::now() < end, "job 21 never started");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let stopper = std::thread::spawn(move || workers.stop());
+        let a = core.answer();
+        assert_eq!(a.get("job_id"), Some("21"));
+        assert_eq!(a.get("exited_ok"), Some("0"));
+        assert_eq!(
+            a.get("error_code"),
+            Some(libc::ECANCELED.to_string().as_str())
+        );
+        stopper.join().unwrap();
+        assert!(exec.wait_idle(Duration::from_secs(10)));
+        let _ = std::fs::remove_dir_all(socket.parent().unwrap());
+    }
+}
