@@ -9,6 +9,7 @@ use crate::state::State;
 use std::ffi::{CString, OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Default time a check may run before it is sent SIGTERM.
@@ -161,11 +162,19 @@ impl Check {
         self.timeout
     }
 
-    /// Check the request and turn it into C strings ready for `posix_spawn`.
+    /// `prepare_with` from a plain list of variables (tests).
+    #[cfg(test)]
     pub(crate) fn prepare(
         &self,
         inherited: &[(OsString, OsString)],
     ) -> Result<Prepared, CheckError> {
+        self.prepare_with(&InheritedEnv::new(inherited.to_vec()))
+    }
+
+    /// Check the request and turn it into C strings ready for `posix_spawn`.
+    /// A check that inherits the executor's environment unchanged shares its
+    /// one converted copy (no per-check strings).
+    pub(crate) fn prepare_with(&self, inherited: &InheritedEnv) -> Result<Prepared, CheckError> {
         if self.argv.is_empty() || self.argv[0].is_empty() {
             return Err(CheckError::EmptyArgv);
         }
@@ -187,9 +196,23 @@ impl Check {
             .map(|a| cstring(a.as_bytes(), "argument"))
             .collect::<Result<Vec<_>, _>>()?;
 
+        let cwd = || match &self.cwd {
+            Some(dir) => cstring(dir.as_os_str().as_bytes(), "working directory").map(Some),
+            None => Ok(None),
+        };
+        if self.env_policy == EnvPolicy::Inherit && self.env.is_empty() {
+            return Ok(Prepared {
+                argv,
+                envp: inherited.envp.clone(),
+                cwd: cwd()?,
+                path_var: inherited.path_var.clone(),
+            });
+        }
+
         // Later entries win, as with `env(1)`: base first, then additions.
         let mut vars: Vec<(&OsStr, &OsStr)> = match self.env_policy {
             EnvPolicy::Inherit => inherited
+                .vars
                 .iter()
                 .map(|(k, v)| (k.as_os_str(), v.as_os_str()))
                 .collect(),
@@ -205,7 +228,7 @@ impl Check {
         let path_var = vars
             .iter()
             .find(|(k, _)| k.as_bytes() == b"PATH")
-            .map(|(_, v)| v.as_bytes().to_vec());
+            .map(|(_, v)| Arc::from(v.as_bytes()));
         let envp = vars
             .iter()
             .map(|(k, v)| {
@@ -215,15 +238,11 @@ impl Check {
                 kv.extend_from_slice(v.as_bytes());
                 cstring(&kv, "environment variable")
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        let cwd = match &self.cwd {
-            Some(dir) => Some(cstring(dir.as_os_str().as_bytes(), "working directory")?),
-            None => None,
-        };
+            .collect::<Result<Arc<[CString]>, _>>()?;
         Ok(Prepared {
             argv,
             envp,
-            cwd,
+            cwd: cwd()?,
             path_var,
         })
     }
@@ -238,18 +257,55 @@ fn cstring(bytes: &[u8], what: &'static str) -> Result<CString, CheckError> {
 pub(crate) struct Prepared {
     /// Arguments; `argv[0]` is also the program (resolved through PATH if it has no `/`).
     pub argv: Vec<CString>,
-    /// `KEY=value` strings.
-    pub envp: Vec<CString>,
+    /// `KEY=value` strings (shared with the executor's when inherited unchanged).
+    pub envp: Arc<[CString]>,
     /// Working directory, if not the executor's.
     pub cwd: Option<CString>,
     /// The check's PATH, for resolving a bare program name.
-    pub path_var: Option<Vec<u8>>,
+    pub path_var: Option<Arc<[u8]>>,
 }
 
 impl Prepared {
     /// The program name as given (for messages).
     pub fn program(&self) -> String {
         String::from_utf8_lossy(self.argv[0].as_bytes()).into_owned()
+    }
+}
+
+/// The executor's environment, converted once for `posix_spawn`.
+#[derive(Debug)]
+pub(crate) struct InheritedEnv {
+    /// The variables, for checks that add to or override them.
+    vars: Vec<(OsString, OsString)>,
+    /// `KEY=value` strings, shared by every check that inherits them unchanged.
+    envp: Arc<[CString]>,
+    /// Its PATH.
+    path_var: Option<Arc<[u8]>>,
+}
+
+impl InheritedEnv {
+    /// Convert `vars` once (a variable with a NUL byte, which no real
+    /// environment has, is left out).
+    pub fn new(vars: Vec<(OsString, OsString)>) -> InheritedEnv {
+        let envp = vars
+            .iter()
+            .filter_map(|(k, v)| {
+                let mut kv = Vec::with_capacity(k.len() + v.len() + 1);
+                kv.extend_from_slice(k.as_bytes());
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                CString::new(kv).ok()
+            })
+            .collect();
+        let path_var = vars
+            .iter()
+            .find(|(k, _)| k.as_bytes() == b"PATH")
+            .map(|(_, v)| Arc::from(v.as_bytes()));
+        InheritedEnv {
+            vars,
+            envp,
+            path_var,
+        }
     }
 }
 

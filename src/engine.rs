@@ -13,7 +13,7 @@ use crate::executor::{Deliver, Shared};
 use crate::lifecycle::{self, Ctx, KillReason, Lifecycle, Timers, unix_us};
 use crate::result::{CheckResult, Outcome, Output, Timings};
 use crate::spawn;
-use crate::spawner::{self, SpawnDone, SpawnGate, SpawnJob};
+use crate::spawner::{self, SpawnDone, SpawnGate, SpawnJob, Spawners};
 use crate::state::State;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use rustix::process::Pid;
@@ -145,6 +145,7 @@ pub(crate) fn start(
                 reap_orphans: config.reap_orphans,
                 gate,
                 orphan_misses: 0,
+                spawners: Some(spawners),
                 next_orphan_scan: Instant::now() + ORPHAN_SCAN,
             };
             engine.run();
@@ -152,8 +153,8 @@ pub(crate) fn start(
                 engine.final_orphan_sweep();
             }
             drop(engine.jobs.take());
-            for s in spawners {
-                let _ = s.join();
+            if let Some(spawners) = engine.spawners.take() {
+                spawners.join();
             }
         })
         .map_err(|source| ExecutorError::Setup {
@@ -190,6 +191,9 @@ struct Engine {
     scratch: Box<[u8]>,
     fired: Vec<u64>,
     next_generation: u32,
+    /// The spawner threads, their hand-off sockets and descriptor reserve
+    /// (`None` only once the loop has ended).
+    spawners: Option<Spawners>,
     /// Jobs handed to spawners whose answer has not come back.
     spawning: usize,
     shutting_down: bool,
@@ -332,25 +336,33 @@ impl Engine {
     fn drain_spawned(&mut self, now: Instant) {
         while let Ok(done) = self.done.try_recv() {
             self.spawning -= 1;
+            let result = match (done.result, self.spawners.as_mut()) {
+                (Ok(spawned), Some(spawners)) => spawners.receive(done.spawner, spawned),
+                (Err(failure), spawners) => {
+                    if let Some(s) = spawners {
+                        s.release();
+                    }
+                    Err(failure)
+                }
+                (Ok(_), None) => unreachable!("spawners outlive the loop"),
+            };
             let known = self
                 .checks
                 .get(done.slot)
                 .is_some_and(|c| c.generation() == done.generation);
             if !known {
                 // Cannot happen (a slot is held until its spawn answers); be safe anyway.
-                if let Ok(child) = done.result {
+                if let Ok(child) = result {
                     tracing::error!("spawn answer for an unknown check; killing the child");
                     spawn::kill_and_reap(child);
                 }
                 continue;
             }
-            self.with_check(done.slot, done.generation, now, |c, ctx| {
-                match done.result {
-                    Ok(child) => c.started(child, done.picked, ctx),
-                    Err(failure) => {
-                        tracing::debug!(id = c.id(), "spawn failed: {}", failure.message);
-                        c.spawn_failed(failure, done.picked);
-                    }
+            self.with_check(done.slot, done.generation, now, |c, ctx| match result {
+                Ok(child) => c.started(child, done.picked, ctx),
+                Err(failure) => {
+                    tracing::debug!(id = c.id(), "spawn failed: {}", failure.message);
+                    c.spawn_failed(failure, done.picked);
                 }
             });
         }
@@ -385,6 +397,21 @@ impl Engine {
                 now,
             ));
             self.by_id.insert(id, slot);
+            // Descriptor slots for the child's pidfd and pipes, held until
+            // they arrive: EMFILE fails the check here, before any child exists.
+            let reserved = self.spawners.as_mut().map_or(Ok(()), |s| s.reserve());
+            if let Err(e) = reserved {
+                let mut c = self.checks.remove(slot);
+                self.by_id.remove(&id);
+                let failure = spawn::SpawnFailure::new(
+                    &prepared.program(),
+                    "cannot reserve descriptors for",
+                    e,
+                );
+                c.spawn_failed(failure, now);
+                self.finish(c);
+                continue;
+            }
             self.spawning += 1;
             let job = SpawnJob {
                 slot,
@@ -398,6 +425,9 @@ impl Engine {
             if !sent {
                 // Spawners gone (cannot happen before the loop ends).
                 self.spawning -= 1;
+                if let Some(s) = self.spawners.as_mut() {
+                    s.release();
+                }
                 let mut c = self.checks.remove(slot);
                 self.by_id.remove(&id);
                 c.spawn_failed(spawn_gone(), now);

@@ -9,7 +9,6 @@ use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::result::CheckResult;
 use crate::waker::Waker;
 use crossbeam_channel::{Receiver, Sender};
-use std::ffi::OsString;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -144,7 +143,9 @@ impl ExecutorBuilder {
             tx,
             loop_thread: Mutex::new(Some(loop_thread)),
             next_id: AtomicU64::new(1),
-            inherited: Arc::new(crate::check::inherited_env()),
+            inherited: Arc::new(crate::check::InheritedEnv::new(
+                crate::check::inherited_env(),
+            )),
             backend,
         })
     }
@@ -196,7 +197,7 @@ pub struct Executor {
     tx: Sender<Request>,
     loop_thread: Mutex<Option<JoinHandle<()>>>,
     next_id: AtomicU64,
-    inherited: Arc<Vec<(OsString, OsString)>>,
+    inherited: Arc<crate::check::InheritedEnv>,
     backend: BackendKind,
 }
 
@@ -241,7 +242,7 @@ impl Executor {
     where
         F: FnOnce(CheckResult) + Send + 'static,
     {
-        let prepared = match check.prepare(&self.inherited) {
+        let prepared = match check.prepare_with(&self.inherited) {
             Ok(p) => p,
             Err(e) => {
                 self.count_rejected();

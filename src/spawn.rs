@@ -40,7 +40,7 @@ pub(crate) struct SpawnFailure {
 }
 
 impl SpawnFailure {
-    fn new(program: &str, step: &str, errno: Errno) -> SpawnFailure {
+    pub(crate) fn new(program: &str, step: &str, errno: Errno) -> SpawnFailure {
         let hint = match errno {
             Errno::NOENT => " (check the path and that the plugin is installed)",
             Errno::ACCESS => " (is the file executable, and its directory searchable?)",
@@ -114,7 +114,7 @@ pub(crate) fn spawn(cmd: &Prepared, devnull: BorrowedFd<'_>) -> Result<Child, Sp
             // Another thread took the reserved slot. The child is ours and
             // unreaped, so its pid and group are pinned: kill the group and
             // reap by pid, on this (spawner) thread, never the loop.
-            tracing::error!(pid = pid.as_raw_nonzero().get(), error = %e, "pidfd_open failed after spawn; killing the child");
+            // (No log: this runs on a spawner thread, which never logs.)
             let _ = rustix::process::kill_process_group(pid, Signal::KILL);
             let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
             return Err(SpawnFailure::new(&program, "cannot open pidfd for", e));
