@@ -66,6 +66,22 @@ impl SocketDriver {
         })?;
         let daemon_pid = peer_pid(&stream)
             .map_err(|e| format!("cannot read the daemon's pid (SO_PEERCRED): {e}"))?;
+        // One ping round trip before anything is measured: once the daemon
+        // answers, it has accepted this connection and set up its threads
+        // and descriptors for it (its fd count at the start includes them).
+        {
+            use std::io::{BufRead, Write};
+            let mut w = stream.try_clone().map_err(|e| e.to_string())?;
+            w.write_all(b"{\"op\":\"ping\"}\n")
+                .map_err(|e| format!("cannot ping the daemon: {e}"))?;
+            let mut line = String::new();
+            BufReader::new(stream.try_clone().map_err(|e| e.to_string())?)
+                .read_line(&mut line)
+                .map_err(|e| format!("no answer to ping from the daemon: {e}"))?;
+            if !line.contains("pong") {
+                return Err(format!("unexpected answer to ping from the daemon: {line}"));
+            }
+        }
         let answered = Arc::new(AtomicU64::new(0));
         let read_half = stream.try_clone().map_err(|e| e.to_string())?;
         let counter = answered.clone();

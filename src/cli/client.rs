@@ -180,22 +180,12 @@ pub fn submit(args: SubmitArgs) -> ExitCode {
     }
     match response {
         Response::Result { result, .. } => {
-            if !args.json {
-                let mut out = std::io::stdout().lock();
-                if !result.reason.is_empty() {
-                    let _ = writeln!(out, "{}: {}", result.state, result.reason);
-                }
-                let _ = out.write_all(&result.stdout.data);
-                if result.stdout.truncated {
-                    let _ = writeln!(
-                        out,
-                        "\n[output truncated: {} bytes dropped]",
-                        result.stdout.dropped_bytes
-                    );
-                }
-                let _ = std::io::stderr().write_all(&result.stderr.data);
+            if args.json {
+                // The whole response was printed above.
+                ExitCode::from(result.state.code() as u8)
+            } else {
+                super::output::print_result(&result, false)
             }
-            ExitCode::from(result.state.code() as u8)
         }
         Response::Error { code, message, .. } => {
             if args.json {

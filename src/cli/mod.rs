@@ -4,4 +4,5 @@ pub mod client;
 pub mod daemon;
 pub mod logging;
 pub mod nagios_worker;
+pub mod output;
 pub mod run;

@@ -2,7 +2,6 @@
 
 use clap::Args;
 use pidring::{BackendKind, Check, Executor, State};
-use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -68,26 +67,7 @@ pub fn main(args: RunArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(&e.to_string()),
     };
-    let result = pending.wait();
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        let _ = serde_json::to_writer_pretty(&mut out, &result);
-        let _ = writeln!(out);
-    } else {
-        if !result.reason.is_empty() {
-            let _ = writeln!(out, "{}: {}", result.state, result.reason);
-        }
-        let _ = out.write_all(&result.stdout.data);
-        if result.stdout.truncated {
-            let _ = writeln!(
-                out,
-                "\n[output truncated: {} bytes dropped]",
-                result.stdout.dropped_bytes
-            );
-        }
-        let _ = std::io::stderr().write_all(&result.stderr.data);
-    }
-    ExitCode::from(result.state.code() as u8)
+    super::output::print_result(&pending.wait(), args.json)
 }
 
 fn fail(msg: &str) -> ExitCode {
