@@ -6,10 +6,10 @@
 //! with non-blocking syscalls, so no per-check buffer is ever lent to the
 //! kernel and an idle check costs no memory beyond its fds.
 //!
-//! - [`uring`]: io_uring, `IORING_OP_POLL_ADD` (oneshot) per watch; all arms
+//! - `uring.rs`: io_uring, `IORING_OP_POLL_ADD` (oneshot) per watch; all arms
 //!   and cancels of one loop turn go to the kernel in the one `io_uring_enter`
 //!   that also waits, with the nearest deadline as its timeout.
-//! - [`epoll`]: `EPOLLONESHOT` registrations, for hosts where io_uring is
+//! - `epoll.rs`: `EPOLLONESHOT` registrations, for hosts where io_uring is
 //!   blocked (container seccomp profiles, `kernel.io_uring_disabled`).
 
 pub(crate) mod epoll;
