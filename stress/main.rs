@@ -85,6 +85,13 @@ struct Opts {
     /// pid_max inside the canary namespace (PIDs from 300 up to it recycle).
     #[arg(long, default_value_t = 1000)]
     pid_max: u32,
+    /// Test the fallback for kernels < 6.14: leave pid_max alone and recycle
+    /// PIDs by PID-space pressure (a burner creating and reaping children).
+    #[arg(long)]
+    no_pid_max: bool,
+    /// With the fallback: pure PID burning, without rewinding ns_last_pid.
+    #[arg(long, hide = true)]
+    no_rewind: bool,
     /// Busy threads saturating the CPUs meanwhile.
     #[arg(long, default_value_t = 0)]
     cpu_hogs: usize,
@@ -295,7 +302,10 @@ impl Ledger {
 }
 
 fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Summary, String> {
-    let pid_space = (opts.canaries).then(|| canary::shrink_pid_space(opts.pid_max));
+    let pid_space =
+        (opts.canaries).then(|| canary::shrink_pid_space(opts.pid_max, !opts.no_pid_max));
+    let needs_pressure = pid_space.as_ref().is_some_and(|p| !p.shrunk);
+    let mut pid_space = pid_space.map(|p| p.text);
     let run_id = format!(
         "{}-{}",
         std::process::id(),
@@ -323,6 +333,22 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
             20,
             400,
         )?)
+    } else {
+        None
+    };
+    // Started before the executor exists, so nobody else can reap it before
+    // its pidfd is open.
+    let burner = if needs_pressure {
+        let rewind = (!opts.no_rewind).then_some((opts.pid_max, canary::RESERVED_PIDS));
+        if let Some(text) = &mut pid_space {
+            text.push_str("; PID-space pressure instead: a burner creating and reaping children");
+            if let Some((top, low)) = rewind {
+                text.push_str(&format!(
+                    ", rewinding ns_last_pid to {low} when its PIDs reach {top}"
+                ));
+            }
+        }
+        Some(canary::PidBurner::start(plugin, rewind)?)
     } else {
         None
     };
@@ -521,6 +547,25 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
         ),
     ));
     let fds_end = invariants::fd_count(exec_pid).map_err(|e| e.to_string())?;
+    // Stop the PID burner now that the run is over, before the process
+    // checks (its pidfd and pipe were open at fds_start too).
+    if let Some(b) = burner {
+        let stopped = b.stop();
+        if let (Ok(r), Some(text)) = (&stopped, &mut pid_space) {
+            text.push_str(&format!("; {r}"));
+        }
+        verdicts.push(Verdict::new(
+            "PID burner stopped and reaped",
+            stopped.is_ok(),
+            match &stopped {
+                Ok(r) => format!(
+                    "{} children created and reaped by it; it exited",
+                    r.children
+                ),
+                Err(e) => e.clone(),
+            },
+        ));
+    }
     verdicts.push(invariants::check_fds(
         &format!("executor fd count back to start (pid {exec_pid}, executor running)"),
         fds_start,

@@ -14,13 +14,15 @@
 //! pidring-plugin crash segv|abort          die of SIGSEGV or SIGABRT (no core file)
 //! pidring-plugin canary MS                 own process group; count every signal received for MS, print the count
 //! pidring-plugin canary-pool N MIN MAX     keep N canaries alive (each MIN..MAX ms) until stdin closes
+//! pidring-plugin pid-burner TOP LOW        create and reap children as fast as possible until SIGTERM;
+//!                                          with TOP > 0, rewind ns_last_pid to LOW once a child's PID reaches TOP
 //! ```
 //!
 //! Every process it creates is finite-lived, so a harness can wait for them.
 
 use std::io::{BufRead, Read, Write};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 fn main() -> ExitCode {
@@ -159,6 +161,10 @@ fn run(args: &[String]) -> Result<u8, String> {
             num(args, 1, "pool size")? as usize,
             num(args, 2, "min duration")?,
             num(args, 3, "max duration")?,
+        ),
+        "pid-burner" => pid_burner(
+            num(args, 1, "top")? as libc::pid_t,
+            num(args, 2, "low")? as libc::pid_t,
         ),
         other => Err(format!("unknown behaviour {other:?}")),
     }
@@ -345,4 +351,95 @@ fn canary_pool(n: usize, min_ms: u64, max_ms: u64) -> Result<u8, String> {
         }
         std::thread::sleep(ms(2));
     }
+}
+
+static BURNER_STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_burner_term(_: libc::c_int) {
+    BURNER_STOP.store(true, Ordering::SeqCst);
+}
+
+/// The whole life of a burner child: leave at once.
+extern "C" fn burner_child(_: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: _exit is async-signal-safe and touches nothing shared with the parent.
+    unsafe { libc::_exit(0) }
+}
+
+/// PID-space pressure for the canary test where `pid_max` cannot be shrunk:
+/// create and reap trivial children as fast as we can, so the PID namespace's
+/// counter wraps and PIDs that checks had come round again. A child shares
+/// our memory and we are suspended until it exits (`CLONE_VM|CLONE_VFORK`,
+/// like posix_spawn, without copying page tables), so one costs a few µs.
+/// With `top > 0`, once a child's PID reaches `top` we also rewind
+/// `/proc/sys/kernel/ns_last_pid` to `low` (Linux ≥ 3.3, CAP_SYS_ADMIN in the
+/// namespace): a wrap every `top - low` PIDs instead of every `pid_max`.
+/// On SIGTERM: reap the last child, print `burned CHILDREN MICROS WRAPS REWINDS FAILURES`.
+fn pid_burner(top: libc::pid_t, low: libc::pid_t) -> Result<u8, String> {
+    use std::os::unix::fs::FileExt;
+    set_handler(
+        libc::SIGTERM,
+        on_burner_term as *const () as libc::sighandler_t,
+    );
+    let last_pid = if top > 0 {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .open("/proc/sys/kernel/ns_last_pid")
+        {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("pidring-plugin: cannot rewind ns_last_pid ({e}): burning PIDs only");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let low_text = low.to_string();
+    // The children run on this stack (they share our memory); we are
+    // suspended while one runs, so one stack serves them all.
+    let mut stack = vec![0u8; 64 * 1024];
+    let (mut children, mut wraps, mut rewinds, mut failures) = (0u64, 0u64, 0u64, 0u64);
+    let mut previous: libc::pid_t = 0;
+    let start = Instant::now();
+    while !BURNER_STOP.load(Ordering::SeqCst) {
+        // SAFETY: the stack is ours and outlives the child (CLONE_VFORK
+        // returns only after the child has exited); the child only calls _exit.
+        let pid = unsafe {
+            libc::clone(
+                burner_child,
+                stack.as_mut_ptr().add(stack.len()).cast(),
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                std::ptr::null_mut(),
+            )
+        };
+        if pid < 0 {
+            // Out of PIDs or memory for a moment: the checks need them more.
+            failures += 1;
+            std::thread::sleep(ms(1));
+            continue;
+        }
+        loop {
+            // SAFETY: reaping our own child; a null status pointer is allowed.
+            let r = unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+            if r == pid || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break;
+            }
+        }
+        children += 1;
+        if pid < previous {
+            wraps += 1;
+        }
+        previous = pid;
+        if pid >= top
+            && let Some(f) = &last_pid
+            && f.write_at(low_text.as_bytes(), 0).is_ok()
+        {
+            rewinds += 1;
+        }
+    }
+    println!(
+        "burned {children} {} {wraps} {rewinds} {failures}",
+        start.elapsed().as_micros()
+    );
+    Ok(0)
 }
