@@ -31,12 +31,8 @@ pub struct SubmitArgs {
     /// Print the whole response as JSON instead of the plugin's output.
     #[arg(long)]
     json: bool,
-    /// A Nagios-style command line (split like Nagios; shell only for metacharacters).
-    #[arg(long, conflicts_with = "argv")]
-    command_line: Option<String>,
-    /// The plugin and its arguments (after `--`).
-    #[arg(last = true)]
-    argv: Vec<String>,
+    #[command(flatten)]
+    command: super::common::CommandArgs,
 }
 
 /// Arguments of `pidring stats`.
@@ -136,9 +132,9 @@ fn connect_error(path: &Path, e: &std::io::Error) -> String {
 pub fn submit(args: SubmitArgs) -> ExitCode {
     super::logging::init("warn", false);
     let mut req = json!({"op": "submit", "id": 1});
-    match (&args.command_line, args.argv.is_empty()) {
+    match (&args.command.command_line, args.command.argv.is_empty()) {
         (Some(line), _) => req["command_line"] = json!(line),
-        (None, false) => req["argv"] = json!(args.argv),
+        (None, false) => req["argv"] = json!(args.command.argv),
         (None, true) => {
             return fail(
                 "submit",
@@ -184,7 +180,7 @@ pub fn submit(args: SubmitArgs) -> ExitCode {
                 // The whole response was printed above.
                 ExitCode::from(result.state.code() as u8)
             } else {
-                super::output::print_result(&result, false)
+                super::common::print_result(&result, false)
             }
         }
         Response::Error { code, message, .. } => {

@@ -1,8 +1,8 @@
 //! Subcommands of the `pidring` binary.
 
 pub mod client;
+pub mod common;
 pub mod daemon;
 pub mod logging;
 pub mod nagios_worker;
-pub mod output;
 pub mod run;

@@ -26,23 +26,19 @@ pub struct RunArgs {
     /// Print the whole result as JSON instead of the plugin's output.
     #[arg(long)]
     json: bool,
-    /// A Nagios-style command line (split like Nagios; shell only for metacharacters).
-    #[arg(long, conflicts_with = "argv")]
-    command_line: Option<String>,
-    /// The plugin and its arguments (after `--`).
-    #[arg(last = true)]
-    argv: Vec<String>,
+    #[command(flatten)]
+    command: super::common::CommandArgs,
 }
 
 /// Run the check; the exit code is the Nagios state.
 pub fn main(args: RunArgs) -> ExitCode {
     super::logging::init("warn", false);
-    let check = match (&args.command_line, args.argv.is_empty()) {
+    let check = match (&args.command.command_line, args.command.argv.is_empty()) {
         (Some(line), _) => match Check::command_line(line) {
             Ok(c) => c,
             Err(e) => return fail(&format!("{e}")),
         },
-        (None, false) => Check::argv(&args.argv),
+        (None, false) => Check::argv(&args.command.argv),
         (None, true) => {
             return fail(
                 "nothing to run: give a command after `--`, or --command-line 'check_x -H host'",
@@ -67,7 +63,7 @@ pub fn main(args: RunArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(&e.to_string()),
     };
-    super::output::print_result(&pending.wait(), args.json)
+    super::common::print_result(&pending.wait(), args.json)
 }
 
 fn fail(msg: &str) -> ExitCode {

@@ -1,8 +1,21 @@
-//! How a check's result is shown to a person (shared by `run` and `submit`).
+//! What `run` and `submit` share: how a check is named on the command line,
+//! and how its result is shown to a person.
 
+use clap::Args;
 use pidring::CheckResult;
 use std::io::Write;
 use std::process::ExitCode;
+
+/// The check to run: a plugin with its arguments, or a Nagios command line.
+#[derive(Args, Debug)]
+pub struct CommandArgs {
+    /// A Nagios-style command line (split like Nagios; shell only for metacharacters).
+    #[arg(long, conflicts_with = "argv")]
+    pub command_line: Option<String>,
+    /// The plugin and its arguments (after `--`).
+    #[arg(last = true)]
+    pub argv: Vec<String>,
+}
 
 /// Print the result (the plugin's output, or the whole result as JSON) and
 /// return the exit code that is its Nagios state.
