@@ -225,19 +225,10 @@ impl Check {
             vars.retain(|(ek, _)| *ek != k.as_os_str());
             vars.push((k, v));
         }
-        let path_var = vars
-            .iter()
-            .find(|(k, _)| k.as_bytes() == b"PATH")
-            .map(|(_, v)| Arc::from(v.as_bytes()));
+        let path_var = path_of(vars.iter().copied());
         let envp = vars
             .iter()
-            .map(|(k, v)| {
-                let mut kv = Vec::with_capacity(k.len() + v.len() + 1);
-                kv.extend_from_slice(k.as_bytes());
-                kv.push(b'=');
-                kv.extend_from_slice(v.as_bytes());
-                cstring(&kv, "environment variable")
-            })
+            .map(|(k, v)| cstring(&env_entry(k, v), "environment variable"))
             .collect::<Result<Arc<[CString]>, _>>()?;
         Ok(Prepared {
             argv,
@@ -246,6 +237,21 @@ impl Check {
             path_var,
         })
     }
+}
+
+/// `KEY=value`, as `envp` holds it.
+fn env_entry(k: &OsStr, v: &OsStr) -> Vec<u8> {
+    let mut kv = Vec::with_capacity(k.len() + v.len() + 1);
+    kv.extend_from_slice(k.as_bytes());
+    kv.push(b'=');
+    kv.extend_from_slice(v.as_bytes());
+    kv
+}
+
+/// The value of PATH among `vars`, for resolving bare program names.
+fn path_of<'a>(mut vars: impl Iterator<Item = (&'a OsStr, &'a OsStr)>) -> Option<Arc<[u8]>> {
+    vars.find(|(k, _)| k.as_bytes() == b"PATH")
+        .map(|(_, v)| Arc::from(v.as_bytes()))
 }
 
 fn cstring(bytes: &[u8], what: &'static str) -> Result<CString, CheckError> {
@@ -289,18 +295,9 @@ impl InheritedEnv {
     pub fn new(vars: Vec<(OsString, OsString)>) -> InheritedEnv {
         let envp = vars
             .iter()
-            .filter_map(|(k, v)| {
-                let mut kv = Vec::with_capacity(k.len() + v.len() + 1);
-                kv.extend_from_slice(k.as_bytes());
-                kv.push(b'=');
-                kv.extend_from_slice(v.as_bytes());
-                CString::new(kv).ok()
-            })
+            .filter_map(|(k, v)| CString::new(env_entry(k, v)).ok())
             .collect();
-        let path_var = vars
-            .iter()
-            .find(|(k, _)| k.as_bytes() == b"PATH")
-            .map(|(_, v)| Arc::from(v.as_bytes()));
+        let path_var = path_of(vars.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str())));
         InheritedEnv {
             vars,
             envp,
