@@ -172,11 +172,29 @@ impl Metrics {
     }
 }
 
-/// Percentiles of one stage, in microseconds.
+/// Percentiles of one stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageSnapshot {
     /// Which stage.
     pub stage: Stage,
+    /// Its latency distribution (flattened into the stage's JSON object).
+    #[serde(flatten)]
+    pub latency: Percentiles,
+}
+
+impl StageSnapshot {
+    /// Percentiles of `h`.
+    pub fn from_histogram(stage: Stage, h: &Histogram<u64>) -> StageSnapshot {
+        StageSnapshot {
+            stage,
+            latency: Percentiles::of(h),
+        }
+    }
+}
+
+/// Summary of a latency histogram, in microseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Percentiles {
     /// Values recorded.
     pub count: u64,
     /// Median.
@@ -193,11 +211,10 @@ pub struct StageSnapshot {
     pub mean_us: f64,
 }
 
-impl StageSnapshot {
+impl Percentiles {
     /// Percentiles of `h`.
-    pub fn from_histogram(stage: Stage, h: &Histogram<u64>) -> StageSnapshot {
-        StageSnapshot {
-            stage,
+    pub fn of(h: &Histogram<u64>) -> Percentiles {
+        Percentiles {
             count: h.len(),
             p50_us: h.value_at_quantile(0.5),
             p90_us: h.value_at_quantile(0.9),
@@ -243,24 +260,31 @@ impl MetricsSnapshot {
 
     /// A table of percentiles per stage, for people.
     pub fn render_table(&self) -> String {
-        let mut out = format!(
-            "{:<18} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
-            "stage", "count", "p50", "p90", "p99", "p99.9", "max"
-        );
-        for s in &self.stages {
-            out.push_str(&format!(
-                "{:<18} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
-                s.stage.as_str(),
-                s.count,
-                fmt_us(s.p50_us),
-                fmt_us(s.p90_us),
-                fmt_us(s.p99_us),
-                fmt_us(s.p999_us),
-                fmt_us(s.max_us)
-            ));
-        }
-        out
+        render_percentile_table(self.stages.iter().map(|s| (s.stage.as_str(), &s.latency)))
     }
+}
+
+/// A table of percentiles, one row per named distribution, for people.
+pub fn render_percentile_table<'a>(
+    rows: impl IntoIterator<Item = (&'a str, &'a Percentiles)>,
+) -> String {
+    let mut out = format!(
+        "{:<18} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+        "stage", "count", "p50", "p90", "p99", "p99.9", "max"
+    );
+    for (name, p) in rows {
+        out.push_str(&format!(
+            "{:<18} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+            name,
+            p.count,
+            fmt_us(p.p50_us),
+            fmt_us(p.p90_us),
+            fmt_us(p.p99_us),
+            fmt_us(p.p999_us),
+            fmt_us(p.max_us)
+        ));
+    }
+    out
 }
 
 /// A microsecond count as a short human duration (`850µs`, `12.3ms`, `4.20s`).
@@ -285,7 +309,7 @@ mod tests {
             m.record(Stage::Run, Duration::from_millis(i));
         }
         let s = m.snapshot(0, 0, "epoll");
-        let run = s.stage(Stage::Run).unwrap();
+        let run = s.stage(Stage::Run).unwrap().latency.clone();
         assert_eq!(run.count, 100);
         assert!((49_000..=51_000).contains(&run.p50_us), "{run:?}");
         assert!(run.max_us >= 99_000);

@@ -609,12 +609,12 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
         .unwrap_or_default();
     verdicts.push(Verdict::new(
         "kill lateness p99 within bound",
-        kl.count == 0 || Duration::from_micros(kl.p99_us) <= opts.kill_bound,
+        kl.latency.count == 0 || Duration::from_micros(kl.latency.p99_us) <= opts.kill_bound,
         format!(
             "p99 {} (max {}, {} timeouts) <= bound {}",
-            pidring::metrics::fmt_us(kl.p99_us),
-            pidring::metrics::fmt_us(kl.max_us),
-            kl.count,
+            pidring::metrics::fmt_us(kl.latency.p99_us),
+            pidring::metrics::fmt_us(kl.latency.max_us),
+            kl.latency.count,
             pidring::metrics::fmt_us(opts.kill_bound.as_micros() as u64)
         ),
     ));
@@ -792,10 +792,10 @@ fn print_summary(s: &Summary, submit_end: Duration, mix: &Mix) {
     if let Some(k) = &s.kill_lateness_under_spike {
         println!(
             "kill lateness under spike: {} timeouts, p50 {} p99 {} max {}",
-            k.count,
-            pidring::metrics::fmt_us(k.p50_us),
-            pidring::metrics::fmt_us(k.p99_us),
-            pidring::metrics::fmt_us(k.max_us)
+            k.latency.count,
+            pidring::metrics::fmt_us(k.latency.p50_us),
+            pidring::metrics::fmt_us(k.latency.p99_us),
+            pidring::metrics::fmt_us(k.latency.max_us)
         );
     }
     println!();
@@ -893,7 +893,7 @@ fn compare_run(opts: &Opts, ours: &Summary) -> Result<(), String> {
         row(&format!("{} p99", stage.stage), &|s| {
             s.stages
                 .get(i)
-                .map(|r| pidring::metrics::fmt_us(r.p99_us))
+                .map(|r| pidring::metrics::fmt_us(r.latency.p99_us))
                 .unwrap_or_default()
         });
     }

@@ -5,29 +5,21 @@ use crate::invariants::Verdict;
 use crate::record::Record;
 use hdrhistogram::Histogram;
 use pidring::Stage;
-use pidring::metrics::fmt_us;
+use pidring::metrics::Percentiles;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
-/// Percentiles of one stage, in microseconds.
+/// Percentiles of one named distribution (an engine stage, or one the
+/// harness derives, such as kill lateness under spike).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StageRow {
     /// snake_case stage name.
     pub stage: String,
-    /// Values recorded.
-    pub count: u64,
-    /// Median.
-    pub p50_us: u64,
-    /// 90th percentile.
-    pub p90_us: u64,
-    /// 99th percentile.
-    pub p99_us: u64,
-    /// 99.9th percentile.
-    pub p999_us: u64,
-    /// Largest.
-    pub max_us: u64,
+    /// The distribution (flattened into the row's JSON object).
+    #[serde(flatten)]
+    pub latency: Percentiles,
 }
 
 impl StageRow {
@@ -35,12 +27,7 @@ impl StageRow {
     pub fn from_histogram(stage: &str, h: &Histogram<u64>) -> StageRow {
         StageRow {
             stage: stage.to_string(),
-            count: h.len(),
-            p50_us: h.value_at_quantile(0.5),
-            p90_us: h.value_at_quantile(0.9),
-            p99_us: h.value_at_quantile(0.99),
-            p999_us: h.value_at_quantile(0.999),
-            max_us: h.max(),
+            latency: Percentiles::of(h),
         }
     }
 }
@@ -219,24 +206,7 @@ pub fn stage_histograms(records: &[Record]) -> Vec<(Stage, Histogram<u64>)> {
 
 /// The per-stage percentile table, for people.
 pub fn render_table(rows: &[StageRow]) -> String {
-    let mut out = format!(
-        "{:<18} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
-        "stage", "count", "p50", "p90", "p99", "p99.9", "max"
-    );
-    for r in rows {
-        let _ = writeln!(
-            out,
-            "{:<18} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            r.stage,
-            r.count,
-            fmt_us(r.p50_us),
-            fmt_us(r.p90_us),
-            fmt_us(r.p99_us),
-            fmt_us(r.p999_us),
-            fmt_us(r.max_us)
-        );
-    }
-    out
+    pidring::metrics::render_percentile_table(rows.iter().map(|r| (r.stage.as_str(), &r.latency)))
 }
 
 /// HdrHistogram's percentile-distribution text (`.hgrm`), values in ms,

@@ -625,7 +625,7 @@ fn metrics_count_what_happened() {
         assert_eq!(m.counters.timed_out, 1);
         assert_eq!(m.counters.spawn_failed, 1);
         let kl = m.stage(pidring::Stage::KillLateness).unwrap();
-        assert_eq!(kl.count, 1);
+        assert_eq!(kl.latency.count, 1);
         assert!(m.render_table().contains("kill_lateness"));
     });
 }

@@ -137,10 +137,10 @@ pub fn render(engine: &MetricsSnapshot, daemon: &DaemonCounters) -> String {
     for s in &engine.stages {
         let stage = s.stage.as_str();
         for (q, v) in [
-            ("0.5", s.p50_us),
-            ("0.9", s.p90_us),
-            ("0.99", s.p99_us),
-            ("0.999", s.p999_us),
+            ("0.5", s.latency.p50_us),
+            ("0.9", s.latency.p90_us),
+            ("0.99", s.latency.p99_us),
+            ("0.999", s.latency.p999_us),
         ] {
             let _ = writeln!(
                 out,
@@ -151,12 +151,12 @@ pub fn render(engine: &MetricsSnapshot, daemon: &DaemonCounters) -> String {
         let _ = writeln!(
             out,
             "pidring_stage_duration_seconds_sum{{stage=\"{stage}\"}} {}",
-            s.mean_us * s.count as f64 / 1e6
+            s.latency.mean_us * s.latency.count as f64 / 1e6
         );
         let _ = writeln!(
             out,
             "pidring_stage_duration_seconds_count{{stage=\"{stage}\"}} {}",
-            s.count
+            s.latency.count
         );
     }
     family(
@@ -170,7 +170,7 @@ pub fn render(engine: &MetricsSnapshot, daemon: &DaemonCounters) -> String {
             out,
             "pidring_stage_duration_max_seconds{{stage=\"{}\"}} {}",
             s.stage.as_str(),
-            secs(s.max_us)
+            secs(s.latency.max_us)
         );
     }
 
