@@ -207,7 +207,8 @@ pub struct Percentiles {
     pub p999_us: u64,
     /// Largest value.
     pub max_us: u64,
-    /// Mean.
+    /// Mean (absent from summaries written before it was kept).
+    #[serde(default)]
     pub mean_us: f64,
 }
 
