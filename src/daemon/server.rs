@@ -212,7 +212,11 @@ impl Conn {
             self.release_slots(1);
         }
         // After the send, so a writer that sees zero in flight also sees the line.
-        self.in_flight_count.fetch_sub(1, Ordering::SeqCst);
+        // The writer may already have taken that line and gone back to sleep
+        // while the count still read 1: wake it so it sees it is finished.
+        if self.in_flight_count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.wake_writer();
+        }
     }
 
     /// Whether the writer may finish: nothing in flight, nothing queued, and
