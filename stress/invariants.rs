@@ -126,6 +126,18 @@ pub fn fd_count(pid: i32) -> std::io::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
 }
 
+/// Open fds of a live executor, settled: the least of a few samples 20 ms
+/// apart. The executor opens short-lived fds of its own (its orphan scan
+/// reads /proc), which one sample can catch; a leaked fd shows in every one.
+pub fn settled_fd_count(pid: i32) -> std::io::Result<usize> {
+    let mut least = fd_count(pid)?;
+    for _ in 0..4 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        least = least.min(fd_count(pid)?);
+    }
+    Ok(least)
+}
+
 /// A timed-out check's group: its leader's pid and when the leader lived
 /// (µs since boot, from spawn to result).
 pub type GroupLife = (i32, u64, u64);
@@ -304,6 +316,9 @@ mod tests {
         let start = fd_count(me).unwrap();
         let leaked = std::fs::File::open("/proc/self/stat").unwrap();
         let v = check_fds("fds", start, fd_count(me).unwrap());
+        assert!(!v.ok && v.detail.contains("+1"), "{v:?}");
+        // Settling filters transient fds, never a leaked one.
+        let v = check_fds("fds", start, settled_fd_count(me).unwrap());
         assert!(!v.ok && v.detail.contains("+1"), "{v:?}");
         drop(leaked);
         assert!(check_fds("fds", start, fd_count(me).unwrap()).ok);

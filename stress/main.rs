@@ -384,7 +384,7 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
             }
         };
     let exec_pid = drv.executor_pid();
-    let fds_start = invariants::fd_count(exec_pid).map_err(|e| e.to_string())?;
+    let fds_start = invariants::settled_fd_count(exec_pid).map_err(|e| e.to_string())?;
     eprintln!(
         "pidring-stress: {} profile through {executor_name} ({backend}), timeout {}ms grace {}ms, mix of {} repeating every {} checks: {}",
         profile.name,
@@ -546,7 +546,7 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
             invariants::first(&unknown)
         ),
     ));
-    let fds_end = invariants::fd_count(exec_pid).map_err(|e| e.to_string())?;
+    let fds_end = invariants::settled_fd_count(exec_pid).map_err(|e| e.to_string())?;
     // Stop the PID burner now that the run is over, before the process
     // checks (its pidfd and pipe were open at fds_start too).
     if let Some(b) = burner {
