@@ -271,6 +271,7 @@ on_both_backends!(
     socket_mode_stale_and_live_socket,
     client_commands_and_json_logs,
     half_closed_client_gets_every_answer,
+    finished_connections_leave_no_descriptor_behind,
 );
 
 fn concurrent_clients_pipelining(backend: &str) {
@@ -981,4 +982,36 @@ fn half_closed_client_gets_every_answer(backend: &str) {
     assert_eq!(ids, (0..20).collect::<Vec<_>>());
     let s = d.wait_stats("closed", |s| dcounter(s, "connections_open") == 1);
     assert_eq!(dcounter(&s, "results_dropped"), 0);
+}
+
+fn finished_connections_leave_no_descriptor_behind(backend: &str) {
+    // Started without the usual readiness probe (a connection of its own):
+    // ready is the log line written once the executor exists, before the
+    // first accept, so the count below holds no client connection at all.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("pidring.sock");
+    let d = Daemon::spawn_on(dir, socket, backend, &[], None);
+    let end = Instant::now() + PATIENCE;
+    while !d.log().contains("pidring daemon ready") {
+        assert!(Instant::now() < end, "daemon not ready:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+            .map(|e| e.count())
+            .unwrap_or(0)
+    };
+    let before = fds();
+    for i in 0..30 {
+        let mut c = d.client();
+        c.send(&json!({"op": "submit", "id": i, "argv": ["/bin/true"]}));
+        assert_eq!(c.recv()["type"], "result");
+    }
+    // Each connection's socket closes once its threads are done (within the
+    // daemon's prune interval), not at the next accept or never.
+    let end = Instant::now() + PATIENCE;
+    while fds() != before && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fds(), before, "the daemon kept descriptors of finished connections");
 }

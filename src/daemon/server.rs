@@ -459,7 +459,15 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             PollFd::new(&listener, PollFlags::IN),
             PollFd::new(&sig_rx, PollFlags::IN),
         ];
-        match rustix::event::poll(&mut fds, None) {
+        // Wake now and then to close the sockets of connections that ended
+        // (their threads are done; `conns` still holds the socket).
+        let prune_every = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 500_000_000,
+        };
+        let polled = rustix::event::poll(&mut fds, Some(&prune_every));
+        conns.retain(|(_, h)| !h.is_finished());
+        match polled {
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => {
