@@ -1013,5 +1013,9 @@ fn finished_connections_leave_no_descriptor_behind(backend: &str) {
     while fds() != before && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(fds(), before, "the daemon kept descriptors of finished connections");
+    assert_eq!(
+        fds(),
+        before,
+        "the daemon kept descriptors of finished connections"
+    );
 }
