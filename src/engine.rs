@@ -16,6 +16,7 @@ use crate::spawn;
 use crate::spawner::{self, SpawnDone, SpawnGate, SpawnJob, Spawners};
 use crate::state::State;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use rustix::fd::OwnedFd;
 use rustix::process::Pid;
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -138,6 +139,7 @@ pub(crate) fn start(
                 queue: VecDeque::new(),
                 timers: Timers::default(),
                 scratch: vec![0u8; SCRATCH].into_boxed_slice(),
+                spares: Vec::new(),
                 fired: Vec::with_capacity(1024),
                 next_generation: 1,
                 spawning: 0,
@@ -189,6 +191,8 @@ struct Engine {
     queue: VecDeque<Box<Submission>>,
     timers: Timers,
     scratch: Box<[u8]>,
+    /// Finished checks' descriptors kept for this turn's admissions (`Ctx::spare`).
+    spares: Vec<OwnedFd>,
     fired: Vec<u64>,
     next_generation: u32,
     /// The spawner threads, their hand-off sockets and descriptor reserve
@@ -241,6 +245,8 @@ impl Engine {
                 self.scan_orphans();
             }
             self.admit(now);
+            // Spares no admission took: closed now, so an idle executor holds none.
+            self.spares.clear();
             if self.shutting_down
                 && self.checks.is_empty()
                 && self.spawning == 0
@@ -267,6 +273,7 @@ impl Engine {
                 timers: &mut self.timers,
                 scratch: &mut self.scratch,
                 now,
+                spares: &mut self.spares,
             };
             f(&mut check, &mut ctx);
             self.put_back(slot, check);
@@ -399,7 +406,7 @@ impl Engine {
             self.by_id.insert(id, slot);
             // Descriptor slots for the child's pidfd and pipes, held until
             // they arrive: EMFILE fails the check here, before any child exists.
-            let reserved = self.spawners.as_mut().map_or(Ok(()), |s| s.reserve());
+            let reserved = (self.spawners.as_mut()).map_or(Ok(()), |s| s.reserve(&mut self.spares));
             if let Err(e) = reserved {
                 let mut c = self.checks.remove(slot);
                 self.by_id.remove(&id);

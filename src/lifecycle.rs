@@ -117,6 +117,25 @@ pub(crate) struct Ctx<'a> {
     pub scratch: &'a mut [u8],
     /// The time this loop turn started.
     pub now: Instant,
+    /// Descriptors of finished checks kept open for this turn, to stand in
+    /// for the slots the next spawn reserves (see `Ctx::spare`).
+    pub spares: &'a mut Vec<OwnedFd>,
+}
+
+impl Ctx<'_> {
+    /// Most spares kept in one turn (more are closed at once).
+    const MAX_SPARES: usize = 3 * 64;
+
+    /// A finished check's descriptor that may stay open until the end of the
+    /// turn: a reaped pidfd, or a pipe at EOF (no writer left, so holding it
+    /// changes nothing for anyone). A check admitted in the same turn takes
+    /// it as a reserved slot instead of a fresh `dup`, which saves a close
+    /// and a dup per descriptor; the loop closes what is left at turn end.
+    pub fn spare(&mut self, fd: OwnedFd) {
+        if self.spares.len() < Self::MAX_SPARES {
+            self.spares.push(fd);
+        }
+    }
 }
 
 /// Why the executor signalled a check.
@@ -463,7 +482,10 @@ impl Lifecycle {
                 self.exit = Some(status);
                 self.rusage = Some(rusage);
                 self.reaped_at = Some(Instant::now());
-                self.pidfd = None; // closes it; its oneshot watch already fired
+                // Its oneshot watch already fired: only a spare slot now.
+                if let Some(fd) = self.pidfd.take() {
+                    ctx.spare(fd);
+                }
                 if self.stdout.fd.is_some() || self.stderr.fd.is_some() {
                     self.phase = Phase::Draining;
                     ctx.timers.push(
@@ -525,11 +547,13 @@ impl Lifecycle {
         stream.armed = false;
         let Some(fd) = &stream.fd else { return };
         let mut eof = false;
+        let mut clean_eof = false;
         let mut drained = false;
         for _ in 0..READS_PER_EVENT {
             match rustix::io::read(fd, &mut *ctx.scratch) {
                 Ok(0) => {
                     eof = true;
+                    clean_eof = true;
                     break;
                 }
                 Ok(n) => append_capped(&mut stream.out, &ctx.scratch[..n], cap),
@@ -547,7 +571,11 @@ impl Lifecycle {
         }
         let _ = drained;
         if eof {
-            stream.fd = None;
+            match stream.fd.take() {
+                // No writer is left: the pipe is only a spare slot now.
+                Some(fd) if clean_eof => ctx.spare(fd),
+                _ => {}
+            }
             if self.phase == Phase::Draining && self.stdout.fd.is_none() && self.stderr.fd.is_none()
             {
                 self.phase = Phase::Done;

@@ -7,12 +7,13 @@
 
 use crate::check::Prepared;
 use crate::result::{ExitStatus, Rusage};
-use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use rustix::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use rustix::io::Errno;
 use rustix::pipe::PipeFlags;
-use rustix::process::{Pid, PidfdFlags, Signal};
+use rustix::process::{Pid, Signal};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Instant;
 
 /// A child that now exists: its pid, pidfd and the read ends of its output pipes.
@@ -80,46 +81,114 @@ const RESET_SIGNALS: &[i32] = &[
     libc::SIGTSTP,
 ];
 
-/// Create a child for `cmd`. `nonblocking` makes the read ends O_NONBLOCK (the
-/// epoll and io_uring backends both read them with non-blocking `read`).
-pub(crate) fn spawn(cmd: &Prepared, devnull: BorrowedFd<'_>) -> Result<Child, SpawnFailure> {
+/// What a spawner thread needs to create children: its own stack for the
+/// child to run on until `execve`, and proof that every signal is blocked on
+/// this thread (the child starts with this thread's mask and handlers, and
+/// must not run one of the application's handlers in our address space).
+///
+/// Made once per spawner thread, and only usable there.
+pub(crate) struct Spawner {
+    /// The child's stack: mapped once, reused by every spawn on this thread
+    /// (the thread is suspended while the child runs on it).
+    stack: ChildStack,
+    /// Not `Send`: the signal mask belongs to the thread that made this.
+    _thread_bound: std::marker::PhantomData<*const ()>,
+}
+
+impl Spawner {
+    /// Block every signal on the calling thread for good and map a child stack.
+    pub fn for_this_thread() -> std::io::Result<Spawner> {
+        // SAFETY: sigfillset initialises the set; pthread_sigmask only reads it.
+        let rc = unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        Ok(Spawner {
+            stack: ChildStack::new()?,
+            _thread_bound: std::marker::PhantomData,
+        })
+    }
+}
+
+/// A stack for the child between `clone` and `execve`, with a guard page below it.
+struct ChildStack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl ChildStack {
+    /// The child resets signals, moves three fds, changes directory and
+    /// execs: a few KiB at most. 64 KiB leaves room for stack probes.
+    const SIZE: usize = 64 * 1024;
+    /// Guard below the stack, so an overflow faults instead of corrupting memory.
+    const GUARD: usize = 4096;
+
+    fn new() -> std::io::Result<ChildStack> {
+        let len = Self::SIZE + Self::GUARD;
+        // SAFETY: a fresh anonymous private mapping; nothing else refers to it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the lowest page of the mapping made just above.
+        if unsafe { libc::mprotect(base, Self::GUARD, libc::PROT_NONE) } != 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: unmapping the mapping made above, never used.
+            unsafe { libc::munmap(base, len) };
+            return Err(e);
+        }
+        Ok(ChildStack { base, len })
+    }
+
+    /// The initial stack pointer (stacks grow down; 16-byte aligned).
+    fn top(&self) -> *mut libc::c_void {
+        // SAFETY: one past the end of our own mapping; `len` is page-aligned.
+        unsafe { self.base.cast::<u8>().add(self.len).cast() }
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is ours, and no child runs on it once the
+        // spawner thread (suspended during each child's run) drops it.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// Create a child for `cmd` on a spawner thread. The pipes' read ends are
+/// O_NONBLOCK (both backends read them with non-blocking `read`).
+pub(crate) fn spawn(
+    spawner: &Spawner,
+    cmd: &Prepared,
+    devnull: BorrowedFd<'_>,
+) -> Result<Child, SpawnFailure> {
     let program = cmd.program();
     let path = resolve(cmd).map_err(|e| SpawnFailure::new(&program, "cannot find", e))?;
 
-    let flags = PipeFlags::CLOEXEC;
+    // Both ends non-blocking from the start (no ioctl per end here); the
+    // child makes its ends blocking again before it execs.
+    let flags = PipeFlags::CLOEXEC | PipeFlags::NONBLOCK;
     let (out_r, out_w) = rustix::pipe::pipe_with(flags)
         .map_err(|e| SpawnFailure::new(&program, "cannot create pipe for", e))?;
     let (err_r, err_w) = rustix::pipe::pipe_with(flags)
         .map_err(|e| SpawnFailure::new(&program, "cannot create pipe for", e))?;
-    for fd in [&out_r, &err_r] {
-        rustix::io::ioctl_fionbio(fd, true)
-            .map_err(|e| SpawnFailure::new(&program, "cannot set up pipe for", e))?;
-    }
-    // Hold one descriptor slot for the pidfd: once the child exists we must get
-    // a pidfd for it, and EMFILE at that point would leave a child we can only
-    // reach by number.
-    let reserve = rustix::io::fcntl_dupfd_cloexec(devnull, 0)
-        .map_err(|e| SpawnFailure::new(&program, "cannot reserve a descriptor for", e))?;
 
-    let pid = posix_spawn(&path, cmd, devnull, out_w.as_fd(), err_w.as_fd())
+    let (pid, pidfd) = clone_and_exec(spawner, &path, cmd, devnull, out_w.as_fd(), err_w.as_fd())
         .map_err(|e| SpawnFailure::new(&program, "cannot execute", e))?;
     let started = Instant::now();
-    drop(out_w);
-    drop(err_w);
-
-    drop(reserve);
-    let pidfd = match rustix::process::pidfd_open(pid, PidfdFlags::empty()) {
-        Ok(fd) => fd,
-        Err(e) => {
-            // Another thread took the reserved slot. The child is ours and
-            // unreaped, so its pid and group are pinned: kill the group and
-            // reap by pid, on this (spawner) thread, never the loop.
-            // (No log: this runs on a spawner thread, which never logs.)
-            let _ = rustix::process::kill_process_group(pid, Signal::KILL);
-            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
-            return Err(SpawnFailure::new(&program, "cannot open pidfd for", e));
-        }
-    };
     Ok(Child {
         pid,
         pidfd,
@@ -164,110 +233,176 @@ fn resolve(cmd: &Prepared) -> Result<CString, Errno> {
     Err(if denied { Errno::ACCESS } else { Errno::NOENT })
 }
 
-/// `posix_spawn` with: new session (so pgid = sid = pid, set inside the spawn,
-/// never in a parent-side step), default signal dispositions and an empty
-/// mask, stdin from /dev/null, stdout/stderr to the pipes, every fd ≥ 3 closed.
-fn posix_spawn(
+/// Everything the child uses between `clone` and `execve`, prepared by the
+/// parent: the child allocates nothing and calls nothing but syscalls.
+#[repr(C)]
+struct ChildArgs {
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    /// NULL: stay in the executor's directory.
+    cwd: *const libc::c_char,
+    stdin: libc::c_int,
+    stdout: libc::c_int,
+    stderr: libc::c_int,
+    /// Set by the child when a step failed (it then `_exit`s 127). The parent
+    /// reads it once `clone` returned, which with CLONE_VFORK is after the
+    /// child exec'd or exited.
+    errno: AtomicI32,
+}
+
+/// `clone(CLONE_VM | CLONE_VFORK | CLONE_PIDFD)` the child into its own
+/// session (so pgid = sid = pid, set by the child itself, never in a
+/// parent-side step), with default dispositions, an empty signal mask,
+/// stdin from /dev/null, stdout/stderr into the pipes and every fd ≥ 3
+/// closed; then `execve`.
+///
+/// This is what glibc's `posix_spawn` does, minus what costs the executor
+/// CPU on every check: a stack mapped and unmapped per call (the unmap
+/// flushes the TLB of every CPU running one of our threads), a
+/// `getrlimit` per file action, the signal mask saved and restored around
+/// each call (spawner threads block everything for good), and a separate
+/// `pidfd_open` (CLONE_PIDFD creates the pidfd with the child, so a child
+/// without a pidfd can never exist: out of fds, `clone` fails instead).
+fn clone_and_exec(
+    spawner: &Spawner,
     path: &CString,
     cmd: &Prepared,
     devnull: BorrowedFd<'_>,
     stdout: BorrowedFd<'_>,
     stderr: BorrowedFd<'_>,
-) -> Result<Pid, Errno> {
-    let mut argv: Vec<*mut libc::c_char> = cmd.argv.iter().map(|a| a.as_ptr() as *mut _).collect();
-    argv.push(std::ptr::null_mut());
-    let mut envp: Vec<*mut libc::c_char> = cmd.envp.iter().map(|e| e.as_ptr() as *mut _).collect();
-    envp.push(std::ptr::null_mut());
-
-    let check = |rc: libc::c_int| {
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(Errno::from_raw_os_error(rc))
-        }
+) -> Result<(Pid, OwnedFd), Errno> {
+    let mut argv: Vec<*const libc::c_char> = cmd.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = cmd.envp.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let args = ChildArgs {
+        path: path.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        cwd: cmd.cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+        stdin: devnull.as_raw_fd(),
+        stdout: stdout.as_raw_fd(),
+        stderr: stderr.as_raw_fd(),
+        errno: AtomicI32::new(0),
     };
-
-    // SAFETY: zeroed memory is a valid argument to the *_init functions, which
-    // fully initialise these opaque glibc structures before any other use.
-    let mut actions: libc::posix_spawn_file_actions_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let mut attr: libc::posix_spawnattr_t = unsafe { std::mem::zeroed() };
-    // SAFETY: initialising the structures we own; destroyed below on every path.
-    check(unsafe { libc::posix_spawn_file_actions_init(&mut actions) })?;
-    // SAFETY: as above.
-    if let Err(e) = check(unsafe { libc::posix_spawnattr_init(&mut attr) }) {
-        // SAFETY: `actions` was initialised above.
-        unsafe { libc::posix_spawn_file_actions_destroy(&mut actions) };
-        return Err(e);
+    let mut pidfd: libc::c_int = -1;
+    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD;
+    // SAFETY: the child runs `child_main` on a stack of its own (this
+    // thread's `ChildStack`, unused by anything else while this thread is
+    // suspended, as CLONE_VFORK guarantees until the child exec'd or
+    // exited). It shares our memory and only reads `args` (alive across the
+    // call) and the strings it points into, and writes `args.errno`. Every
+    // signal is blocked on this thread (`Spawner`), hence in the child until
+    // it has reset the dispositions. The kernel writes the pidfd into `pidfd`.
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            spawner.stack.top(),
+            flags,
+            (&args as *const ChildArgs).cast_mut().cast(),
+            &mut pidfd as *mut libc::c_int,
+        )
+    };
+    if pid < 0 {
+        return Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::AGAIN));
     }
+    // SAFETY: with CLONE_PIDFD a successful clone stored a new pidfd, owned by nothing else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let failed = args.errno.load(Ordering::Acquire);
+    if failed != 0 {
+        // The child exited (127) without exec'ing: reap it now. It is
+        // exiting or gone already, so this wait is short.
+        let _ = rustix::process::waitid(
+            rustix::process::WaitId::PidFd(pidfd.as_fd()),
+            rustix::process::WaitIdOptions::EXITED,
+        );
+        return Err(Errno::from_raw_os_error(failed));
+    }
+    let pid = Pid::from_raw(pid).ok_or(Errno::SRCH)?;
+    Ok((pid, pidfd))
+}
 
-    // SAFETY: all pointers are to initialised structures and live C strings;
-    // the fds are open for the whole call; argv/envp are NULL-terminated
-    // arrays of pointers into `cmd`, which outlives the call.
-    let result = unsafe {
-        (|| {
-            check(libc::posix_spawn_file_actions_adddup2(
-                &mut actions,
-                devnull.as_raw_fd(),
-                0,
-            ))?;
-            check(libc::posix_spawn_file_actions_adddup2(
-                &mut actions,
-                stdout.as_raw_fd(),
-                1,
-            ))?;
-            check(libc::posix_spawn_file_actions_adddup2(
-                &mut actions,
-                stderr.as_raw_fd(),
-                2,
-            ))?;
-            if let Some(cwd) = &cmd.cwd {
-                check(libc::posix_spawn_file_actions_addchdir_np(
-                    &mut actions,
-                    cwd.as_ptr(),
-                ))?;
-            }
-            check(libc::posix_spawn_file_actions_addclosefrom_np(
-                &mut actions,
-                3,
-            ))?;
-
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            check(libc::posix_spawnattr_setsigmask(&mut attr, &empty))?;
-            let mut defaults: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut defaults);
-            for &sig in RESET_SIGNALS {
-                libc::sigaddset(&mut defaults, sig);
-            }
-            check(libc::posix_spawnattr_setsigdefault(&mut attr, &defaults))?;
-            let flags = libc::POSIX_SPAWN_SETSID as i32
-                | libc::POSIX_SPAWN_SETSIGMASK
-                | libc::POSIX_SPAWN_SETSIGDEF;
-            check(libc::posix_spawnattr_setflags(
-                &mut attr,
-                flags as libc::c_short,
-            ))?;
-
-            let mut pid: libc::pid_t = 0;
-            check(libc::posix_spawn(
-                &mut pid,
-                path.as_ptr(),
-                &actions,
-                &attr,
-                argv.as_ptr(),
-                envp.as_ptr(),
-            ))?;
-            Ok(pid)
-        })()
-    };
-    // SAFETY: both structures were initialised above and are not used again.
+/// The child between `clone` and `execve`. It runs in the parent's memory on
+/// the spawner's `ChildStack`, with every signal blocked: only syscalls here,
+/// no allocation, no locks, no unwinding.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `ChildArgs` the parent keeps alive until we exec or exit.
+    let args = unsafe { &*(arg as *const ChildArgs) };
+    // SAFETY: the parent made every pointer in `args` valid and NUL-terminated
+    // for the duration; the calls below are plain syscall wrappers.
     unsafe {
-        libc::posix_spawn_file_actions_destroy(&mut actions);
-        libc::posix_spawnattr_destroy(&mut attr);
+        // A handler the application installed must not run here (in the
+        // parent's memory) once signals are unblocked: back to default.
+        // Ignored signals stay ignored across execve, so the ones a check
+        // must see are reset too.
+        for sig in 1..libc::SIGRTMAX() + 1 {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 {
+                continue;
+            }
+            let reset = match old.sa_sigaction {
+                libc::SIG_DFL => false,
+                libc::SIG_IGN => RESET_SIGNALS.contains(&sig),
+                _ => true,
+            };
+            if reset {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        if libc::setsid() < 0 {
+            child_fail(args);
+        }
+        for (fd, target) in [(args.stdin, 0), (args.stdout, 1), (args.stderr, 2)] {
+            let ok = if fd == target {
+                // dup2 onto itself would leave it close-on-exec.
+                libc::fcntl(fd, libc::F_SETFD, 0) == 0
+            } else {
+                libc::dup2(fd, target) == target
+            };
+            if !ok {
+                child_fail(args);
+            }
+        }
+        // The pipes were made O_NONBLOCK for the executor's read ends; a
+        // plugin expects blocking writes. (The flag is per open file, and
+        // these write ends are the child's alone once the spawner closes
+        // its copies.) /dev/null on 0 never had it.
+        for fd in [1, 2] {
+            if libc::fcntl(fd, libc::F_SETFL, 0) != 0 {
+                child_fail(args);
+            }
+        }
+        if !args.cwd.is_null() && libc::chdir(args.cwd) != 0 {
+            child_fail(args);
+        }
+        // Everything of ours is close-on-exec; this also covers fds an
+        // application opened without O_CLOEXEC. ENOSYS (before Linux 5.9)
+        // leaves them to close-on-exec alone.
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::execve(args.path, args.argv, args.envp);
+        child_fail(args)
     }
-    let pid = result?;
-    Pid::from_raw(pid).ok_or(Errno::SRCH)
+}
+
+/// Report the failed step's errno to the parent and exit 127.
+fn child_fail(args: &ChildArgs) -> ! {
+    // SAFETY: reading errno (this task's, set by the call that just failed).
+    let errno = unsafe { *libc::__errno_location() };
+    args.errno.store(
+        if errno == 0 { libc::EINVAL } else { errno },
+        Ordering::Release,
+    );
+    // SAFETY: `_exit` ends only this child (it is its own thread group).
+    unsafe { libc::_exit(127) }
 }
 
 /// Send `sig` to the leader through its pidfd. ESRCH ("already exiting") is success.

@@ -1,6 +1,6 @@
-//! The spawner pool: a few threads that run `posix_spawn` for the loop.
+//! The spawner pool: a few threads that create children for the loop.
 //!
-//! `posix_spawn` blocks its caller until the child has exec'd (≈0.3–0.5 ms of
+//! Creating a child (`clone` with CLONE_VFORK, see `spawn`) blocks its caller until the child has exec'd (≈0.3–0.5 ms of
 //! kernel work); on the loop thread that would stall every other check and cap
 //! the rate at one core. Spawners only create the child and hand its fds back;
 //! the loop stays the single owner of every check's state.
@@ -75,7 +75,7 @@ pub(crate) struct SpawnDone {
 
 /// Lets the orphan scan see a moment when no spawn is in progress.
 ///
-/// Spawners hold it shared from before `posix_spawn` until their answer is
+/// Spawners hold it shared from before creating a child until their answer is
 /// sent; the loop's scan takes it exclusively without ever blocking
 /// (`try_exclusive`), so every child of ours is then known to the loop.
 /// Under saturating load the scan may keep missing; after a few misses it
@@ -166,11 +166,20 @@ pub(crate) fn start(
                         BorrowedFd::borrow_raw(outbox_fd),
                     )
                 };
+                // Blocks every signal on this thread and maps the children's stack.
+                let spawner = spawn::Spawner::for_this_thread();
                 for job in jobs.iter() {
                     // Held until the answer is sent: see `SpawnGate`.
                     let _gate = gate.enter();
                     let picked = Instant::now();
-                    let spawned = spawn::spawn(&job.prepared, devnull);
+                    let spawned = match &spawner {
+                        Ok(spawner) => spawn::spawn(spawner, &job.prepared, devnull),
+                        Err(e) => Err(SpawnFailure::new(
+                            &job.prepared.program(),
+                            "no spawner thread could be set up for",
+                            Errno::from_io_error(e).unwrap_or(Errno::NOMEM),
+                        )),
+                    };
                     let (result, child) = match spawned {
                         Ok(child) => match send_fds(outbox, &child) {
                             Ok(()) => (
@@ -226,9 +235,14 @@ pub(crate) fn start(
 
 impl Spawners {
     /// Hold `FDS_PER_CHILD` descriptor slots for a spawn about to be
-    /// dispatched, so its descriptors can always be received.
-    pub fn reserve(&mut self) -> Result<(), Errno> {
+    /// dispatched, so its descriptors can always be received: spare slots
+    /// of finished checks first, else fresh ones.
+    pub fn reserve(&mut self, spares: &mut Vec<OwnedFd>) -> Result<(), Errno> {
         for taken in 0..FDS_PER_CHILD {
+            if let Some(fd) = spares.pop() {
+                self.reserve.push(fd);
+                continue;
+            }
             match rustix::io::fcntl_dupfd_cloexec(self.devnull.as_fd(), 0) {
                 Ok(fd) => self.reserve.push(fd),
                 Err(e) => {

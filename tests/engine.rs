@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use pidring::{Check, Outcome, State, SubmitError};
+use pidring::{Check, Executor, Outcome, State, SubmitError};
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
@@ -369,6 +369,72 @@ fn children_see_only_stdin_stdout_stderr() {
         let r = run(exec, sh("readlink /proc/$$/fd/0"));
         assert_eq!(r.stdout.text().trim(), "/dev/null");
     });
+}
+
+#[test]
+fn a_checks_stdout_and_stderr_block_like_any_pipe() {
+    // The executor reads its ends without blocking; the plugin's ends must
+    // block, or a plugin writing faster than we read would get EAGAIN.
+    each_backend(executor, |exec, _| {
+        let r = run(
+            exec,
+            sh("exec grep -h '^flags' /proc/self/fdinfo/1 /proc/self/fdinfo/2 >&2"),
+        );
+        let lines: Vec<String> = r.stderr.text().lines().map(String::from).collect();
+        assert_eq!(lines.len(), 2, "{lines:?} / {:?}", r.stdout.text());
+        for line in lines {
+            let flags = u32::from_str_radix(line.split_whitespace().nth(1).unwrap(), 8).unwrap();
+            assert_eq!(flags & libc::O_NONBLOCK as u32, 0, "{line}");
+        }
+        // And a plugin writing far more than a pipe holds loses nothing
+        // (its writes block while the loop catches up).
+        let r = run(
+            exec,
+            sh("head -c 1000000 /dev/zero | tr '\\0' x; echo; echo done >&2"),
+        );
+        assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{}", r.reason);
+        assert_eq!(r.stderr.text().trim(), "done");
+    });
+}
+
+#[test]
+fn an_idle_executor_holds_no_descriptor_of_a_finished_check() {
+    // Finished checks' descriptors may stand in for the next spawn's reserved
+    // slots within a loop turn; none may outlive it. Counted while the
+    // executor is alive and idle, after runs that admit as checks finish.
+    each_backend(
+        |backend| {
+            Executor::builder()
+                .backend(backend)
+                .max_running(4)
+                .build()
+                .expect("executor")
+        },
+        |exec, _| {
+            let _ = run(exec, Check::argv(["/bin/true"]));
+            assert!(exec.wait_idle(Duration::from_secs(60)));
+            let idle = fd_count();
+            let pending: Vec<_> = (0..200)
+                .map(|i| {
+                    let c = if i % 2 == 0 {
+                        sh("echo out; echo err >&2")
+                    } else {
+                        Check::argv(["/bin/true"])
+                    };
+                    exec.submit(c).expect("accepted")
+                })
+                .collect();
+            for p in pending {
+                assert_eq!(p.wait().outcome, Outcome::Exited { code: 0 });
+            }
+            assert!(exec.wait_idle(Duration::from_secs(60)));
+            assert!(
+                eventually(Duration::from_secs(10), || fd_count() == idle),
+                "an idle executor holds {} fds, {idle} before",
+                fd_count()
+            );
+        },
+    );
 }
 
 #[test]
