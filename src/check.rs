@@ -171,7 +171,7 @@ impl Check {
         self.prepare_with(&InheritedEnv::new(inherited.to_vec()))
     }
 
-    /// Check the request and turn it into C strings ready for `posix_spawn`.
+    /// Check the request and turn it into C strings ready for `execve`.
     /// A check that inherits the executor's environment unchanged shares its
     /// one converted copy (no per-check strings).
     pub(crate) fn prepare_with(&self, inherited: &InheritedEnv) -> Result<Prepared, CheckError> {
@@ -258,7 +258,7 @@ fn cstring(bytes: &[u8], what: &'static str) -> Result<CString, CheckError> {
     CString::new(bytes).map_err(|_| CheckError::NulByte(what))
 }
 
-/// A validated check in the form `posix_spawn` takes.
+/// A validated check in the form `execve` takes.
 #[derive(Debug)]
 pub(crate) struct Prepared {
     /// Arguments; `argv[0]` is also the program (resolved through PATH if it has no `/`).
@@ -278,7 +278,7 @@ impl Prepared {
     }
 }
 
-/// The executor's environment, converted once for `posix_spawn`.
+/// The executor's environment, converted once for `execve`.
 #[derive(Debug)]
 pub(crate) struct InheritedEnv {
     /// The variables, for checks that add to or override them.

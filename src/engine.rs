@@ -202,7 +202,7 @@ struct Engine {
     spawning: usize,
     shutting_down: bool,
     reap_orphans: bool,
-    /// Held for reading by spawners from before `posix_spawn` until the
+    /// Held for reading by spawners from before creating a child until the
     /// answer is sent; the orphan scan runs only when it can take it for
     /// writing, so every child of ours is then known to the loop.
     gate: Arc<SpawnGate>,

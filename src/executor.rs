@@ -87,7 +87,7 @@ impl ExecutorBuilder {
         self
     }
 
-    /// Threads that run `posix_spawn` (default: CPUs, at most 4).
+    /// Threads that create the children (default: CPUs, at most 4).
     pub fn spawn_threads(mut self, n: usize) -> Self {
         self.spawn_threads = n.max(1);
         self

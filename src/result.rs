@@ -128,7 +128,7 @@ pub struct Timings {
     /// Submission → handed to a spawner.
     #[serde(with = "micros")]
     pub queue_wait: Duration,
-    /// The spawn call itself (pipes, posix_spawn, pidfd).
+    /// The spawn call itself (pipes, clone + exec, pidfd).
     #[serde(with = "micros")]
     pub spawn: Duration,
     /// Child existed → leader seen exited.

@@ -13,7 +13,7 @@ use rustix::pipe::PipeFlags;
 use rustix::process::{Pid, Signal};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 use std::time::Instant;
 
 /// A child that now exists: its pid, pidfd and the read ends of its output pipes.
@@ -27,7 +27,7 @@ pub(crate) struct Child {
     pub stdout: OwnedFd,
     /// Read end of the child's stderr.
     pub stderr: OwnedFd,
-    /// When the child came to exist (right after `posix_spawn` returned).
+    /// When the child came to exist (stamped when `clone` returned, i.e. once it exec'd).
     pub started: Instant,
 }
 
@@ -124,11 +124,15 @@ impl ChildStack {
     /// The child resets signals, moves three fds, changes directory and
     /// execs: a few KiB at most. 64 KiB leaves room for stack probes.
     const SIZE: usize = 64 * 1024;
-    /// Guard below the stack, so an overflow faults instead of corrupting memory.
-    const GUARD: usize = 4096;
-
     fn new() -> std::io::Result<ChildStack> {
-        let len = Self::SIZE + Self::GUARD;
+        // A guard page below the stack, so an overflow faults instead of
+        // corrupting memory.
+        // SAFETY: sysconf only reads a system value.
+        let guard = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            n if n > 0 => n as usize,
+            _ => 4096,
+        };
+        let len = Self::SIZE + guard;
         // SAFETY: a fresh anonymous private mapping; nothing else refers to it.
         let base = unsafe {
             libc::mmap(
@@ -144,7 +148,7 @@ impl ChildStack {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: the lowest page of the mapping made just above.
-        if unsafe { libc::mprotect(base, Self::GUARD, libc::PROT_NONE) } != 0 {
+        if unsafe { libc::mprotect(base, guard, libc::PROT_NONE) } != 0 {
             let e = std::io::Error::last_os_error();
             // SAFETY: unmapping the mapping made above, never used.
             unsafe { libc::munmap(base, len) };
@@ -187,7 +191,19 @@ pub(crate) fn spawn(
         .map_err(|e| SpawnFailure::new(&program, "cannot create pipe for", e))?;
 
     let (pid, pidfd) = clone_and_exec(spawner, &path, cmd, devnull, out_w.as_fd(), err_w.as_fd())
-        .map_err(|e| SpawnFailure::new(&program, "cannot execute", e))?;
+        .map_err(|(step, e)| match step {
+        ChildStep::Chdir => SpawnFailure {
+            errno: Some(e.raw_os_error()),
+            message: format!(
+                "cannot change to the working directory {} for {program}: {}",
+                cmd.cwd
+                    .as_deref()
+                    .map_or("?".into(), |c| c.to_string_lossy()),
+                std::io::Error::from(e)
+            ),
+        },
+        step => SpawnFailure::new(&program, step.what(), e),
+    })?;
     let started = Instant::now();
     Ok(Child {
         pid,
@@ -249,6 +265,46 @@ struct ChildArgs {
     /// reads it once `clone` returned, which with CLONE_VFORK is after the
     /// child exec'd or exited.
     errno: AtomicI32,
+    /// Which step failed (a `ChildStep`), set with `errno`.
+    step: AtomicU8,
+}
+
+/// A step of creating a child, named in the error when it fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChildStep {
+    /// `clone` itself (process limit, out of fds for the pidfd, memory).
+    Clone = 0,
+    /// `setsid`.
+    Setsid = 1,
+    /// Putting /dev/null and the pipes on fds 0–2.
+    Stdio = 2,
+    /// Changing to the check's working directory.
+    Chdir = 3,
+    /// `execve`.
+    Exec = 4,
+}
+
+impl ChildStep {
+    fn from_u8(v: u8) -> ChildStep {
+        match v {
+            1 => ChildStep::Setsid,
+            2 => ChildStep::Stdio,
+            3 => ChildStep::Chdir,
+            4 => ChildStep::Exec,
+            _ => ChildStep::Clone,
+        }
+    }
+
+    /// The message's verb phrase, before the program name.
+    fn what(self) -> &'static str {
+        match self {
+            ChildStep::Clone => "cannot create a process for",
+            ChildStep::Setsid => "cannot start a session for",
+            ChildStep::Stdio => "cannot set up the standard streams of",
+            ChildStep::Chdir => "cannot change to the working directory of",
+            ChildStep::Exec => "cannot execute",
+        }
+    }
 }
 
 /// `clone(CLONE_VM | CLONE_VFORK | CLONE_PIDFD)` the child into its own
@@ -271,7 +327,7 @@ fn clone_and_exec(
     devnull: BorrowedFd<'_>,
     stdout: BorrowedFd<'_>,
     stderr: BorrowedFd<'_>,
-) -> Result<(Pid, OwnedFd), Errno> {
+) -> Result<(Pid, OwnedFd), (ChildStep, Errno)> {
     let mut argv: Vec<*const libc::c_char> = cmd.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = cmd.envp.iter().map(|e| e.as_ptr()).collect();
@@ -285,6 +341,7 @@ fn clone_and_exec(
         stdout: stdout.as_raw_fd(),
         stderr: stderr.as_raw_fd(),
         errno: AtomicI32::new(0),
+        step: AtomicU8::new(0),
     };
     let mut pidfd: libc::c_int = -1;
     let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD;
@@ -305,7 +362,8 @@ fn clone_and_exec(
         )
     };
     if pid < 0 {
-        return Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::AGAIN));
+        let e = Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::AGAIN);
+        return Err((ChildStep::Clone, e));
     }
     // SAFETY: with CLONE_PIDFD a successful clone stored a new pidfd, owned by nothing else.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
@@ -317,9 +375,10 @@ fn clone_and_exec(
             rustix::process::WaitId::PidFd(pidfd.as_fd()),
             rustix::process::WaitIdOptions::EXITED,
         );
-        return Err(Errno::from_raw_os_error(failed));
+        let step = ChildStep::from_u8(args.step.load(Ordering::Acquire));
+        return Err((step, Errno::from_raw_os_error(failed)));
     }
-    let pid = Pid::from_raw(pid).ok_or(Errno::SRCH)?;
+    let pid = Pid::from_raw(pid).ok_or((ChildStep::Clone, Errno::SRCH))?;
     Ok((pid, pidfd))
 }
 
@@ -356,7 +415,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             }
         }
         if libc::setsid() < 0 {
-            child_fail(args);
+            child_fail(args, ChildStep::Setsid);
         }
         for (fd, target) in [(args.stdin, 0), (args.stdout, 1), (args.stderr, 2)] {
             let ok = if fd == target {
@@ -366,7 +425,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 libc::dup2(fd, target) == target
             };
             if !ok {
-                child_fail(args);
+                child_fail(args, ChildStep::Stdio);
             }
         }
         // The pipes were made O_NONBLOCK for the executor's read ends; a
@@ -375,11 +434,11 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         // its copies.) /dev/null on 0 never had it.
         for fd in [1, 2] {
             if libc::fcntl(fd, libc::F_SETFL, 0) != 0 {
-                child_fail(args);
+                child_fail(args, ChildStep::Stdio);
             }
         }
         if !args.cwd.is_null() && libc::chdir(args.cwd) != 0 {
-            child_fail(args);
+            child_fail(args, ChildStep::Chdir);
         }
         // Everything of ours is close-on-exec; this also covers fds an
         // application opened without O_CLOEXEC. ENOSYS (before Linux 5.9)
@@ -389,14 +448,15 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         libc::execve(args.path, args.argv, args.envp);
-        child_fail(args)
+        child_fail(args, ChildStep::Exec)
     }
 }
 
-/// Report the failed step's errno to the parent and exit 127.
-fn child_fail(args: &ChildArgs) -> ! {
+/// Report the failed step and its errno to the parent and exit 127.
+fn child_fail(args: &ChildArgs, step: ChildStep) -> ! {
     // SAFETY: reading errno (this task's, set by the call that just failed).
     let errno = unsafe { *libc::__errno_location() };
+    args.step.store(step as u8, Ordering::Relaxed);
     args.errno.store(
         if errno == 0 { libc::EINVAL } else { errno },
         Ordering::Release,

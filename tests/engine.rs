@@ -454,11 +454,17 @@ fn env_and_cwd_are_applied() {
         );
         assert_eq!(r.stdout.text(), "ONLY=1\n");
         let r = run(exec, sh("echo x").cwd("/nonexistent-dir"));
-        assert!(
-            matches!(r.outcome, Outcome::SpawnFailed { .. }),
-            "{:?}",
-            r.outcome
-        );
+        match &r.outcome {
+            Outcome::SpawnFailed { errno, message } => {
+                assert_eq!(*errno, Some(libc::ENOENT));
+                // The message names the directory, not the (fine) program.
+                assert!(
+                    message.contains("working directory /nonexistent-dir"),
+                    "{message}"
+                );
+            }
+            o => panic!("expected spawn failure, got {o:?}"),
+        }
     });
 }
 
