@@ -3,8 +3,9 @@
 //!
 //! Each turn: one backend wait (bounded by the nearest deadline) → handle the
 //! watches that fired → fire due timers → admit queued checks into free
-//! running slots → deliver finished checks. Submissions and spawner answers
-//! arrive on channels, announced by the eventfd waker.
+//! running slots (creating each child right here, without waiting for it to
+//! exec: see `spawn::launch`) → deliver finished checks. Submissions arrive
+//! on a channel, announced by the eventfd waker.
 
 use crate::backend::{Backend, BackendKind};
 use crate::check::{Check, Prepared};
@@ -13,10 +14,8 @@ use crate::executor::{Deliver, Shared};
 use crate::lifecycle::{self, Ctx, KillReason, Lifecycle, Timers, unix_us};
 use crate::result::{CheckResult, Outcome, Output, Timings};
 use crate::spawn;
-use crate::spawner::{self, SpawnDone, SpawnGate, SpawnJob, Spawners};
 use crate::state::State;
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use rustix::fd::OwnedFd;
+use crossbeam_channel::{Receiver, TryRecvError};
 use rustix::process::Pid;
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -31,6 +30,17 @@ use std::time::{Duration, Instant, SystemTime};
 const WAKER: u64 = u64::MAX - 1;
 /// Size of the one shared read buffer.
 const SCRATCH: usize = 64 * 1024;
+/// Most children created but not yet exec'd at once. Each holds a stack
+/// (a few KiB touched) and two extra descriptors (our copies of its pipes'
+/// write ends) until then: a burst of thousands of submissions must not pile
+/// them up (6k at once ran out of descriptors). On a saturated machine a
+/// child can wait milliseconds for a CPU to exec on, so at a few thousand
+/// spawns/s a few dozen are normally in this state; the limit is only met
+/// in bursts.
+const MAX_LAUNCHING: usize = 256;
+/// How soon to look again when admission waits for children to exec (which
+/// wakes nothing).
+const LAUNCH_POLL: Duration = Duration::from_millis(1);
 /// How often the orphan scan runs when the executor is a subreaper.
 const ORPHAN_SCAN: Duration = Duration::from_millis(200);
 
@@ -38,8 +48,6 @@ const ORPHAN_SCAN: Duration = Duration::from_millis(200);
 pub(crate) struct Config {
     /// Requested backend.
     pub backend: BackendKind,
-    /// Spawner threads.
-    pub spawn_threads: usize,
     /// Subreaper mode.
     pub reap_orphans: bool,
 }
@@ -76,12 +84,6 @@ pub(crate) fn start(
     shared: Arc<Shared>,
     requests: Receiver<Request>,
 ) -> Result<(JoinHandle<()>, BackendKind), ExecutorError> {
-    let devnull = Arc::new(
-        spawn::open_devnull().map_err(|source| ExecutorError::Setup {
-            what: "open /dev/null",
-            source,
-        })?,
-    );
     if config.reap_orphans {
         rustix::process::set_child_subreaper(Some(rustix::process::getpid())).map_err(|e| {
             ExecutorError::Setup {
@@ -106,57 +108,49 @@ pub(crate) fn start(
                     return;
                 }
             };
-            let (job_tx, job_rx) = crossbeam_channel::unbounded();
-            let (done_tx, done_rx) = crossbeam_channel::unbounded();
-            let gate = Arc::new(SpawnGate::default());
-            let spawners = match spawner::start(
-                config.spawn_threads,
-                job_rx,
-                done_tx,
-                shared.waker.clone(),
-                devnull,
-                gate.clone(),
-            ) {
-                Ok(s) => s,
+            // Made at once (while the descriptor table is small), so that its
+            // low slots get low numbers.
+            let launcher = match spawn::Launcher::new() {
+                Ok(l) => l,
                 Err(source) => {
                     let _ = ready_tx.send(Err(ExecutorError::Setup {
-                        what: "spawner threads",
+                        what: "open /dev/null for the children",
                         source,
                     }));
                     return;
                 }
             };
+            // This thread creates every child: see `spawn::block_all_signals_on_this_thread`.
+            if let Err(source) = spawn::block_all_signals_on_this_thread() {
+                let _ = ready_tx.send(Err(ExecutorError::Setup {
+                    what: "block signals on the loop thread",
+                    source,
+                }));
+                return;
+            }
             *shared.backend.lock().unwrap_or_else(|p| p.into_inner()) = backend.kind();
             let _ = ready_tx.send(Ok(backend.kind()));
             let mut engine = Engine {
                 backend,
                 shared,
                 requests,
-                jobs: Some(job_tx),
-                done: done_rx,
+                launcher,
+                launching: Vec::new(),
+                group_terms: Vec::new(),
                 checks: Slab::new(),
                 by_id: HashMap::new(),
                 queue: VecDeque::new(),
                 timers: Timers::default(),
                 scratch: vec![0u8; SCRATCH].into_boxed_slice(),
-                spares: Vec::new(),
                 fired: Vec::with_capacity(1024),
                 next_generation: 1,
-                spawning: 0,
                 shutting_down: false,
                 reap_orphans: config.reap_orphans,
-                gate,
-                orphan_misses: 0,
-                spawners: Some(spawners),
                 next_orphan_scan: Instant::now() + ORPHAN_SCAN,
             };
             engine.run();
             if engine.reap_orphans {
                 engine.final_orphan_sweep();
-            }
-            drop(engine.jobs.take());
-            if let Some(spawners) = engine.spawners.take() {
-                spawners.join();
             }
         })
         .map_err(|source| ExecutorError::Setup {
@@ -184,31 +178,26 @@ struct Engine {
     backend: Backend,
     shared: Arc<Shared>,
     requests: Receiver<Request>,
-    jobs: Option<Sender<SpawnJob>>,
-    done: Receiver<SpawnDone>,
+    /// Checks whose child has not exec'd (or exited) yet: polled every
+    /// turn, to close our copies of its pipes' write ends and give its
+    /// stack back as soon as it is done with them.
+    launching: Vec<(usize, u32)>,
+    /// See `Ctx::group_terms`.
+    group_terms: Vec<(usize, u32)>,
     checks: Slab<Lifecycle>,
     by_id: HashMap<u64, usize>,
     queue: VecDeque<Box<Submission>>,
     timers: Timers,
     scratch: Box<[u8]>,
-    /// Finished checks' descriptors kept for this turn's admissions (`Ctx::spare`).
-    spares: Vec<OwnedFd>,
     fired: Vec<u64>,
     next_generation: u32,
-    /// The spawner threads, their hand-off sockets and descriptor reserve
-    /// (`None` only once the loop has ended).
-    spawners: Option<Spawners>,
-    /// Jobs handed to spawners whose answer has not come back.
-    spawning: usize,
     shutting_down: bool,
     reap_orphans: bool,
-    /// Held for reading by spawners from before creating a child until the
-    /// answer is sent; the orphan scan runs only when it can take it for
-    /// writing, so every child of ours is then known to the loop.
-    gate: Arc<SpawnGate>,
-    /// Consecutive scans that found a spawn in progress.
-    orphan_misses: u32,
     next_orphan_scan: Instant,
+    // Declared after `checks` (fields drop in order): a check dropped with
+    // its child not yet exec'd gives back what it borrowed from here.
+    /// Stacks and low descriptor slots lent to children until they exec.
+    launcher: spawn::Launcher,
 }
 
 impl Engine {
@@ -224,6 +213,10 @@ impl Engine {
                 let scan = self.next_orphan_scan.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(scan, |t| t.min(scan)));
             }
+            if self.launching.len() >= MAX_LAUNCHING && !self.queue.is_empty() {
+                // Admission waits for a child to exec, which wakes nothing.
+                timeout = Some(timeout.map_or(LAUNCH_POLL, |t| t.min(LAUNCH_POLL)));
+            }
             let mut fired = std::mem::take(&mut self.fired);
             if let Err(e) = self.backend.wait(&mut fired, timeout) {
                 tracing::error!("backend wait failed: {e}");
@@ -238,18 +231,24 @@ impl Engine {
                 }
             }
             self.fired = fired;
+            self.poll_launches();
             while let Some((slot, generation, kind)) = self.timers.pop_due(now) {
                 self.with_check(slot, generation, now, |c, ctx| c.on_timer(kind, ctx));
+            }
+            // Every leader whose deadline fell due has its SIGTERM: now their groups.
+            for (slot, generation) in std::mem::take(&mut self.group_terms) {
+                if let Some(c) = self.checks.get_mut(slot)
+                    && c.generation() == generation
+                {
+                    c.signal_group_after_deadline();
+                }
             }
             if self.reap_orphans && now >= self.next_orphan_scan {
                 self.scan_orphans();
             }
             self.admit(now);
-            // Spares no admission took: closed now, so an idle executor holds none.
-            self.spares.clear();
             if self.shutting_down
                 && self.checks.is_empty()
-                && self.spawning == 0
                 && self.shared.outstanding.load(Ordering::SeqCst) == 0
             {
                 break;
@@ -273,7 +272,7 @@ impl Engine {
                 timers: &mut self.timers,
                 scratch: &mut self.scratch,
                 now,
-                spares: &mut self.spares,
+                group_terms: &mut self.group_terms,
             };
             f(&mut check, &mut ctx);
             self.put_back(slot, check);
@@ -314,7 +313,6 @@ impl Engine {
         if let Err(e) = self.backend.watch(self.shared.waker.fd(), WAKER, false) {
             panic!("pidring: cannot re-watch the waker eventfd: {e}");
         }
-        self.drain_spawned(now);
         loop {
             match self.requests.try_recv() {
                 Ok(Request::Submit(sub)) => {
@@ -339,45 +337,22 @@ impl Engine {
         }
     }
 
-    /// Take the spawners' answers: start watching each new child.
-    fn drain_spawned(&mut self, now: Instant) {
-        while let Ok(done) = self.done.try_recv() {
-            self.spawning -= 1;
-            let result = match (done.result, self.spawners.as_mut()) {
-                (Ok(spawned), Some(spawners)) => spawners.receive(done.spawner, spawned),
-                (Err(failure), spawners) => {
-                    if let Some(s) = spawners {
-                        s.release();
-                    }
-                    Err(failure)
-                }
-                (Ok(_), None) => unreachable!("spawners outlive the loop"),
-            };
-            let known = self
-                .checks
-                .get(done.slot)
-                .is_some_and(|c| c.generation() == done.generation);
-            if !known {
-                // Cannot happen (a slot is held until its spawn answers); be safe anyway.
-                if let Ok(child) = result {
-                    tracing::error!("spawn answer for an unknown check; killing the child");
-                    spawn::kill_and_reap(child);
-                }
-                continue;
-            }
-            self.with_check(done.slot, done.generation, now, |c, ctx| match result {
-                Ok(child) => c.started(child, done.picked, ctx),
-                Err(failure) => {
-                    tracing::debug!(id = c.id(), "spawn failed: {}", failure.message);
-                    c.spawn_failed(failure, done.picked);
-                }
-            });
+    /// Catch up with children that had not exec'd yet (see `launching`).
+    fn poll_launches(&mut self) {
+        if self.launching.is_empty() {
+            return;
         }
+        let checks = &mut self.checks;
+        self.launching
+            .retain(|&(slot, generation)| match checks.get_mut(slot) {
+                Some(c) if c.generation() == generation => c.poll_launch(),
+                _ => false,
+            });
     }
 
     /// Move queued checks into free running slots, oldest first.
     fn admit(&mut self, now: Instant) {
-        while self.checks.len() < self.shared.max_running {
+        while self.checks.len() < self.shared.max_running && self.launching.len() < MAX_LAUNCHING {
             let Some(sub) = self.queue.pop_front() else {
                 break;
             };
@@ -404,41 +379,21 @@ impl Engine {
                 now,
             ));
             self.by_id.insert(id, slot);
-            // Descriptor slots for the child's pidfd and pipes, held until
-            // they arrive: EMFILE fails the check here, before any child exists.
-            let reserved = (self.spawners.as_mut()).map_or(Ok(()), |s| s.reserve(&mut self.spares));
-            if let Err(e) = reserved {
-                let mut c = self.checks.remove(slot);
-                self.by_id.remove(&id);
-                let failure = spawn::SpawnFailure::new(
-                    &prepared.program(),
-                    "cannot reserve descriptors for",
-                    e,
-                );
-                c.spawn_failed(failure, now);
-                self.finish(c);
-                continue;
-            }
-            self.spawning += 1;
-            let job = SpawnJob {
-                slot,
-                generation,
-                prepared,
-            };
-            let sent = self
-                .jobs
-                .as_ref()
-                .is_some_and(|jobs| jobs.send(job).is_ok());
-            if !sent {
-                // Spawners gone (cannot happen before the loop ends).
-                self.spawning -= 1;
-                if let Some(s) = self.spawners.as_mut() {
-                    s.release();
+            let picked = Instant::now();
+            match spawn::launch(prepared, &self.launcher) {
+                Ok((child, launch)) => {
+                    self.launching.push((slot, generation));
+                    self.with_check(slot, generation, now, |c, ctx| {
+                        c.started(child, Some(launch), picked, ctx)
+                    });
                 }
-                let mut c = self.checks.remove(slot);
-                self.by_id.remove(&id);
-                c.spawn_failed(spawn_gone(), now);
-                self.finish(c);
+                Err(failure) => {
+                    let mut c = self.checks.remove(slot);
+                    self.by_id.remove(&id);
+                    tracing::debug!(id, "spawn failed: {}", failure.message);
+                    c.spawn_failed(failure, picked);
+                    self.finish(c);
+                }
             }
         }
         self.shared
@@ -511,22 +466,10 @@ impl Engine {
 
     /// Reap descendants that escaped their check and were re-parented to us.
     fn scan_orphans(&mut self) {
-        let gate = self.gate.clone();
-        // Never block the loop: if a spawner is mid-spawn, try again soon.
-        let Some(_exclusive) = gate.try_exclusive() else {
-            self.orphan_misses += 1;
-            if self.orphan_misses >= 5 {
-                gate.pause();
-            }
-            self.next_orphan_scan = Instant::now() + Duration::from_millis(1);
-            return;
-        };
-        self.orphan_misses = 0;
-        gate.resume();
         self.next_orphan_scan = Instant::now() + ORPHAN_SCAN;
-        // With the gate held no spawn is in progress; take the answers that
-        // were sent, so every child of ours that is a check is in the slab.
-        self.drain_spawned(Instant::now());
+        // Children are created on this thread, and each is in the slab (with
+        // its pidfd) from the moment `clone` returned: none can be mistaken
+        // for an orphan.
         let ours: HashSet<i32> = self
             .checks
             .iter()
@@ -632,13 +575,6 @@ pub(crate) fn children_of_self() -> Vec<i32> {
         }
     }
     pids
-}
-
-fn spawn_gone() -> crate::spawn::SpawnFailure {
-    crate::spawn::SpawnFailure {
-        errno: None,
-        message: "spawner threads are gone".into(),
-    }
 }
 
 /// The result of a check that never got a child (cancelled or shut down while queued).

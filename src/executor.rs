@@ -48,7 +48,6 @@ pub struct ExecutorBuilder {
     max_running: usize,
     queue_limit: usize,
     backend: BackendKind,
-    spawn_threads: usize,
     reap_orphans: bool,
     raise_nofile: bool,
 }
@@ -59,9 +58,6 @@ impl Default for ExecutorBuilder {
             max_running: 1024,
             queue_limit: 100_000,
             backend: BackendKind::Auto,
-            spawn_threads: std::thread::available_parallelism()
-                .map(|n| n.get().min(4))
-                .unwrap_or(2),
             reap_orphans: false,
             raise_nofile: true,
         }
@@ -84,12 +80,6 @@ impl ExecutorBuilder {
     /// Which backend to use (default: io_uring, falling back to epoll).
     pub fn backend(mut self, kind: BackendKind) -> Self {
         self.backend = kind;
-        self
-    }
-
-    /// Threads that create the children (default: CPUs, at most 4).
-    pub fn spawn_threads(mut self, n: usize) -> Self {
-        self.spawn_threads = n.max(1);
         self
     }
 
@@ -133,7 +123,6 @@ impl ExecutorBuilder {
         let (tx, rx) = crossbeam_channel::unbounded();
         let config = engine::Config {
             backend: self.backend,
-            spawn_threads: self.spawn_threads,
             reap_orphans: self.reap_orphans,
         };
         let (loop_thread, backend) = engine::start(config, shared.clone(), rx)?;

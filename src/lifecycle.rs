@@ -25,7 +25,7 @@ use crate::backend::Backend;
 use crate::check::Check;
 use crate::executor::Deliver;
 use crate::result::{CheckResult, ExitStatus, Outcome, Output, Rusage, Timings, signal_name};
-use crate::spawn::{self, Child, Reap, SpawnFailure};
+use crate::spawn::{self, Child, Launch, Reap, SpawnFailure};
 use crate::state::State;
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::io::Errno;
@@ -117,25 +117,9 @@ pub(crate) struct Ctx<'a> {
     pub scratch: &'a mut [u8],
     /// The time this loop turn started.
     pub now: Instant,
-    /// Descriptors of finished checks kept open for this turn, to stand in
-    /// for the slots the next spawn reserves (see `Ctx::spare`).
-    pub spares: &'a mut Vec<OwnedFd>,
-}
-
-impl Ctx<'_> {
-    /// Most spares kept in one turn (more are closed at once).
-    const MAX_SPARES: usize = 3 * 64;
-
-    /// A finished check's descriptor that may stay open until the end of the
-    /// turn: a reaped pidfd, or a pipe at EOF (no writer left, so holding it
-    /// changes nothing for anyone). A check admitted in the same turn takes
-    /// it as a reserved slot instead of a fresh `dup`, which saves a close
-    /// and a dup per descriptor; the loop closes what is left at turn end.
-    pub fn spare(&mut self, fd: OwnedFd) {
-        if self.spares.len() < Self::MAX_SPARES {
-            self.spares.push(fd);
-        }
-    }
+    /// Checks whose leader got its deadline's SIGTERM this turn and whose
+    /// group gets it once every due leader has (`Lifecycle::signal_group`).
+    pub group_terms: &'a mut Vec<(usize, u32)>,
 }
 
 /// Why the executor signalled a check.
@@ -214,6 +198,9 @@ pub(crate) struct Lifecycle {
     rusage: Option<Rusage>,
     spawn_failure: Option<SpawnFailure>,
     output_cut: bool,
+    /// The child while it may not have exec'd yet (see `spawn::Launch`).
+    /// Declared last: it must drop after `Drop` has killed and reaped the child.
+    launch: Option<Launch>,
 }
 
 impl Lifecycle {
@@ -262,6 +249,7 @@ impl Lifecycle {
             rusage: None,
             spawn_failure: None,
             output_cut: false,
+            launch: None,
         }
     }
 
@@ -285,9 +273,17 @@ impl Lifecycle {
         self.phase == Phase::Done
     }
 
-    /// The spawner created the child: watch it and start the clock.
-    pub fn started(&mut self, child: Child, picked: Instant, ctx: &mut Ctx<'_>) {
+    /// The child exists: watch it and start the clock. `launch` holds what
+    /// the child uses until it has exec'd.
+    pub fn started(
+        &mut self,
+        child: Child,
+        launch: Option<Launch>,
+        picked: Instant,
+        ctx: &mut Ctx<'_>,
+    ) {
         self.dispatched = picked;
+        self.launch = launch;
         self.pid = Some(child.pid);
         self.started = Some(child.started);
         let deadline = child.started + self.timeout;
@@ -306,11 +302,45 @@ impl Lifecycle {
         }
     }
 
-    /// The spawner could not create the child.
+    /// The child could not be created.
     pub fn spawn_failed(&mut self, failure: SpawnFailure, picked: Instant) {
         self.dispatched = picked;
         self.spawn_failure = Some(failure);
         self.phase = Phase::Done;
+    }
+
+    /// Catch up with a child that had not exec'd yet. True while it still
+    /// has not (the loop asks again next turn).
+    pub fn poll_launch(&mut self) -> bool {
+        let Some(launch) = self.launch.as_mut() else {
+            return false;
+        };
+        match launch.poll() {
+            None => true,
+            Some(Ok(())) => {
+                self.launch = None;
+                false
+            }
+            Some(Err(failure)) => {
+                // It is exiting (127); reaped when its pidfd says so.
+                self.launch = None;
+                self.exec_failed(failure);
+                false
+            }
+        }
+    }
+
+    /// The child never became the check (a step before `execve` failed):
+    /// the result is that failure, not the child's exit 127.
+    fn exec_failed(&mut self, failure: SpawnFailure) {
+        tracing::debug!(id = self.id, "spawn failed: {}", failure.message);
+        self.spawn_failure = Some(failure);
+    }
+
+    /// Whether the child has its own process group yet (before that, it has
+    /// no descendants, and only its pidfd is signalled).
+    fn grouped(&self) -> bool {
+        self.launch.as_ref().is_none_or(Launch::grouped)
     }
 
     /// Arm every open, unarmed fd (after start, or to recover from a failed arm).
@@ -373,7 +403,13 @@ impl Lifecycle {
 
     /// Send `sig` to the leader (pidfd) and its group. Only while unreaped.
     fn signal(&mut self, sig: Signal) {
-        let (Some(pidfd), Some(pid)) = (&self.pidfd, self.pid) else {
+        self.signal_leader(sig);
+        self.signal_group(sig);
+    }
+
+    /// Send `sig` to the leader, through its pidfd. Only while unreaped.
+    fn signal_leader(&mut self, sig: Signal) {
+        let Some(pidfd) = &self.pidfd else {
             return; // Reaped: nothing of this check is ever signalled again.
         };
         if self.first_signal_at.is_none() {
@@ -383,8 +419,27 @@ impl Lifecycle {
         if let Err(e) = spawn::signal_leader(pidfd.as_fd(), sig) {
             tracing::warn!(id = self.id, "pidfd_send_signal({sig:?}) failed: {e}");
         }
+    }
+
+    /// Send `sig` to the leader's group: only while the leader is unreaped
+    /// (it pins the group id) and once the group exists.
+    fn signal_group(&mut self, sig: Signal) {
+        let (Some(_), Some(pid), true) = (&self.pidfd, self.pid, self.grouped()) else {
+            return;
+        };
         if let Err(e) = spawn::signal_group_of_unreaped_leader(pid, sig) {
             tracing::warn!(id = self.id, "kill(-pgid, {sig:?}) failed: {e}");
+        }
+    }
+
+    /// The second half of a deadline: the group gets the leader's SIGTERM,
+    /// then SIGCONT (a stopped process would hold SIGTERM pending until the
+    /// grace ran out). Split from the leader's signal so that when many
+    /// deadlines fall due together, every leader is signalled first.
+    pub fn signal_group_after_deadline(&mut self) {
+        if self.phase == Phase::Terminating {
+            self.signal_group(Signal::TERM);
+            self.signal_group(Signal::CONT);
         }
     }
 
@@ -395,11 +450,8 @@ impl Lifecycle {
                 self.kill = Some(KillReason::Timeout);
                 self.phase = Phase::Terminating;
                 tracing::debug!(id = self.id, "timed out; sending SIGTERM");
-                self.signal(Signal::TERM);
-                // A stopped process would hold SIGTERM pending until the grace ran out.
-                if let Some(pid) = self.pid {
-                    let _ = spawn::signal_group_of_unreaped_leader(pid, Signal::CONT);
-                }
+                self.signal_leader(Signal::TERM);
+                ctx.group_terms.push((self.slot, self.generation));
                 let deadline = self.deadline.unwrap_or(ctx.now);
                 ctx.timers.push(
                     (deadline + self.grace).max(ctx.now),
@@ -467,6 +519,8 @@ impl Lifecycle {
 
     /// The pidfd is readable: the leader has exited. Sweep, then reap.
     fn leader_ready(&mut self, ctx: &mut Ctx<'_>) {
+        self.poll_launch();
+        let grouped = self.grouped();
         let (Some(pidfd), Some(pid)) = (&self.pidfd, self.pid) else {
             return;
         };
@@ -474,7 +528,7 @@ impl Lifecycle {
             self.exited_at = Some(ctx.now);
         }
         // Sweep before reap: the zombie leader still pins the group id.
-        if self.kill.is_some() || self.kill_group_on_exit {
+        if grouped && (self.kill.is_some() || self.kill_group_on_exit) {
             let _ = spawn::signal_group_of_unreaped_leader(pid, Signal::KILL);
         }
         match spawn::reap(pidfd.as_fd()) {
@@ -482,9 +536,11 @@ impl Lifecycle {
                 self.exit = Some(status);
                 self.rusage = Some(rusage);
                 self.reaped_at = Some(Instant::now());
-                // Its oneshot watch already fired: only a spare slot now.
-                if let Some(fd) = self.pidfd.take() {
-                    ctx.spare(fd);
+                self.pidfd = None; // closes it; its oneshot watch already fired
+                if let Some(mut launch) = self.launch.take()
+                    && let Err(failure) = launch.reaped()
+                {
+                    self.exec_failed(failure);
                 }
                 if self.stdout.fd.is_some() || self.stderr.fd.is_some() {
                     self.phase = Phase::Draining;
@@ -547,13 +603,11 @@ impl Lifecycle {
         stream.armed = false;
         let Some(fd) = &stream.fd else { return };
         let mut eof = false;
-        let mut clean_eof = false;
         let mut drained = false;
         for _ in 0..READS_PER_EVENT {
             match rustix::io::read(fd, &mut *ctx.scratch) {
                 Ok(0) => {
                     eof = true;
-                    clean_eof = true;
                     break;
                 }
                 Ok(n) => append_capped(&mut stream.out, &ctx.scratch[..n], cap),
@@ -571,11 +625,7 @@ impl Lifecycle {
         }
         let _ = drained;
         if eof {
-            match stream.fd.take() {
-                // No writer is left: the pipe is only a spare slot now.
-                Some(fd) if clean_eof => ctx.spare(fd),
-                _ => {}
-            }
+            stream.fd = None;
             if self.phase == Phase::Draining && self.stdout.fd.is_none() && self.stderr.fd.is_none()
             {
                 self.phase = Phase::Done;
@@ -648,8 +698,11 @@ impl Lifecycle {
             outcome,
             state,
             reason,
-            exit: self.exit,
-            pid: self.pid.map(|p| p.as_raw_nonzero().get()),
+            // A child that failed before `execve` never was the check.
+            exit: self.exit.filter(|_| self.spawn_failure.is_none()),
+            pid: (self.pid)
+                .filter(|_| self.spawn_failure.is_none())
+                .map(|p| p.as_raw_nonzero().get()),
             stdout: std::mem::take(&mut self.stdout.out),
             stderr: std::mem::take(&mut self.stderr.out),
             output_cut: self.output_cut,

@@ -1,19 +1,24 @@
 //! The process layer: create a check's child (own session and process group,
-//! stdin from /dev/null, stdout/stderr into pipes, nothing else inherited),
-//! open its pidfd, signal it, and reap it with `waitid(P_PIDFD)`.
+//! stdin from /dev/null, stdout/stderr into pipes, nothing else inherited)
+//! with its pidfd, signal it, and reap it with `waitid(P_PIDFD)`.
 //!
 //! Every function here returns errors as values; none of them panics on a
 //! kernel refusal, because a refusal for one check must not hurt the others.
 
 use crate::check::Prepared;
+use crate::rawsys;
 use crate::result::{ExitStatus, Rusage};
-use rustix::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use rustix::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use rustix::io::Errno;
 use rustix::pipe::PipeFlags;
 use rustix::process::{Pid, Signal};
+use std::cell::RefCell;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, Ordering};
 use std::time::Instant;
 
 /// A child that now exists: its pid, pidfd and the read ends of its output pipes.
@@ -81,41 +86,25 @@ const RESET_SIGNALS: &[i32] = &[
     libc::SIGTSTP,
 ];
 
-/// What a spawner thread needs to create children: its own stack for the
-/// child to run on until `execve`, and proof that every signal is blocked on
-/// this thread (the child starts with this thread's mask and handlers, and
-/// must not run one of the application's handlers in our address space).
-///
-/// Made once per spawner thread, and only usable there.
-pub(crate) struct Spawner {
-    /// The child's stack: mapped once, reused by every spawn on this thread
-    /// (the thread is suspended while the child runs on it).
-    stack: ChildStack,
-    /// Not `Send`: the signal mask belongs to the thread that made this.
-    _thread_bound: std::marker::PhantomData<*const ()>,
-}
-
-impl Spawner {
-    /// Block every signal on the calling thread for good and map a child stack.
-    pub fn for_this_thread() -> std::io::Result<Spawner> {
-        // SAFETY: sigfillset initialises the set; pthread_sigmask only reads it.
-        let rc = unsafe {
-            let mut all: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut all);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            return Err(std::io::Error::from_raw_os_error(rc));
-        }
-        Ok(Spawner {
-            stack: ChildStack::new()?,
-            _thread_bound: std::marker::PhantomData,
-        })
+/// Block every signal on the calling thread for good. The loop thread does
+/// this before it creates its first child: a child starts with its
+/// creator's mask and handlers, runs in the executor's memory until it
+/// execs, and must not run one of the application's handlers there.
+pub(crate) fn block_all_signals_on_this_thread() -> std::io::Result<()> {
+    // SAFETY: sigfillset initialises the set; pthread_sigmask only reads it.
+    let rc = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut())
+    };
+    match rc {
+        0 => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(e)),
     }
 }
 
-/// A stack for the child between `clone` and `execve`, with a guard page below it.
-struct ChildStack {
+/// A stack for a child between `clone` and `execve`, with a guard page below it.
+pub(crate) struct ChildStack {
     base: *mut libc::c_void,
     len: usize,
 }
@@ -124,6 +113,7 @@ impl ChildStack {
     /// The child resets signals, moves three fds, changes directory and
     /// execs: a few KiB at most. 64 KiB leaves room for stack probes.
     const SIZE: usize = 64 * 1024;
+
     fn new() -> std::io::Result<ChildStack> {
         // A guard page below the stack, so an overflow faults instead of
         // corrupting memory.
@@ -166,52 +156,391 @@ impl ChildStack {
 
 impl Drop for ChildStack {
     fn drop(&mut self) {
-        // SAFETY: the mapping is ours, and no child runs on it once the
-        // spawner thread (suspended during each child's run) drops it.
+        // SAFETY: the mapping is ours; a stack is dropped only by the pool
+        // or a `Launch` once no child runs on it (see `Launch::drop`).
         unsafe { libc::munmap(self.base, self.len) };
     }
 }
 
-/// Create a child for `cmd` on a spawner thread. The pipes' read ends are
-/// O_NONBLOCK (both backends read them with non-blocking `read`).
-pub(crate) fn spawn(
-    spawner: &Spawner,
-    cmd: &Prepared,
-    devnull: BorrowedFd<'_>,
-) -> Result<Child, SpawnFailure> {
-    let program = cmd.program();
-    let path = resolve(cmd).map_err(|e| SpawnFailure::new(&program, "cannot find", e))?;
+/// What the loop lends its children until they exec: stacks to run on, and
+/// low descriptor numbers to pass their pipes' write ends in. Shared (`Rc`)
+/// by the loop and every `Launch`, which gives back what it holds when its
+/// child is done with it; only the loop thread touches it.
+#[derive(Clone)]
+pub(crate) struct Launcher {
+    pool: Rc<RefCell<Pool>>,
+}
 
-    // Both ends non-blocking from the start (no ioctl per end here); the
-    // child makes its ends blocking again before it execs.
+/// The loaned resources (see `Launcher`).
+struct Pool {
+    /// Stacks no child runs on any more: a stack mapped per spawn would be
+    /// unmapped per spawn, and each unmap flushes the TLB of every CPU
+    /// running one of our threads.
+    stacks: Vec<ChildStack>,
+    /// /dev/null at a low number: every child's stdin, and what a low slot
+    /// holds while no child uses it.
+    devnull: OwnedFd,
+    /// Pairs of low descriptor numbers, held open on /dev/null (`None`: a
+    /// pair given up because the kernel refused to reset it).
+    slots: Vec<Option<(OwnedFd, OwnedFd)>>,
+    /// Free pairs, lowest first.
+    free: BinaryHeap<Reverse<usize>>,
+}
+
+impl Launcher {
+    /// Most stacks kept for reuse (more are unmapped).
+    const KEEP_STACKS: usize = 64;
+    /// Pairs of low slots (more concurrent launches use their pipes'
+    /// own, higher numbers).
+    const SLOT_PAIRS: usize = 32;
+
+    /// Set up, taking the lowest free descriptor numbers for the slots: do
+    /// this early, before the table fills with checks' descriptors.
+    ///
+    /// A child takes a private copy of just the part of the descriptor table
+    /// below the highest fd it needs (`close_range(.., CLOSE_RANGE_UNSHARE)`):
+    /// with its fds in low slots that is a few dozen entries, not the three
+    /// per running check that lie below a fresh pipe's number.
+    pub fn new() -> std::io::Result<Launcher> {
+        let devnull = open_devnull()?;
+        let dup = || rustix::io::fcntl_dupfd_cloexec(&devnull, 0);
+        let mut slots = Vec::with_capacity(Self::SLOT_PAIRS);
+        for _ in 0..Self::SLOT_PAIRS {
+            slots.push(Some((dup()?, dup()?)));
+        }
+        Ok(Launcher {
+            pool: Rc::new(RefCell::new(Pool {
+                stacks: Vec::new(),
+                devnull,
+                free: (0..slots.len()).map(Reverse).collect(),
+                slots,
+            })),
+        })
+    }
+}
+
+impl Pool {
+    fn take_stack(&mut self) -> std::io::Result<ChildStack> {
+        match self.stacks.pop() {
+            Some(stack) => Ok(stack),
+            None => ChildStack::new(),
+        }
+    }
+
+    fn give_stack(&mut self, stack: ChildStack) {
+        if self.stacks.len() < Launcher::KEEP_STACKS {
+            self.stacks.push(stack);
+        }
+    }
+
+    /// Put both write ends into the lowest free pair of slots (`None`: none
+    /// free, or the kernel refused; the caller passes them as they are).
+    fn lend_slots(&mut self, out_w: &OwnedFd, err_w: &OwnedFd) -> Option<usize> {
+        let Reverse(i) = self.free.pop()?;
+        let (a, b) = self.slots[i].as_mut()?;
+        let flags = rustix::io::DupFlags::CLOEXEC;
+        if rustix::io::dup3(out_w, a, flags).is_ok() && rustix::io::dup3(err_w, b, flags).is_ok() {
+            return Some(i);
+        }
+        self.return_slots(i);
+        None
+    }
+
+    /// Put /dev/null back into pair `i` (closing the write ends it held).
+    fn return_slots(&mut self, i: usize) {
+        let Some((a, b)) = self.slots[i].as_mut() else {
+            return;
+        };
+        let flags = rustix::io::DupFlags::CLOEXEC;
+        let ok = rustix::io::dup3(&self.devnull, a, flags).is_ok()
+            && rustix::io::dup3(&self.devnull, b, flags).is_ok();
+        if ok {
+            self.free.push(Reverse(i));
+        } else {
+            // The kernel refused: close the pair (and the write ends with
+            // it) and give it up; later launches use other pairs or none.
+            tracing::warn!("cannot reset a low descriptor slot; giving it up");
+            self.slots[i] = None;
+        }
+    }
+
+    /// The fds of pair `i`.
+    fn slot_fds(&self, i: usize) -> Option<(RawFd, RawFd)> {
+        self.slots[i]
+            .as_ref()
+            .map(|(a, b)| (a.as_raw_fd(), b.as_raw_fd()))
+    }
+}
+
+/// Our copies of a launching child's pipe write ends.
+enum WriteEnds {
+    /// Already closed.
+    Closed,
+    /// As created (no low slots were free); only held, closed on drop.
+    #[allow(dead_code)]
+    Own(OwnedFd, OwnedFd),
+    /// In low slot pair `i` (the originals are closed).
+    Slots(usize),
+}
+
+/// A child that exists but may not have exec'd yet: it runs in our memory, on
+/// a stack of ours, reading `ChildArgs`, until the kernel clears `ctid` (at
+/// its `execve` or exit). Until then this keeps all of that alive, and gives
+/// it back to the `Launcher` when the child is done with it.
+pub(crate) struct Launch {
+    /// Boxed: the child reads it, and it and the kernel write its flags.
+    args: Box<ChildArgs>,
+    /// The strings `args` points into.
+    strings: LaunchStrings,
+    /// The stack the child runs on; `None` once given back.
+    stack: Option<ChildStack>,
+    /// The child shares our descriptor table until it has its own; our
+    /// copies of its write ends are closed as soon as it has.
+    write_ends: WriteEnds,
+    /// The child (unreaped while this is unfinished: its pid is pinned).
+    pid: Pid,
+    /// The child exec'd or exited: nothing of ours is in use by it.
+    finished: bool,
+    /// Where the stack and slots go back to.
+    launcher: Launcher,
+}
+
+/// The C strings and pointer arrays a child reads until it execs.
+struct LaunchStrings {
+    cmd: Prepared,
+    _path: CString,
+    _argv: Vec<*const libc::c_char>,
+    _envp: Vec<*const libc::c_char>,
+}
+
+impl Launch {
+    /// Whether the child has its own session (and process group): only then
+    /// may the group be signalled. Before, it has no descendants to reach,
+    /// and its pidfd reaches it.
+    pub fn grouped(&self) -> bool {
+        self.finished || self.args.detached.load(Ordering::Acquire) != 0
+    }
+
+    /// Catch up with the child: close our write ends once it has its own
+    /// table, and once it exec'd or exited give its stack back. `Some` when
+    /// finished: `Ok` if it exec'd, else why not.
+    pub fn poll(&mut self) -> Option<Result<(), SpawnFailure>> {
+        if self.grouped() {
+            self.close_write_ends();
+        }
+        if !self.finished && self.args.ctid.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        Some(self.finish())
+    }
+
+    /// The child was reaped: it uses nothing of ours, whatever `ctid` says
+    /// (the kernel leaves it set if the child dumped core).
+    pub fn reaped(&mut self) -> Result<(), SpawnFailure> {
+        self.finish()
+    }
+
+    fn close_write_ends(&mut self) {
+        match std::mem::replace(&mut self.write_ends, WriteEnds::Closed) {
+            WriteEnds::Closed | WriteEnds::Own(..) => {}
+            WriteEnds::Slots(i) => self.launcher.pool.borrow_mut().return_slots(i),
+        }
+    }
+
+    fn finish(&mut self) -> Result<(), SpawnFailure> {
+        self.finished = true;
+        self.close_write_ends();
+        if let Some(stack) = self.stack.take() {
+            self.launcher.pool.borrow_mut().give_stack(stack);
+        }
+        match self.args.errno.load(Ordering::Acquire) {
+            0 => Ok(()),
+            errno => {
+                let step = ChildStep::from_u8(self.args.step.load(Ordering::Acquire));
+                Err(step.failure(&self.strings.cmd, Errno::from_raw_os_error(errno)))
+            }
+        }
+    }
+}
+
+impl Drop for Launch {
+    /// Dropped before the child is done with our memory (only on abnormal
+    /// paths: a check is normally reaped first): kill it and wait until the
+    /// kernel says it let go, so its stack and strings are not freed under it.
+    fn drop(&mut self) {
+        if !self.finished && self.args.ctid.load(Ordering::Acquire) != 0 {
+            // An unreaped child of ours: its pid cannot name anyone else.
+            let _ = rustix::process::kill_process(self.pid, Signal::KILL);
+            for _ in 0..500 {
+                if self.args.ctid.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                // SAFETY: FUTEX_WAIT on a live u32 with a 10 ms timeout.
+                unsafe {
+                    let ts = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: 10_000_000,
+                    };
+                    libc::syscall(
+                        libc::SYS_futex,
+                        self.args.ctid.as_ptr(),
+                        libc::FUTEX_WAIT,
+                        1u32,
+                        &ts as *const libc::timespec,
+                    );
+                }
+            }
+            if self.args.ctid.load(Ordering::Acquire) != 0 {
+                // Never let go (stuck, or it dumped core): leak what it may use.
+                tracing::error!(
+                    pid = self.pid.as_raw_nonzero().get(),
+                    "a new child never let go of its stack; leaking it"
+                );
+                std::mem::forget(self.stack.take());
+                std::mem::forget(std::mem::replace(
+                    &mut self.args,
+                    Box::new(ChildArgs::empty()),
+                ));
+                return;
+            }
+        }
+        let _ = self.finish();
+    }
+}
+
+/// Create a child for `cmd`, without waiting for it to exec. The pipes'
+/// read ends are O_NONBLOCK (both backends read them with non-blocking `read`).
+///
+/// `clone(CLONE_VM | CLONE_FILES | CLONE_PIDFD | CLONE_CHILD_CLEARTID)`: the
+/// child shares our memory and descriptor table, so creating it copies
+/// neither (the table holds 3 descriptors per running check; copying it
+/// made a spawn cost 4× more at 6k checks in flight). It then, with raw
+/// system calls only (see `rawsys`): resets every handler and the
+/// dispositions daemons ignore, calls `setsid` (its own session and group
+/// before anything else can happen to it), takes a private copy of just
+/// the low part of the table it needs (`close_range(.., CLOSE_RANGE_UNSHARE)`),
+/// moves /dev/null and the pipes onto 0–2, changes directory, closes every
+/// other fd, unblocks signals and execs. A failed step leaves its errno in
+/// `ChildArgs` and exits 127; the loop reports it when it reaps the child.
+/// CLONE_PIDFD creates the pidfd with the child: out of fds, `clone` fails,
+/// and a child without a pidfd cannot exist.
+pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launch), SpawnFailure> {
+    let program = cmd.program();
+    let path = resolve(&cmd).map_err(|e| SpawnFailure::new(&program, "cannot find", e))?;
+
+    // Both ends non-blocking from the start (no ioctl per end); the child
+    // makes its ends blocking again before it execs.
     let flags = PipeFlags::CLOEXEC | PipeFlags::NONBLOCK;
     let (out_r, out_w) = rustix::pipe::pipe_with(flags)
         .map_err(|e| SpawnFailure::new(&program, "cannot create pipe for", e))?;
     let (err_r, err_w) = rustix::pipe::pipe_with(flags)
         .map_err(|e| SpawnFailure::new(&program, "cannot create pipe for", e))?;
+    let mut pool = launcher.pool.borrow_mut();
+    let stack = pool
+        .take_stack()
+        .map_err(|e| SpawnFailure::new(&program, "cannot map a stack for", io_errno(&e)))?;
+    let stdin = pool.devnull.as_raw_fd();
+    let lent = pool
+        .lend_slots(&out_w, &err_w)
+        .and_then(|i| Some((i, pool.slot_fds(i)?)));
+    let (write_ends, stdout, stderr) = match lent {
+        Some((i, (a, b))) => (WriteEnds::Slots(i), a, b),
+        None => {
+            let fds = (out_w.as_raw_fd(), err_w.as_raw_fd());
+            (WriteEnds::Own(out_w, err_w), fds.0, fds.1)
+        }
+    };
+    drop(pool);
 
-    let (pid, pidfd) = clone_and_exec(spawner, &path, cmd, devnull, out_w.as_fd(), err_w.as_fd())
-        .map_err(|(step, e)| match step {
-        ChildStep::Chdir => SpawnFailure {
-            errno: Some(e.raw_os_error()),
-            message: format!(
-                "cannot change to the working directory {} for {program}: {}",
-                cmd.cwd
-                    .as_deref()
-                    .map_or("?".into(), |c| c.to_string_lossy()),
-                std::io::Error::from(e)
-            ),
+    let argv: Vec<*const libc::c_char> = cmd
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain([std::ptr::null()])
+        .collect();
+    let envp: Vec<*const libc::c_char> = cmd
+        .envp
+        .iter()
+        .map(|e| e.as_ptr())
+        .chain([std::ptr::null()])
+        .collect();
+    let args = Box::new(ChildArgs {
+        path: path.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        cwd: cmd.cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+        stdin,
+        stdout,
+        stderr,
+        errno: AtomicI32::new(0),
+        step: AtomicU8::new(0),
+        detached: AtomicU8::new(0),
+        ctid: AtomicU32::new(1),
+    });
+    let mut launch = Launch {
+        args,
+        strings: LaunchStrings {
+            cmd,
+            _path: path,
+            _argv: argv,
+            _envp: envp,
         },
-        step => SpawnFailure::new(&program, step.what(), e),
-    })?;
+        stack: Some(stack),
+        write_ends,
+        pid: Pid::INIT,
+        // Until `clone` succeeds there is no child: dropping gives all back.
+        finished: true,
+        launcher: launcher.clone(),
+    };
+    let mut pidfd: libc::c_int = -1;
+    let flags = libc::CLONE_VM
+        | libc::CLONE_FILES
+        | libc::CLONE_PIDFD
+        | libc::CLONE_CHILD_CLEARTID
+        | libc::SIGCHLD;
+    let top = launch.stack.as_ref().expect("just set").top();
+    // SAFETY: the child runs `child_main` on `launch.stack`, used by nothing
+    // else until the kernel clears `args.ctid` (at the child's execve or
+    // exit); `launch` keeps the stack, `args` and every string it points
+    // into alive until then (its Drop waits for that). The child reads
+    // `args` and writes only its atomic flags; it uses raw system calls,
+    // never libc's errno. Every signal is blocked on the calling (loop)
+    // thread, hence in the child until it has reset the dispositions. The
+    // kernel writes the pidfd into `pidfd` and clears `args.ctid`.
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            top,
+            flags,
+            (&*launch.args as *const ChildArgs).cast_mut().cast(),
+            &mut pidfd as *mut libc::c_int,
+            std::ptr::null_mut::<libc::c_void>(),
+            launch.args.ctid.as_ptr(),
+        )
+    };
+    if pid < 0 {
+        let e = io_errno(&std::io::Error::last_os_error());
+        return Err(ChildStep::Clone.failure(&launch.strings.cmd, e));
+    }
     let started = Instant::now();
-    Ok(Child {
+    launch.finished = false;
+    // SAFETY: with CLONE_PIDFD a successful clone stored a new pidfd, owned by nothing else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let pid = Pid::from_raw(pid).expect("clone returned a positive pid");
+    launch.pid = pid;
+    let child = Child {
         pid,
         pidfd,
         stdout: out_r,
         stderr: err_r,
         started,
-    })
+    };
+    Ok((child, launch))
+}
+
+/// The errno of an `io::Error` (EIO if it has none).
+fn io_errno(e: &std::io::Error) -> Errno {
+    Errno::from_io_error(e).unwrap_or(Errno::IO)
 }
 
 /// The executable to run: `argv[0]` when it has a `/`, else searched in the check's PATH.
@@ -250,7 +579,7 @@ fn resolve(cmd: &Prepared) -> Result<CString, Errno> {
 }
 
 /// Everything the child uses between `clone` and `execve`, prepared by the
-/// parent: the child allocates nothing and calls nothing but syscalls.
+/// parent: the child allocates nothing and calls nothing but raw syscalls.
 #[repr(C)]
 struct ChildArgs {
     path: *const libc::c_char,
@@ -261,12 +590,34 @@ struct ChildArgs {
     stdin: libc::c_int,
     stdout: libc::c_int,
     stderr: libc::c_int,
-    /// Set by the child when a step failed (it then `_exit`s 127). The parent
-    /// reads it once `clone` returned, which with CLONE_VFORK is after the
-    /// child exec'd or exited.
+    /// Set by the child when a step failed (it then exits 127).
     errno: AtomicI32,
-    /// Which step failed (a `ChildStep`), set with `errno`.
+    /// Which step failed (a `ChildStep`), set before `errno`.
     step: AtomicU8,
+    /// Set by the child once it has its own session and descriptor table.
+    detached: AtomicU8,
+    /// 1 until the kernel clears it (CLONE_CHILD_CLEARTID) when the child
+    /// execs or exits: from then on it uses nothing of ours.
+    ctid: AtomicU32,
+}
+
+impl ChildArgs {
+    /// A placeholder (for `Launch::drop`'s leak path).
+    fn empty() -> ChildArgs {
+        ChildArgs {
+            path: std::ptr::null(),
+            argv: std::ptr::null(),
+            envp: std::ptr::null(),
+            cwd: std::ptr::null(),
+            stdin: -1,
+            stdout: -1,
+            stderr: -1,
+            errno: AtomicI32::new(0),
+            step: AtomicU8::new(0),
+            detached: AtomicU8::new(0),
+            ctid: AtomicU32::new(0),
+        }
+    }
 }
 
 /// A step of creating a child, named in the error when it fails.
@@ -276,7 +627,7 @@ enum ChildStep {
     Clone = 0,
     /// `setsid`.
     Setsid = 1,
-    /// Putting /dev/null and the pipes on fds 0–2.
+    /// A private descriptor table, and /dev/null and the pipes on fds 0–2.
     Stdio = 2,
     /// Changing to the check's working directory.
     Chdir = 3,
@@ -295,174 +646,117 @@ impl ChildStep {
         }
     }
 
-    /// The message's verb phrase, before the program name.
-    fn what(self) -> &'static str {
-        match self {
+    /// The error for this step failing with `errno`.
+    fn failure(self, cmd: &Prepared, errno: Errno) -> SpawnFailure {
+        let program = cmd.program();
+        let what = match self {
             ChildStep::Clone => "cannot create a process for",
             ChildStep::Setsid => "cannot start a session for",
             ChildStep::Stdio => "cannot set up the standard streams of",
-            ChildStep::Chdir => "cannot change to the working directory of",
+            ChildStep::Chdir => {
+                return SpawnFailure {
+                    errno: Some(errno.raw_os_error()),
+                    message: format!(
+                        "cannot change to the working directory {} for {program}: {}",
+                        cmd.cwd
+                            .as_deref()
+                            .map_or("?".into(), |c| c.to_string_lossy()),
+                        std::io::Error::from(errno)
+                    ),
+                };
+            }
             ChildStep::Exec => "cannot execute",
-        }
+        };
+        SpawnFailure::new(&program, what, errno)
     }
-}
-
-/// `clone(CLONE_VM | CLONE_VFORK | CLONE_PIDFD)` the child into its own
-/// session (so pgid = sid = pid, set by the child itself, never in a
-/// parent-side step), with default dispositions, an empty signal mask,
-/// stdin from /dev/null, stdout/stderr into the pipes and every fd ≥ 3
-/// closed; then `execve`.
-///
-/// This is what glibc's `posix_spawn` does, minus what costs the executor
-/// CPU on every check: a stack mapped and unmapped per call (the unmap
-/// flushes the TLB of every CPU running one of our threads), a
-/// `getrlimit` per file action, the signal mask saved and restored around
-/// each call (spawner threads block everything for good), and a separate
-/// `pidfd_open` (CLONE_PIDFD creates the pidfd with the child, so a child
-/// without a pidfd can never exist: out of fds, `clone` fails instead).
-fn clone_and_exec(
-    spawner: &Spawner,
-    path: &CString,
-    cmd: &Prepared,
-    devnull: BorrowedFd<'_>,
-    stdout: BorrowedFd<'_>,
-    stderr: BorrowedFd<'_>,
-) -> Result<(Pid, OwnedFd), (ChildStep, Errno)> {
-    let mut argv: Vec<*const libc::c_char> = cmd.argv.iter().map(|a| a.as_ptr()).collect();
-    argv.push(std::ptr::null());
-    let mut envp: Vec<*const libc::c_char> = cmd.envp.iter().map(|e| e.as_ptr()).collect();
-    envp.push(std::ptr::null());
-    let args = ChildArgs {
-        path: path.as_ptr(),
-        argv: argv.as_ptr(),
-        envp: envp.as_ptr(),
-        cwd: cmd.cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
-        stdin: devnull.as_raw_fd(),
-        stdout: stdout.as_raw_fd(),
-        stderr: stderr.as_raw_fd(),
-        errno: AtomicI32::new(0),
-        step: AtomicU8::new(0),
-    };
-    let mut pidfd: libc::c_int = -1;
-    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD;
-    // SAFETY: the child runs `child_main` on a stack of its own (this
-    // thread's `ChildStack`, unused by anything else while this thread is
-    // suspended, as CLONE_VFORK guarantees until the child exec'd or
-    // exited). It shares our memory and only reads `args` (alive across the
-    // call) and the strings it points into, and writes `args.errno`. Every
-    // signal is blocked on this thread (`Spawner`), hence in the child until
-    // it has reset the dispositions. The kernel writes the pidfd into `pidfd`.
-    let pid = unsafe {
-        libc::clone(
-            child_main,
-            spawner.stack.top(),
-            flags,
-            (&args as *const ChildArgs).cast_mut().cast(),
-            &mut pidfd as *mut libc::c_int,
-        )
-    };
-    if pid < 0 {
-        let e = Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::AGAIN);
-        return Err((ChildStep::Clone, e));
-    }
-    // SAFETY: with CLONE_PIDFD a successful clone stored a new pidfd, owned by nothing else.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    let failed = args.errno.load(Ordering::Acquire);
-    if failed != 0 {
-        // The child exited (127) without exec'ing: reap it now. It is
-        // exiting or gone already, so this wait is short.
-        let _ = rustix::process::waitid(
-            rustix::process::WaitId::PidFd(pidfd.as_fd()),
-            rustix::process::WaitIdOptions::EXITED,
-        );
-        let step = ChildStep::from_u8(args.step.load(Ordering::Acquire));
-        return Err((step, Errno::from_raw_os_error(failed)));
-    }
-    let pid = Pid::from_raw(pid).ok_or((ChildStep::Clone, Errno::SRCH))?;
-    Ok((pid, pidfd))
 }
 
 /// The child between `clone` and `execve`. It runs in the parent's memory on
-/// the spawner's `ChildStack`, with every signal blocked: only syscalls here,
-/// no allocation, no locks, no unwinding.
+/// a stack of ours, with every signal blocked, while the loop goes on: raw
+/// system calls only, no allocation, no locks, no libc, no unwinding.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` is the `ChildArgs` the parent keeps alive until we exec or exit.
+    // SAFETY: `arg` is the `ChildArgs` that `Launch` keeps alive until we exec or exit.
     let args = unsafe { &*(arg as *const ChildArgs) };
-    // SAFETY: the parent made every pointer in `args` valid and NUL-terminated
-    // for the duration; the calls below are plain syscall wrappers.
-    unsafe {
-        // A handler the application installed must not run here (in the
-        // parent's memory) once signals are unblocked: back to default.
-        // Ignored signals stay ignored across execve, so the ones a check
-        // must see are reset too.
-        for sig in 1..libc::SIGRTMAX() + 1 {
-            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
-                continue;
-            }
-            let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 {
-                continue;
-            }
-            let reset = match old.sa_sigaction {
-                libc::SIG_DFL => false,
-                libc::SIG_IGN => RESET_SIGNALS.contains(&sig),
-                _ => true,
-            };
-            if reset {
-                let mut dfl: libc::sigaction = std::mem::zeroed();
-                dfl.sa_sigaction = libc::SIG_DFL;
-                libc::sigaction(sig, &dfl, std::ptr::null_mut());
-            }
+    // A handler the application installed must not run here (in the
+    // parent's memory) once signals are unblocked: back to default.
+    // Ignored signals stay ignored across execve, so the ones a check must
+    // see are reset too.
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
         }
-        if libc::setsid() < 0 {
-            child_fail(args, ChildStep::Setsid);
+        let mut old = rawsys::KernelSigaction::default();
+        if rawsys::sigaction(sig, None, Some(&mut old)) != 0 {
+            continue;
         }
-        for (fd, target) in [(args.stdin, 0), (args.stdout, 1), (args.stderr, 2)] {
-            let ok = if fd == target {
-                // dup2 onto itself would leave it close-on-exec.
-                libc::fcntl(fd, libc::F_SETFD, 0) == 0
-            } else {
-                libc::dup2(fd, target) == target
-            };
-            if !ok {
-                child_fail(args, ChildStep::Stdio);
-            }
+        let reset = match old.handler {
+            h if h == libc::SIG_DFL => false,
+            h if h == libc::SIG_IGN => RESET_SIGNALS.contains(&sig),
+            _ => true,
+        };
+        if reset {
+            rawsys::sigaction(sig, Some(&rawsys::KernelSigaction::default()), None);
         }
-        // The pipes were made O_NONBLOCK for the executor's read ends; a
-        // plugin expects blocking writes. (The flag is per open file, and
-        // these write ends are the child's alone once the spawner closes
-        // its copies.) /dev/null on 0 never had it.
-        for fd in [1, 2] {
-            if libc::fcntl(fd, libc::F_SETFL, 0) != 0 {
-                child_fail(args, ChildStep::Stdio);
-            }
-        }
-        if !args.cwd.is_null() && libc::chdir(args.cwd) != 0 {
-            child_fail(args, ChildStep::Chdir);
-        }
-        // Everything of ours is close-on-exec; this also covers fds an
-        // application opened without O_CLOEXEC. ENOSYS (before Linux 5.9)
-        // leaves them to close-on-exec alone.
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        libc::execve(args.path, args.argv, args.envp);
-        child_fail(args, ChildStep::Exec)
     }
+    let ok = |r: isize| r >= 0;
+    let r = rawsys::setsid();
+    if !ok(r) {
+        child_fail(args, ChildStep::Setsid, r);
+    }
+    // A private table holding only what lies below the highest fd we need
+    // (the rest of the executor's table is never copied); if this kernel
+    // cannot (before 5.9), a full private copy.
+    let highest = args.stdin.max(args.stdout).max(args.stderr) as u32;
+    let mut r = rawsys::close_range(highest + 1, u32::MAX, libc::CLOSE_RANGE_UNSHARE);
+    if !ok(r) {
+        r = rawsys::unshare(libc::CLONE_FILES);
+    }
+    if !ok(r) {
+        child_fail(args, ChildStep::Stdio, r);
+    }
+    args.detached.store(1, Ordering::Release);
+    for (fd, target) in [(args.stdin, 0), (args.stdout, 1), (args.stderr, 2)] {
+        let r = if fd == target {
+            // Already there: just let it survive execve.
+            rawsys::fcntl(fd, libc::F_SETFD, 0)
+        } else {
+            rawsys::dup3(fd, target)
+        };
+        if !ok(r) {
+            child_fail(args, ChildStep::Stdio, r);
+        }
+    }
+    // The pipes were made O_NONBLOCK for the executor's read ends; a plugin
+    // expects blocking writes. (/dev/null on 0 never had it.)
+    for fd in [1, 2] {
+        let r = rawsys::fcntl(fd, libc::F_SETFL, 0);
+        if !ok(r) {
+            child_fail(args, ChildStep::Stdio, r);
+        }
+    }
+    if !args.cwd.is_null() {
+        // SAFETY: a NUL-terminated string that `Launch` keeps alive.
+        let r = unsafe { rawsys::chdir(args.cwd) };
+        if !ok(r) {
+            child_fail(args, ChildStep::Chdir, r);
+        }
+    }
+    // Everything of ours is close-on-exec; this also covers fds an
+    // application opened without O_CLOEXEC.
+    rawsys::close_range(3, u32::MAX, 0);
+    rawsys::unblock_all_signals();
+    // SAFETY: path, argv and envp as `Launch` keeps them: NUL-terminated
+    // strings and NULL-terminated arrays.
+    let r = unsafe { rawsys::execve(args.path, args.argv, args.envp) };
+    child_fail(args, ChildStep::Exec, r)
 }
 
-/// Report the failed step and its errno to the parent and exit 127.
-fn child_fail(args: &ChildArgs, step: ChildStep) -> ! {
-    // SAFETY: reading errno (this task's, set by the call that just failed).
-    let errno = unsafe { *libc::__errno_location() };
-    args.step.store(step as u8, Ordering::Relaxed);
-    args.errno.store(
-        if errno == 0 { libc::EINVAL } else { errno },
-        Ordering::Release,
-    );
-    // SAFETY: `_exit` ends only this child (it is its own thread group).
-    unsafe { libc::_exit(127) }
+/// Report the failed step and its errno (`r` is `-errno`) to the loop and exit 127.
+fn child_fail(args: &ChildArgs, step: ChildStep, r: isize) -> ! {
+    args.step.store(step as u8, Ordering::Release);
+    let errno = if r < 0 { (-r) as i32 } else { libc::EINVAL };
+    args.errno.store(errno, Ordering::Release);
+    rawsys::exit(127)
 }
 
 /// Send `sig` to the leader through its pidfd. ESRCH ("already exiting") is success.
@@ -481,17 +775,6 @@ pub(crate) fn signal_group_of_unreaped_leader(pgid: Pid, sig: Signal) -> Result<
         Ok(()) | Err(Errno::SRCH) => Ok(()),
         Err(e) => Err(e),
     }
-}
-
-/// Emergency path for a child nobody will track: SIGKILL leader and group,
-/// then a blocking reap through the pidfd. Never called on the loop's hot path.
-pub(crate) fn kill_and_reap(child: Child) {
-    let _ = signal_leader(child.pidfd.as_fd(), Signal::KILL);
-    let _ = signal_group_of_unreaped_leader(child.pid, Signal::KILL);
-    let _ = rustix::process::waitid(
-        rustix::process::WaitId::PidFd(child.pidfd.as_fd()),
-        rustix::process::WaitIdOptions::EXITED,
-    );
 }
 
 /// What a non-blocking reap found.

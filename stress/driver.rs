@@ -71,7 +71,6 @@ impl InProcess {
             .backend(backend)
             .max_running(policy.max_running)
             .queue_limit(policy.queue_limit)
-            .spawn_threads(2)
             .reap_orphans(true)
             .build()
             .map_err(|e| format!("cannot start the executor: {e}"))?;

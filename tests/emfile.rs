@@ -18,7 +18,6 @@ fn emfile_becomes_a_result_and_the_executor_recovers() {
         let exec = Executor::builder()
             .backend(backend)
             .raise_nofile_limit(false)
-            .spawn_threads(1)
             .build()
             .unwrap();
         let saved = getrlimit(Resource::Nofile);

@@ -27,7 +27,6 @@
 //!
 //! Options: `--quick` (small counts; CI), `--workloads abcd`, `--contenders
 //! raw,uring,epoll,tokio,std`, `--no-raise` (leave pid_max / RLIMIT_NOFILE),
-//! `--spawn-threads N` (pidring's spawner pool; default: its own default).
 //! `--quick` asserts nothing about speed, only that every contender completed
 //! its workload correctly and left no child behind; it exits 1 otherwise.
 
@@ -58,9 +57,6 @@ struct Spec {
     grace_ms: u64,
     /// What a correct result is.
     expect: Expect,
-    /// pidring's spawner threads (None: its default).
-    #[serde(default)]
-    spawn_threads: Option<usize>,
 }
 
 /// What every check of a workload must end with.
@@ -143,7 +139,6 @@ struct Opts {
     workloads: String,
     contenders: Vec<String>,
     raise: bool,
-    spawn_threads: Option<usize>,
 }
 
 fn parse_opts(args: &[String]) -> Result<Opts, String> {
@@ -154,20 +149,12 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             .map(String::from)
             .to_vec(),
         raise: true,
-        spawn_threads: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => o.quick = true,
             "--no-raise" => o.raise = false,
-            "--spawn-threads" => {
-                o.spawn_threads = Some(
-                    it.next()
-                        .and_then(|v| v.parse().ok())
-                        .ok_or("--spawn-threads needs a number")?,
-                )
-            }
             "--workloads" => o.workloads = it.next().ok_or("--workloads needs a value")?.clone(),
             "--contenders" => {
                 o.contenders = it
@@ -180,7 +167,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: cargo bench --bench compare -- [--quick] [--workloads abcd] \
-                     [--contenders raw,uring,epoll,tokio,std] [--no-raise] [--spawn-threads N]"
+                     [--contenders raw,uring,epoll,tokio,std] [--no-raise]"
                         .into(),
                 );
             }
@@ -218,11 +205,10 @@ fn harness(args: &[String]) -> i32 {
     );
     let mut all_ok = true;
     for w in opts.workloads.chars() {
-        let Some((title, mut spec)) = workload(w, opts.quick, &me, &limits) else {
+        let Some((title, spec)) = workload(w, opts.quick, &me, &limits) else {
             eprintln!("unknown workload {w:?}");
             return 2;
         };
-        spec.spawn_threads = opts.spawn_threads;
         println!();
         println!("## ({w}) {title}");
         println!();
@@ -382,7 +368,6 @@ fn workload(w: char, quick: bool, me: &str, l: &Limits) -> Option<(String, Spec)
                     timeout_ms: 60_000,
                     grace_ms: 5_000,
                     expect: Expect::Exit0,
-                    spawn_threads: None,
                 },
             )
         }
@@ -408,7 +393,6 @@ fn workload(w: char, quick: bool, me: &str, l: &Limits) -> Option<(String, Spec)
                         timeout_ms: 0,
                         grace_ms: 0,
                         expect: Expect::Exit0,
-                        spawn_threads: None,
                     },
                 ));
             }
@@ -434,7 +418,6 @@ fn workload(w: char, quick: bool, me: &str, l: &Limits) -> Option<(String, Spec)
                     timeout_ms: 120_000,
                     grace_ms: 5_000,
                     expect: Expect::Exit0Stamp,
-                    spawn_threads: None,
                 },
             )
         }
@@ -453,7 +436,6 @@ fn workload(w: char, quick: bool, me: &str, l: &Limits) -> Option<(String, Spec)
                     timeout_ms: t,
                     grace_ms: 5_000,
                     expect: Expect::TimedOutTerm,
-                    spawn_threads: None,
                 },
             )
         }
@@ -859,11 +841,7 @@ fn run_raw(spec: &Spec) -> (Vec<Sample>, Measured) {
 }
 
 fn run_pidring(spec: &Spec, backend: BackendKind) -> (Vec<Sample>, Measured) {
-    let mut builder = Executor::builder();
-    if let Some(n) = spec.spawn_threads {
-        builder = builder.spawn_threads(n);
-    }
-    let exec = builder
+    let exec = Executor::builder()
         .max_running(spec.in_flight)
         .queue_limit(spec.n + 16)
         .backend(backend)

@@ -53,7 +53,6 @@ pub fn main(args: RunArgs) -> ExitCode {
     let exec = match Executor::builder()
         .backend(args.backend)
         .max_running(1)
-        .spawn_threads(1)
         .build()
     {
         Ok(e) => e,

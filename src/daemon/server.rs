@@ -337,10 +337,20 @@ fn bind_socket(config: &DaemonConfig) -> Result<(UnixListener, SocketGuard), Dae
     // Bind under a strict umask so the socket is never, even briefly, more
     // open than asked. No check runs yet (the executor starts later), so the
     // process-wide umask change reaches nobody else.
+    // Bound now, listening only once its owner and mode are final: a client
+    // that can connect sees the socket as configured.
+    let socket = rustix::net::socket_with(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::STREAM,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| sock_err("create", e.into()))?;
+    let addr = rustix::net::SocketAddrUnix::new(&path).map_err(|e| sock_err("bind", e.into()))?;
     let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
-    let bound = UnixListener::bind(&path);
+    let bound = rustix::net::bind(&socket, &addr);
     rustix::process::umask(old);
-    let listener = bound.map_err(|e| sock_err("bind", e))?;
+    bound.map_err(|e| sock_err("bind", e.into()))?;
     let meta = std::fs::symlink_metadata(&path).map_err(|e| sock_err("inspect", e))?;
     let guard = SocketGuard {
         path: path.clone(),
@@ -352,6 +362,8 @@ fn bind_socket(config: &DaemonConfig) -> Result<(UnixListener, SocketGuard), Dae
     }
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(config.socket_mode))
         .map_err(|e| sock_err("chmod", e))?;
+    rustix::net::listen(&socket, 1024).map_err(|e| sock_err("listen", e.into()))?;
+    let listener = UnixListener::from(socket);
     listener
         .set_nonblocking(true)
         .map_err(|e| sock_err("configure", e))?;

@@ -1,0 +1,182 @@
+//! Raw system calls for a child between `clone` and `execve`.
+//!
+//! That child shares the executor's memory, including the loop thread's
+//! thread-local storage, while the loop goes on running. libc's wrappers
+//! write `errno` (a thread-local) on failure, which would race with the
+//! loop's own use of it; these calls return `-errno` instead and touch no
+//! memory but their arguments. Only what the child needs is here.
+
+/// `syscall(nr, a, b, c, d)`: the result, or `-errno`.
+///
+/// # Safety
+/// The arguments must be valid for system call `nr`, as for `libc::syscall`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn syscall4(nr: libc::c_long, a: usize, b: usize, c: usize, d: usize) -> isize {
+    let ret: isize;
+    // SAFETY: the x86_64 Linux system call convention (rax = number, then
+    // rdi, rsi, rdx, r10; rcx and r11 are clobbered); the caller vouches for
+    // the arguments.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") nr as isize => ret,
+            in("rdi") a,
+            in("rsi") b,
+            in("rdx") c,
+            in("r10") d,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+/// `syscall(nr, a, b, c, d)`: the result, or `-errno`.
+///
+/// # Safety
+/// The arguments must be valid for system call `nr`, as for `libc::syscall`.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+pub(crate) unsafe fn syscall4(nr: libc::c_long, a: usize, b: usize, c: usize, d: usize) -> isize {
+    let ret: isize;
+    // SAFETY: the aarch64 Linux system call convention (x8 = number, x0–x3
+    // arguments, x0 the result); the caller vouches for the arguments.
+    unsafe {
+        core::arch::asm!(
+            "svc 0",
+            in("x8") nr as usize,
+            inlateout("x0") a => ret,
+            in("x1") b,
+            in("x2") c,
+            in("x3") d,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!("pidring creates children with raw system calls on x86_64 and aarch64 only");
+
+/// The kernel's `struct sigaction` for `rt_sigaction` (x86_64 and aarch64).
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct KernelSigaction {
+    /// Handler, `SIG_DFL` (0) or `SIG_IGN` (1).
+    pub handler: usize,
+    /// `SA_*` flags.
+    pub flags: u64,
+    /// Signal-return trampoline (unused for `SIG_DFL`).
+    pub restorer: usize,
+    /// Signals blocked while the handler runs.
+    pub mask: u64,
+}
+
+/// The size of the kernel's signal set, as `rt_sigaction`/`rt_sigprocmask` want it.
+const SIGSET_SIZE: usize = 8;
+
+/// `rt_sigaction(sig, new, old)`.
+pub(crate) fn sigaction(
+    sig: i32,
+    new: Option<&KernelSigaction>,
+    old: Option<&mut KernelSigaction>,
+) -> isize {
+    let new = new.map_or(0, |n| n as *const KernelSigaction as usize);
+    let old = old.map_or(0, |o| o as *mut KernelSigaction as usize);
+    // SAFETY: both pointers are null or point to a live KernelSigaction.
+    unsafe { syscall4(libc::SYS_rt_sigaction, sig as usize, new, old, SIGSET_SIZE) }
+}
+
+/// `rt_sigprocmask(SIG_SETMASK, {}, NULL)`: unblock every signal.
+pub(crate) fn unblock_all_signals() -> isize {
+    let empty: u64 = 0;
+    // SAFETY: a pointer to a live 8-byte signal set, and no old set.
+    unsafe {
+        syscall4(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK as usize,
+            &empty as *const u64 as usize,
+            0,
+            SIGSET_SIZE,
+        )
+    }
+}
+
+/// `setsid()`.
+pub(crate) fn setsid() -> isize {
+    // SAFETY: no arguments.
+    unsafe { syscall4(libc::SYS_setsid, 0, 0, 0, 0) }
+}
+
+/// `close_range(first, last, flags)`.
+pub(crate) fn close_range(first: u32, last: u32, flags: u32) -> isize {
+    // SAFETY: plain integers.
+    unsafe {
+        syscall4(
+            libc::SYS_close_range,
+            first as usize,
+            last as usize,
+            flags as usize,
+            0,
+        )
+    }
+}
+
+/// `unshare(flags)`.
+pub(crate) fn unshare(flags: i32) -> isize {
+    // SAFETY: a plain integer.
+    unsafe { syscall4(libc::SYS_unshare, flags as usize, 0, 0, 0) }
+}
+
+/// `dup3(old, new, 0)` (`dup2` without its same-fd special case; aarch64 has no `dup2`).
+pub(crate) fn dup3(old: i32, new: i32) -> isize {
+    // SAFETY: plain integers.
+    unsafe { syscall4(libc::SYS_dup3, old as usize, new as usize, 0, 0) }
+}
+
+/// `fcntl(fd, cmd, arg)`.
+pub(crate) fn fcntl(fd: i32, cmd: i32, arg: usize) -> isize {
+    // SAFETY: only called with integer-argument commands (F_SETFD, F_SETFL).
+    unsafe { syscall4(libc::SYS_fcntl, fd as usize, cmd as usize, arg, 0) }
+}
+
+/// `chdir(path)`.
+///
+/// # Safety
+/// `path` must point to a NUL-terminated string.
+pub(crate) unsafe fn chdir(path: *const libc::c_char) -> isize {
+    // SAFETY: the caller vouches for the string.
+    unsafe { syscall4(libc::SYS_chdir, path as usize, 0, 0, 0) }
+}
+
+/// `execve(path, argv, envp)`: returns only on failure.
+///
+/// # Safety
+/// As for `execve(2)`: a NUL-terminated path, NULL-terminated arrays of
+/// NUL-terminated strings.
+pub(crate) unsafe fn execve(
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) -> isize {
+    // SAFETY: the caller vouches for the arguments.
+    unsafe {
+        syscall4(
+            libc::SYS_execve,
+            path as usize,
+            argv as usize,
+            envp as usize,
+            0,
+        )
+    }
+}
+
+/// `exit_group(code)`: ends the child (its own thread group).
+pub(crate) fn exit(code: i32) -> ! {
+    loop {
+        // SAFETY: a plain integer; does not return.
+        unsafe { syscall4(libc::SYS_exit_group, code as usize, 0, 0, 0) };
+    }
+}
