@@ -11,7 +11,7 @@ use crate::backend::{Backend, BackendKind};
 use crate::check::{Check, Prepared};
 use crate::error::ExecutorError;
 use crate::executor::{Deliver, Shared};
-use crate::lifecycle::{self, Ctx, KillReason, Lifecycle, Timers, unix_us};
+use crate::lifecycle::{self, Ctx, KillReason, Lifecycle, TimerKind, Timers, unix_us};
 use crate::result::{CheckResult, Outcome, Output, Timings};
 use crate::spawn;
 use crate::state::State;
@@ -41,6 +41,8 @@ const MAX_LAUNCHING: usize = 256;
 /// How soon to look again when admission waits for children to exec (which
 /// wakes nothing).
 const LAUNCH_POLL: Duration = Duration::from_millis(1);
+/// How many events a turn handles between looks at the signalling timers.
+const SIGNAL_CHECK_EVERY: usize = 8;
 /// How often the orphan scan runs when the executor is a subreaper.
 const ORPHAN_SCAN: Duration = Duration::from_millis(200);
 
@@ -137,6 +139,8 @@ pub(crate) fn start(
                 launcher,
                 launching: Vec::new(),
                 group_terms: Vec::new(),
+                due: Vec::new(),
+                popped: Vec::new(),
                 checks: Slab::new(),
                 by_id: HashMap::new(),
                 queue: VecDeque::new(),
@@ -184,6 +188,10 @@ struct Engine {
     launching: Vec<(usize, u32)>,
     /// See `Ctx::group_terms`.
     group_terms: Vec<(usize, u32)>,
+    /// This turn's due timers that do not signal (kept for its allocation).
+    due: Vec<(usize, u32, TimerKind)>,
+    /// Scratch for `fire_signal_timers`.
+    popped: Vec<(usize, u32, TimerKind)>,
     checks: Slab<Lifecycle>,
     by_id: HashMap<u64, usize>,
     queue: VecDeque<Box<Submission>>,
@@ -223,18 +231,38 @@ impl Engine {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let now = Instant::now();
-            for token in fired.drain(..) {
+            // Signals first: under a storm of exits and deadlines, a deadline
+            // must not wait behind a turn's worth of reaps and reads. A
+            // check whose exit is among this turn's events is not signalled
+            // (see `Lifecycle::note_exit_pending`).
+            for &token in &fired {
+                if let (slot, generation, Some(lifecycle::Source::Pidfd)) =
+                    lifecycle::untoken(token)
+                    && let Some(c) = self.checks.get_mut(slot)
+                    && c.generation() == generation
+                {
+                    c.note_exit_pending();
+                }
+            }
+            let mut due = std::mem::take(&mut self.due);
+            self.fire_signal_timers(now, &mut due);
+            for (i, token) in fired.drain(..).enumerate() {
                 if token == WAKER {
                     self.on_wake(now);
                 } else {
                     self.on_ready(token, now);
                 }
+                // A long turn of reaps must not hold back deadlines falling due meanwhile.
+                if i % SIGNAL_CHECK_EVERY == SIGNAL_CHECK_EVERY - 1 {
+                    self.fire_signal_timers(Instant::now(), &mut due);
+                }
             }
             self.fired = fired;
             self.poll_launches();
-            while let Some((slot, generation, kind)) = self.timers.pop_due(now) {
+            for (slot, generation, kind) in due.drain(..) {
                 self.with_check(slot, generation, now, |c, ctx| c.on_timer(kind, ctx));
             }
+            self.due = due;
             // Every leader whose deadline fell due has its SIGTERM: now their groups.
             for (slot, generation) in std::mem::take(&mut self.group_terms) {
                 if let Some(c) = self.checks.get_mut(slot)
@@ -255,6 +283,25 @@ impl Engine {
             }
         }
         tracing::info!("executor loop stopped");
+    }
+
+    /// Fire the due timers that signal (deadlines, grace ends); set the
+    /// others aside in `later`, for after this turn's events.
+    fn fire_signal_timers(&mut self, now: Instant, later: &mut Vec<(usize, u32, TimerKind)>) {
+        // Popped before any fires: a timer put back for now (see
+        // `Lifecycle::on_timer`) waits for the next call.
+        let mut popped = std::mem::take(&mut self.popped);
+        while let Some(timer) = self.timers.pop_due(now) {
+            popped.push(timer);
+        }
+        for (slot, generation, kind) in popped.drain(..) {
+            if kind.signals() {
+                self.with_check(slot, generation, now, |c, ctx| c.on_timer(kind, ctx));
+            } else {
+                later.push((slot, generation, kind));
+            }
+        }
+        self.popped = popped;
     }
 
     /// Let the check in (slot, generation) handle one event with the loop's

@@ -79,6 +79,13 @@ pub(crate) enum TimerKind {
     Retry,
 }
 
+impl TimerKind {
+    /// Whether firing it signals the check (handled before a turn's events).
+    pub fn signals(self) -> bool {
+        matches!(self, TimerKind::Deadline | TimerKind::Grace)
+    }
+}
+
 /// The loop's timers: a min-heap; stale entries are ignored when they fire.
 #[derive(Default)]
 pub(crate) struct Timers {
@@ -198,6 +205,8 @@ pub(crate) struct Lifecycle {
     rusage: Option<Rusage>,
     spawn_failure: Option<SpawnFailure>,
     output_cut: bool,
+    /// The pidfd fired in this turn and is not handled yet (see `note_exit_pending`).
+    exit_pending: bool,
     /// The child while it may not have exec'd yet (see `spawn::Launch`).
     /// Declared last: it must drop after `Drop` has killed and reaped the child.
     launch: Option<Launch>,
@@ -249,6 +258,7 @@ impl Lifecycle {
             rusage: None,
             spawn_failure: None,
             output_cut: false,
+            exit_pending: false,
             launch: None,
         }
     }
@@ -443,8 +453,21 @@ impl Lifecycle {
         }
     }
 
+    /// The leader's pidfd fired in this turn; the event is handled after the
+    /// turn's signalling timers. Those leave this check alone for now: it
+    /// exited before the loop got to its deadline, so it did not time out
+    /// (and a SIGTERM that beat the grace is not "ignored").
+    pub fn note_exit_pending(&mut self) {
+        self.exit_pending = true;
+    }
+
     /// A timer of this check fired.
     pub fn on_timer(&mut self, kind: TimerKind, ctx: &mut Ctx<'_>) {
+        if self.exit_pending && kind.signals() {
+            // Looked at again next turn, after the exit (if it was one).
+            ctx.timers.push(ctx.now, self.slot, self.generation, kind);
+            return;
+        }
         match kind {
             TimerKind::Deadline if self.phase == Phase::Running => {
                 self.kill = Some(KillReason::Timeout);
@@ -519,6 +542,7 @@ impl Lifecycle {
 
     /// The pidfd is readable: the leader has exited. Sweep, then reap.
     fn leader_ready(&mut self, ctx: &mut Ctx<'_>) {
+        self.exit_pending = false;
         self.poll_launch();
         let grouped = self.grouped();
         let (Some(pidfd), Some(pid)) = (&self.pidfd, self.pid) else {

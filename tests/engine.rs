@@ -225,6 +225,40 @@ fn exits_inside_the_grace_window_are_reaped_every_time() {
 }
 
 #[test]
+fn exits_at_the_deadline_get_one_result_each_and_are_judged_consistently() {
+    // Exits landing in the same loop turn as their deadline: the turn fires
+    // signalling timers before it handles exits, and must neither signal a
+    // check whose exit it already holds nor spin on it.
+    each_backend(executor, |exec, _| {
+        let n = 200;
+        let pendings: Vec<_> = (0..n)
+            .map(|i| {
+                let ms = [95, 100, 105][i % 3];
+                exec.submit(
+                    Check::argv(["/bin/sleep", &format!("0.{ms:03}")])
+                        .timeout(Duration::from_millis(100))
+                        .grace(Duration::from_millis(100)),
+                )
+                .unwrap()
+            })
+            .collect();
+        for p in pendings {
+            let r = p.wait_timeout(Duration::from_secs(60)).expect("a result");
+            match r.outcome {
+                // An exit is an exit; a timeout was ended by our SIGTERM.
+                Outcome::Exited { code: 0 } => assert!(r.timings.kill_lateness.is_none()),
+                Outcome::TimedOut {
+                    signal: libc::SIGTERM,
+                    escalated: false,
+                    ..
+                } => {}
+                o => panic!("unexpected outcome {o:?}: {}", r.reason),
+            }
+        }
+    });
+}
+
+#[test]
 fn grandchildren_in_the_group_die_on_timeout() {
     each_backend(executor, |exec, _| {
         let r = run(

@@ -85,6 +85,9 @@ struct Report {
     lat_ext: Option<(f64, f64)>,
     /// deadline → first signal, µs (p50, p99).
     kill_late: Option<(f64, f64)>,
+    /// First to last child created, ms: how far apart the deadlines fall.
+    #[serde(default)]
+    start_spread_ms: Option<f64>,
     /// Children of the contender left unreaped when it finished.
     leftover_children: usize,
     /// Processes that escaped the contender (re-parented to the harness).
@@ -577,15 +580,17 @@ fn print_table(w: char, spec: &Spec, reports: &[Report]) {
         }
         _ => {
             println!(
-                "| contender | ok | kill lateness p50/p99 | CPU µs/check | CPU × tokio | peak RSS MiB |"
+                "| contender | ok | spawned within | kill lateness p50/p99 | CPU µs/check | CPU × tokio | peak RSS MiB |"
             );
-            println!("|---|---|---|---|---|---|");
+            println!("|---|---|---|---|---|---|---|");
             for r in reports {
                 println!(
-                    "| {} | {}/{} | {} | {:.0} | {} | {:.1} |",
+                    "| {} | {}/{} | {} | {} | {:.0} | {} | {:.1} |",
                     r.contender,
                     r.correct,
                     spec.n,
+                    r.start_spread_ms
+                        .map_or("–".into(), |ms| format!("{ms:.0} ms")),
                     pct(r.kill_late, "µs"),
                     cpu(r),
                     ratio(cpu(r), tokio_cpu),
@@ -607,6 +612,8 @@ struct Sample {
     lat_ext_ns: Option<u64>,
     /// deadline → first signal, ns.
     kill_late_ns: Option<u64>,
+    /// When the child came to exist, µs (any clock: only spreads are used).
+    started_us: Option<u64>,
     error: Option<String>,
 }
 
@@ -708,6 +715,10 @@ fn contender_main(name: &str, spec_json: &str) {
     };
     report.lat_ext = pcts(samples.iter().filter_map(|s| s.lat_ext_ns).collect(), 1e3);
     report.kill_late = pcts(samples.iter().filter_map(|s| s.kill_late_ns).collect(), 1e3);
+    let starts: Vec<u64> = samples.iter().filter_map(|s| s.started_us).collect();
+    if let (Some(first), Some(last)) = (starts.iter().min(), starts.iter().max()) {
+        report.start_spread_ms = Some((last - first) as f64 / 1e3);
+    }
     println!(
         "{}",
         serde_json::to_string(&report).expect("report serialises")
@@ -877,6 +888,7 @@ fn run_pidring(spec: &Spec, backend: BackendKind) -> (Vec<Sample>, Measured) {
                     correct: correct_outcome && out_ok,
                     lat_ext_ns,
                     kill_late_ns: r.timings.kill_lateness.map(|d| d.as_nanos() as u64),
+                    started_us: Some(r.timings.started_unix_us),
                     error: (!correct_outcome || !out_ok)
                         .then(|| format!("{:?}: {}", r.outcome, r.reason)),
                 });
@@ -942,6 +954,7 @@ async fn tokio_one(spec: &Spec) -> Sample {
         }
     };
     let started = Instant::now();
+    let started_us = mono_ns() / 1000;
     let pid = child.id().unwrap_or(0);
     let mut out = child.stdout.take().expect("piped");
     let mut err = child.stderr.take().expect("piped");
@@ -970,7 +983,7 @@ async fn tokio_one(spec: &Spec) -> Sample {
     };
     let (stdout, (status, late)) = tokio::join!(read, wait);
     let now = mono_ns();
-    finish_sample(spec, status, &stdout, now, late)
+    finish_sample(spec, status, &stdout, now, late, started_us)
 }
 
 /// Judge a finished tokio/std check the way the pidring contender does.
@@ -980,6 +993,7 @@ fn finish_sample(
     stdout: &[u8],
     now: u64,
     late: Option<Duration>,
+    started_us: u64,
 ) -> Sample {
     use std::os::unix::process::ExitStatusExt;
     let status = match status {
@@ -1000,6 +1014,7 @@ fn finish_sample(
         correct: outcome_ok && out_ok,
         lat_ext_ns,
         kill_late_ns: late.map(|d| d.as_nanos() as u64),
+        started_us: Some(started_us),
         error: (!outcome_ok || !out_ok).then(|| format!("{status:?}")),
     }
 }
@@ -1134,6 +1149,7 @@ fn std_one(spec: &Spec, wd: &Watchdog) -> Sample {
         }
     };
     let pid = child.id();
+    let started_us = mono_ns() / 1000;
     wd.add(pid, Instant::now() + Duration::from_millis(spec.timeout_ms));
     let mut out = Vec::new();
     let mut err = Vec::new();
@@ -1148,5 +1164,5 @@ fn std_one(spec: &Spec, wd: &Watchdog) -> Sample {
     let late = wd.remove(pid);
     let status = child.wait();
     let now = mono_ns();
-    finish_sample(spec, status, &out, now, late)
+    finish_sample(spec, status, &out, now, late, started_us)
 }
