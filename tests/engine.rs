@@ -658,6 +658,45 @@ fn cancel_kills_sweeps_reaps_and_answers() {
 }
 
 #[test]
+fn cancels_that_catch_children_before_they_exec_are_clean() {
+    // Cancelled right after submit, most children are killed between clone
+    // and exec (still running on a stack the loop lent them, not yet in
+    // their own group): each is answered, reaped, and gives everything back.
+    each_backend(executor, |exec, _| {
+        let mut pendings = Vec::new();
+        for _ in 0..4 {
+            let batch: Vec<_> = (0..50)
+                .map(|_| exec.submit(sh("sleep 30 & sleep 30")).unwrap())
+                .collect();
+            // Cancel as soon as they are admitted (created), not while queued.
+            assert!(eventually(Duration::from_secs(30), || exec.running() == 50));
+            for p in &batch {
+                exec.cancel(p.id());
+            }
+            pendings.extend(batch);
+            assert!(eventually(Duration::from_secs(30), || exec.running() == 0));
+        }
+        let mut sids = HashSet::new();
+        for p in pendings {
+            let r = p.wait_timeout(Duration::from_secs(60)).expect("a result");
+            assert_eq!(r.outcome, Outcome::Cancelled, "{}", r.reason);
+            sids.extend(r.pid);
+        }
+        assert!(
+            eventually(Duration::from_secs(10), || live_in_sessions(&sids)
+                .is_empty()),
+            "processes survived: {:?}",
+            live_in_sessions(&sids)
+        );
+        // And the executor goes on as before.
+        assert_eq!(
+            run(exec, Check::argv(["/bin/true"])).outcome,
+            Outcome::Exited { code: 0 }
+        );
+    });
+}
+
+#[test]
 fn shutdown_kills_reaps_and_answers_everything() {
     let _guard = serial();
     for backend in BACKENDS {
