@@ -1,7 +1,7 @@
 //! `Check`: what to run, and how long to let it run.
 //!
 //! A check is validated and turned into C strings (`Prepared`) on the
-//! submitting thread, so the event loop and the spawners never allocate for it.
+//! submitting thread, so the event loop never allocates for it.
 
 use crate::cmdline::{self, CommandLine};
 use crate::error::CheckError;

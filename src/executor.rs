@@ -98,7 +98,7 @@ impl ExecutorBuilder {
         self
     }
 
-    /// Start the loop and spawner threads.
+    /// Start the loop thread.
     pub fn build(self) -> Result<Executor, ExecutorError> {
         // First, before any descriptor of ours could take fd 0, 1 or 2.
         crate::spawn::ensure_std_fds();

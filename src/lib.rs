@@ -5,8 +5,9 @@
 //! pidfd and output pipes through io_uring (or epoll where io_uring is
 //! blocked), signals only through `pidfd_send_signal` (plus the check's process
 //! group while its leader is still unreaped), and reaps every exit with
-//! `waitid(P_PIDFD)`. Spawning — the one heavy call — runs on a small pool of
-//! spawner threads so the loop never blocks.
+//! `waitid(P_PIDFD)`. The loop creates each child itself, without waiting
+//! for it to exec (`clone` sharing memory and descriptor table, see
+//! `spawn.rs`), so spawning never blocks it.
 //!
 //! ```no_run
 //! use pidring::{Check, Executor};

@@ -143,7 +143,7 @@ pub(crate) enum KillReason {
 /// Where a check is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
-    /// Handed to a spawner; no child known yet.
+    /// Admitted; no child created yet.
     Spawning,
     /// The child runs; its deadline is pending.
     Running,
@@ -184,7 +184,7 @@ pub(crate) struct Lifecycle {
     timeout_state: State,
     submitted: Instant,
     submitted_wall: SystemTime,
-    /// When a spawner took the job (queue wait ends, spawn begins).
+    /// When the loop admitted it (queue wait ends, spawn begins).
     dispatched: Instant,
     phase: Phase,
     pid: Option<Pid>,
@@ -213,7 +213,7 @@ pub(crate) struct Lifecycle {
 }
 
 impl Lifecycle {
-    /// A check just handed to a spawner.
+    /// A check just admitted.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: u64,

@@ -9,9 +9,9 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
-    /// Submission → handed to a spawner.
+    /// Submission → admitted into a running slot.
     QueueWait,
-    /// Handed to a spawner → child exists.
+    /// Admitted → child exists.
     Spawn,
     /// Child exists → leader seen exited.
     Run,

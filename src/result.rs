@@ -125,7 +125,7 @@ pub struct Timings {
     pub started_unix_us: u64,
     /// Wall-clock time the leader was seen exited, microseconds since the Unix epoch (0 if never).
     pub exited_unix_us: u64,
-    /// Submission → handed to a spawner.
+    /// Submission → admitted into a running slot.
     #[serde(with = "micros")]
     pub queue_wait: Duration,
     /// The spawn call itself (pipes, clone + exec, pidfd).

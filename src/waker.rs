@@ -1,4 +1,4 @@
-//! The loop's wake-up: an eventfd that submitters and spawners write to.
+//! The loop's wake-up: an eventfd that submitters write to.
 
 use rustix::event::{EventfdFlags, eventfd};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};

@@ -43,7 +43,7 @@ pub struct NagiosWorkerArgs {
 pub fn main(args: NagiosWorkerArgs) -> ExitCode {
     super::logging::init("info", args.log_json);
     // Block the stop signals in every thread (the executor's threads inherit
-    // the mask; checks do not: the spawner resets it) and take them with sigwait.
+    // the mask; checks do not: the child resets it) and take them with sigwait.
     let stop_signals = match block_stop_signals() {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot block SIGTERM/SIGINT: {e}")),
