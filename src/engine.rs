@@ -138,7 +138,6 @@ pub(crate) fn start(
                 requests,
                 launcher,
                 launching: Vec::new(),
-                group_terms: Vec::new(),
                 due: Vec::new(),
                 popped: Vec::new(),
                 checks: Slab::new(),
@@ -186,8 +185,6 @@ struct Engine {
     /// turn, to close our copies of its pipes' write ends and give its
     /// stack back as soon as it is done with them.
     launching: Vec<(usize, u32)>,
-    /// See `Ctx::group_terms`.
-    group_terms: Vec<(usize, u32)>,
     /// This turn's due timers that do not signal (kept for its allocation).
     due: Vec<(usize, u32, TimerKind)>,
     /// Scratch for `fire_signal_timers`.
@@ -263,14 +260,6 @@ impl Engine {
                 self.with_check(slot, generation, now, |c, ctx| c.on_timer(kind, ctx));
             }
             self.due = due;
-            // Every leader whose deadline fell due has its SIGTERM: now their groups.
-            for (slot, generation) in std::mem::take(&mut self.group_terms) {
-                if let Some(c) = self.checks.get_mut(slot)
-                    && c.generation() == generation
-                {
-                    c.signal_group_after_deadline();
-                }
-            }
             if self.reap_orphans && now >= self.next_orphan_scan {
                 self.scan_orphans();
             }
@@ -319,7 +308,6 @@ impl Engine {
                 timers: &mut self.timers,
                 scratch: &mut self.scratch,
                 now,
-                group_terms: &mut self.group_terms,
             };
             f(&mut check, &mut ctx);
             self.put_back(slot, check);

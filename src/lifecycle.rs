@@ -124,9 +124,6 @@ pub(crate) struct Ctx<'a> {
     pub scratch: &'a mut [u8],
     /// The time this loop turn started.
     pub now: Instant,
-    /// Checks whose leader got its deadline's SIGTERM this turn and whose
-    /// group gets it once every due leader has (`Lifecycle::signal_group`).
-    pub group_terms: &'a mut Vec<(usize, u32)>,
 }
 
 /// Why the executor signalled a check.
@@ -442,17 +439,6 @@ impl Lifecycle {
         }
     }
 
-    /// The second half of a deadline: the group gets the leader's SIGTERM,
-    /// then SIGCONT (a stopped process would hold SIGTERM pending until the
-    /// grace ran out). Split from the leader's signal so that when many
-    /// deadlines fall due together, every leader is signalled first.
-    pub fn signal_group_after_deadline(&mut self) {
-        if self.phase == Phase::Terminating {
-            self.signal_group(Signal::TERM);
-            self.signal_group(Signal::CONT);
-        }
-    }
-
     /// The leader's pidfd fired in this turn; the event is handled after the
     /// turn's signalling timers. Those leave this check alone for now: it
     /// exited before the loop got to its deadline, so it did not time out
@@ -473,8 +459,9 @@ impl Lifecycle {
                 self.kill = Some(KillReason::Timeout);
                 self.phase = Phase::Terminating;
                 tracing::debug!(id = self.id, "timed out; sending SIGTERM");
-                self.signal_leader(Signal::TERM);
-                ctx.group_terms.push((self.slot, self.generation));
+                self.signal(Signal::TERM);
+                // A stopped process would hold SIGTERM pending until the grace ran out.
+                self.signal_group(Signal::CONT);
                 let deadline = self.deadline.unwrap_or(ctx.now);
                 ctx.timers.push(
                     (deadline + self.grace).max(ctx.now),

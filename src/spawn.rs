@@ -233,14 +233,15 @@ impl Pool {
         }
     }
 
-    /// Put both write ends into the lowest free pair of slots (`None`: none
-    /// free, or the kernel refused; the caller passes them as they are).
-    fn lend_slots(&mut self, out_w: &OwnedFd, err_w: &OwnedFd) -> Option<usize> {
+    /// Put both write ends into the lowest free pair of slots: the pair's
+    /// index and its two fds (`None`: none free, or the kernel refused; the
+    /// caller passes the write ends as they are).
+    fn lend_slots(&mut self, out_w: &OwnedFd, err_w: &OwnedFd) -> Option<(usize, RawFd, RawFd)> {
         let Reverse(i) = self.free.pop()?;
         let (a, b) = self.slots[i].as_mut()?;
         let flags = rustix::io::DupFlags::CLOEXEC;
         if rustix::io::dup3(out_w, a, flags).is_ok() && rustix::io::dup3(err_w, b, flags).is_ok() {
-            return Some(i);
+            return Some((i, a.as_raw_fd(), b.as_raw_fd()));
         }
         self.return_slots(i);
         None
@@ -262,13 +263,6 @@ impl Pool {
             tracing::warn!("cannot reset a low descriptor slot; giving it up");
             self.slots[i] = None;
         }
-    }
-
-    /// The fds of pair `i`.
-    fn slot_fds(&self, i: usize) -> Option<(RawFd, RawFd)> {
-        self.slots[i]
-            .as_ref()
-            .map(|(a, b)| (a.as_raw_fd(), b.as_raw_fd()))
     }
 }
 
@@ -440,11 +434,8 @@ pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launc
         .take_stack()
         .map_err(|e| SpawnFailure::new(&program, "cannot map a stack for", io_errno(&e)))?;
     let stdin = pool.devnull.as_raw_fd();
-    let lent = pool
-        .lend_slots(&out_w, &err_w)
-        .and_then(|i| Some((i, pool.slot_fds(i)?)));
-    let (write_ends, stdout, stderr) = match lent {
-        Some((i, (a, b))) => (WriteEnds::Slots(i), a, b),
+    let (write_ends, stdout, stderr) = match pool.lend_slots(&out_w, &err_w) {
+        Some((i, a, b)) => (WriteEnds::Slots(i), a, b),
         None => {
             let fds = (out_w.as_raw_fd(), err_w.as_raw_fd());
             (WriteEnds::Own(out_w, err_w), fds.0, fds.1)
@@ -452,18 +443,7 @@ pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launc
     };
     drop(pool);
 
-    let argv: Vec<*const libc::c_char> = cmd
-        .argv
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain([std::ptr::null()])
-        .collect();
-    let envp: Vec<*const libc::c_char> = cmd
-        .envp
-        .iter()
-        .map(|e| e.as_ptr())
-        .chain([std::ptr::null()])
-        .collect();
+    let (argv, envp) = (c_array(&cmd.argv), c_array(&cmd.envp));
     let args = Box::new(ChildArgs {
         path: path.as_ptr(),
         argv: argv.as_ptr(),
@@ -536,6 +516,13 @@ pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launc
         started,
     };
     Ok((child, launch))
+}
+
+/// The NULL-terminated array of pointers `execve` takes.
+fn c_array(strings: &[CString]) -> Vec<*const libc::c_char> {
+    (strings.iter().map(|s| s.as_ptr()))
+        .chain([std::ptr::null()])
+        .collect()
 }
 
 /// The errno of an `io::Error` (EIO if it has none).
