@@ -5,7 +5,7 @@ use crate::backend::BackendKind;
 use crate::check::Check;
 use crate::engine::{self, Request, Submission};
 use crate::error::{ExecutorError, SubmitError};
-use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::metrics::{Metrics, MetricsSnapshot, Stage};
 use crate::result::CheckResult;
 use crate::waker::Waker;
 use crossbeam_channel::{Receiver, Sender};
@@ -337,7 +337,17 @@ impl Executor {
         }
     }
 
-    /// Histograms and counters.
+    /// The full per-stage histograms, for merging or writing `.hgrm` files.
+    pub fn histograms(&self) -> Vec<(Stage, hdrhistogram::Histogram<u64>)> {
+        let m = self
+            .shared
+            .metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        m.histograms()
+    }
+
+    /// Percentiles per stage, and counters.
     pub fn metrics(&self) -> MetricsSnapshot {
         let m = self
             .shared

@@ -163,12 +163,18 @@ impl Metrics {
                 .zip(&self.stages)
                 .map(|(s, h)| StageSnapshot::from_histogram(*s, h))
                 .collect(),
-            histograms: Stage::ALL
-                .iter()
-                .copied()
-                .zip(self.stages.iter().cloned())
-                .collect(),
         }
+    }
+
+    /// Copies of the full histograms (kept out of `snapshot`: copying them
+    /// all under the lock the loop takes for every result costs too much
+    /// for a `stats` request or a scrape).
+    pub fn histograms(&self) -> Vec<(Stage, Histogram<u64>)> {
+        Stage::ALL
+            .iter()
+            .copied()
+            .zip(self.stages.iter().cloned())
+            .collect()
     }
 }
 
@@ -240,23 +246,12 @@ pub struct MetricsSnapshot {
     pub counters: Counters,
     /// Percentiles per stage.
     pub stages: Vec<StageSnapshot>,
-    /// The full histograms, for merging or writing `.hgrm` files.
-    #[serde(skip)]
-    pub histograms: Vec<(Stage, Histogram<u64>)>,
 }
 
 impl MetricsSnapshot {
     /// The percentiles of one stage.
     pub fn stage(&self, stage: Stage) -> Option<&StageSnapshot> {
         self.stages.iter().find(|s| s.stage == stage)
-    }
-
-    /// The full histogram of one stage.
-    pub fn histogram(&self, stage: Stage) -> Option<&Histogram<u64>> {
-        self.histograms
-            .iter()
-            .find(|(s, _)| *s == stage)
-            .map(|(_, h)| h)
     }
 
     /// A table of percentiles per stage, for people.

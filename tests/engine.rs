@@ -772,6 +772,10 @@ fn metrics_count_what_happened() {
         let kl = m.stage(pidring::Stage::KillLateness).unwrap();
         assert_eq!(kl.latency.count, 1);
         assert!(m.render_table().contains("kill_lateness"));
+        // The full histograms agree with the percentiles.
+        let h = exec.histograms();
+        let (_, total) = h.iter().find(|(s, _)| *s == pidring::Stage::Total).unwrap();
+        assert_eq!(total.len(), 3);
     });
 }
 
