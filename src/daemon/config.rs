@@ -87,11 +87,10 @@ impl DaemonConfig {
         })
     }
 
-    /// Parse TOML text.
+    /// Parse TOML text. Values are checked by `validate`, once command-line
+    /// overrides are applied (a file's `max_running = 0` may be overridden).
     pub fn parse(text: &str) -> Result<DaemonConfig, String> {
-        let config: DaemonConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        config.validate()?;
-        Ok(config)
+        toml::from_str(text).map_err(|e| e.to_string())
     }
 
     /// Reject values that cannot work.
@@ -222,9 +221,18 @@ mod tests {
 
     #[test]
     fn rejects_bad_values() {
-        assert!(DaemonConfig::parse("socket_mode = 600").is_err());
-        assert!(DaemonConfig::parse("max_runing = 3").is_err());
-        assert!(DaemonConfig::parse("timeout = \"soon\"").is_err());
-        assert!(DaemonConfig::parse("max_running = 0").is_err());
+        let checked = |text| DaemonConfig::parse(text).and_then(|c| c.validate());
+        assert!(checked("socket_mode = 600").is_err());
+        assert!(checked("max_runing = 3").is_err());
+        assert!(checked("timeout = \"soon\"").is_err());
+        assert!(checked("max_running = 0").is_err());
+    }
+
+    #[test]
+    fn a_bad_file_value_can_be_overridden_before_validation() {
+        let mut c = DaemonConfig::parse("max_running = 0").unwrap();
+        assert!(c.validate().is_err());
+        c.max_running = 8; // --max-running 8
+        assert!(c.validate().is_ok());
     }
 }

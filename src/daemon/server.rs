@@ -600,7 +600,6 @@ fn accept_all(
     conns: &mut Vec<(Arc<Conn>, JoinHandle<()>)>,
     next_conn: &mut u64,
 ) {
-    conns.retain(|(_, h)| !h.is_finished());
     loop {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
