@@ -212,6 +212,8 @@ fn exits_inside_the_grace_window_are_reaped_every_time() {
         for p in pendings {
             let r = p.wait_timeout(Duration::from_secs(60)).expect("result");
             assert!(r.timed_out(), "{:?}", r.outcome);
+            // Reaped by the loop through its pidfd (not by a safety net).
+            assert!(r.exit.is_some() && r.rusage.is_some(), "{r:?}");
             sids.insert(r.pid.unwrap());
         }
         // SIGKILLed group members may take a moment to be scheduled and die.
@@ -731,6 +733,8 @@ fn shutdown_kills_reaps_and_answers_everything() {
         for r in &results {
             assert_eq!(r.outcome, Outcome::Shutdown, "{backend}");
             if let Some(pid) = r.pid {
+                // A started check was reaped by the loop, with its status.
+                assert!(r.exit.is_some() && r.rusage.is_some(), "{r:?}");
                 sids.insert(pid);
             }
         }
@@ -800,9 +804,18 @@ fn every_descriptor_the_executor_opens_is_close_on_exec() {
         let inherited = fds();
         let exec = executor(backend);
         let p = exec.submit(Check::argv(["/bin/sleep", "2"])).unwrap();
-        // The check's pidfd and two pipes appear once the spawner is done.
-        assert!(eventually(Duration::from_secs(10), || fds().len()
-            >= inherited.len() + 6));
+        // Wait for the check's own descriptors (its pidfd and the read ends
+        // of its pipes), not for a count: the executor opens others first.
+        let link = |fd: &i32| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok();
+        assert!(eventually(Duration::from_secs(10), || {
+            let new: Vec<_> = fds().difference(&inherited).filter_map(link).collect();
+            let has = |what: &str| {
+                new.iter()
+                    .filter(|l| l.to_string_lossy().contains(what))
+                    .count()
+            };
+            has("pidfd") >= 1 && has("pipe:") >= 2
+        }));
         let ours: Vec<i32> = fds().difference(&inherited).copied().collect();
         for fd in ours {
             let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
@@ -822,6 +835,125 @@ fn every_descriptor_the_executor_opens_is_close_on_exec() {
         }
         exec.cancel(p.id());
         p.wait();
+    }
+}
+
+#[test]
+fn a_timeout_sweeps_the_group_even_when_leftovers_are_kept_after_normal_exits() {
+    // Invariant 3 on the timeout path alone: the leader exits at once on
+    // SIGTERM, a group member ignores it, and the grace is long. Only the
+    // sweep before the reap can kill the member in time.
+    each_backend(executor, |exec, _| {
+        let r = run(
+            exec,
+            sh("(trap '' TERM; exec sleep 300) & trap 'exit 0' TERM; wait")
+                .kill_group_on_exit(false)
+                .timeout(Duration::from_millis(200))
+                .grace(Duration::from_secs(30)),
+        );
+        assert!(r.timed_out(), "{:?}", r.outcome);
+        let sids = HashSet::from([r.pid.unwrap()]);
+        assert!(
+            eventually(Duration::from_secs(5), || live_in_sessions(&sids)
+                .is_empty()),
+            "a group member outlived the timed-out check: {:?}",
+            live_in_sessions(&sids)
+        );
+    });
+}
+
+#[test]
+fn output_reaches_eof_as_soon_as_the_plugin_exits() {
+    // Invariant 7: the loop's own copies of a child's pipe write ends
+    // (held until the child has its own descriptor table, some in low
+    // slots) must be closed by then, or the output would only end at the
+    // drain bound, cut. And none may be left over once idle.
+    let pipes = || {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("pipe:"))
+            })
+            .count()
+    };
+    each_backend(executor, |exec, _| {
+        let _ = run(exec, Check::argv(["/bin/true"]));
+        assert!(exec.wait_idle(Duration::from_secs(60)));
+        let idle_pipes = pipes();
+        for _ in 0..50 {
+            let r = run(exec, sh("echo ok"));
+            assert!(
+                !r.output_cut,
+                "output waited for the drain bound: {}",
+                r.reason
+            );
+            assert_eq!(r.stdout.text(), "ok\n");
+        }
+        let pending: Vec<_> = (0..50)
+            .map(|_| exec.submit(sh("echo ok")).unwrap())
+            .collect();
+        for p in pending {
+            let r = p.wait();
+            assert!(
+                !r.output_cut,
+                "output waited for the drain bound: {}",
+                r.reason
+            );
+        }
+        assert!(exec.wait_idle(Duration::from_secs(60)));
+        assert!(
+            eventually(Duration::from_secs(10), || pipes() == idle_pipes),
+            "{} pipe fds held by an idle executor, {idle_pipes} before",
+            pipes()
+        );
+    });
+}
+
+#[test]
+fn dropping_an_executor_mid_burst_answers_kills_and_reaps_everything() {
+    // Invariant 9 with children still being created (many before they
+    // exec): once by `shutdown`, once by dropping the executor.
+    let _guard = serial();
+    for backend in BACKENDS {
+        for by_drop in [false, true] {
+            let before = fd_count();
+            let exec = pidring::Executor::builder()
+                .backend(backend)
+                .max_running(100)
+                .build()
+                .unwrap();
+            let (tx, rx) = crossbeam_channel::unbounded();
+            for _ in 0..200 {
+                let tx = tx.clone();
+                exec.submit_with(sh("sleep 300 & sleep 300"), move |r| {
+                    let _ = tx.send(r);
+                })
+                .unwrap();
+            }
+            drop(tx);
+            assert!(eventually(Duration::from_secs(10), || exec.running() > 0));
+            if by_drop {
+                drop(exec);
+            } else {
+                exec.shutdown();
+                drop(exec);
+            }
+            let results: Vec<_> = rx.iter().collect();
+            assert_eq!(results.len(), 200, "every accepted check answered");
+            let mut sids = HashSet::new();
+            for r in &results {
+                assert_eq!(r.outcome, Outcome::Shutdown, "{backend} drop={by_drop}");
+                sids.extend(r.pid);
+            }
+            assert!(
+                eventually(Duration::from_secs(10), || live_in_sessions(&sids)
+                    .is_empty()),
+                "check processes survived: {:?}",
+                live_in_sessions(&sids)
+            );
+            assert_clean(before);
+        }
     }
 }
 
