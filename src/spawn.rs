@@ -16,7 +16,6 @@ use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, Ordering};
 use std::time::Instant;
@@ -32,7 +31,7 @@ pub(crate) struct Child {
     pub stdout: OwnedFd,
     /// Read end of the child's stderr.
     pub stderr: OwnedFd,
-    /// When the child came to exist (stamped when `clone` returned, i.e. once it exec'd).
+    /// When the child came to exist (stamped when `clone` returned; it may not have exec'd yet).
     pub started: Instant,
 }
 
@@ -302,7 +301,8 @@ pub(crate) struct Launch {
 /// The C strings and pointer arrays a child reads until it execs.
 struct LaunchStrings {
     cmd: Prepared,
-    _path: CString,
+    _paths: Vec<CString>,
+    _path_ptrs: Vec<*const libc::c_char>,
     _argv: Vec<*const libc::c_char>,
     _envp: Vec<*const libc::c_char>,
 }
@@ -420,7 +420,8 @@ impl Drop for Launch {
 /// and a child without a pidfd cannot exist.
 pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launch), SpawnFailure> {
     let program = cmd.program();
-    let path = resolve(&cmd).map_err(|e| SpawnFailure::new(&program, "cannot find", e))?;
+    let paths = candidates(&cmd).map_err(|e| SpawnFailure::new(&program, "cannot find", e))?;
+    let path_ptrs = c_array(&paths);
 
     // Both ends non-blocking from the start (no ioctl per end); the child
     // makes its ends blocking again before it execs.
@@ -445,7 +446,7 @@ pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launc
 
     let (argv, envp) = (c_array(&cmd.argv), c_array(&cmd.envp));
     let args = Box::new(ChildArgs {
-        path: path.as_ptr(),
+        paths: path_ptrs.as_ptr(),
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         cwd: cmd.cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
@@ -461,7 +462,8 @@ pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launc
         args,
         strings: LaunchStrings {
             cmd,
-            _path: path,
+            _paths: paths,
+            _path_ptrs: path_ptrs,
             _argv: argv,
             _envp: envp,
         },
@@ -530,46 +532,34 @@ fn io_errno(e: &std::io::Error) -> Errno {
     Errno::from_io_error(e).unwrap_or(Errno::IO)
 }
 
-/// The executable to run: `argv[0]` when it has a `/`, else searched in the check's PATH.
-fn resolve(cmd: &Prepared) -> Result<CString, Errno> {
+/// Where to look for the program: `argv[0]` when it has a `/`, else each
+/// directory of the check's PATH in order. Memory only: the child does the
+/// looking (see `ChildArgs::paths`).
+fn candidates(cmd: &Prepared) -> Result<Vec<CString>, Errno> {
     let name = cmd.argv[0].as_bytes();
     if name.contains(&b'/') {
-        return Ok(cmd.argv[0].clone());
+        return Ok(vec![cmd.argv[0].clone()]);
     }
     let path = cmd
         .path_var
         .as_deref()
         .unwrap_or(b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-    let mut denied = false;
-    for dir in path.split(|&b| b == b':') {
-        let dir = if dir.is_empty() { &b"."[..] } else { dir };
-        let mut full = Vec::with_capacity(dir.len() + name.len() + 1);
-        full.extend_from_slice(dir);
-        full.push(b'/');
-        full.extend_from_slice(name);
-        let full = CString::new(full).map_err(|_| Errno::INVAL)?;
-        match rustix::fs::access(full.as_c_str(), rustix::fs::Access::EXEC_OK) {
-            Ok(()) => {
-                // A directory is "executable" too; only regular files count.
-                if std::fs::metadata(std::ffi::OsStr::from_bytes(full.as_bytes()))
-                    .map(|m| m.is_file())
-                    .unwrap_or(false)
-                {
-                    return Ok(full);
-                }
-            }
-            Err(Errno::ACCESS) => denied = true,
-            Err(_) => {}
-        }
-    }
-    Err(if denied { Errno::ACCESS } else { Errno::NOENT })
+    path.split(|&b| b == b':')
+        .map(|dir| {
+            let dir = if dir.is_empty() { &b"."[..] } else { dir };
+            CString::new([dir, b"/", name].concat()).map_err(|_| Errno::INVAL)
+        })
+        .collect()
 }
 
 /// Everything the child uses between `clone` and `execve`, prepared by the
 /// parent: the child allocates nothing and calls nothing but raw syscalls.
 #[repr(C)]
 struct ChildArgs {
-    path: *const libc::c_char,
+    /// Where to look for the program, in order (NULL-terminated): the
+    /// child tries each, as `execvp` does, so that no PATH lookup touches
+    /// the file system on the loop thread.
+    paths: *const *const libc::c_char,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
     /// NULL: stay in the executor's directory.
@@ -592,7 +582,7 @@ impl ChildArgs {
     /// A placeholder (for `Launch::drop`'s leak path).
     fn empty() -> ChildArgs {
         ChildArgs {
-            path: std::ptr::null(),
+            paths: std::ptr::null(),
             argv: std::ptr::null(),
             envp: std::ptr::null(),
             cwd: std::ptr::null(),
@@ -652,6 +642,7 @@ impl ChildStep {
                     ),
                 };
             }
+            ChildStep::Exec if errno == Errno::NOENT => "cannot find",
             ChildStep::Exec => "cannot execute",
         };
         SpawnFailure::new(&program, what, errno)
@@ -734,8 +725,26 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     rawsys::unblock_all_signals();
     // SAFETY: path, argv and envp as `Launch` keeps them: NUL-terminated
     // strings and NULL-terminated arrays.
-    let r = unsafe { rawsys::execve(args.path, args.argv, args.envp) };
-    child_fail(args, ChildStep::Exec, r)
+    // The first candidate that exists and may be run wins; a later one is
+    // tried after "not there" or "not allowed", and "not allowed" is what is
+    // reported if nothing ran (as `execvp` does).
+    let mut denied = false;
+    let mut next = args.paths;
+    // SAFETY: `paths` is a NULL-terminated array of NUL-terminated strings
+    // that `Launch` keeps alive; argv and envp likewise.
+    unsafe {
+        while !(*next).is_null() {
+            let r = rawsys::execve(*next, args.argv, args.envp);
+            match (-r) as i32 {
+                libc::ENOENT | libc::ENOTDIR => {}
+                libc::EACCES => denied = true,
+                _ => child_fail(args, ChildStep::Exec, r),
+            }
+            next = next.add(1);
+        }
+    }
+    let errno = if denied { libc::EACCES } else { libc::ENOENT };
+    child_fail(args, ChildStep::Exec, -(errno as isize))
 }
 
 /// Report the failed step and its errno (`r` is `-errno`) to the loop and exit 127.

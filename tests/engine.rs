@@ -101,6 +101,57 @@ fn spawn_failures_are_results_with_clear_messages() {
 }
 
 #[test]
+fn a_bare_program_name_is_searched_in_the_checks_path_like_execvp() {
+    // The search happens in the child (no file system access on the loop):
+    // a directory or a non-executable file of that name is passed over, and
+    // "permission denied" is what is left if nothing ran.
+    let dir = tempdir().join("path-search");
+    let (first, second) = (dir.join("a"), dir.join("b"));
+    std::fs::create_dir_all(first.join("pidring-probe")).unwrap(); // a directory
+    std::fs::create_dir_all(&second).unwrap();
+    let script = second.join("pidring-probe");
+    std::fs::write(&script, "#!/bin/sh\necho found-in-b\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let denied = dir.join("c");
+    std::fs::create_dir_all(&denied).unwrap();
+    std::fs::write(denied.join("pidring-probe"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(
+        denied.join("pidring-probe"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let path = |dirs: &[&std::path::Path]| {
+        dirs.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    each_backend(executor, |exec, _| {
+        let r = run(
+            exec,
+            Check::argv(["pidring-probe"]).env("PATH", path(&[&first, &denied, &second])),
+        );
+        assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{}", r.reason);
+        assert_eq!(r.stdout.text(), "found-in-b\n");
+        let r = run(
+            exec,
+            Check::argv(["pidring-probe"]).env("PATH", path(&[&first, &denied])),
+        );
+        assert!(
+            matches!(
+                r.outcome,
+                Outcome::SpawnFailed {
+                    errno: Some(libc::EACCES),
+                    ..
+                }
+            ),
+            "{:?}",
+            r.outcome
+        );
+    });
+}
+
+#[test]
 fn invalid_checks_are_rejected_at_submit() {
     each_backend(executor, |exec, _| {
         let empty: [&str; 0] = [];
