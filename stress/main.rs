@@ -50,7 +50,7 @@ struct Opts {
     #[arg(long, default_value = "spike")]
     profile: String,
     /// Run length (e.g. 20s, 5m); overrides the profile's.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = pidring::units::parse_duration)]
     duration: Option<Duration>,
     /// Number of checks to submit (whichever of duration and count ends first).
     #[arg(long)]
@@ -62,10 +62,10 @@ struct Opts {
     #[arg(long)]
     factor: Option<f64>,
     /// Check timeout (default 1s).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = pidring::units::parse_duration)]
     timeout: Option<Duration>,
     /// SIGTERM → SIGKILL grace (default 500ms).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = pidring::units::parse_duration)]
     grace: Option<Duration>,
     /// Directory for .hgrm files, summary.json and latency.svg.
     #[arg(long)]
@@ -105,7 +105,7 @@ struct Opts {
     #[arg(long, default_value_t = 20_000)]
     queue_limit: usize,
     /// Bound on p99 kill lateness (deadline → first signal); a run above it fails.
-    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    #[arg(long, value_parser = pidring::units::parse_duration, default_value = "100ms")]
     kill_bound: Duration,
     /// Only redraw latency.svg in --out from this summary.json (no run).
     #[arg(long)]
@@ -113,10 +113,6 @@ struct Opts {
     /// Which executor to drive (--compare runs `tokio` after `pidring`).
     #[arg(long, value_enum, default_value = "pidring")]
     executor: ExecutorKind,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    pidring::units::parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {

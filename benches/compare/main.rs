@@ -36,7 +36,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -1089,7 +1089,6 @@ fn run_std(spec: &Spec) -> (Vec<Sample>, Measured) {
     let result = measure(|| {
         let tx = Collector::new(spec.n);
         let slots = Arc::new((Mutex::new(0usize), Condvar::new()));
-        let spawned = AtomicUsize::new(0);
         for _ in 0..spec.n {
             {
                 let (lock, cv) = &*slots;
@@ -1111,9 +1110,7 @@ fn run_std(spec: &Spec) -> (Vec<Sample>, Measured) {
                     cv.notify_one();
                 });
             match t {
-                Ok(_) => {
-                    spawned.fetch_add(1, Ordering::Relaxed);
-                }
+                Ok(_) => {}
                 Err(e) => {
                     tx.push(Sample {
                         error: Some(format!("thread: {e}")),

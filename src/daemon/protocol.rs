@@ -92,39 +92,29 @@ impl<'de> Deserialize<'de> for WireSize {
 
 /// `{"op":"submit", ...}`: run one check. Exactly one of `argv` / `command_line`.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct SubmitRequest {
     /// Client-chosen id; must not be in flight on the same connection.
     pub id: Option<ClientId>,
     /// Program and arguments (no shell).
-    #[serde(default)]
     pub argv: Option<Vec<String>>,
     /// A Nagios-style command line (split like Nagios; shell only for metacharacters).
-    #[serde(default)]
     pub command_line: Option<String>,
     /// Time before SIGTERM (default: the daemon's).
-    #[serde(default)]
     pub timeout: Option<WireDuration>,
     /// Time between SIGTERM and SIGKILL (default: the daemon's).
-    #[serde(default)]
     pub grace: Option<WireDuration>,
     /// Variables to set (added to the daemon's environment unless `env_clear`).
-    #[serde(default)]
     pub env: Option<BTreeMap<String, String>>,
     /// Start from an empty environment.
-    #[serde(default)]
     pub env_clear: bool,
     /// Working directory.
-    #[serde(default)]
     pub cwd: Option<String>,
     /// Bytes kept per output stream (default: the daemon's).
-    #[serde(default)]
     pub output_cap: Option<WireSize>,
     /// State reported on timeout (default UNKNOWN).
-    #[serde(default)]
     pub timeout_state: Option<State>,
     /// Any JSON, echoed back in the result.
-    #[serde(default)]
     pub tags: Option<serde_json::Value>,
 }
 

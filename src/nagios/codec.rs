@@ -5,8 +5,6 @@
 //! (`MSG_DELIM` in Nagios' `lib/worker.h`, its terminating NUL included).
 //! Values never contain NUL, so the delimiter cannot occur inside a message.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 /// The bytes that end every message.
 pub const MSG_DELIM: &[u8; 4] = b"\x01\x00\x00\x00";
 
@@ -188,14 +186,6 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 /// reads them with `strtoul`, so `1.5` would mean 5 µs, not half a second).
 pub fn format_timeval(unix_us: u64) -> String {
     format!("{}.{:06}", unix_us / 1_000_000, unix_us % 1_000_000)
-}
-
-/// Now, in microseconds since the epoch.
-pub fn now_unix_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -463,7 +463,7 @@ impl ConnCtx {
             echo: echo_pairs(msg),
             code,
             message,
-            at_us: codec::now_unix_us(),
+            at_us: crate::lifecycle::unix_us(std::time::SystemTime::now()),
         });
     }
 }
@@ -596,7 +596,7 @@ pub fn response_pairs(echo: &[(String, String)], r: &CheckResult) -> Vec<(String
     let stop_us = if r.timings.exited_unix_us > 0 {
         r.timings.exited_unix_us
     } else {
-        codec::now_unix_us().max(start_us)
+        crate::lifecycle::unix_us(std::time::SystemTime::now()).max(start_us)
     };
     let mut wait_status = r.exit.map(|e| e.wait_status());
     let mut outerr = r.stderr.data.clone();
