@@ -37,6 +37,34 @@ impl Stage {
         Stage::Total,
     ];
 
+    /// Its position in `Stage::ALL`.
+    pub fn index(self) -> usize {
+        Stage::ALL.iter().position(|s| *s == self).unwrap_or(0)
+    }
+
+    /// The stages a result went through, with their durations (a stage it
+    /// never reached, such as the run of a check that never started, is
+    /// left out). One place decides this for the executor's histograms and
+    /// for anyone recording results the same way.
+    pub fn durations(r: &CheckResult) -> impl Iterator<Item = (Stage, Duration)> {
+        let t = &r.timings;
+        let (started, exited) = (r.pid.is_some(), r.exit.is_some());
+        [
+            (Stage::QueueWait, Some(t.queue_wait)),
+            (Stage::Spawn, started.then_some(t.spawn)),
+            (Stage::Run, exited.then_some(t.run)),
+            (Stage::KillLateness, t.kill_lateness),
+            (Stage::ExitToReaped, exited.then_some(t.exit_to_reaped)),
+            (
+                Stage::ExitToDelivered,
+                exited.then_some(t.exit_to_delivered),
+            ),
+            (Stage::Total, Some(t.total)),
+        ]
+        .into_iter()
+        .filter_map(|(stage, d)| Some((stage, d?)))
+    }
+
     /// snake_case name, used in JSON, Prometheus and file names.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -106,8 +134,7 @@ impl Metrics {
     /// Record one stage duration.
     pub fn record(&mut self, stage: Stage, d: Duration) {
         let us = (d.as_micros() as u64).clamp(1, MAX_US);
-        let idx = Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0);
-        let _ = self.stages[idx].record(us);
+        let _ = self.stages[stage.index()].record(us);
     }
 
     /// Account one delivered result.
@@ -130,19 +157,8 @@ impl Metrics {
         if r.output_cut {
             c.output_cut += 1;
         }
-        let t = &r.timings;
-        self.record(Stage::QueueWait, t.queue_wait);
-        self.record(Stage::Total, t.total);
-        if r.pid.is_some() {
-            self.record(Stage::Spawn, t.spawn);
-        }
-        if r.exit.is_some() {
-            self.record(Stage::Run, t.run);
-            self.record(Stage::ExitToReaped, t.exit_to_reaped);
-            self.record(Stage::ExitToDelivered, t.exit_to_delivered);
-        }
-        if let Some(k) = t.kill_lateness {
-            self.record(Stage::KillLateness, k);
+        for (stage, d) in Stage::durations(r) {
+            self.record(stage, d);
         }
     }
 

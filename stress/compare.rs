@@ -11,7 +11,7 @@
 
 use crate::behaviour::Spec;
 use crate::driver::{Driver, Event, Policy};
-use crate::record::{Ending, Record, stage_index};
+use crate::record::{Ending, Record};
 use crossbeam_channel::Sender;
 use pidring::{MetricsSnapshot, Stage};
 use std::os::unix::process::ExitStatusExt;
@@ -117,9 +117,9 @@ async fn read_capped<R: tokio::io::AsyncRead + Unpin>(r: Option<R>) -> (usize, b
 
 async fn run_one(job: &Job, policy: &Policy, naive: bool, start: Instant) -> Record {
     let queue_wait = job.submitted.elapsed();
-    let mut stages_us = [None; 7];
+    let mut stages_us = [None; Stage::ALL.len()];
     let us = |d: Duration| Some(d.as_micros() as u64);
-    stages_us[stage_index(Stage::QueueWait)] = us(queue_wait);
+    stages_us[Stage::QueueWait.index()] = us(queue_wait);
     let spawn_start = Instant::now();
     let mut cmd = tokio::process::Command::new(&job.spec.argv[0]);
     cmd.args(&job.spec.argv[1..])
@@ -131,7 +131,7 @@ async fn run_one(job: &Job, policy: &Policy, naive: bool, start: Instant) -> Rec
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(_) => {
-            stages_us[stage_index(Stage::Total)] = us(job.submitted.elapsed());
+            stages_us[Stage::Total.index()] = us(job.submitted.elapsed());
             return Record {
                 seq: job.spec.seq,
                 ending: Ending::SpawnFailed,
@@ -144,7 +144,7 @@ async fn run_one(job: &Job, policy: &Policy, naive: bool, start: Instant) -> Rec
         }
     };
     let spawned = Instant::now();
-    stages_us[stage_index(Stage::Spawn)] = us(spawned - spawn_start);
+    stages_us[Stage::Spawn.index()] = us(spawned - spawn_start);
     let pid = child.id().map(|p| p as i32);
     let out = tokio::spawn(read_capped(child.stdout.take()));
     let err = tokio::spawn(read_capped(child.stderr.take()));
@@ -155,7 +155,7 @@ async fn run_one(job: &Job, policy: &Policy, naive: bool, start: Instant) -> Rec
         s = child.wait() => s,
         _ = tokio::time::sleep_until(deadline.into()) => {
             timed_out = true;
-            stages_us[stage_index(Stage::KillLateness)] = us(deadline.elapsed());
+            stages_us[Stage::KillLateness.index()] = us(deadline.elapsed());
             if let Some(p) = pid { killpg(p, libc::SIGTERM) }
             if naive {
                 // The seed's escalation: a timer nobody disarms.
@@ -196,9 +196,9 @@ async fn run_one(job: &Job, policy: &Policy, naive: bool, start: Instant) -> Rec
         Ok((o, _)) => truncated = o.map(|(_, t)| t).unwrap_or(false),
         Err(_) => output_cut = true,
     }
-    stages_us[stage_index(Stage::Run)] = us(exited - spawned);
-    stages_us[stage_index(Stage::ExitToDelivered)] = us(exited.elapsed());
-    stages_us[stage_index(Stage::Total)] = us(job.submitted.elapsed());
+    stages_us[Stage::Run.index()] = us(exited - spawned);
+    stages_us[Stage::ExitToDelivered.index()] = us(exited.elapsed());
+    stages_us[Stage::Total.index()] = us(job.submitted.elapsed());
     let ending = match status {
         Ok(s) if timed_out => {
             if escalated || s.signal() == Some(libc::SIGKILL) {

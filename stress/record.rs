@@ -55,18 +55,13 @@ pub struct Record {
     /// The leader's pid, if it was started.
     pub pid: Option<i32>,
     /// Microseconds per stage, in `Stage::ALL` order (None: stage not reached).
-    pub stages_us: [Option<u64>; 7],
+    pub stages_us: [Option<u64>; Stage::ALL.len()],
     /// When the harness received it, µs since the run started.
     pub received_us: u64,
     /// Whether output was cut at the drain bound.
     pub output_cut: bool,
     /// Whether stdout was truncated at the cap.
     pub truncated: bool,
-}
-
-/// Index of a stage in `Stage::ALL`.
-pub fn stage_index(stage: Stage) -> usize {
-    Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0)
 }
 
 impl Record {
@@ -86,21 +81,9 @@ impl Record {
             Outcome::Shutdown => Ending::Shutdown,
             Outcome::SpawnFailed { .. } => Ending::SpawnFailed,
         };
-        let t = &r.timings;
-        let us = |d: std::time::Duration| Some(d.as_micros() as u64);
-        let mut stages_us = [None; 7];
-        stages_us[stage_index(Stage::QueueWait)] = us(t.queue_wait);
-        stages_us[stage_index(Stage::Total)] = us(t.total);
-        if r.pid.is_some() {
-            stages_us[stage_index(Stage::Spawn)] = us(t.spawn);
-        }
-        if r.exit.is_some() {
-            stages_us[stage_index(Stage::Run)] = us(t.run);
-            stages_us[stage_index(Stage::ExitToReaped)] = us(t.exit_to_reaped);
-            stages_us[stage_index(Stage::ExitToDelivered)] = us(t.exit_to_delivered);
-        }
-        if let Some(k) = t.kill_lateness {
-            stages_us[stage_index(Stage::KillLateness)] = us(k);
+        let mut stages_us = [None; Stage::ALL.len()];
+        for (stage, d) in Stage::durations(r) {
+            stages_us[stage.index()] = Some(d.as_micros() as u64);
         }
         Record {
             seq,
@@ -115,6 +98,6 @@ impl Record {
 
     /// The value of one stage.
     pub fn stage(&self, stage: Stage) -> Option<u64> {
-        self.stages_us[stage_index(stage)]
+        self.stages_us[stage.index()]
     }
 }

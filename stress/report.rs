@@ -492,10 +492,10 @@ mod tests {
 
     #[test]
     fn timeline_buckets_by_second() {
-        use crate::record::{Ending, stage_index};
+        use crate::record::Ending;
         let rec = |t_us: u64, total: u64, ending| {
-            let mut stages_us = [None; 7];
-            stages_us[stage_index(Stage::Total)] = Some(total);
+            let mut stages_us = [None; Stage::ALL.len()];
+            stages_us[Stage::Total.index()] = Some(total);
             Record {
                 seq: 0,
                 ending,
