@@ -436,6 +436,20 @@ fn output_floods_are_capped_and_counted() {
         assert_eq!(r.stderr.data.len(), 1000);
         assert!(!r.stderr.truncated);
         assert!(r.stdout.data.capacity() <= 2 * cap, "memory stays bounded");
+
+        // The same bound on stderr, flooded while stdout stays small.
+        let r = run(
+            exec,
+            sh(&format!("head -c {total} /dev/zero >&2; echo done"))
+                .output_cap(cap)
+                .timeout(Duration::from_secs(60)),
+        );
+        assert_eq!(r.state, State::Ok);
+        assert_eq!(r.stdout.text(), "done\n");
+        assert_eq!(r.stderr.data.len(), cap);
+        assert!(r.stderr.truncated);
+        assert_eq!(r.stderr.dropped_bytes, total - cap as u64);
+        assert!(r.stderr.data.capacity() <= 2 * cap, "memory stays bounded");
     });
 }
 
