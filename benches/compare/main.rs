@@ -27,6 +27,8 @@
 //!
 //! Options: `--quick` (small counts; CI), `--workloads abcd`, `--contenders
 //! raw,uring,epoll,tokio,std`, `--no-raise` (leave pid_max / RLIMIT_NOFILE),
+//! `--busy-own-session` (`d`'s spinners `setsid`, as other services on a
+//! server would be, instead of sharing the contender's session and autogroup),
 //! `--quick` asserts nothing about speed, only that every contender completed
 //! its workload correctly and left no child behind; it exits 1 otherwise.
 
@@ -142,6 +144,7 @@ struct Opts {
     workloads: String,
     contenders: Vec<String>,
     raise: bool,
+    busy_own_session: bool,
 }
 
 fn parse_opts(args: &[String]) -> Result<Opts, String> {
@@ -152,12 +155,14 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             .map(String::from)
             .to_vec(),
         raise: true,
+        busy_own_session: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => o.quick = true,
             "--no-raise" => o.raise = false,
+            "--busy-own-session" => o.busy_own_session = true,
             "--workloads" => o.workloads = it.next().ok_or("--workloads needs a value")?.clone(),
             "--contenders" => {
                 o.contenders = it
@@ -170,7 +175,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: cargo bench --bench compare -- [--quick] [--workloads abcd] \
-                     [--contenders raw,uring,epoll,tokio,std] [--no-raise]"
+                     [--contenders raw,uring,epoll,tokio,std] [--no-raise] [--busy-own-session]"
                         .into(),
                 );
             }
@@ -215,6 +220,17 @@ fn harness(args: &[String]) -> i32 {
         println!();
         println!("## ({w}) {title}");
         println!();
+        if w == 'd' {
+            println!(
+                "(the spinners run in {})",
+                if opts.busy_own_session {
+                    "their own sessions: `--busy-own-session`"
+                } else {
+                    "the harness's session, so the contender's autogroup"
+                }
+            );
+            println!();
+        }
         if spec.n == 0 {
             continue;
         }
@@ -224,7 +240,7 @@ fn harness(args: &[String]) -> i32 {
                 continue; // the raw loop is the spawn-rate reference only
             }
             let busy = if w == 'd' {
-                start_busy(&me)
+                start_busy(&me, opts.busy_own_session)
             } else {
                 Vec::new()
             };
@@ -446,11 +462,25 @@ fn workload(w: char, quick: bool, me: &str, l: &Limits) -> Option<(String, Spec)
     })
 }
 
-/// One spinning process per core (children of the harness, not of the contender).
-fn start_busy(me: &str) -> Vec<std::process::Child> {
+/// One spinning process per core (children of the harness, not of the contender);
+/// in the harness's session (so the contender's autogroup) unless `own_session`.
+fn start_busy(me: &str, own_session: bool) -> Vec<std::process::Child> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     (0..cpus)
-        .filter_map(|_| Command::new(me).arg("__busy").spawn().ok())
+        .filter_map(|_| {
+            let mut c = Command::new(me);
+            c.arg("__busy");
+            if own_session {
+                // SAFETY: setsid is async-signal-safe and touches no memory.
+                unsafe {
+                    c.pre_exec(|| {
+                        libc::setsid();
+                        Ok(())
+                    });
+                }
+            }
+            c.spawn().ok()
+        })
         .collect()
 }
 
