@@ -161,18 +161,12 @@ pub fn submit(args: SubmitArgs) -> ExitCode {
         }
         req["env"] = serde_json::Value::Object(env);
     }
-    let mut session = match Session::connect(args.socket) {
-        Ok(s) => s,
-        Err(e) => return fail("submit", &e),
-    };
-    let response = match session.call(req, &ClientId::Num(1.into())) {
-        Ok(r) => r,
-        Err(e) => return fail("submit", &e),
+    let (_, response) = match ask("submit", args.socket, req, ClientId::Num(1.into())) {
+        Ok(answer) => answer,
+        Err(code) => return code,
     };
     if args.json {
-        let mut out = std::io::stdout().lock();
-        let _ = serde_json::to_writer_pretty(&mut out, &response);
-        let _ = writeln!(out);
+        print_json(&response);
     }
     match response {
         Response::Result { result, .. } => {
@@ -190,28 +184,24 @@ pub fn submit(args: SubmitArgs) -> ExitCode {
                 fail("submit", &format!("{}: {message}", code.as_str()))
             }
         }
-        other => fail("submit", &format!("unexpected answer: {other:?}")),
+        other => unexpected("submit", &other),
     }
 }
 
 /// `pidring stats`: percentiles per stage and counters.
 pub fn stats(args: StatsArgs) -> ExitCode {
     super::logging::init("warn", false);
-    let id = ClientId::Str("stats".into());
-    let response = Session::connect(args.socket)
-        .and_then(|mut s| s.call(json!({"op": "stats", "id": "stats"}), &id));
-    let response = match response {
-        Ok(r) => r,
-        Err(e) => return fail("stats", &e),
+    let request = json!({"op": "stats", "id": "stats"});
+    let (_, response) = match ask("stats", args.socket, request, ClientId::Str("stats".into())) {
+        Ok(answer) => answer,
+        Err(code) => return code,
     };
     if args.json {
-        let mut out = std::io::stdout().lock();
-        let _ = serde_json::to_writer_pretty(&mut out, &response);
-        let _ = writeln!(out);
+        print_json(&response);
         return ExitCode::SUCCESS;
     }
     let Response::Stats { engine, daemon, .. } = response else {
-        return fail("stats", &format!("unexpected answer: {response:?}"));
+        return unexpected("stats", &response);
     };
     let mut out = String::new();
     out.push_str(&format!(
@@ -264,13 +254,9 @@ pub fn stats(args: StatsArgs) -> ExitCode {
 pub fn ping(args: PingArgs) -> ExitCode {
     super::logging::init("warn", false);
     let start = Instant::now();
-    let id = ClientId::Str("ping".into());
-    let mut session = match Session::connect(args.socket) {
-        Ok(s) => s,
-        Err(e) => return fail("ping", &e),
-    };
-    match session.call(json!({"op": "ping", "id": "ping"}), &id) {
-        Ok(Response::Pong { version, .. }) => {
+    let request = json!({"op": "ping", "id": "ping"});
+    match ask("ping", args.socket, request, ClientId::Str("ping".into())) {
+        Ok((session, Response::Pong { version, .. })) => {
             println!(
                 "pong from pidring {version} at {} in {:.1}ms",
                 session.path.display(),
@@ -278,11 +264,40 @@ pub fn ping(args: PingArgs) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Ok(other) => fail("ping", &format!("unexpected answer: {other:?}")),
-        Err(e) => fail("ping", &e),
+        Ok((_, other)) => unexpected("ping", &other),
+        Err(code) => code,
     }
 }
 
+/// Connect, send one request and wait for its answer; a failure is
+/// reported (`pidring CMD: …`) and becomes the exit code.
+fn ask(
+    cmd: &str,
+    socket: Option<PathBuf>,
+    request: serde_json::Value,
+    id: ClientId,
+) -> Result<(Session, Response), ExitCode> {
+    let mut session = Session::connect(socket).map_err(|e| fail(cmd, &e))?;
+    let response = session.call(request, &id).map_err(|e| fail(cmd, &e))?;
+    Ok((session, response))
+}
+
+/// Print a whole answer as indented JSON.
+fn print_json(response: &Response) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer_pretty(&mut out, response);
+    let _ = writeln!(out);
+}
+
+/// An answer of the wrong kind: the daemon speaks another version?
+fn unexpected(cmd: &str, response: &Response) -> ExitCode {
+    fail(
+        cmd,
+        &format!("unexpected answer (is the daemon another version of pidring?): {response:?}"),
+    )
+}
+
+/// Report `msg` for `pidring CMD`; the exit code of a check that could not run (UNKNOWN).
 fn fail(cmd: &str, msg: &str) -> ExitCode {
     eprintln!("pidring {cmd}: {msg}");
     ExitCode::from(State::Unknown.code() as u8)
