@@ -222,6 +222,13 @@ impl RequestError {
         }
     }
 
+    /// The same error, naming the request it answers.
+    pub fn about(mut self, id: Option<ClientId>, op: Option<&str>) -> RequestError {
+        self.id = id;
+        self.op = op.map(str::to_string);
+        self
+    }
+
     /// The response line for this error.
     pub fn into_response(self) -> Response {
         Response::Error {
@@ -323,11 +330,8 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
     let id = map
         .get("id")
         .and_then(|v| serde_json::from_value::<ClientId>(v.clone()).ok());
-    let err = |code, message: String, op: Option<&str>| RequestError {
-        code,
-        message,
-        id: id.clone(),
-        op: op.map(str::to_string),
+    let err = |code, message: String, op: Option<&str>| {
+        RequestError::new(code, message).about(id.clone(), op)
     };
     let op = match map.remove("op") {
         Some(serde_json::Value::String(op)) => op,

@@ -901,15 +901,11 @@ fn handle_line(conn: &Arc<Conn>, daemon: &Daemon, raw: &[u8]) -> bool {
                     conn.release_slots(1);
                 }
                 None => conn.send(
-                    RequestError {
-                        code: ErrorCode::NotFound,
-                        message: format!(
-                            "no check with id {} is in flight on this connection",
-                            c.id
-                        ),
-                        id: Some(c.id),
-                        op: Some("cancel".into()),
-                    }
+                    RequestError::new(
+                        ErrorCode::NotFound,
+                        format!("no check with id {} is in flight on this connection", c.id),
+                    )
+                    .about(Some(c.id), Some("cancel"))
                     .into_response(),
                 ),
             }
@@ -926,11 +922,8 @@ fn handle_line(conn: &Arc<Conn>, daemon: &Daemon, raw: &[u8]) -> bool {
 /// Build the check and hand it to the engine.
 fn submit(conn: &Arc<Conn>, daemon: &Daemon, req: SubmitRequest) -> Result<(), RequestError> {
     let id = req.id.clone().unwrap_or(ClientId::Num(0.into()));
-    let err = |code, message: String| RequestError {
-        code,
-        message,
-        id: Some(id.clone()),
-        op: Some("submit".into()),
+    let err = |code, message: String| {
+        RequestError::new(code, message).about(Some(id.clone()), Some("submit"))
     };
     if conn.stats.shutting_down.load(Ordering::SeqCst) {
         return Err(err(

@@ -580,14 +580,57 @@ pub fn job_check(msg: &Message) -> Result<Check, (i32, String)> {
     Ok(check)
 }
 
-/// The answer to a job that ran (or was cancelled): the echoed request,
-/// then `wait_status`, `start`, `stop`, `runtime`, `exited_ok` (plus
-/// `error_code`/`error_msg` when 0), `outstd`, `outerr`. No `ru_*` keys.
+/// What a job's answer says after the echoed request.
+struct Reply {
+    /// `wait_status`, as `waitpid` gives it.
+    wait_status: i32,
+    /// `start`, µs since the epoch.
+    start_us: u64,
+    /// `stop`, µs since the epoch.
+    stop_us: u64,
+    /// `runtime`.
+    runtime: std::time::Duration,
+    /// `exited_ok` is 0 and (`error_code`, `error_msg`) say why; `None`: 1.
+    failure: Option<(i32, String)>,
+    /// `outstd`.
+    outstd: Vec<u8>,
+    /// `outerr`.
+    outerr: Vec<u8>,
+}
+
+impl Reply {
+    /// The echoed request, then `wait_status`, `start`, `stop`, `runtime`,
+    /// `exited_ok` (plus `error_code`/`error_msg` when 0), `outstd`, `outerr`.
+    fn into_pairs(self, echo: &[(String, String)]) -> Vec<(String, Vec<u8>)> {
+        let mut out: Vec<(String, Vec<u8>)> = echo
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+            .collect();
+        let mut push = |k: &str, v: Vec<u8>| out.push((k.to_string(), v));
+        push("wait_status", self.wait_status.to_string().into_bytes());
+        push("start", codec::format_timeval(self.start_us).into_bytes());
+        push("stop", codec::format_timeval(self.stop_us).into_bytes());
+        push(
+            "runtime",
+            format!("{:.6}", self.runtime.as_secs_f64()).into_bytes(),
+        );
+        match self.failure {
+            None => push("exited_ok", b"1".to_vec()),
+            Some((code, msg)) => {
+                push("exited_ok", b"0".to_vec());
+                push("error_code", code.to_string().into_bytes());
+                push("error_msg", msg.into_bytes());
+            }
+        }
+        push("outstd", self.outstd);
+        push("outerr", self.outerr);
+        out
+    }
+}
+
+/// The answer to a job that ran (or was cancelled): see `Reply::into_pairs`.
+/// No `ru_*` keys.
 pub fn response_pairs(echo: &[(String, String)], r: &CheckResult) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<(String, Vec<u8>)> = echo
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
-        .collect();
     let start_us = if r.timings.started_unix_us > 0 {
         r.timings.started_unix_us
     } else {
@@ -600,7 +643,6 @@ pub fn response_pairs(echo: &[(String, String)], r: &CheckResult) -> Vec<(String
     };
     let mut wait_status = r.exit.map(|e| e.wait_status());
     let mut outerr = r.stderr.data.clone();
-    // (exited_ok, error_code, error_msg)
     let failure: Option<(i32, String)> = match &r.outcome {
         Outcome::Exited { .. } | Outcome::Signaled { .. } => None,
         Outcome::TimedOut {
@@ -631,27 +673,16 @@ pub fn response_pairs(echo: &[(String, String)], r: &CheckResult) -> Vec<(String
             )),
         },
     };
-    out.push((
-        "wait_status".into(),
-        wait_status.unwrap_or(0).to_string().into_bytes(),
-    ));
-    out.push(("start".into(), codec::format_timeval(start_us).into_bytes()));
-    out.push(("stop".into(), codec::format_timeval(stop_us).into_bytes()));
-    out.push((
-        "runtime".into(),
-        format!("{:.6}", r.timings.run.as_secs_f64()).into_bytes(),
-    ));
-    match failure {
-        None => out.push(("exited_ok".into(), b"1".to_vec())),
-        Some((code, msg)) => {
-            out.push(("exited_ok".into(), b"0".to_vec()));
-            out.push(("error_code".into(), code.to_string().into_bytes()));
-            out.push(("error_msg".into(), msg.into_bytes()));
-        }
+    Reply {
+        wait_status: wait_status.unwrap_or(0),
+        start_us,
+        stop_us,
+        runtime: r.timings.run,
+        failure,
+        outstd: r.stdout.data.clone(),
+        outerr,
     }
-    out.push(("outstd".into(), r.stdout.data.clone()));
-    out.push(("outerr".into(), outerr));
-    out
+    .into_pairs(echo)
 }
 
 /// The answer to a job that never ran (no command, queue full, ...).
@@ -660,19 +691,17 @@ pub fn refusal_pairs(
     code: i32,
     message: &str,
     at_us: u64,
-) -> Vec<(String, String)> {
-    let mut out = echo.to_vec();
-    let at = codec::format_timeval(at_us);
-    out.push(("wait_status".into(), "0".into()));
-    out.push(("start".into(), at.clone()));
-    out.push(("stop".into(), at));
-    out.push(("runtime".into(), "0.000000".into()));
-    out.push(("exited_ok".into(), "0".into()));
-    out.push(("error_code".into(), code.to_string()));
-    out.push(("error_msg".into(), message.to_string()));
-    out.push(("outstd".into(), String::new()));
-    out.push(("outerr".into(), message.to_string()));
-    out
+) -> Vec<(String, Vec<u8>)> {
+    Reply {
+        wait_status: 0,
+        start_us: at_us,
+        stop_us: at_us,
+        runtime: std::time::Duration::ZERO,
+        failure: Some((code, message.to_string())),
+        outstd: Vec::new(),
+        outerr: message.as_bytes().to_vec(),
+    }
+    .into_pairs(echo)
 }
 
 #[cfg(test)]
