@@ -218,8 +218,9 @@ impl Engine {
                 let scan = self.next_orphan_scan.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(scan, |t| t.min(scan)));
             }
-            if self.launching.len() >= MAX_LAUNCHING && !self.queue.is_empty() {
-                // Admission waits for a child to exec, which wakes nothing.
+            if !self.may_launch() && !self.queue.is_empty() {
+                // Admission waits for a child to exec or to let go of its
+                // slots, which wakes nothing.
                 timeout = Some(timeout.map_or(LAUNCH_POLL, |t| t.min(LAUNCH_POLL)));
             }
             let mut fired = std::mem::take(&mut self.fired);
@@ -385,9 +386,15 @@ impl Engine {
             });
     }
 
+    /// Another child may be created now: few enough are between clone and
+    /// exec, and a low slot pair is free for its pipes.
+    fn may_launch(&self) -> bool {
+        self.launching.len() < MAX_LAUNCHING && self.launcher.has_slots()
+    }
+
     /// Move queued checks into free running slots, oldest first.
     fn admit(&mut self, now: Instant) {
-        while self.checks.len() < self.shared.max_running && self.launching.len() < MAX_LAUNCHING {
+        while self.checks.len() < self.shared.max_running && self.may_launch() {
             let Some(sub) = self.queue.pop_front() else {
                 break;
             };

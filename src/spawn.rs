@@ -216,6 +216,15 @@ impl Launcher {
             })),
         })
     }
+
+    /// A low slot pair is free, or none is left to wait for. A child
+    /// launched without one copies every descriptor below its pipes'
+    /// numbers (three per running check) and closes them again; better to
+    /// wait for a launching child to let go of its pair.
+    pub fn has_slots(&self) -> bool {
+        let pool = self.pool.borrow();
+        !pool.free.is_empty() || pool.slots.iter().all(Option::is_none)
+    }
 }
 
 impl Pool {
