@@ -189,8 +189,9 @@ struct Pool {
 impl Launcher {
     /// Most stacks kept for reuse (more are unmapped).
     const KEEP_STACKS: usize = 64;
-    /// Pairs of low slots (more concurrent launches use their pipes'
-    /// own, higher numbers).
+    /// Pairs of low slots: at most this many children are between `clone`
+    /// and taking their own descriptor table at once (see `has_slots`;
+    /// 8 measured slower: the loop then waits for pairs).
     const SLOT_PAIRS: usize = 32;
 
     /// Set up, taking the lowest free descriptor numbers for the slots: do
