@@ -1,6 +1,7 @@
 //! End to end: a real Nagios 4 core (Debian's `nagios4-core`) hands its
 //! checks to `pidring nagios-worker`; status.dat must show pidring's results,
-//! including a timeout and a CRITICAL, before and after a SIGHUP restart.
+//! including a timeout and a CRITICAL, before and after a SIGHUP restart;
+//! and, with general connections, the core shares its jobs with pidring.
 //!
 //! Skips (loudly) only when /usr/sbin/nagios4 is not installed.
 
@@ -359,6 +360,107 @@ fn nagios_core_runs_its_checks_through_the_daemon() {
     e2e(Mode::Daemon);
 }
 
+/// Without `--plugin`, pidring's general connections join the core's
+/// round-robin next to the core's own worker: every service keeps getting
+/// correct results, some run by pidring and some by the core.
+#[test]
+fn nagios_core_shares_its_jobs_with_pidrings_general_connections() {
+    let Some((mut procs, started)) = start_core("round-robin") else {
+        return;
+    };
+    let dir = procs.dir.clone();
+    let (log, status) = (dir.join("nagios.log"), dir.join("status.dat"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pidring"));
+    cmd.args(["nagios-worker", "--qh-socket"])
+        .arg(dir.join("nagios.qh"))
+        .args(["--connections", "3"]);
+    let pidring_pid = spawn_pidring(&mut procs, cmd);
+    let since = wait_for("pidring's three general connections to register", || {
+        let t: Vec<u64> = (1..=3)
+            .filter_map(|i| {
+                let needle = format!("Registry request: name=pidring {i};");
+                log_times(&log, &needle, started).first().copied()
+            })
+            .collect();
+        match t.iter().max() {
+            Some(last) if t.len() == 3 => Ok(last + 1),
+            _ => Err(format!("registered so far at {t:?}")),
+        }
+    });
+    let (mut by_pidring, mut by_core) = (0, 0);
+    wait_for(
+        "fresh, correct results for every service, run by pidring and by the core",
+        || {
+            let svcs = services(&status);
+            (by_pidring, by_core) = (0, 0);
+            let expected = PROBES + DUMMIES + 2;
+            if svcs.len() != expected {
+                return Err(format!(
+                    "status.dat has {} of {expected} services",
+                    svcs.len()
+                ));
+            }
+            let mut wrong = Vec::new();
+            for (name, s) in &svcs {
+                let last: u64 = s
+                    .get("last_check")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let out = s.get("plugin_output").map(String::as_str).unwrap_or("");
+                let state = s.get("current_state").map(String::as_str).unwrap_or("");
+                // "… via COMM PID …": who started the plugin.
+                let runner = out.split(" via ").nth(1).map(|r| {
+                    let mut w = r.split(' ');
+                    (w.next().unwrap_or(""), w.next().unwrap_or(""))
+                });
+                let ok = last >= since
+                    && match name.as_str() {
+                        "crit" => state == "2" && out.starts_with("CRITICAL via "),
+                        "slow" => out.starts_with("(Service check timed out after"),
+                        n if n.starts_with("probe") => {
+                            state == "0" && out.ends_with(&format!(" for {n}"))
+                        }
+                        _ => out
+                            .rsplit(' ')
+                            .next()
+                            .is_some_and(|p| p.parse::<u32>().is_ok()),
+                    };
+                if !ok {
+                    wrong.push(format!(
+                        "{name}: last_check={last} state={state} output={out:?}"
+                    ));
+                } else if name.starts_with("probe") {
+                    match runner {
+                        Some(("pidring", pid)) if pid == pidring_pid.to_string() => by_pidring += 1,
+                        Some((comm, _)) if comm != "pidring" => by_core += 1,
+                        _ => wrong.push(format!("{name}: run by whom? {out:?}")),
+                    }
+                }
+            }
+            if !wrong.is_empty() {
+                wrong.sort();
+                return Err(format!(
+                    "{} services not fresh and right: {:?}",
+                    wrong.len(),
+                    &wrong[..wrong.len().min(3)]
+                ));
+            }
+            // Three of pidring's connections to the core's one: most jobs.
+            if by_pidring <= by_core || by_core == 0 {
+                return Err(format!(
+                    "probe results so far: {by_pidring} by pidring, {by_core} by the core"
+                ));
+            }
+            Ok(())
+        },
+    );
+    eprintln!(
+        "latest probe results: {by_pidring} run by pidring, {by_core} by the core's own worker"
+    );
+    no_lingering_zombies(pidring_pid);
+    stop_cleanly(procs);
+}
+
 /// How pidring is started against the core.
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Mode {
@@ -368,34 +470,32 @@ enum Mode {
     Daemon,
 }
 
-fn e2e(mode: Mode) {
+/// A core running on the generated config in a fresh directory, and when it
+/// started (unix seconds); `None`, said loudly, if Nagios is not installed.
+fn start_core(name: &str) -> Option<(Procs, u64)> {
     if !Path::new(NAGIOS).exists() {
         eprintln!(
             "\n\n!!!!! SKIPPED: {NAGIOS} is not installed; this end-to-end test needs \
              `apt-get install --no-install-recommends nagios4-core monitoring-plugins-basic` !!!!!\n"
         );
-        return;
+        return None;
     }
     assert!(
         Path::new(CHECK_DUMMY).exists(),
         "{CHECK_DUMMY} is missing: install monitoring-plugins-basic"
     );
-    let dir = std::env::temp_dir().join(format!(
-        "pidring-nagios-e2e-{}-{mode:?}",
-        std::process::id()
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("pidring-nagios-e2e-{}-{name}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     // Kept on failure for a look at nagios.log, status.dat and pidring.log.
     eprintln!("nagios e2e working directory: {}", dir.display());
     write_config(&dir);
-    let (log, status) = (dir.join("nagios.log"), dir.join("status.dat"));
     let mut procs = Procs {
         dir: dir.clone(),
         nagios: None,
         pidring: None,
     };
-
     let verify = Command::new(NAGIOS)
         .arg("-v")
         .arg(dir.join("nagios.cfg"))
@@ -422,6 +522,66 @@ fn e2e(mode: Mode) {
             .then_some(())
             .ok_or_else(|| "not there yet".to_string())
     });
+    Some((procs, started))
+}
+
+/// Start `cmd` (a pidring command) with its log in the test directory; its pid.
+fn spawn_pidring(procs: &mut Procs, mut cmd: Command) -> u32 {
+    let pidring = cmd
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(procs.dir.join("pidring.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = pidring.id();
+    procs.pidring = Some(pidring);
+    pid
+}
+
+/// SIGTERM makes pidring kill, reap and answer what is in flight, and exit
+/// 0; then the core stops and the directory goes.
+fn stop_cleanly(mut procs: Procs) {
+    let dir = procs.dir.clone();
+    let mut pidring = procs.pidring.take().unwrap();
+    let st = Procs::stop(&mut pidring, Duration::from_secs(20));
+    let plog = fs::read_to_string(dir.join("pidring.log")).unwrap_or_default();
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "pidring did not exit cleanly on SIGTERM: {st:?}\n{plog}"
+    );
+    assert!(!plog.contains("panicked"), "{plog}");
+    assert!(plog.contains("stopped"), "{plog}");
+    drop(procs);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// No zombie lingers under pidring: a child may be a zombie for the moment
+/// between its exit and its reap, never across two samples.
+fn no_lingering_zombies(pidring_pid: u32) {
+    let mut previous = zombie_children(pidring_pid);
+    wait_for(
+        "two zombie samples of pidring's children with nothing in common",
+        || {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = zombie_children(pidring_pid);
+            let lingering: Vec<_> = now.intersection(&previous).copied().collect();
+            previous = now;
+            if lingering.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("lingering zombies {lingering:?}"))
+            }
+        },
+    );
+}
+
+fn e2e(mode: Mode) {
+    let Some((mut procs, started)) = start_core(&format!("{mode:?}")) else {
+        return;
+    };
+    let dir = procs.dir.clone();
+    let (log, status) = (dir.join("nagios.log"), dir.join("status.dat"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pidring"));
     match mode {
         Mode::Worker => {
@@ -443,15 +603,7 @@ fn e2e(mode: Mode) {
                 .arg(dir.join("daemon.toml"));
         }
     }
-    let pidring = cmd
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.join("pidring.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let pidring_pid = pidring.id();
-    procs.pidring = Some(pidring);
+    let pidring_pid = spawn_pidring(&mut procs, cmd);
 
     // Phase 1: every service, the timeout and the CRITICAL included, is fresh from pidring.
     let since = wait_for("pidring to register both plugins", || {
@@ -493,23 +645,7 @@ fn e2e(mode: Mode) {
         all_fresh_from_pidring(&status, pidring_pid, since)
     });
 
-    // No zombie lingers under pidring: a child may be a zombie for the
-    // moment between its exit and its reap, never across two samples.
-    let mut previous = zombie_children(pidring_pid);
-    wait_for(
-        "two zombie samples of pidring's children with nothing in common",
-        || {
-            std::thread::sleep(Duration::from_millis(300));
-            let now = zombie_children(pidring_pid);
-            let lingering: Vec<_> = now.intersection(&previous).copied().collect();
-            previous = now;
-            if lingering.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("lingering zombies {lingering:?}"))
-            }
-        },
-    );
+    no_lingering_zombies(pidring_pid);
 
     if mode == Mode::Daemon {
         // The core's jobs count in the daemon's own stats.
@@ -526,16 +662,5 @@ fn e2e(mode: Mode) {
         assert!(completed.is_some_and(|c| c >= 122), "daemon stats: {v}");
     }
 
-    // Clean stop: SIGTERM makes pidring kill, reap and answer what is in flight.
-    let mut pidring = procs.pidring.take().unwrap();
-    let st = Procs::stop(&mut pidring, Duration::from_secs(20));
-    let plog = fs::read_to_string(dir.join("pidring.log")).unwrap_or_default();
-    assert!(
-        st.is_some_and(|s| s.success()),
-        "pidring did not exit cleanly on SIGTERM: {st:?}\n{plog}"
-    );
-    assert!(!plog.contains("panicked"), "{plog}");
-    assert!(plog.contains("stopped"), "{plog}");
-    drop(procs);
-    let _ = fs::remove_dir_all(&dir);
+    stop_cleanly(procs);
 }
