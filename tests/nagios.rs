@@ -303,9 +303,22 @@ fn registered_after(log: &Path, since: u64) -> Result<u64, String> {
     }
 }
 
-/// Every service has a result that started at or after `since` and names pidring.
-fn all_fresh_from_pidring(status: &Path, pidring_pid: u32, since: u64) -> Result<(), String> {
-    let svcs = services(status);
+/// One service's latest result, as status.dat has it.
+struct Latest<'a> {
+    last_check: u64,
+    state: &'a str,
+    output: &'a str,
+}
+
+/// `s[k]`, or "" if status.dat left it out.
+fn field<'a>(s: &'a HashMap<String, String>, k: &str) -> &'a str {
+    s.get(k).map(String::as_str).unwrap_or("")
+}
+
+/// Every service's latest result, or why status.dat does not hold them all yet.
+fn latest_results(
+    svcs: &HashMap<String, HashMap<String, String>>,
+) -> Result<Vec<(&str, Latest<'_>)>, String> {
     let expected = PROBES + DUMMIES + 2;
     if svcs.len() != expected {
         return Err(format!(
@@ -313,18 +326,29 @@ fn all_fresh_from_pidring(status: &Path, pidring_pid: u32, since: u64) -> Result
             svcs.len()
         ));
     }
+    Ok(svcs
+        .iter()
+        .map(|(name, s)| {
+            let latest = Latest {
+                last_check: field(s, "last_check").parse().unwrap_or(0),
+                state: field(s, "current_state"),
+                output: field(s, "plugin_output"),
+            };
+            (name.as_str(), latest)
+        })
+        .collect())
+}
+
+/// Every service has a result that started at or after `since` and names pidring.
+fn all_fresh_from_pidring(status: &Path, pidring_pid: u32, since: u64) -> Result<(), String> {
+    let svcs = services(status);
     let via = format!("via pidring {pidring_pid}");
     let via_dummy = format!("via {pidring_pid}");
     let mut stale = Vec::new();
-    for (name, s) in &svcs {
-        let last: u64 = s
-            .get("last_check")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let out = s.get("plugin_output").map(String::as_str).unwrap_or("");
-        let state = s.get("current_state").map(String::as_str).unwrap_or("");
+    for (name, r) in latest_results(&svcs)? {
+        let (last, state, out) = (r.last_check, r.state, r.output);
         let ok = last >= since
-            && match name.as_str() {
+            && match name {
                 "crit" => state == "2" && out == format!("CRITICAL {via}"),
                 "slow" => out.starts_with("(Service check timed out after"),
                 n if n.starts_with("probe") => state == "0" && out == format!("OK {via} for {n}"),
@@ -393,28 +417,16 @@ fn nagios_core_shares_its_jobs_with_pidrings_general_connections() {
         || {
             let svcs = services(&status);
             (by_pidring, by_core) = (0, 0);
-            let expected = PROBES + DUMMIES + 2;
-            if svcs.len() != expected {
-                return Err(format!(
-                    "status.dat has {} of {expected} services",
-                    svcs.len()
-                ));
-            }
             let mut wrong = Vec::new();
-            for (name, s) in &svcs {
-                let last: u64 = s
-                    .get("last_check")
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                let out = s.get("plugin_output").map(String::as_str).unwrap_or("");
-                let state = s.get("current_state").map(String::as_str).unwrap_or("");
+            for (name, r) in latest_results(&svcs)? {
+                let (last, state, out) = (r.last_check, r.state, r.output);
                 // "… via COMM PID …": who started the plugin.
                 let runner = out.split(" via ").nth(1).map(|r| {
                     let mut w = r.split(' ');
                     (w.next().unwrap_or(""), w.next().unwrap_or(""))
                 });
                 let ok = last >= since
-                    && match name.as_str() {
+                    && match name {
                         "crit" => state == "2" && out.starts_with("CRITICAL via "),
                         "slow" => out.starts_with("(Service check timed out after"),
                         n if n.starts_with("probe") => {
