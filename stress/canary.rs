@@ -62,6 +62,18 @@ pub fn shrink_pid_space(pid_max: u32, allowed: bool) -> PidSpace {
             shrunk: false,
         };
     }
+    if !pid_max_is_per_namespace() {
+        // Before 6.14 there is one pid_max, the host's: writing it here
+        // would shrink the whole machine's PID space.
+        return PidSpace {
+            text: format!(
+                "pid_max left at {} (this kernel keeps one pid_max for the whole machine; \
+                 a per-namespace one needs Linux >= 6.14)",
+                before.trim()
+            ),
+            shrunk: false,
+        };
+    }
     match std::fs::write(path, pid_max.to_string()) {
         Ok(()) => {
             let now = std::fs::read_to_string(path).unwrap_or_default();
@@ -83,6 +95,22 @@ pub fn shrink_pid_space(pid_max: u32, allowed: bool) -> PidSpace {
             shrunk: false,
         },
     }
+}
+
+/// Whether this kernel keeps `pid_max` per PID namespace (Linux >= 6.14,
+/// from `/proc/sys/kernel/osrelease`); if not, writing it changes the host's.
+pub fn pid_max_is_per_namespace() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    release_at_least(&release, (6, 14))
+}
+
+/// Whether a kernel release string ("6.18.44-fc-v509") is at least `version`.
+fn release_at_least(release: &str, version: (u32, u32)) -> bool {
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= version
 }
 
 /// The lowest PID the kernel hands out again after a wrap.
@@ -368,6 +396,16 @@ mod tests {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    #[test]
+    fn pid_max_is_written_only_where_it_is_per_namespace() {
+        assert!(release_at_least("6.18.44-fc-v509\n", (6, 14)));
+        assert!(release_at_least("6.14.0", (6, 14)));
+        assert!(release_at_least("7.0.1", (6, 14)));
+        assert!(!release_at_least("6.13.12-200.fc41.x86_64", (6, 14)));
+        assert!(!release_at_least("5.15.0-91-generic", (6, 14)));
+        assert!(!release_at_least("", (6, 14)));
     }
 
     #[test]
