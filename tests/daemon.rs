@@ -38,7 +38,34 @@ impl Daemon {
         args: &[&str],
         config: Option<&str>,
     ) -> Daemon {
-        let mut cmd = Command::new(BIN);
+        Daemon::spawn_via(Command::new(BIN), dir, socket, backend, args, config)
+    }
+
+    /// Start the daemon as PID 1 of a fresh PID namespace whose `pid_max`
+    /// is `pid_max` (Linux >= 6.14); killed with the namespace on drop.
+    fn start_in_small_pid_space(backend: &str, pid_max: u32, args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("pidring.sock");
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--pid", "--kill-child", "--mount-proc", "--", "sh", "-c"])
+            .arg(format!(
+                "echo {pid_max} > /proc/sys/kernel/pid_max && exec \"$0\" \"$@\""
+            ))
+            .arg(BIN);
+        let mut d = Daemon::spawn_via(cmd, dir, socket, backend, args, None);
+        d.wait_ready();
+        d
+    }
+
+    /// `program [its args] daemon --socket S --backend B [args]`.
+    fn spawn_via(
+        mut cmd: Command,
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        backend: &str,
+        args: &[&str],
+        config: Option<&str>,
+    ) -> Daemon {
         cmd.arg("daemon")
             .arg("--socket")
             .arg(&socket)
@@ -250,6 +277,65 @@ fn dcounter(stats: &Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no daemon counter {name}: {stats}"))
 }
 
+/// Whether this kernel keeps `pid_max` per PID namespace (Linux >= 6.14);
+/// before that, writing it in a namespace changes the host's.
+fn pid_max_is_per_namespace() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut v = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 14)
+}
+
+/// The PID space runs out (clone fails with EAGAIN) while a burst is being
+/// started: those checks get a result that says so, every other check runs,
+/// and the daemon keeps serving.
+fn pid_space_runs_out(backend: &str) {
+    if !pid_max_is_per_namespace() {
+        eprintln!(
+            "\n\n!!!!! SKIPPED: this test needs a per-namespace pid_max (Linux >= 6.14) !!!!!\n"
+        );
+        return;
+    }
+    // PIDs 1..=999 on the first pass: fewer than the burst, which sleeps
+    // long enough to hold its PIDs until every check has been tried.
+    const BURST: usize = 1_200;
+    let d = Daemon::start_in_small_pid_space(
+        backend,
+        1_000,
+        &["--max-running", "2000", "--queue-limit", "2000"],
+    );
+    let mut c = d.client();
+    for i in 0..BURST {
+        c.send(&json!({"op": "submit", "id": i, "argv": ["/bin/sleep", "8"], "timeout": 60}));
+    }
+    let (mut ran, mut refused) = (0, 0);
+    for _ in 0..BURST {
+        let r = c.recv();
+        assert_eq!(r["type"], "result", "{r}");
+        match r["result"]["outcome"]["kind"].as_str() {
+            Some("exited") => {
+                assert_eq!(r["result"]["state"], "OK", "{r}");
+                ran += 1;
+            }
+            Some("spawn_failed") => {
+                assert_eq!(r["result"]["state"], "UNKNOWN", "{r}");
+                assert_eq!(r["result"]["outcome"]["errno"], libc::EAGAIN, "{r}");
+                let msg = r["result"]["outcome"]["message"].as_str().unwrap_or("");
+                assert!(msg.contains("process limit reached"), "{r}");
+                refused += 1;
+            }
+            _ => panic!("unexpected result: {r}"),
+        }
+    }
+    eprintln!("{ran} ran, {refused} refused with EAGAIN");
+    assert!(ran > 0 && refused > 0, "{ran} ran, {refused} refused");
+    // PIDs are free again: the daemon serves as before.
+    c.good_submit("after");
+    let s = d.stats();
+    assert_eq!(counter(&s, "spawn_failed"), refused as u64, "{s:#}");
+}
+
 /// Run each scenario on both backends.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
@@ -272,6 +358,7 @@ on_both_backends!(
     client_commands_and_json_logs,
     half_closed_client_gets_every_answer,
     finished_connections_leave_no_descriptor_behind,
+    pid_space_runs_out,
 );
 
 fn concurrent_clients_pipelining(backend: &str) {
