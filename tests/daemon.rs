@@ -24,41 +24,33 @@ struct Daemon {
 impl Daemon {
     /// Start `pidring daemon --backend B --socket S [args]` with an optional config file.
     fn start(backend: &str, args: &[&str], config: Option<&str>) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("pidring.sock");
-        let mut d = Daemon::spawn_on(dir, socket, backend, args, config);
-        d.wait_ready();
-        d
-    }
-
-    fn spawn_on(
-        dir: tempfile::TempDir,
-        socket: PathBuf,
-        backend: &str,
-        args: &[&str],
-        config: Option<&str>,
-    ) -> Daemon {
-        Daemon::spawn_via(Command::new(BIN), dir, socket, backend, args, config)
+        Daemon::start_via(Command::new(BIN), backend, args, config)
     }
 
     /// Start the daemon as PID 1 of a fresh PID namespace whose `pid_max`
     /// is `pid_max` (Linux >= 6.14); killed with the namespace on drop.
     fn start_in_small_pid_space(backend: &str, pid_max: u32, args: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("pidring.sock");
         let mut cmd = Command::new("unshare");
         cmd.args(["--pid", "--kill-child", "--mount-proc", "--", "sh", "-c"])
             .arg(format!(
                 "echo {pid_max} > /proc/sys/kernel/pid_max && exec \"$0\" \"$@\""
             ))
             .arg(BIN);
-        let mut d = Daemon::spawn_via(cmd, dir, socket, backend, args, None);
+        Daemon::start_via(cmd, backend, args, None)
+    }
+
+    /// Start `cmd daemon …` on a socket in a fresh directory, and wait until it listens.
+    fn start_via(cmd: Command, backend: &str, args: &[&str], config: Option<&str>) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("pidring.sock");
+        let mut d = Daemon::spawn_on(cmd, dir, socket, backend, args, config);
         d.wait_ready();
         d
     }
 
-    /// `program [its args] daemon --socket S --backend B [args]`.
-    fn spawn_via(
+    /// `cmd daemon --socket S --backend B [args]` (`cmd`: the binary, or a
+    /// wrapper and its arguments ending in the binary).
+    fn spawn_on(
         mut cmd: Command,
         dir: tempfile::TempDir,
         socket: PathBuf,
@@ -944,7 +936,14 @@ fn socket_mode_stale_and_live_socket(backend: &str) {
     let _ = first.wait_exit(PATIENCE);
     assert!(first.socket.exists(), "SIGKILL leaves the socket behind");
     let dir = std::mem::replace(&mut first.dir, tempfile::tempdir().unwrap());
-    let mut second = Daemon::spawn_on(dir, first.socket.clone(), backend, &[], None);
+    let mut second = Daemon::spawn_on(
+        Command::new(BIN),
+        dir,
+        first.socket.clone(),
+        backend,
+        &[],
+        None,
+    );
     second.wait_ready();
     second.client().good_submit("second");
 
@@ -1077,7 +1076,7 @@ fn finished_connections_leave_no_descriptor_behind(backend: &str) {
     // first accept, so the count below holds no client connection at all.
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("pidring.sock");
-    let d = Daemon::spawn_on(dir, socket, backend, &[], None);
+    let d = Daemon::spawn_on(Command::new(BIN), dir, socket, backend, &[], None);
     let end = Instant::now() + PATIENCE;
     while !d.log().contains("pidring daemon ready") {
         assert!(Instant::now() < end, "daemon not ready:\n{}", d.log());
