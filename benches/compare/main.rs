@@ -29,6 +29,9 @@
 //! raw,uring,epoll,tokio,std`, `--no-raise` (leave pid_max / RLIMIT_NOFILE),
 //! `--busy-own-session` (`d`'s spinners `setsid`, as other services on a
 //! server would be, instead of sharing the contender's session and autogroup),
+//! `--rounds N` (every workload N times through every contender, in rotated
+//! order, then the median and range of each figure, ratios taken within
+//! each round so the machine's drift between rounds cancels),
 //! `--quick` asserts nothing about speed, only that every contender completed
 //! its workload correctly and left no child behind; it exits 1 otherwise.
 
@@ -145,6 +148,8 @@ struct Opts {
     contenders: Vec<String>,
     raise: bool,
     busy_own_session: bool,
+    /// Times each workload is run through every contender (order rotated).
+    rounds: usize,
 }
 
 fn parse_opts(args: &[String]) -> Result<Opts, String> {
@@ -156,6 +161,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             .to_vec(),
         raise: true,
         busy_own_session: false,
+        rounds: 1,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -163,6 +169,13 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--quick" => o.quick = true,
             "--no-raise" => o.raise = false,
             "--busy-own-session" => o.busy_own_session = true,
+            "--rounds" => {
+                o.rounds = it
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n| n > 0)
+                    .ok_or("--rounds needs a count of at least 1")?
+            }
             "--workloads" => o.workloads = it.next().ok_or("--workloads needs a value")?.clone(),
             "--contenders" => {
                 o.contenders = it
@@ -175,7 +188,8 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: cargo bench --bench compare -- [--quick] [--workloads abcd] \
-                     [--contenders raw,uring,epoll,tokio,std] [--no-raise] [--busy-own-session]"
+                     [--contenders raw,uring,epoll,tokio,std] [--no-raise] [--busy-own-session] \
+                     [--rounds N]"
                         .into(),
                 );
             }
@@ -234,43 +248,61 @@ fn harness(args: &[String]) -> i32 {
         if spec.n == 0 {
             continue;
         }
-        let mut reports = Vec::new();
-        for c in &opts.contenders {
-            if c == "raw" && w != 'a' {
-                continue; // the raw loop is the spawn-rate reference only
-            }
-            let busy = if w == 'd' {
-                start_busy(&me, opts.busy_own_session)
-            } else {
-                Vec::new()
-            };
-            let r = run_contender(&me, c, &spec);
-            stop_busy(busy);
-            let r = match r {
-                Ok(mut r) => {
-                    r.escaped += reap_escaped();
-                    r
+        let mut rounds = Vec::new();
+        for round in 0..opts.rounds {
+            // Rotated each round, so that no contender always runs first.
+            let mut order = opts.contenders.clone();
+            let n = order.len().max(1);
+            order.rotate_left(round % n);
+            let mut reports = Vec::new();
+            for c in &order {
+                if c == "raw" && w != 'a' {
+                    continue; // the raw loop is the spawn-rate reference only
                 }
-                Err(e) => Report {
-                    contender: c.clone(),
-                    errors: vec![e],
-                    ..Report::default()
-                },
-            };
-            let ok = r.correct == spec.n
-                && r.checks == spec.n
-                && r.leftover_children == 0
-                && r.escaped == 0;
-            if !ok {
-                all_ok = false;
-                eprintln!(
-                    "FAIL ({w}) {}: {}/{} correct, {} left unreaped, {} escaped; {:?}",
-                    r.contender, r.correct, spec.n, r.leftover_children, r.escaped, r.errors
-                );
+                let busy = if w == 'd' {
+                    start_busy(&me, opts.busy_own_session)
+                } else {
+                    Vec::new()
+                };
+                let r = run_contender(&me, c, &spec);
+                stop_busy(busy);
+                let r = match r {
+                    Ok(mut r) => {
+                        r.escaped += reap_escaped();
+                        r
+                    }
+                    Err(e) => Report {
+                        contender: c.clone(),
+                        errors: vec![e],
+                        ..Report::default()
+                    },
+                };
+                let ok = r.correct == spec.n
+                    && r.checks == spec.n
+                    && r.leftover_children == 0
+                    && r.escaped == 0;
+                if !ok {
+                    all_ok = false;
+                    eprintln!(
+                        "FAIL ({w}) {}: {}/{} correct, {} left unreaped, {} escaped; {:?}",
+                        r.contender, r.correct, spec.n, r.leftover_children, r.escaped, r.errors
+                    );
+                }
+                reports.push(r);
             }
-            reports.push(r);
+            if opts.rounds > 1 {
+                println!("round {} of {}:", round + 1, opts.rounds);
+                println!();
+            }
+            print_table(w, &spec, &reports);
+            if opts.rounds > 1 {
+                println!();
+            }
+            rounds.push(reports);
         }
-        print_table(w, &spec, &reports);
+        if opts.rounds > 1 {
+            print_summary(w, &opts.contenders, &rounds);
+        }
     }
     restore_limits(&limits);
     if all_ok {
@@ -545,15 +577,113 @@ fn run_contender(me: &str, contender: &str, spec: &Spec) -> Result<Report, Strin
     Ok(r)
 }
 
-fn print_table(w: char, spec: &Spec, reports: &[Report]) {
-    let rate = |r: &Report| {
-        if r.wall_s > 0.0 {
-            r.checks as f64 / r.wall_s
-        } else {
-            0.0
+/// Checks per second over the whole workload.
+fn rate(r: &Report) -> f64 {
+    if r.wall_s > 0.0 {
+        r.checks as f64 / r.wall_s
+    } else {
+        0.0
+    }
+}
+
+/// The contender's own CPU per check, µs.
+fn cpu(r: &Report) -> f64 {
+    (r.cpu_user_us + r.cpu_sys_us) as f64 / r.checks.max(1) as f64
+}
+
+/// After several rounds: per contender, the median and range of each
+/// round's figures, ratios taken within each round (against that round's
+/// raw and tokio), so that the machine's drift between rounds cancels.
+fn print_summary(w: char, contenders: &[String], rounds: &[Vec<Report>]) {
+    let spread = |mut v: Vec<f64>, digits: usize| {
+        if v.is_empty() {
+            return "–".to_string();
         }
+        v.sort_by(f64::total_cmp);
+        let mid = v[v.len() / 2];
+        format!(
+            "{mid:.digits$} ({:.digits$}–{:.digits$})",
+            v[0],
+            v[v.len() - 1]
+        )
     };
-    let cpu = |r: &Report| (r.cpu_user_us + r.cpu_sys_us) as f64 / r.checks.max(1) as f64;
+    let per_round = |c: &str, f: &dyn Fn(&Report, &[Report]) -> Option<f64>| -> Vec<f64> {
+        rounds
+            .iter()
+            .filter_map(|reports| {
+                let r = reports.iter().find(|r| r.contender == c)?;
+                f(r, reports)
+            })
+            .collect()
+    };
+    let base = |reports: &[Report], name: &str, f: fn(&Report) -> f64| {
+        reports
+            .iter()
+            .find(|r| r.contender == name)
+            .map(f)
+            .filter(|x| *x > 0.0)
+    };
+    let p99 = match w {
+        'a' => None,
+        'b' | 'c' => Some("exit→result p99 µs"),
+        _ => Some("kill lateness p99 µs"),
+    };
+    println!(
+        "over {} rounds, median (min–max); ratios within each round:",
+        rounds.len()
+    );
+    println!();
+    println!(
+        "| contender | checks/s | × raw | × tokio | CPU µs/check | CPU × tokio |{}",
+        p99.map_or(String::new(), |t| format!(" {t} |"))
+    );
+    println!(
+        "|---|---|---|---|---|---|{}",
+        if p99.is_some() { "---|" } else { "" }
+    );
+    for c in contenders {
+        if c == "raw" && w != 'a' {
+            continue;
+        }
+        let name = rounds
+            .iter()
+            .flatten()
+            .find(|r| r.contender.ends_with(c.as_str()))
+            .map_or(c.clone(), |r| r.contender.clone());
+        let tail = match w {
+            'a' => String::new(),
+            'b' | 'c' => format!(
+                " {} |",
+                spread(per_round(&name, &|r, _| r.lat_ext.map(|x| x.1)), 0)
+            ),
+            _ => format!(
+                " {} |",
+                spread(per_round(&name, &|r, _| r.kill_late.map(|x| x.1)), 0)
+            ),
+        };
+        println!(
+            "| {name} | {} | {} | {} | {} | {} |{tail}",
+            spread(per_round(&name, &|r, _| Some(rate(r))), 0),
+            spread(
+                per_round(&name, &|r, all| base(all, "raw", rate).map(|b| rate(r) / b)),
+                2
+            ),
+            spread(
+                per_round(&name, &|r, all| base(all, "tokio", rate)
+                    .map(|b| rate(r) / b)),
+                2
+            ),
+            spread(per_round(&name, &|r, _| Some(cpu(r))), 0),
+            spread(
+                per_round(&name, &|r, all| base(all, "tokio", cpu).map(|b| cpu(r) / b)),
+                2
+            ),
+        );
+    }
+    let _ = std::io::stdout().flush();
+}
+
+fn print_table(w: char, spec: &Spec, reports: &[Report]) {
     let find = |name: &str| reports.iter().find(|r| r.contender == name);
     let raw = find("raw").map(rate).filter(|x| *x > 0.0);
     let tokio_rate = find("tokio").map(rate).filter(|x| *x > 0.0);
