@@ -625,8 +625,8 @@ fn print_summary(w: char, contenders: &[String], rounds: &[Vec<Report>]) {
     };
     let p99 = match w {
         'a' => None,
-        'b' | 'c' => Some("exit→result p99 µs"),
-        _ => Some("kill lateness p99 µs"),
+        'b' | 'c' => Some("exit→result p50 µs | exit→result p99 µs"),
+        _ => Some("kill lateness p50 µs | kill lateness p99 µs"),
     };
     println!(
         "over {} rounds, median (min–max); ratios within each round:",
@@ -639,7 +639,7 @@ fn print_summary(w: char, contenders: &[String], rounds: &[Vec<Report>]) {
     );
     println!(
         "|---|---|---|---|---|---|{}",
-        if p99.is_some() { "---|" } else { "" }
+        if p99.is_some() { "---|---|" } else { "" }
     );
     for c in contenders {
         if c == "raw" && w != 'a' {
@@ -650,16 +650,17 @@ fn print_summary(w: char, contenders: &[String], rounds: &[Vec<Report>]) {
             .flatten()
             .find(|r| r.contender.ends_with(c.as_str()))
             .map_or(c.clone(), |r| r.contender.clone());
+        let percentiles = |f: fn(&Report) -> Option<(f64, f64)>| {
+            format!(
+                " {} | {} |",
+                spread(per_round(&name, &|r, _| f(r).map(|x| x.0)), 0),
+                spread(per_round(&name, &|r, _| f(r).map(|x| x.1)), 0)
+            )
+        };
         let tail = match w {
             'a' => String::new(),
-            'b' | 'c' => format!(
-                " {} |",
-                spread(per_round(&name, &|r, _| r.lat_ext.map(|x| x.1)), 0)
-            ),
-            _ => format!(
-                " {} |",
-                spread(per_round(&name, &|r, _| r.kill_late.map(|x| x.1)), 0)
-            ),
+            'b' | 'c' => percentiles(|r| r.lat_ext),
+            _ => percentiles(|r| r.kill_late),
         };
         println!(
             "| {name} | {} | {} | {} | {} | {} |{tail}",
