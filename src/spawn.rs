@@ -201,13 +201,17 @@ impl Launcher {
     /// below the highest fd it needs (`close_range(.., CLOSE_RANGE_UNSHARE)`):
     /// with its fds in low slots that is a few dozen entries, not the three
     /// per running check that lie below a fresh pipe's number.
-    pub fn new() -> std::io::Result<Launcher> {
+    ///
+    /// It also grows the descriptor table at once to what `max_running`
+    /// checks need (see `presize_fd_table`).
+    pub fn new(max_running: usize) -> std::io::Result<Launcher> {
         let devnull = open_devnull()?;
         let dup = || rustix::io::fcntl_dupfd_cloexec(&devnull, 0);
         let mut slots = Vec::with_capacity(Self::SLOT_PAIRS);
         for _ in 0..Self::SLOT_PAIRS {
             slots.push(Some((dup()?, dup()?)));
         }
+        presize_fd_table(&devnull, max_running);
         Ok(Launcher {
             pool: Rc::new(RefCell::new(Pool {
                 stacks: Vec::new(),
@@ -272,6 +276,31 @@ impl Pool {
             tracing::warn!("cannot reset a low descriptor slot; giving it up");
             self.slots[i] = None;
         }
+    }
+}
+
+/// Grow this process's descriptor table now to hold what `max_running`
+/// checks use (three descriptors each) and room for the rest, within the
+/// soft RLIMIT_NOFILE. The kernel grows a table that other threads or
+/// children share only after an RCU grace period (`expand_fdtable` calls
+/// `synchronize_rcu`): milliseconds in which the loop, the thread that
+/// opens every check's pipes and pidfd, would be blocked in `pipe2` or
+/// `clone` — seen as up to ~20 ms stalls, six times while 6,000 checks
+/// started. A table never shrinks, so this is paid once, before any child.
+fn presize_fd_table(any: &OwnedFd, max_running: usize) {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX)
+        .min(i32::MAX as u64);
+    let want = (max_running as u64)
+        .saturating_mul(3)
+        .saturating_add(1024)
+        .min(limit);
+    // Allocating descriptor `want - 1` makes the table hold `want`; it is
+    // closed again at once.
+    match rustix::io::fcntl_dupfd_cloexec(any, want.saturating_sub(1) as RawFd) {
+        Ok(high) => drop(high),
+        Err(e) => tracing::debug!("cannot grow the descriptor table to {want} ahead: {e}"),
     }
 }
 

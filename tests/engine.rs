@@ -1041,3 +1041,34 @@ fn shutdown_from_a_result_callback_does_not_deadlock() {
         drop(exec);
     }
 }
+
+/// Invariant 4: the descriptor table is grown once, when the executor
+/// starts, to what `max_running` checks need. Growing it later, while
+/// threads and children share it, would block the loop in `pipe2` or
+/// `clone` for an RCU grace period (`expand_fdtable` → `synchronize_rcu`).
+#[test]
+fn the_descriptor_table_is_sized_before_the_first_check() {
+    let _guard = serial();
+    let fd_size = || {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("FDSize:")?.trim().parse::<u64>().ok())
+            .expect("FDSize in /proc/self/status")
+    };
+    let max_running = 5_000;
+    let exec = Executor::builder()
+        .max_running(max_running)
+        .build()
+        .expect("executor");
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    let want = (3 * max_running as u64 + 1024).min(lim.rlim_cur);
+    // Sized on the loop thread before it answers its first check.
+    assert_eq!(run(&exec, Check::argv(["/bin/true"])).state, State::Ok);
+    assert!(fd_size() >= want, "FDSize {} < {want}", fd_size());
+}
