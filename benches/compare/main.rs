@@ -21,9 +21,12 @@
 //! - `d`: 1k `sleep 60` checks with a 2 s timeout while every core is kept
 //!   busy by spinning processes — kill lateness (deadline → SIGTERM sent).
 //!
-//! The sleepers of `b`/`c` are this binary (`__sleep MS`): it sleeps, writes its
-//! CLOCK_MONOTONIC time to stdout and `_exit`s, so exit → result is measured
-//! the same way for every contender, from outside the executor.
+//! The sleepers of `b`/`c` are this binary (`__sleep_until T SPREAD_MS`): it
+//! sleeps until CLOCK_MONOTONIC `T` plus an offset in `0..SPREAD_MS` drawn
+//! from its pid, writes its CLOCK_MONOTONIC time to stdout and `_exit`s, so
+//! exit → result is measured the same way for every contender, from outside
+//! the executor, and the exits follow the same schedule whatever the
+//! contender's spawn rate (`T` is set when the contender starts).
 //!
 //! Options: `--quick` (small counts; CI), `--workloads abcd`, `--contenders
 //! raw,uring,epoll,tokio,std`, `--no-raise` (leave pid_max / RLIMIT_NOFILE),
@@ -109,7 +112,10 @@ fn main() {
         .filter(|a| a != "--bench")
         .collect();
     match args.first().map(String::as_str) {
-        Some("__sleep") => sleeper(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(2000)),
+        Some("__sleep_until") => {
+            let num = |i: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(0);
+            sleeper(num(1), num(2))
+        }
         Some("__busy") => loop {
             std::hint::spin_loop();
         },
@@ -129,9 +135,17 @@ fn mono_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The `b`/`c` check: sleep, print the exit stamp, `_exit(0)` at once.
-fn sleeper(ms: u64) -> ! {
-    std::thread::sleep(Duration::from_millis(ms));
+/// The `b`/`c` check: sleep until `until_ns` plus an offset in
+/// `0..spread_ms` picked by a hash of the pid (spreading the exits evenly),
+/// print the exit stamp, `_exit(0)` at once.
+fn sleeper(until_ns: u64, spread_ms: u64) -> ! {
+    let spread_ns = spread_ms * 1_000_000;
+    let hash = (std::process::id() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    let at = until_ns + ((u128::from(hash) * u128::from(spread_ns)) >> 32) as u64;
+    let now = mono_ns();
+    if at > now {
+        std::thread::sleep(Duration::from_nanos(at - now));
+    }
     let line = format!("{}\n", mono_ns());
     // SAFETY: writing our own buffer to fd 1, then exiting without unwinding.
     unsafe {
@@ -403,7 +417,15 @@ fn machine() -> String {
 
 /// The spec of workload `w`.
 fn workload(w: char, quick: bool, me: &str, l: &Limits) -> Option<(String, Spec)> {
-    let sleeper = |ms: u64| vec![me.to_string(), "__sleep".into(), ms.to_string()];
+    // `+MS` becomes "MS from when the contender starts" in `run_contender`.
+    let sleeper = |ms: u64, spread_ms: u64| {
+        vec![
+            me.to_string(),
+            "__sleep_until".into(),
+            format!("+{ms}"),
+            spread_ms.to_string(),
+        ]
+    };
     let q = |full: usize, small: usize| if quick { small } else { full };
     Some(match w {
         'a' => {
@@ -448,13 +470,14 @@ fn workload(w: char, quick: bool, me: &str, l: &Limits) -> Option<(String, Spec)
                 ));
             }
             // Sleep long enough that the last check is spawned before the first
-            // exits (spawning runs at ≈1k/s with thousands of fds open), so all
-            // are in flight at once and the exits then arrive at the spawn
-            // rate on an otherwise idle machine.
+            // exits (allowing 800 spawns/s with thousands of fds open), so all
+            // are in flight at once; then the exits come at 1,000/s in the
+            // same schedule for every contender, whatever its spawn rate.
             let ms = if quick { 300 } else { 2_000 } + (n as u64 * 1000) / 800;
+            let spread_ms = n as u64;
             (
                 format!(
-                    "{n} checks in flight at once{}: each a sleeper that waits {ms} ms (2 s + the time to spawn them all), writes its exit stamp and exits",
+                    "{n} checks in flight at once{}: each a sleeper that exits {ms} ms after the contender starts (a pause plus the time to spawn them all) plus an offset spreading the exits evenly over {spread_ms} ms, the same for every contender, writing its exit stamp first",
                     if n < want {
                         format!(" (wanted {want}; the machine allows {n}: {})", l.why_max())
                     } else {
@@ -465,7 +488,7 @@ fn workload(w: char, quick: bool, me: &str, l: &Limits) -> Option<(String, Spec)
                     workload: w,
                     n,
                     in_flight: n,
-                    argv: sleeper(ms),
+                    argv: sleeper(ms, spread_ms),
                     timeout_ms: 120_000,
                     grace_ms: 5_000,
                     expect: Expect::Exit0Stamp,
@@ -539,7 +562,15 @@ fn reap_escaped() -> usize {
 
 /// Run one contender in its own process and read its report.
 fn run_contender(me: &str, contender: &str, spec: &Spec) -> Result<Report, String> {
-    let spec_json = serde_json::to_string(spec).map_err(|e| e.to_string())?;
+    // A relative sleeper deadline (`+MS`) becomes absolute now.
+    let mut spec = spec.clone();
+    let start = mono_ns();
+    for a in &mut spec.argv {
+        if let Some(ms) = a.strip_prefix('+').and_then(|m| m.parse::<u64>().ok()) {
+            *a = (start + ms * 1_000_000).to_string();
+        }
+    }
+    let spec_json = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
     let mut child = Command::new(me)
         .args(["__contender", contender, &spec_json])
         .stdout(Stdio::piped())
