@@ -500,8 +500,8 @@ fn a_checks_stdout_and_stderr_block_like_any_pipe() {
 
 #[test]
 fn an_idle_executor_holds_no_descriptor_of_a_finished_check() {
-    // Finished checks' descriptors may stand in for the next spawn's reserved
-    // slots within a loop turn; none may outlive it. Counted while the
+    // A child's pipe write ends sit in the loop's low slots until it has its
+    // own descriptor table; none may outlive its check. Counted while the
     // executor is alive and idle, after runs that admit as checks finish.
     each_backend(
         |backend| {
@@ -528,12 +528,7 @@ fn an_idle_executor_holds_no_descriptor_of_a_finished_check() {
             for p in pending {
                 assert_eq!(p.wait().outcome, Outcome::Exited { code: 0 });
             }
-            assert!(exec.wait_idle(Duration::from_secs(60)));
-            assert!(
-                eventually(Duration::from_secs(10), || fd_count() == idle),
-                "an idle executor holds {} fds, {idle} before",
-                fd_count()
-            );
+            assert_settles(exec, "fds", fd_count, idle);
         },
     );
 }
@@ -966,12 +961,7 @@ fn output_reaches_eof_as_soon_as_the_plugin_exits() {
                 r.reason
             );
         }
-        assert!(exec.wait_idle(Duration::from_secs(60)));
-        assert!(
-            eventually(Duration::from_secs(10), || pipes() == idle_pipes),
-            "{} pipe fds held by an idle executor, {idle_pipes} before",
-            pipes()
-        );
+        assert_settles(exec, "pipe fds", pipes, idle_pipes);
     });
 }
 

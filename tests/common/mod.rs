@@ -121,6 +121,17 @@ pub fn each_backend(
     }
 }
 
+/// Once `exec` is idle, `count()` comes back to `idle` (within 10 s): the
+/// executor kept no `what` of a finished check.
+pub fn assert_settles(exec: &Executor, what: &str, count: impl Fn() -> usize, idle: usize) {
+    assert!(exec.wait_idle(Duration::from_secs(60)));
+    assert!(
+        eventually(Duration::from_secs(10), || count() == idle),
+        "an idle executor holds {} {what}, {idle} before",
+        count()
+    );
+}
+
 /// A default executor on `backend`.
 pub fn executor(backend: BackendKind) -> Executor {
     Executor::builder()
