@@ -31,12 +31,12 @@ const WAKER: u64 = u64::MAX - 1;
 /// Size of the one shared read buffer.
 const SCRATCH: usize = 64 * 1024;
 /// Most children created but not yet exec'd at once. Each holds a stack
-/// (a few KiB touched) and two extra descriptors (our copies of its pipes'
-/// write ends) until then: a burst of thousands of submissions must not pile
-/// them up (6k at once ran out of descriptors). On a saturated machine a
-/// child can wait milliseconds for a CPU to exec on, so at a few thousand
-/// spawns/s a few dozen are normally in this state; the limit is only met
-/// in bursts.
+/// (a few KiB touched) until then. Our copies of its pipes' write ends are
+/// held only until it has its own descriptor table, and are bounded by the
+/// low slot pairs (see `Launcher::has_slots`); this bounds the stacks, and
+/// the descriptors too where no slot pair is usable. On a saturated machine
+/// a child can wait milliseconds for a CPU to exec on, so at a few thousand
+/// spawns/s a few dozen are normally in this state.
 const MAX_LAUNCHING: usize = 256;
 /// How soon to look again when admission waits for children to exec (which
 /// wakes nothing).
@@ -112,7 +112,7 @@ pub(crate) fn start(
             };
             // Made at once (while the descriptor table is small), so that its
             // low slots get low numbers.
-            let launcher = match spawn::Launcher::new(shared.max_running) {
+            let launcher = match spawn::Launcher::new() {
                 Ok(l) => l,
                 Err(source) => {
                     let _ = ready_tx.send(Err(ExecutorError::Setup {
@@ -122,6 +122,8 @@ pub(crate) fn start(
                     return;
                 }
             };
+            // Before any child shares the table: see `spawn::presize_fd_table`.
+            spawn::presize_fd_table(shared.waker.fd(), shared.max_running);
             // This thread creates every child: see `spawn::block_all_signals_on_this_thread`.
             if let Err(source) = spawn::block_all_signals_on_this_thread() {
                 let _ = ready_tx.send(Err(ExecutorError::Setup {

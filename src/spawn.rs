@@ -201,17 +201,13 @@ impl Launcher {
     /// below the highest fd it needs (`close_range(.., CLOSE_RANGE_UNSHARE)`):
     /// with its fds in low slots that is a few dozen entries, not the three
     /// per running check that lie below a fresh pipe's number.
-    ///
-    /// It also grows the descriptor table at once to what `max_running`
-    /// checks need (see `presize_fd_table`).
-    pub fn new(max_running: usize) -> std::io::Result<Launcher> {
+    pub fn new() -> std::io::Result<Launcher> {
         let devnull = open_devnull()?;
         let dup = || rustix::io::fcntl_dupfd_cloexec(&devnull, 0);
         let mut slots = Vec::with_capacity(Self::SLOT_PAIRS);
         for _ in 0..Self::SLOT_PAIRS {
             slots.push(Some((dup()?, dup()?)));
         }
-        presize_fd_table(&devnull, max_running);
         Ok(Launcher {
             pool: Rc::new(RefCell::new(Pool {
                 stacks: Vec::new(),
@@ -287,7 +283,7 @@ impl Pool {
 /// opens every check's pipes and pidfd, would be blocked in `pipe2` or
 /// `clone` — seen as up to ~20 ms stalls, six times while 6,000 checks
 /// started. A table never shrinks, so this is paid once, before any child.
-fn presize_fd_table(any: &OwnedFd, max_running: usize) {
+pub(crate) fn presize_fd_table(any: BorrowedFd<'_>, max_running: usize) {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
         .unwrap_or(u64::MAX)
