@@ -87,6 +87,10 @@ struct Report {
     wall_s: f64,
     cpu_user_us: u64,
     cpu_sys_us: u64,
+    /// Voluntary context switches (`ru_nvcsw`) over the workload: how often
+    /// the contender's threads went to sleep waiting for something.
+    #[serde(default)]
+    sleeps: u64,
     rss_base_kb: u64,
     rss_hwm_kb: u64,
     /// exit → result, µs, measured outside the executor (stamps), when available.
@@ -617,6 +621,11 @@ fn rate(r: &Report) -> f64 {
     }
 }
 
+/// The contender's voluntary context switches per check.
+fn sleeps(r: &Report) -> f64 {
+    r.sleeps as f64 / r.checks.max(1) as f64
+}
+
 /// The contender's own CPU per check, µs.
 fn cpu(r: &Report) -> f64 {
     (r.cpu_user_us + r.cpu_sys_us) as f64 / r.checks.max(1) as f64
@@ -654,8 +663,8 @@ fn print_summary(w: char, contenders: &[String], rounds: &[Vec<Report>]) {
             .map(f)
             .filter(|x| *x > 0.0)
     };
-    let p99 = match w {
-        'a' => None,
+    let extra = match w {
+        'a' => Some("sleeps/check"),
         'b' | 'c' => Some("exit→result p50 µs | exit→result p99 µs"),
         _ => Some("kill lateness p50 µs | kill lateness p99 µs"),
     };
@@ -666,11 +675,14 @@ fn print_summary(w: char, contenders: &[String], rounds: &[Vec<Report>]) {
     println!();
     println!(
         "| contender | checks/s | × raw | × tokio | CPU µs/check | CPU × tokio |{}",
-        p99.map_or(String::new(), |t| format!(" {t} |"))
+        extra.map_or(String::new(), |t| format!(" {t} |"))
     );
     println!(
         "|---|---|---|---|---|---|{}",
-        if p99.is_some() { "---|---|" } else { "" }
+        match w {
+            'a' => "---|",
+            _ => "---|---|",
+        }
     );
     for c in contenders {
         if c == "raw" && w != 'a' {
@@ -689,7 +701,10 @@ fn print_summary(w: char, contenders: &[String], rounds: &[Vec<Report>]) {
             )
         };
         let tail = match w {
-            'a' => String::new(),
+            'a' => format!(
+                " {} |",
+                spread(per_round(&name, &|r, _| Some(sleeps(r))), 2)
+            ),
             'b' | 'c' => percentiles(|r| r.lat_ext),
             _ => percentiles(|r| r.kill_late),
         };
@@ -728,12 +743,12 @@ fn print_table(w: char, spec: &Spec, reports: &[Report]) {
     match w {
         'a' => {
             println!(
-                "| contender | ok | checks/s | × raw | × tokio | CPU µs/check | CPU × tokio | peak RSS MiB |"
+                "| contender | ok | checks/s | × raw | × tokio | CPU µs/check | CPU × tokio | sleeps/check | peak RSS MiB |"
             );
-            println!("|---|---|---|---|---|---|---|---|");
+            println!("|---|---|---|---|---|---|---|---|---|");
             for r in reports {
                 println!(
-                    "| {} | {}/{} | {:.0} | {} | {} | {:.0} | {} | {:.1} |",
+                    "| {} | {}/{} | {:.0} | {} | {} | {:.0} | {} | {:.2} | {:.1} |",
                     r.contender,
                     r.correct,
                     spec.n,
@@ -742,6 +757,7 @@ fn print_table(w: char, spec: &Spec, reports: &[Report]) {
                     ratio(rate(r), tokio_rate),
                     cpu(r),
                     ratio(cpu(r), tokio_cpu),
+                    sleeps(r),
                     r.rss_hwm_kb as f64 / 1024.0,
                 );
             }
@@ -809,13 +825,14 @@ struct Sample {
     error: Option<String>,
 }
 
-fn rusage_self() -> (u64, u64) {
+/// This process's user and system CPU, µs, and its voluntary context switches.
+fn rusage_self() -> (u64, u64, u64) {
     // SAFETY: getrusage fills the struct we own.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     let us = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000 + tv.tv_usec as u64;
-    (us(ru.ru_utime), us(ru.ru_stime))
+    (us(ru.ru_utime), us(ru.ru_stime), ru.ru_nvcsw as u64)
 }
 
 fn status_kb(field: &str) -> u64 {
@@ -885,6 +902,7 @@ fn contender_main(name: &str, spec_json: &str) {
         wall_s: measured.wall.as_secs_f64(),
         cpu_user_us: measured.user_us,
         cpu_sys_us: measured.sys_us,
+        sleeps: measured.sleeps,
         rss_base_kb: measured.rss_base_kb,
         rss_hwm_kb: status_kb("VmHWM:"),
         leftover_children: leftover,
@@ -958,23 +976,25 @@ struct Measured {
     wall: Duration,
     user_us: u64,
     sys_us: u64,
+    sleeps: u64,
     rss_base_kb: u64,
 }
 
 /// Measure `f` (which runs the workload) the same way for every contender.
 fn measure(f: impl FnOnce() -> Vec<Sample>) -> (Vec<Sample>, Measured) {
     let rss_base_kb = status_kb("VmRSS:");
-    let (u0, s0) = rusage_self();
+    let (u0, s0, n0) = rusage_self();
     let t0 = Instant::now();
     let samples = f();
     let wall = t0.elapsed();
-    let (u1, s1) = rusage_self();
+    let (u1, s1, n1) = rusage_self();
     (
         samples,
         Measured {
             wall,
             user_us: u1 - u0,
             sys_us: s1 - s0,
+            sleeps: n1 - n0,
             rss_base_kb,
         },
     )
