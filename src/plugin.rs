@@ -10,8 +10,20 @@
 //! not UTF-8 are replaced, CRLF line ends are read as LF, and a perfdata item
 //! that cannot be read is kept verbatim in
 //! [`PluginOutput::perfdata_errors`] while the rest is still parsed.
+//!
+//! The parsed form is bounded: an item takes a few bytes of output and
+//! ~200 bytes parsed (and ~80 as JSON), so a plugin printing `a=1 ` over and
+//! over would turn 64 KiB of output into megabytes per result. At most
+//! [`MAX_PERFDATA`] items and [`MAX_PERFDATA_ERRORS`] unreadable ones are
+//! kept; the rest are counted in [`PluginOutput::perfdata_dropped`] (the raw
+//! output, which holds them all, is kept with the result anyway).
 
 use std::fmt;
+
+/// Most perfdata items [`PluginOutput::parse`] keeps.
+pub const MAX_PERFDATA: usize = 512;
+/// Most unreadable perfdata items [`PluginOutput::parse`] keeps.
+pub const MAX_PERFDATA_ERRORS: usize = 32;
 
 /// A plugin's output, parsed.
 #[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
@@ -24,6 +36,10 @@ pub struct PluginOutput {
     pub perfdata: Vec<PerfData>,
     /// Perfdata items that did not parse, as the plugin printed them.
     pub perfdata_errors: Vec<String>,
+    /// Perfdata items (readable or not) past [`MAX_PERFDATA`] or
+    /// [`MAX_PERFDATA_ERRORS`]: counted, not kept.
+    #[serde(default)]
+    pub perfdata_dropped: usize,
 }
 
 /// One performance data item.
@@ -72,21 +88,33 @@ impl PluginOutput {
             }
         }
 
-        let (perfdata, perfdata_errors) = parse_perfdata(&perf_parts.join("\n"));
+        let parsed = parse_items(&perf_parts.join("\n"), MAX_PERFDATA, MAX_PERFDATA_ERRORS);
+        let (perfdata, perfdata_errors, perfdata_dropped) = parsed;
         PluginOutput {
             text: text.trim_end().to_owned(),
             // Drops the space plugins put before `|` and empty tail lines.
             long_text: long_lines.join("\n").trim_end().to_owned(),
             perfdata,
             perfdata_errors,
+            perfdata_dropped,
         }
     }
 }
 
-/// Parse one perfdata string (space-separated items).
+/// Parse one perfdata string (space-separated items), all of it.
 pub fn parse_perfdata(s: &str) -> (Vec<PerfData>, Vec<String>) {
-    let mut items = Vec::new();
-    let mut errors = Vec::new();
+    let (items, errors, _) = parse_items(s, usize::MAX, usize::MAX);
+    (items, errors)
+}
+
+/// Parse items until `max_items` readable and `max_errors` unreadable ones
+/// are kept; items past either are only counted (third value), not parsed.
+fn parse_items(
+    s: &str,
+    max_items: usize,
+    max_errors: usize,
+) -> (Vec<PerfData>, Vec<String>, usize) {
+    let (mut items, mut errors, mut dropped) = (Vec::new(), Vec::new(), 0);
     let mut rest = s;
     loop {
         rest = rest.trim_start_matches(is_separator);
@@ -94,13 +122,18 @@ pub fn parse_perfdata(s: &str) -> (Vec<PerfData>, Vec<String>) {
             break;
         }
         let (raw, tail) = rest.split_at(item_len(rest));
-        match parse_item(raw) {
-            Some(item) => items.push(item),
-            None => errors.push(raw.to_owned()),
-        }
         rest = tail;
+        if items.len() == max_items && errors.len() == max_errors {
+            dropped += 1;
+            continue;
+        }
+        match parse_item(raw) {
+            Some(item) if items.len() < max_items => items.push(item),
+            None if errors.len() < max_errors => errors.push(raw.to_owned()),
+            _ => dropped += 1,
+        }
     }
-    (items, errors)
+    (items, errors, dropped)
 }
 
 /// Whitespace between items; ASCII only so odd Unicode spaces stay inside
@@ -527,5 +560,31 @@ mod tests {
             .collect::<Vec<_>>()
             .join(" ");
         assert_eq!(parse_perfdata(&line), (items, Vec::new()));
+    }
+
+    #[test]
+    fn a_flood_of_perfdata_is_bounded_and_counted() {
+        // 16,000 readable items, then 1,000 unreadable ones, interleaved
+        // with a few more readable: 64 KiB of output that would be ~3 MB
+        // parsed.
+        let mut raw = b"OK |".to_vec();
+        raw.extend(b"a=1 ".repeat(16_000));
+        raw.extend(b"x ".repeat(1_000));
+        raw.extend(b"b=2 ".repeat(10));
+        let out = PluginOutput::parse(&raw);
+        assert_eq!(out.text, "OK");
+        assert_eq!(out.perfdata.len(), MAX_PERFDATA);
+        assert_eq!(out.perfdata_errors.len(), MAX_PERFDATA_ERRORS);
+        assert_eq!(
+            out.perfdata_dropped,
+            16_000 + 1_000 + 10 - MAX_PERFDATA - MAX_PERFDATA_ERRORS
+        );
+        assert!(out.perfdata.iter().all(|p| p.label == "a"));
+        let json = serde_json::to_string(&out).expect("serializes");
+        assert!(json.len() < 64 * 1024, "JSON of {} bytes", json.len());
+        // Under the bounds nothing is dropped, and the public parser is unbounded.
+        assert_eq!(PluginOutput::parse(b"OK | a=1 x").perfdata_dropped, 0);
+        let (all, _) = parse_perfdata(&"a=1 ".repeat(2 * MAX_PERFDATA));
+        assert_eq!(all.len(), 2 * MAX_PERFDATA);
     }
 }
