@@ -342,6 +342,7 @@ on_both_backends!(
     queue_full_then_recovery,
     client_disconnecting_mid_flight,
     client_that_never_reads,
+    slow_reader_holds_bounded_bytes,
     escaped_grandchild_reaped_as_orphan,
     sigterm_answers_everything_and_leaves_nothing,
     second_signal_stops_now,
@@ -625,16 +626,12 @@ fn client_disconnecting_mid_flight(backend: &str) {
     d.client().good_submit("still-fine");
 }
 
-fn client_that_never_reads(backend: &str) {
-    let d = Daemon::start(
-        backend,
-        &[],
-        Some("max_client_queue = 8\nclient_write_timeout = \"1s\"\n"),
-    );
-    let stuck = UnixStream::connect(&d.socket).unwrap();
-    let mut w = stuck.try_clone().unwrap();
-    // Each result carries ~60 KB of output: the socket buffer fills fast.
-    let writer = std::thread::spawn(move || {
+/// From a thread, submit 200 checks over `conn` that print ~60 KB each (a
+/// socket buffer fills after a few results), never reading an answer;
+/// the thread ends with how many were written before the daemon hung up.
+fn submit_big_outputs(conn: &UnixStream) -> std::thread::JoinHandle<usize> {
+    let mut w = conn.try_clone().unwrap();
+    std::thread::spawn(move || {
         for i in 0..200 {
             let req = json!({"op": "submit", "id": i,
                 "argv": ["/bin/sh", "-c", "head -c 60000 /dev/zero | tr '\\0' a"]});
@@ -645,7 +642,17 @@ fn client_that_never_reads(backend: &str) {
             }
         }
         200
-    });
+    })
+}
+
+fn client_that_never_reads(backend: &str) {
+    let d = Daemon::start(
+        backend,
+        &[],
+        Some("max_client_queue = 8\nclient_write_timeout = \"1s\"\n"),
+    );
+    let stuck = UnixStream::connect(&d.socket).unwrap();
+    let writer = submit_big_outputs(&stuck);
     let s = d.wait_stats("stuck client dropped", |s| {
         dcounter(s, "clients_dropped_stuck") == 1
     });
@@ -666,6 +673,54 @@ fn client_that_never_reads(backend: &str) {
     let _ = writer.join();
     // The daemon is fine for everyone else.
     d.client().good_submit("other");
+}
+
+fn slow_reader_holds_bounded_bytes(backend: &str) {
+    // Slots alone (4096 by default) would let a client that does not read
+    // hold 4096 results of two 64 KiB streams each: 512 MiB.
+    let d = Daemon::start(
+        backend,
+        &[],
+        Some(
+            "max_client_bytes = \"1MiB\"\nmax_output_cap = \"256KiB\"\n\
+             client_write_timeout = \"60s\"\n",
+        ),
+    );
+    // Asking for more than max_output_cap is refused, and says why.
+    let mut c = d.client();
+    c.send(&json!({"op": "submit", "id": "big", "argv": ["/bin/true"], "output_cap": "100GiB"}));
+    let r = c.recv();
+    assert_eq!(r["code"], "bad_request", "{r}");
+    assert!(
+        r["message"].as_str().unwrap().contains("max_output_cap"),
+        "{r}"
+    );
+
+    let slow = UnixStream::connect(&d.socket).unwrap();
+    let writer = submit_big_outputs(&slow);
+    // Everything accepted has run; what is not written stays held.
+    // At least what the budget holds is accepted (7 × 130 KiB in 1 MiB).
+    let s = d.wait_stats("the slow client's checks done", |s| {
+        dcounter(s, "submits_accepted") >= 7
+            && s["engine"]["running"] == 0
+            && s["engine"]["queued"] == 0
+    });
+    // A few more than 7 got in while earlier results went into the
+    // socket's buffer; without the budget all 200 would be.
+    let accepted = dcounter(&s, "submits_accepted");
+    assert!(
+        (7..40).contains(&accepted),
+        "{accepted} accepted from a client that reads nothing: {s:#}"
+    );
+    // The limit is per connection: another client is served meanwhile.
+    d.client().good_submit("other");
+    drop(slow);
+    let _ = writer.join();
+    d.wait_stats("everything accounted", |s| {
+        s["engine"]["running"] == 0
+            && dcounter(s, "results_sent") + dcounter(s, "results_dropped")
+                == dcounter(s, "submits_accepted")
+    });
 }
 
 fn escaped_grandchild_reaped_as_orphan(backend: &str) {

@@ -31,6 +31,9 @@ pub struct DaemonConfig {
     /// Output cap per stream of a submit that gives none.
     #[serde(deserialize_with = "de_size")]
     pub output_cap: usize,
+    /// Largest output cap a submit may ask for (beyond it: `bad_request`).
+    #[serde(deserialize_with = "de_size")]
+    pub max_output_cap: usize,
     /// Event backend.
     pub backend: BackendKind,
     /// Serve Prometheus text exposition on this address (loopback advised).
@@ -44,6 +47,11 @@ pub struct DaemonConfig {
     /// Per connection: checks in flight plus answers not yet written. At the
     /// limit the daemon stops reading that connection's requests.
     pub max_client_queue: usize,
+    /// Per connection: output its checks in flight may still produce (two
+    /// caps each) plus that of results not yet written. At the limit the
+    /// daemon stops reading that connection's requests.
+    #[serde(deserialize_with = "de_size")]
+    pub max_client_bytes: usize,
     /// A client whose socket accepts no bytes for this long is dropped.
     #[serde(deserialize_with = "de_duration")]
     pub client_write_timeout: Duration,
@@ -63,11 +71,13 @@ impl Default for DaemonConfig {
             timeout: crate::check::DEFAULT_TIMEOUT,
             grace: crate::check::DEFAULT_GRACE,
             output_cap: crate::check::DEFAULT_OUTPUT_CAP,
+            max_output_cap: 1024 * 1024,
             backend: BackendKind::Auto,
             metrics: None,
             drain_timeout: Duration::from_secs(10),
             max_line_bytes: 1024 * 1024,
             max_client_queue: 4096,
+            max_client_bytes: 128 * 1024 * 1024,
             client_write_timeout: Duration::from_secs(30),
             nagios: None,
         }
@@ -107,6 +117,20 @@ impl DaemonConfig {
         if self.max_client_queue == 0 {
             return Err("max_client_queue must be at least 1".into());
         }
+        if self.output_cap > self.max_output_cap {
+            return Err(format!(
+                "output_cap ({} bytes) is above max_output_cap ({} bytes)",
+                self.output_cap, self.max_output_cap
+            ));
+        }
+        if self.max_client_bytes < result_bytes(self.max_output_cap) {
+            return Err(format!(
+                "max_client_bytes ({} bytes) cannot hold one check at max_output_cap: it needs at least {} bytes (two streams of {} plus {RESULT_OVERHEAD})",
+                self.max_client_bytes,
+                result_bytes(self.max_output_cap),
+                self.max_output_cap
+            ));
+        }
         if self.client_write_timeout.is_zero() {
             return Err("client_write_timeout must be greater than zero".into());
         }
@@ -120,6 +144,18 @@ impl DaemonConfig {
     pub fn socket_path(&self) -> PathBuf {
         self.socket.clone().unwrap_or_else(default_socket_path)
     }
+}
+
+/// Bytes a result's text takes besides its two output streams (an estimate
+/// for accounting, not a cap).
+pub const RESULT_OVERHEAD: usize = 2048;
+
+/// What a check with output cap `cap` may hold in memory for its client,
+/// counted against `max_client_bytes`: both streams full, plus the rest of
+/// the result. (The parsed plugin output can add up to about one more
+/// stdout; its perfdata is bounded, see `plugin::MAX_PERFDATA`.)
+pub fn result_bytes(cap: usize) -> usize {
+    cap.saturating_mul(2).saturating_add(RESULT_OVERHEAD)
 }
 
 /// The default socket: `/run/pidring/pidring.sock` as root, else
@@ -200,6 +236,8 @@ mod tests {
             drain_timeout = "1m"
             max_line_bytes = "64KiB"
             max_client_queue = 10
+            max_output_cap = "256k"
+            max_client_bytes = "8MiB"
             client_write_timeout = "5s"
             "#,
         )
@@ -211,6 +249,8 @@ mod tests {
         assert_eq!(c.backend, BackendKind::Epoll);
         assert_eq!(c.drain_timeout, Duration::from_secs(60));
         assert_eq!(c.max_line_bytes, 64 * 1024);
+        assert_eq!(c.max_output_cap, 256 * 1024);
+        assert_eq!(c.max_client_bytes, 8 * 1024 * 1024);
         assert_eq!(
             DaemonConfig::parse("socket_mode = \"0640\"")
                 .unwrap()
@@ -226,6 +266,13 @@ mod tests {
         assert!(checked("max_runing = 3").is_err());
         assert!(checked("timeout = \"soon\"").is_err());
         assert!(checked("max_running = 0").is_err());
+        assert!(
+            checked("output_cap = \"2MiB\"").is_err(),
+            "above max_output_cap"
+        );
+        let tight = "max_output_cap = \"1MiB\"\nmax_client_bytes = \"2MiB\"";
+        assert!(checked(tight).is_err(), "cannot hold one check");
+        assert!(DaemonConfig::default().validate().is_ok());
     }
 
     #[test]

@@ -9,8 +9,14 @@
 //! reader takes a slot before it reads the next request — so a client that
 //! does not read its answers stops being read (backpressure), and one whose
 //! socket takes no bytes for `client_write_timeout` is dropped.
+//!
+//! Slots bound the number of results a connection holds, not their size:
+//! each check in flight also holds `result_bytes(output_cap)` of the
+//! connection's `max_client_bytes` until its result is written, taken before
+//! it is submitted (a submit waits for them), so a client that reads slowly
+//! while its checks flood their output holds at most that much.
 
-use super::config::DaemonConfig;
+use super::config::{DaemonConfig, result_bytes};
 use super::protocol::{
     self, ClientId, DaemonCounters, ErrorCode, Request, RequestError, Response, SubmitRequest,
 };
@@ -103,8 +109,9 @@ impl Daemon {
 
 /// A message for a connection's writer.
 enum Outgoing {
-    /// A response line (holds one slot).
-    Line(Response),
+    /// A response line: it holds one slot and these bytes (a result: what
+    /// its check reserved; other lines: none).
+    Line(Response, usize),
     /// Re-check whether the connection is finished (holds no slot).
     Wake,
 }
@@ -116,10 +123,13 @@ struct Conn {
     stream: UnixStream,
     stats: Arc<Stats>,
     tx: Sender<Outgoing>,
-    /// Slots in use: checks in flight plus queued responses plus the request being handled.
-    slots_used: Mutex<usize>,
+    /// What is in use: slots (checks in flight plus queued responses plus
+    /// the request being handled) and bytes (reserved by checks in flight
+    /// and by their queued results).
+    held: Mutex<Held>,
     slot_freed: Condvar,
     slot_limit: usize,
+    byte_limit: usize,
     /// Ids in flight on this connection → the engine's id (None while submitting).
     in_flight: Mutex<HashMap<ClientId, Option<CheckId>>>,
     /// Checks in flight whose result has not been queued yet.
@@ -135,42 +145,68 @@ struct Conn {
     queue_gate: Mutex<()>,
 }
 
+/// A connection's share of its limits in use.
+#[derive(Default)]
+struct Held {
+    slots: usize,
+    bytes: usize,
+}
+
 impl Conn {
     /// Take a slot, waiting while all are used. False if the connection closed.
     fn acquire_slot(&self) -> bool {
-        let mut used = self.slots_used.lock().unwrap_or_else(|p| p.into_inner());
+        self.acquire(|held| (held.slots < self.slot_limit).then(|| held.slots += 1))
+    }
+
+    /// Reserve `bytes` for a check's result, waiting while they do not fit
+    /// (they always fit when nothing else holds any: `validate` makes
+    /// `max_client_bytes` hold one check at `max_output_cap`). False if the
+    /// connection closed.
+    fn acquire_bytes(&self, bytes: usize) -> bool {
+        self.acquire(|held| {
+            (held.bytes == 0 || held.bytes.saturating_add(bytes) <= self.byte_limit)
+                .then(|| held.bytes += bytes)
+        })
+    }
+
+    /// Wait until `take` succeeds or the connection closes.
+    fn acquire(&self, mut take: impl FnMut(&mut Held) -> Option<()>) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if self.closed.load(Ordering::SeqCst) {
                 return false;
             }
-            if *used < self.slot_limit {
-                *used += 1;
+            if take(&mut held).is_some() {
                 return true;
             }
-            used = self
+            held = self
                 .slot_freed
-                .wait_timeout(used, Duration::from_millis(500))
+                .wait_timeout(held, Duration::from_millis(500))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
     }
 
-    fn release_slots(&self, n: usize) {
-        if n == 0 {
+    fn release(&self, slots: usize, bytes: usize) {
+        if slots == 0 && bytes == 0 {
             return;
         }
-        let mut used = self.slots_used.lock().unwrap_or_else(|p| p.into_inner());
-        *used = used.saturating_sub(n);
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.slots = held.slots.saturating_sub(slots);
+        held.bytes = held.bytes.saturating_sub(bytes);
         self.slot_freed.notify_all();
     }
 
     /// Queue a response that holds a slot; on a closed connection it is dropped.
     fn send(&self, response: Response) {
-        if let Response::Error { code, .. } = &response {
-            self.stats.count_error(*code);
-        }
-        if !self.queue(Outgoing::Line(response)) {
-            self.release_slots(1);
+        let code = match &response {
+            Response::Error { code, .. } => Some(*code),
+            _ => None,
+        };
+        if !self.queue(Outgoing::Line(response, 0)) {
+            self.release(1, 0);
+        } else if let Some(code) = code {
+            self.stats.count_error(code);
         }
     }
 
@@ -196,20 +232,30 @@ impl Conn {
     }
 
     /// The engine's result callback. Runs on the loop thread: never blocks
-    /// (the queue has room, reserved by the slot this check holds).
-    fn deliver(&self, id: ClientId, tags: Option<serde_json::Value>, result: crate::CheckResult) {
+    /// (the queue has room, reserved by the slot this check holds). The
+    /// result goes on holding the check's `reserved` bytes until written.
+    fn deliver(
+        &self,
+        id: ClientId,
+        tags: Option<serde_json::Value>,
+        result: crate::CheckResult,
+        reserved: usize,
+    ) {
         self.in_flight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
-        let line = Outgoing::Line(Response::Result {
-            id,
-            tags,
-            result: Box::new(result),
-        });
+        let line = Outgoing::Line(
+            Response::Result {
+                id,
+                tags,
+                result: Box::new(result),
+            },
+            reserved,
+        );
         if !self.queue(line) {
             self.stats.results_dropped.fetch_add(1, Ordering::Relaxed);
-            self.release_slots(1);
+            self.release(1, reserved);
         }
         // After the send, so a writer that sees zero in flight also sees the line.
         // The writer may already have taken that line and gone back to sleep
@@ -250,16 +296,17 @@ impl Conn {
             self.closed.store(true, Ordering::SeqCst);
         }
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        let mut released = 0;
+        let (mut slots, mut bytes) = (0, 0);
         while let Ok(m) = rx.try_recv() {
-            if let Outgoing::Line(r) = m {
+            if let Outgoing::Line(r, held) = m {
                 if matches!(r, Response::Result { .. }) {
                     self.stats.results_dropped.fetch_add(1, Ordering::Relaxed);
                 }
-                released += 1;
+                slots += 1;
+                bytes += held;
             }
         }
-        self.release_slots(released);
+        self.release(slots, bytes);
         self.slot_freed.notify_all();
     }
 }
@@ -637,9 +684,10 @@ fn start_conn(
         stream,
         stats: daemon.stats.clone(),
         tx,
-        slots_used: Mutex::new(0),
+        held: Mutex::new(Held::default()),
         slot_freed: Condvar::new(),
         slot_limit: limit,
+        byte_limit: daemon.config.max_client_bytes,
         in_flight: Mutex::new(HashMap::new()),
         in_flight_count: AtomicUsize::new(0),
         reader_done: AtomicBool::new(false),
@@ -696,12 +744,13 @@ fn writer_loop(conn: &Conn, daemon: &Daemon, rx: Receiver<Outgoing>) {
         }
         let Ok(first) = rx.recv() else { break };
         buf.clear();
-        let (mut lines, mut results) = (0usize, 0u64);
+        let (mut lines, mut bytes, mut results) = (0usize, 0usize, 0u64);
         let mut next = Some(first);
         while let Some(m) = next {
-            if let Outgoing::Line(r) = m {
+            if let Outgoing::Line(r, held) = m {
                 protocol::write_response(&mut buf, &r);
                 lines += 1;
+                bytes += held;
                 if matches!(r, Response::Result { .. }) {
                     results += 1;
                 }
@@ -720,13 +769,13 @@ fn writer_loop(conn: &Conn, daemon: &Daemon, rx: Receiver<Outgoing>) {
                 conn.stats
                     .results_sent
                     .fetch_add(results, Ordering::Relaxed);
-                conn.release_slots(lines);
+                conn.release(lines, bytes);
             }
             Err(e) => {
                 conn.stats
                     .results_dropped
                     .fetch_add(results, Ordering::Relaxed);
-                conn.release_slots(lines);
+                conn.release(lines, bytes);
                 let stuck = matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut);
                 let cancelled = conn.cancel_in_flight(&daemon.exec);
                 if stuck {
@@ -898,7 +947,7 @@ fn handle_line(conn: &Arc<Conn>, daemon: &Daemon, raw: &[u8]) -> bool {
                     // The check's own result (outcome "cancelled", or how it
                     // ended if it finished first) is the answer.
                     daemon.exec.cancel(eid);
-                    conn.release_slots(1);
+                    conn.release(1, 0);
                 }
                 None => conn.send(
                     RequestError::new(
@@ -933,9 +982,18 @@ fn submit(conn: &Arc<Conn>, daemon: &Daemon, req: SubmitRequest) -> Result<(), R
     }
     let check =
         build_check(&daemon.config, &req, &id).map_err(|m| err(ErrorCode::BadRequest, m))?;
+    // Held until the result is written (or dropped); taken before the id is
+    // in flight, so a submit waiting here cannot be cancelled half-made.
+    let reserved = result_bytes(check.output_cap);
+    if !conn.acquire_bytes(reserved) {
+        // The connection closed while waiting: this error goes nowhere.
+        return Err(err(ErrorCode::ShuttingDown, "connection closed".into()));
+    }
     {
         let mut map = conn.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         if map.contains_key(&id) {
+            drop(map);
+            conn.release(0, reserved);
             return Err(err(
                 ErrorCode::DuplicateId,
                 format!("a check with id {id} is still in flight on this connection"),
@@ -951,7 +1009,7 @@ fn submit(conn: &Arc<Conn>, daemon: &Daemon, req: SubmitRequest) -> Result<(), R
     let tags = req.tags;
     match daemon
         .exec
-        .submit_with(check, move |r| cb_conn.deliver(cb_id, tags, r))
+        .submit_with(check, move |r| cb_conn.deliver(cb_id, tags, r, reserved))
     {
         Ok(engine_id) => {
             // The result may already have been delivered (and the id removed).
@@ -972,6 +1030,7 @@ fn submit(conn: &Arc<Conn>, daemon: &Daemon, req: SubmitRequest) -> Result<(), R
                 .remove(&id);
             conn.in_flight_count.fetch_sub(1, Ordering::SeqCst);
             conn.stats.submits_accepted.fetch_sub(1, Ordering::Relaxed);
+            conn.release(0, reserved);
             Err(match e {
                 SubmitError::QueueFull { .. } => err(ErrorCode::QueueFull, e.to_string()),
                 SubmitError::ShuttingDown => err(
@@ -997,10 +1056,17 @@ fn build_check(config: &DaemonConfig, req: &SubmitRequest, id: &ClientId) -> Res
             );
         }
     };
+    let output_cap = req.output_cap.map_or(config.output_cap, |s| s.0);
+    if output_cap > config.max_output_cap {
+        return Err(format!(
+            "output_cap of {output_cap} bytes is above this daemon's max_output_cap ({} bytes): ask for less, or raise max_output_cap in the daemon's config",
+            config.max_output_cap
+        ));
+    }
     let mut check = check
         .timeout(req.timeout.map_or(config.timeout, |d| d.0))
         .grace(req.grace.map_or(config.grace, |d| d.0))
-        .output_cap(req.output_cap.map_or(config.output_cap, |s| s.0))
+        .output_cap(output_cap)
         .tag(id.as_text());
     if req.env_clear {
         check = check.env_clear();
