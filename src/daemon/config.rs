@@ -47,9 +47,9 @@ pub struct DaemonConfig {
     /// Per connection: checks in flight plus answers not yet written. At the
     /// limit the daemon stops reading that connection's requests.
     pub max_client_queue: usize,
-    /// Per connection: output its checks in flight may still produce (two
-    /// caps each) plus that of results not yet written. At the limit the
-    /// daemon stops reading that connection's requests.
+    /// Per connection: what its checks in flight and its unwritten results
+    /// may hold (see `check_bytes`). At the limit the daemon stops reading
+    /// that connection's requests.
     #[serde(deserialize_with = "de_size")]
     pub max_client_bytes: usize,
     /// A client whose socket accepts no bytes for this long is dropped.
@@ -123,12 +123,11 @@ impl DaemonConfig {
                 self.output_cap, self.max_output_cap
             ));
         }
-        if self.max_client_bytes < result_bytes(self.max_output_cap) {
+        let largest = check_bytes(self.max_line_bytes, self.max_output_cap);
+        if self.max_client_bytes < largest {
             return Err(format!(
-                "max_client_bytes ({} bytes) cannot hold one check at max_output_cap: it needs at least {} bytes (two streams of {} plus {RESULT_OVERHEAD})",
-                self.max_client_bytes,
-                result_bytes(self.max_output_cap),
-                self.max_output_cap
+                "max_client_bytes ({} bytes) cannot hold the largest check: one with a request of max_line_bytes ({}) and output at max_output_cap ({}) needs {largest} bytes",
+                self.max_client_bytes, self.max_line_bytes, self.max_output_cap
             ));
         }
         if self.client_write_timeout.is_zero() {
@@ -146,16 +145,22 @@ impl DaemonConfig {
     }
 }
 
-/// Bytes a result's text takes besides its two output streams (an estimate
-/// for accounting, not a cap).
+/// Bytes a result takes besides its two output streams (an estimate for
+/// accounting, not a cap).
 pub const RESULT_OVERHEAD: usize = 2048;
 
-/// What a check with output cap `cap` may hold in memory for its client,
-/// counted against `max_client_bytes`: both streams full, plus the rest of
-/// the result. (The parsed plugin output can add up to about one more
-/// stdout; its perfdata is bounded, see `plugin::MAX_PERFDATA`.)
-pub fn result_bytes(cap: usize) -> usize {
-    cap.saturating_mul(2).saturating_add(RESULT_OVERHEAD)
+/// What a check submitted in a request line of `line_len` bytes, with
+/// output cap `cap`, may hold in memory for its client until its answer is
+/// written, counted against `max_client_bytes`: the check itself (its
+/// strings, and their C copies for exec: twice the line at most), both
+/// streams full, and the rest of the result. (The parsed plugin output can
+/// add up to about one more stdout; its perfdata is bounded, see
+/// `plugin::MAX_PERFDATA`.)
+pub fn check_bytes(line_len: usize, cap: usize) -> usize {
+    line_len
+        .saturating_mul(2)
+        .saturating_add(cap.saturating_mul(2))
+        .saturating_add(RESULT_OVERHEAD)
 }
 
 /// The default socket: `/run/pidring/pidring.sock` as root, else
@@ -272,7 +277,15 @@ mod tests {
         );
         let tight = "max_output_cap = \"1MiB\"\nmax_client_bytes = \"2MiB\"";
         assert!(checked(tight).is_err(), "cannot hold one check");
+        let roomy = "max_output_cap = \"1MiB\"\nmax_client_bytes = \"5MiB\"";
+        assert!(checked(roomy).is_ok());
         assert!(DaemonConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn a_check_holds_its_request_twice_and_both_streams() {
+        assert_eq!(check_bytes(1000, 65536), 2000 + 131072 + RESULT_OVERHEAD);
+        assert_eq!(check_bytes(usize::MAX, 1), usize::MAX);
     }
 
     #[test]

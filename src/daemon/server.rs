@@ -16,7 +16,7 @@
 //! it is submitted (a submit waits for them), so a client that reads slowly
 //! while its checks flood their output holds at most that much.
 
-use super::config::{DaemonConfig, result_bytes};
+use super::config::{DaemonConfig, check_bytes};
 use super::protocol::{
     self, ClientId, DaemonCounters, ErrorCode, Request, RequestError, Response, SubmitRequest,
 };
@@ -929,7 +929,7 @@ fn handle_line(conn: &Arc<Conn>, daemon: &Daemon, raw: &[u8]) -> bool {
     };
     match request {
         Request::Submit(s) => {
-            if let Err(e) = submit(conn, daemon, *s) {
+            if let Err(e) = submit(conn, daemon, *s, raw.len()) {
                 conn.send(e.into_response());
             }
             // Accepted: the slot now belongs to the check (and then its result).
@@ -968,8 +968,13 @@ fn handle_line(conn: &Arc<Conn>, daemon: &Daemon, raw: &[u8]) -> bool {
     true
 }
 
-/// Build the check and hand it to the engine.
-fn submit(conn: &Arc<Conn>, daemon: &Daemon, req: SubmitRequest) -> Result<(), RequestError> {
+/// Build the check from a request line of `line_len` bytes and hand it to the engine.
+fn submit(
+    conn: &Arc<Conn>,
+    daemon: &Daemon,
+    req: SubmitRequest,
+    line_len: usize,
+) -> Result<(), RequestError> {
     let id = req.id.clone().unwrap_or(ClientId::Num(0.into()));
     let err = |code, message: String| {
         RequestError::new(code, message).about(Some(id.clone()), Some("submit"))
@@ -984,7 +989,7 @@ fn submit(conn: &Arc<Conn>, daemon: &Daemon, req: SubmitRequest) -> Result<(), R
         build_check(&daemon.config, &req, &id).map_err(|m| err(ErrorCode::BadRequest, m))?;
     // Held until the result is written (or dropped); taken before the id is
     // in flight, so a submit waiting here cannot be cancelled half-made.
-    let reserved = result_bytes(check.output_cap);
+    let reserved = check_bytes(line_len, check.output_cap);
     if !conn.acquire_bytes(reserved) {
         // The connection closed while waiting: this error goes nowhere.
         return Err(err(ErrorCode::ShuttingDown, "connection closed".into()));
