@@ -140,11 +140,25 @@ impl ExecutorBuilder {
     }
 }
 
+/// The soft RLIMIT_NOFILE this process had before the first executor raised
+/// it (`None`: infinite): what checks get back, see [`original_nofile_soft`].
+static ORIGINAL_NOFILE_SOFT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+
+/// The soft RLIMIT_NOFILE checks should run with: the one this process was
+/// started with, not the executor's raised one (a plugin using `select()`
+/// breaks on descriptors past 1024, and close-every-fd loops crawl through
+/// a million). `None` until an executor raised it.
+pub(crate) fn original_nofile_soft() -> Option<Option<u64>> {
+    ORIGINAL_NOFILE_SOFT.get().copied()
+}
+
 /// Raise RLIMIT_NOFILE: to 1Mi (bounded by fs.nr_open) where allowed (root),
 /// else the soft limit to the hard one. Failure only costs headroom.
 fn raise_nofile_limit() {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let lim = getrlimit(Resource::Nofile);
+    // A second executor sees the first one's raise: keep the first view.
+    let _ = ORIGINAL_NOFILE_SOFT.set(lim.current);
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())

@@ -104,6 +104,41 @@ pub(crate) fn unblock_all_signals() -> isize {
     }
 }
 
+/// `prctl(PR_SET_PDEATHSIG, sig)`: `sig` when the creating thread exits.
+pub(crate) fn set_parent_death_signal(sig: i32) -> isize {
+    // SAFETY: plain integers.
+    unsafe {
+        syscall4(
+            libc::SYS_prctl,
+            libc::PR_SET_PDEATHSIG as usize,
+            sig as usize,
+            0,
+            0,
+        )
+    }
+}
+
+/// `getppid()`.
+pub(crate) fn getppid() -> isize {
+    // SAFETY: no arguments.
+    unsafe { syscall4(libc::SYS_getppid, 0, 0, 0, 0) }
+}
+
+/// `prlimit64(0, resource, new, NULL)`: set one of this process's limits
+/// (`new` is the soft and the hard limit; `u64::MAX` is infinity).
+pub(crate) fn set_rlimit(resource: u32, new: &[u64; 2]) -> isize {
+    // SAFETY: a pointer to a live `struct rlimit64` (two u64s), and no old one.
+    unsafe {
+        syscall4(
+            libc::SYS_prlimit64,
+            0,
+            resource as usize,
+            new.as_ptr() as usize,
+            0,
+        )
+    }
+}
+
 /// `setsid()`.
 pub(crate) fn setsid() -> isize {
     // SAFETY: no arguments.

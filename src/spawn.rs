@@ -184,6 +184,11 @@ struct Pool {
     slots: Vec<Option<(OwnedFd, OwnedFd)>>,
     /// Free pairs, lowest first.
     free: BinaryHeap<Reverse<usize>>,
+    /// This process: a child whose parent is no longer it must not go on.
+    parent: libc::pid_t,
+    /// The RLIMIT_NOFILE (soft, hard) checks get instead of the executor's
+    /// raised one (see `executor::original_nofile_soft`); `None`: as is.
+    nofile: Option<[u64; 2]>,
 }
 
 impl Launcher {
@@ -214,6 +219,8 @@ impl Launcher {
                 devnull,
                 free: (0..slots.len()).map(Reverse).collect(),
                 slots,
+                parent: rustix::process::getpid().as_raw_nonzero().get(),
+                nofile: nofile_for_checks(),
             })),
         })
     }
@@ -226,6 +233,15 @@ impl Launcher {
         let pool = self.pool.borrow();
         !pool.free.is_empty() || pool.slots.iter().all(Option::is_none)
     }
+}
+
+/// The RLIMIT_NOFILE (soft, hard; `u64::MAX` is infinity) a check should
+/// get, if the executor raised the soft limit above the one it started with.
+fn nofile_for_checks() -> Option<[u64; 2]> {
+    let original = crate::executor::original_nofile_soft()?.unwrap_or(u64::MAX);
+    let now = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let current = now.current.unwrap_or(u64::MAX);
+    (original < current).then(|| [original, now.maximum.unwrap_or(u64::MAX)])
 }
 
 impl Pool {
@@ -470,6 +486,7 @@ pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launc
         .take_stack()
         .map_err(|e| SpawnFailure::new(&program, "cannot map a stack for", io_errno(&e)))?;
     let stdin = pool.devnull.as_raw_fd();
+    let (parent, nofile) = (pool.parent, pool.nofile);
     let (write_ends, stdout, stderr) = match pool.lend_slots(&out_w, &err_w) {
         Some((i, a, b)) => (WriteEnds::Slots(i), a, b),
         None => {
@@ -488,6 +505,9 @@ pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launc
         stdin,
         stdout,
         stderr,
+        parent,
+        restore_nofile: nofile.is_some(),
+        nofile: nofile.unwrap_or_default(),
         errno: AtomicI32::new(0),
         step: AtomicU8::new(0),
         detached: AtomicU8::new(0),
@@ -602,6 +622,11 @@ struct ChildArgs {
     stdin: libc::c_int,
     stdout: libc::c_int,
     stderr: libc::c_int,
+    /// The executor's pid: the child's parent, unless the executor died.
+    parent: libc::pid_t,
+    /// Set RLIMIT_NOFILE to `nofile` (soft, hard) before exec.
+    restore_nofile: bool,
+    nofile: [u64; 2],
     /// Set by the child when a step failed (it then exits 127).
     errno: AtomicI32,
     /// Which step failed (a `ChildStep`), set before `errno`.
@@ -624,6 +649,9 @@ impl ChildArgs {
             stdin: -1,
             stdout: -1,
             stderr: -1,
+            parent: 0,
+            restore_nofile: false,
+            nofile: [0; 2],
             errno: AtomicI32::new(0),
             step: AtomicU8::new(0),
             detached: AtomicU8::new(0),
@@ -712,6 +740,14 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         }
     }
     let ok = |r: isize| r >= 0;
+    // If the executor dies (even by SIGKILL), its loop thread with it, the
+    // check is killed rather than left running with no one to time it out
+    // or reap it. (Its descendants are not: nothing can be, then.) The
+    // executor may have died before this line: then our parent is another.
+    rawsys::set_parent_death_signal(libc::SIGKILL);
+    if rawsys::getppid() != args.parent as isize {
+        rawsys::exit(127);
+    }
     let r = rawsys::setsid();
     if !ok(r) {
         child_fail(args, ChildStep::Setsid, r);
@@ -757,6 +793,11 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // Everything of ours is close-on-exec; this also covers fds an
     // application opened without O_CLOEXEC.
     rawsys::close_range(3, u32::MAX, 0);
+    if args.restore_nofile {
+        // Lowering our own soft limit cannot fail for want of rights; if it
+        // fails anyway, the check runs with the raised one.
+        rawsys::set_rlimit(libc::RLIMIT_NOFILE, &args.nofile);
+    }
     rawsys::unblock_all_signals();
     // SAFETY: path, argv and envp as `Launch` keeps them: NUL-terminated
     // strings and NULL-terminated arrays.

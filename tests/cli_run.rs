@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use std::process::Command;
+use std::time::Duration;
 
 fn pidring() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pidring"))
@@ -221,4 +222,101 @@ fn auto_falls_back_to_epoll_when_seccomp_blocks_io_uring() {
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot set up the io_uring backend"), "{err}");
+}
+
+/// Start `pidring run` on a check that records its session (its leader's
+/// pid) in a file and keeps a TERM-ignoring child; return the `run`
+/// process and that session id, once the check is running.
+fn run_a_check_that_stays(dir: &std::path::Path) -> (std::process::Child, i32) {
+    let sid_file = dir.join("sid");
+    let script = format!(
+        "(trap '' TERM; exec sleep 1000) & echo $$ > {}; wait",
+        sid_file.display()
+    );
+    let child = pidring()
+        .args(["run", "--timeout", "100s", "--", "/bin/sh", "-c", &script])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sid = None;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            sid = std::fs::read_to_string(&sid_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
+            sid.is_some()
+        }),
+        "the check never started"
+    );
+    (child, sid.unwrap())
+}
+
+#[test]
+fn a_stop_signal_to_run_kills_and_reaps_the_check_first() {
+    for (sig, name) in [
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGHUP, "SIGHUP"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (child, sid) = run_a_check_that_stays(dir.path());
+        // SAFETY: kill(2) on our own unreaped child.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(128 + sig), "{name}: {err}");
+        assert!(err.contains(&format!("stopped by {name}")), "{err}");
+        // `run` reaped the leader and swept its group before exiting.
+        let sids = std::collections::HashSet::from([sid]);
+        assert_sessions_end(&sids, Duration::from_secs(5), name);
+    }
+}
+
+#[test]
+fn a_killed_run_takes_its_check_with_it() {
+    // SIGKILL cannot be caught: the check's leader gets the parent-death
+    // signal. (Its descendants cannot be helped then.)
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, sid) = run_a_check_that_stays(dir.path());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || !matches!(
+            stat(sid),
+            Some((st, ..)) if st != 'Z' && st != 'X'
+        )),
+        "the check's leader outlived a SIGKILLed run: {:?}",
+        stat(sid)
+    );
+    // Not left to a slow PID 1: end its grandchild here.
+    for p in live_in_sessions(&std::collections::HashSet::from([sid])) {
+        // SAFETY: kill(2) by pid on a process we just saw alive in that session.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+}
+
+#[test]
+fn checks_get_the_open_files_limit_run_was_started_with() {
+    // The executor raises its own soft limit to the hard one; a plugin
+    // must see the one it would have had (select() breaks past 1024).
+    let out = Command::new("/bin/sh")
+        .args([
+            "-c",
+            "ulimit -Sn 512 && exec \"$0\" run -- /bin/sh -c 'ulimit -Sn; ulimit -Hn'",
+            env!("CARGO_BIN_EXE_pidring"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("512"), "{text}");
+    let hard = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let hard = hard
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .unwrap()
+        .to_string();
+    assert_eq!(lines.next(), Some(hard.as_str()), "{text}");
 }

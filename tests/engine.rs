@@ -267,13 +267,7 @@ fn exits_inside_the_grace_window_are_reaped_every_time() {
             assert!(r.exit.is_some() && r.rusage.is_some(), "{r:?}");
             sids.insert(r.pid.unwrap());
         }
-        // SIGKILLed group members may take a moment to be scheduled and die.
-        assert!(
-            eventually(Duration::from_secs(10), || live_in_sessions(&sids)
-                .is_empty()),
-            "processes survived in the checks' sessions: {:?}",
-            live_in_sessions(&sids)
-        );
+        assert_sessions_end(&sids, Duration::from_secs(10), "after the timeouts");
     });
 }
 
@@ -321,15 +315,8 @@ fn grandchildren_in_the_group_die_on_timeout() {
         assert!(r.timed_out());
         let grandchild: i32 = r.stdout.text().trim().parse().expect("grandchild pid");
         let sid = r.pid.unwrap();
-        // Their session is empty of live processes (orphans may linger as
-        // zombies of PID 1 for a while: those are dead).
         let sids = HashSet::from([sid]);
-        assert!(
-            eventually(Duration::from_secs(5), || live_in_sessions(&sids)
-                .is_empty()),
-            "group members survived: {:?}",
-            live_in_sessions(&sids)
-        );
+        assert_sessions_end(&sids, Duration::from_secs(5), "group members");
         assert!(!matches!(stat(grandchild), Some((s, ..)) if s != 'Z'));
     });
 }
@@ -340,10 +327,7 @@ fn leftover_group_members_are_swept_after_a_normal_exit() {
         let r = run(exec, sh("sleep 300 >/dev/null 2>&1 & echo ok"));
         assert_eq!(r.state, State::Ok);
         let sids = HashSet::from([r.pid.unwrap()]);
-        assert!(eventually(Duration::from_secs(5), || live_in_sessions(
-            &sids
-        )
-        .is_empty()));
+        assert_sessions_end(&sids, Duration::from_secs(5), "after a normal exit");
     });
 }
 
@@ -710,10 +694,7 @@ fn cancel_kills_sweeps_reaps_and_answers() {
         assert_eq!(r.outcome, Outcome::Cancelled);
         if let Some(pid) = r.pid {
             let sids = HashSet::from([pid]);
-            assert!(eventually(Duration::from_secs(5), || live_in_sessions(
-                &sids
-            )
-            .is_empty()));
+            assert_sessions_end(&sids, Duration::from_secs(5), "after a cancel");
         }
         exec.cancel(123_456_789); // unknown ids are ignored
     });

@@ -551,11 +551,21 @@ fn spawn_pidring(procs: &mut Procs, mut cmd: Command) -> u32 {
     pid
 }
 
-/// SIGTERM makes pidring kill, reap and answer what is in flight, and exit
-/// 0; then the core stops and the directory goes.
+/// SIGHUP (a closed terminal) leaves pidring serving; SIGTERM makes it
+/// kill, reap and answer what is in flight, and exit 0; then the core stops
+/// and the directory goes.
 fn stop_cleanly(mut procs: Procs) {
     let dir = procs.dir.clone();
     let mut pidring = procs.pidring.take().unwrap();
+    Procs::signal(&pidring, libc::SIGHUP);
+    wait_for("pidring to shrug off SIGHUP", || {
+        let log = fs::read_to_string(dir.join("pidring.log")).unwrap_or_default();
+        match pidring.try_wait() {
+            Ok(Some(st)) => panic!("pidring died of SIGHUP: {st:?}\n{log}"),
+            _ if log.contains("SIGHUP ignored") => Ok(()),
+            _ => Err("no log line yet".to_string()),
+        }
+    });
     let st = Procs::stop(&mut pidring, Duration::from_secs(20));
     let plog = fs::read_to_string(dir.join("pidring.log")).unwrap_or_default();
     assert!(

@@ -1,5 +1,5 @@
-//! What `run` and `submit` share: how a check is named on the command line,
-//! and how its result is shown to a person.
+//! What the commands share: how a check is named on the command line, how
+//! its result is shown to a person, and how stop signals are taken.
 
 use clap::Args;
 use pidring::CheckResult;
@@ -18,25 +18,70 @@ pub struct CommandArgs {
 }
 
 /// Print the result (the plugin's output, or the whole result as JSON) and
-/// return the exit code that is its Nagios state.
+/// return the exit code that is its Nagios state — UNKNOWN if the output
+/// could not be written (a caller would otherwise read a state without
+/// the text that goes with it).
 pub fn print_result(result: &CheckResult, json: bool) -> ExitCode {
-    let mut out = std::io::stdout().lock();
+    let written = write_result(&mut std::io::stdout().lock(), result, json);
+    let _ = std::io::stderr().write_all(&result.stderr.data);
+    match written {
+        Ok(()) => ExitCode::from(result.state.code() as u8),
+        Err(e) => {
+            eprintln!("pidring: cannot write the check's output: {e}");
+            ExitCode::from(pidring::State::Unknown.code() as u8)
+        }
+    }
+}
+
+fn write_result(out: &mut impl Write, result: &CheckResult, json: bool) -> std::io::Result<()> {
     if json {
-        let _ = serde_json::to_writer_pretty(&mut out, result);
-        let _ = writeln!(out);
+        serde_json::to_writer_pretty(&mut *out, result)?;
+        writeln!(out)?;
     } else {
         if !result.reason.is_empty() {
-            let _ = writeln!(out, "{}: {}", result.state, result.reason);
+            writeln!(out, "{}: {}", result.state, result.reason)?;
         }
-        let _ = out.write_all(&result.stdout.data);
+        out.write_all(&result.stdout.data)?;
         if result.stdout.truncated {
-            let _ = writeln!(
+            writeln!(
                 out,
                 "\n[output truncated: {} bytes dropped]",
                 result.stdout.dropped_bytes
-            );
+            )?;
         }
-        let _ = std::io::stderr().write_all(&result.stderr.data);
     }
-    ExitCode::from(result.state.code() as u8)
+    out.flush()
+}
+
+/// Block `signals` in this thread, and so in every thread it starts later
+/// (checks do not inherit it: the child resets its mask before exec), so
+/// that one thread takes them with [`wait_signal`] instead of the default
+/// action killing the process under its checks. Call before any thread exists.
+pub fn block_signals(signals: &[i32]) -> std::io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it, and
+    // pthread_sigmask only changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &sig in signals {
+            libc::sigaddset(&mut set, sig);
+        }
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        Ok(set)
+    }
+}
+
+/// Wait for one of the signals in `set` (blocked by [`block_signals`]).
+pub fn wait_signal(set: &libc::sigset_t) -> i32 {
+    loop {
+        let mut sig = 0;
+        // SAFETY: `set` is an initialised sigset_t and `sig` a valid out-pointer.
+        let rc = unsafe { libc::sigwait(set, &mut sig) };
+        if rc == 0 {
+            return sig;
+        }
+    }
 }

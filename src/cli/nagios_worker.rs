@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use super::common::{block_signals, wait_signal};
+
 /// Arguments of `pidring nagios-worker`.
 #[derive(Args, Debug)]
 pub struct NagiosWorkerArgs {
@@ -39,14 +41,13 @@ pub struct NagiosWorkerArgs {
     log_json: bool,
 }
 
-/// Run until SIGTERM or SIGINT.
+/// Run until SIGTERM or SIGINT (SIGHUP is ignored, as by the daemon: a
+/// closed terminal must not kill the worker under its checks).
 pub fn main(args: NagiosWorkerArgs) -> ExitCode {
     super::logging::init("info", args.log_json);
-    // Block the stop signals in every thread (the executor's threads inherit
-    // the mask; checks do not: the child resets it) and take them with sigwait.
-    let stop_signals = match block_stop_signals() {
+    let stop_signals = match block_signals(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]) {
         Ok(s) => s,
-        Err(e) => return fail(&format!("cannot block SIGTERM/SIGINT: {e}")),
+        Err(e) => return fail(&format!("cannot block SIGTERM/SIGINT/SIGHUP: {e}")),
     };
     let config = NagiosWorkerConfig {
         qh_socket: args.qh_socket,
@@ -77,7 +78,12 @@ pub fn main(args: NagiosWorkerArgs) -> ExitCode {
         general = config.general_connections(),
         "pidring nagios-worker running; stop with SIGTERM"
     );
-    let sig = wait_for(&stop_signals);
+    let sig = loop {
+        match wait_signal(&stop_signals) {
+            libc::SIGHUP => tracing::info!("SIGHUP ignored (stop with SIGTERM)"),
+            sig => break sig,
+        }
+    };
     tracing::info!(
         signal = sig,
         "stopping: killing and answering jobs in flight"
@@ -92,33 +98,6 @@ pub fn main(args: NagiosWorkerArgs) -> ExitCode {
         exec.metrics().render_table()
     );
     ExitCode::SUCCESS
-}
-
-fn block_stop_signals() -> std::io::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it, and
-    // pthread_sigmask only changes this thread's mask (before any thread exists).
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            return Err(std::io::Error::from_raw_os_error(rc));
-        }
-        Ok(set)
-    }
-}
-
-fn wait_for(set: &libc::sigset_t) -> i32 {
-    loop {
-        let mut sig = 0;
-        // SAFETY: `set` is an initialised sigset_t and `sig` a valid out-pointer.
-        let rc = unsafe { libc::sigwait(set, &mut sig) };
-        if rc == 0 {
-            return sig;
-        }
-    }
 }
 
 fn fail(msg: &str) -> ExitCode {

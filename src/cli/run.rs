@@ -3,7 +3,16 @@
 use clap::Args;
 use pidring::{BackendKind, Check, Executor, State};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
+
+use super::common::{block_signals, wait_signal};
+
+/// Signals that stop `run`: the check is killed (its group swept), reaped
+/// and reported first. Left to their default action they would kill `run`
+/// alone, and the check, in its own session, would run on unsupervised.
+const STOP_SIGNALS: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
 
 /// Arguments of `pidring run`.
 #[derive(Args, Debug)]
@@ -30,9 +39,14 @@ pub struct RunArgs {
     command: super::common::CommandArgs,
 }
 
-/// Run the check; the exit code is the Nagios state.
+/// Run the check; the exit code is the Nagios state, or 128 + the signal
+/// number if a stop signal cut it short (as a shell reports it).
 pub fn main(args: RunArgs) -> ExitCode {
     super::logging::init("warn", false);
+    let stop_signals = match block_signals(&STOP_SIGNALS) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("cannot block the stop signals: {e}")),
+    };
     let check = match (&args.command.command_line, args.command.argv.is_empty()) {
         (Some(line), _) => match Check::command_line(line) {
             Ok(c) => c,
@@ -55,14 +69,40 @@ pub fn main(args: RunArgs) -> ExitCode {
         .max_running(1)
         .build()
     {
-        Ok(e) => e,
+        Ok(e) => Arc::new(e),
         Err(e) => return fail(&e.to_string()),
     };
     let pending = match exec.submit(check) {
         Ok(p) => p,
         Err(e) => return fail(&e.to_string()),
     };
-    super::common::print_result(&pending.wait(), args.json)
+    let stopped_by = Arc::new(AtomicI32::new(0));
+    {
+        let (exec, stopped_by, id) = (exec.clone(), stopped_by.clone(), pending.id());
+        // Ends with the process; it only ever waits in sigwait.
+        let watcher = std::thread::Builder::new()
+            .name("pidring-signals".into())
+            .spawn(move || {
+                let sig = wait_signal(&stop_signals);
+                stopped_by.store(sig, Ordering::SeqCst);
+                exec.cancel(id);
+            });
+        if let Err(e) = watcher {
+            return fail(&format!("cannot start the signal thread: {e}"));
+        }
+    }
+    let result = pending.wait();
+    let code = super::common::print_result(&result, args.json);
+    match stopped_by.load(Ordering::SeqCst) {
+        0 => code,
+        sig => {
+            eprintln!(
+                "pidring run: stopped by {}; the check was killed and reaped",
+                pidring::result::signal_name(sig)
+            );
+            ExitCode::from(128 + sig as u8)
+        }
+    }
 }
 
 fn fail(msg: &str) -> ExitCode {

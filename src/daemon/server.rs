@@ -471,12 +471,10 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
     sig_rx.set_nonblocking(true).map_err(DaemonError::Signals)?;
     // SIGHUP (a closed terminal, a `reload`) must not kill the daemon
-    // uncleanly; there is nothing to reload, so it is ignored.
-    signal_hook::flag::register(
-        signal_hook::consts::SIGHUP,
-        Arc::new(AtomicBool::new(false)),
-    )
-    .map_err(DaemonError::Signals)?;
+    // uncleanly; there is nothing to reload, so it is ignored (and logged).
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
+        .map_err(DaemonError::Signals)?;
 
     let (listener, socket_guard) = bind_socket(&config)?;
     let exec = Executor::builder()
@@ -526,6 +524,9 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         };
         let polled = rustix::event::poll(&mut fds, Some(&prune_every));
         conns.retain(|(_, h)| !h.is_finished());
+        if hup.swap(false, Ordering::Relaxed) {
+            tracing::info!("SIGHUP ignored (stop with SIGTERM)");
+        }
         match polled {
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => continue,

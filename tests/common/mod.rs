@@ -58,6 +58,18 @@ pub fn live_in_sessions(sids: &HashSet<i32>) -> Vec<i32> {
         .collect()
 }
 
+/// Assert that no live process is left in the sessions `sids` (a check's
+/// session id is its leader's pid) within `limit`: SIGKILLed members may
+/// take a moment to be scheduled and die; orphans may linger as zombies of
+/// PID 1, which reaps slowly here, and those are dead.
+pub fn assert_sessions_end(sids: &HashSet<i32>, limit: Duration, what: &str) {
+    assert!(
+        eventually(limit, || live_in_sessions(sids).is_empty()),
+        "{what}: processes live on in the sessions: {:?}",
+        live_in_sessions(sids)
+    );
+}
+
 /// Open fds of this process.
 pub fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd")
