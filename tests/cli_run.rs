@@ -320,3 +320,16 @@ fn checks_get_the_open_files_limit_run_was_started_with() {
         .to_string();
     assert_eq!(lines.next(), Some(hard.as_str()), "{text}");
 }
+
+#[test]
+fn output_that_cannot_be_written_is_not_an_ok() {
+    // A caller would read OK without the text that goes with it.
+    let out = pidring()
+        .args(["run", "--", "/bin/echo", "OK - fine"])
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot write the check's output"), "{err}");
+}
