@@ -520,7 +520,7 @@ impl Engine {
             .filter_map(|(_, c)| c.unreaped_pid())
             .map(|p| p.as_raw_nonzero().get())
             .collect();
-        let (reaped, _alive) = reap_exited_orphans(&ours);
+        let (reaped, _alive) = reap_exited_orphans(&ours, Adopters::MainThread);
         self.count_orphans(reaped);
     }
 
@@ -543,7 +543,7 @@ impl Engine {
         let mut signalled = HashSet::new();
         let mut total = 0;
         loop {
-            let (reaped, alive) = reap_exited_orphans(&HashSet::new());
+            let (reaped, alive) = reap_exited_orphans(&HashSet::new(), Adopters::AllThreads);
             total += reaped;
             if alive.is_empty() {
                 break;
@@ -561,7 +561,7 @@ impl Engine {
                 }
             }
             if Instant::now() >= end {
-                tracing::error!(left = ?children_of_self(), "descendants still alive {BOUND:?} after SIGKILL (uninterruptible sleep?)");
+                tracing::error!(left = ?children_of_self(Adopters::AllThreads), "descendants still alive {BOUND:?} after SIGKILL (uninterruptible sleep?)");
                 break;
             }
             // The loop serves nobody any more: a short sleep is the wait.
@@ -571,13 +571,13 @@ impl Engine {
     }
 }
 
-/// Reap every exited child of this process that is not in `ours` (check
+/// Reap every exited child of `adopters` that is not in `ours` (check
 /// leaders, which are reaped only through their pidfds). Returns how many
 /// were reaped and the children still alive.
-fn reap_exited_orphans(ours: &HashSet<i32>) -> (u64, Vec<Pid>) {
+fn reap_exited_orphans(ours: &HashSet<i32>, adopters: Adopters) -> (u64, Vec<Pid>) {
     let mut reaped = 0;
     let mut alive = Vec::new();
-    for pid in children_of_self() {
+    for pid in children_of_self(adopters) {
         if ours.contains(&pid) {
             continue;
         }
@@ -607,15 +607,40 @@ impl Drop for Engine {
     }
 }
 
-/// Every child of this process (all threads), from /proc.
-pub(crate) fn children_of_self() -> Vec<i32> {
-    let mut pids = Vec::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return pids;
-    };
-    for task in tasks.flatten() {
-        if let Ok(s) = std::fs::read_to_string(task.path().join("children")) {
+/// Whose children to list.
+#[derive(Clone, Copy)]
+pub(crate) enum Adopters {
+    /// The main thread's: the kernel gives a subreaper's orphans to the
+    /// first live thread of the process, which is the main thread while it
+    /// lives. One file to read, however many threads the process has (the
+    /// daemon has two per connection: reading every thread's list made the
+    /// periodic scan cost the loop ~70 ms at 3,000 connections).
+    MainThread,
+    /// Every thread's (the final sweep, once: nothing may be missed).
+    AllThreads,
+}
+
+/// Children of this process, from /proc (children belong to the thread
+/// that created or adopted them).
+pub(crate) fn children_of_self(adopters: Adopters) -> Vec<i32> {
+    let read = |path: std::path::PathBuf, pids: &mut Vec<i32>| {
+        if let Ok(s) = std::fs::read_to_string(path) {
             pids.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+    };
+    let mut pids = Vec::new();
+    match adopters {
+        Adopters::MainThread => {
+            let me = std::process::id();
+            read(format!("/proc/self/task/{me}/children").into(), &mut pids);
+        }
+        Adopters::AllThreads => {
+            let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+                return pids;
+            };
+            for task in tasks.flatten() {
+                read(task.path().join("children"), &mut pids);
+            }
         }
     }
     pids

@@ -343,6 +343,7 @@ on_both_backends!(
     client_disconnecting_mid_flight,
     client_that_never_reads,
     slow_reader_holds_bounded_bytes,
+    connections_past_max_clients_are_refused_with_a_reason,
     escaped_grandchild_reaped_as_orphan,
     sigterm_answers_everything_and_leaves_nothing,
     second_signal_stops_now,
@@ -722,6 +723,48 @@ fn slow_reader_holds_bounded_bytes(backend: &str) {
             && dcounter(s, "results_sent") + dcounter(s, "results_dropped")
                 == dcounter(s, "submits_accepted")
     });
+}
+
+fn connections_past_max_clients_are_refused_with_a_reason(backend: &str) {
+    let d = Daemon::start(backend, &[], Some("max_clients = 2\n"));
+    let ping = |c: &mut Client| {
+        c.send(&json!({"op": "ping", "id": "p"}));
+        let r = c.recv();
+        assert_eq!(r["type"], "pong", "{r}");
+    };
+    // Until the daemon has seen a closed connection end, it still counts.
+    let only_one_open = |a: &mut Client| {
+        let end = Instant::now() + PATIENCE;
+        loop {
+            a.send(&json!({"op": "stats", "id": "s"}));
+            let s = a.recv();
+            if dcounter(&s, "connections_open") == 1 {
+                return;
+            }
+            assert!(Instant::now() < end, "connections never counted out: {s}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut a = d.client();
+    only_one_open(&mut a); // the readiness probe's is gone
+    let mut b = d.client();
+    ping(&mut b);
+    // The third is told why, then closed.
+    let mut c = d.client();
+    let r = c.recv();
+    assert_eq!(r["code"], "too_many_clients", "{r}");
+    assert!(
+        r["message"].as_str().unwrap().contains("max_clients"),
+        "{r}"
+    );
+    assert!(c.recv_all().is_empty());
+    // Once one goes, a new one is served.
+    drop(b);
+    only_one_open(&mut a);
+    ping(&mut d.client());
+    a.send(&json!({"op": "stats", "id": "s"}));
+    let s = a.recv();
+    assert_eq!(s["daemon"]["errors_by_code"]["too_many_clients"], 1, "{s}");
 }
 
 fn escaped_grandchild_reaped_as_orphan(backend: &str) {

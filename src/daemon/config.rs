@@ -52,6 +52,9 @@ pub struct DaemonConfig {
     /// that connection's requests.
     #[serde(deserialize_with = "de_size")]
     pub max_client_bytes: usize,
+    /// Connections served at once (each costs two threads and two
+    /// descriptors); more are answered `too_many_clients` and closed.
+    pub max_clients: usize,
     /// A client whose socket accepts no bytes for this long is dropped.
     #[serde(deserialize_with = "de_duration")]
     pub client_write_timeout: Duration,
@@ -78,6 +81,7 @@ impl Default for DaemonConfig {
             max_line_bytes: 1024 * 1024,
             max_client_queue: 4096,
             max_client_bytes: 128 * 1024 * 1024,
+            max_clients: 1024,
             client_write_timeout: Duration::from_secs(30),
             nagios: None,
         }
@@ -116,6 +120,9 @@ impl DaemonConfig {
         }
         if self.max_client_queue == 0 {
             return Err("max_client_queue must be at least 1".into());
+        }
+        if self.max_clients == 0 {
+            return Err("max_clients must be at least 1".into());
         }
         if self.output_cap > self.max_output_cap {
             return Err(format!(

@@ -168,11 +168,13 @@ pub enum ErrorCode {
     ShuttingDown,
     /// `cancel` named no check in flight on this connection.
     NotFound,
+    /// The daemon serves `max_clients` connections already; this one is closed.
+    TooManyClients,
 }
 
 impl ErrorCode {
     /// Every code, for metrics.
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 9] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownOp,
         ErrorCode::LineTooLong,
@@ -181,6 +183,7 @@ impl ErrorCode {
         ErrorCode::DuplicateId,
         ErrorCode::ShuttingDown,
         ErrorCode::NotFound,
+        ErrorCode::TooManyClients,
     ];
 
     /// The wire name.
@@ -194,6 +197,7 @@ impl ErrorCode {
             ErrorCode::DuplicateId => "duplicate_id",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::TooManyClients => "too_many_clients",
         }
     }
 }

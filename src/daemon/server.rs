@@ -4,9 +4,9 @@
 //! a writer thread (drains a bounded queue of responses to the socket). The
 //! engine delivers results on its loop thread, which must never block: the
 //! result callback only does `try_send` into the connection's queue. That
-//! queue never overflows because every queued response and every check in
-//! flight holds one of the connection's `max_client_queue` slots, and the
-//! reader takes a slot before it reads the next request — so a client that
+//! queue holds at most `max_client_queue` lines because every queued
+//! response and every check in flight holds one of the connection's
+//! slots, and the reader takes a slot before it reads the next request — so a client that
 //! does not read its answers stops being read (backpressure), and one whose
 //! socket takes no bytes for `client_write_timeout` is dropped.
 //!
@@ -24,7 +24,7 @@ use super::{DaemonError, prometheus};
 use crate::check::Check;
 use crate::error::SubmitError;
 use crate::executor::{CheckId, Executor};
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use rustix::event::{PollFd, PollFlags};
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, ErrorKind, Write};
@@ -217,14 +217,8 @@ impl Conn {
         if self.closed.load(Ordering::SeqCst) {
             return false;
         }
-        match self.tx.try_send(m) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                tracing::error!(conn = self.no, "response queue full (slot accounting bug)");
-                false
-            }
-            Err(TrySendError::Disconnected(_)) => false,
-        }
+        // Unbounded: fails only when the writer is gone.
+        self.tx.try_send(m).is_ok()
     }
 
     fn wake_writer(&self) {
@@ -510,7 +504,7 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     );
 
     let mut conns: Vec<(Arc<Conn>, JoinHandle<()>)> = Vec::new();
-    let mut next_conn = 1u64;
+    let mut acceptor = Acceptor::default();
     loop {
         let mut fds = [
             PollFd::new(&listener, PollFlags::IN),
@@ -542,7 +536,7 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             break;
         }
         if listen_ready {
-            accept_all(&listener, &daemon, &mut conns, &mut next_conn);
+            accept_all(&listener, &daemon, &mut conns, &mut acceptor);
         }
     }
 
@@ -642,11 +636,36 @@ fn drain_signals(sig_rx: &UnixStream) -> bool {
     }
 }
 
+/// The accept loop's state.
+#[derive(Default)]
+struct Acceptor {
+    next_conn: u64,
+    /// When an accept failure was last logged, and how many since.
+    last_failure_log: Option<Instant>,
+    failures_unlogged: u64,
+}
+
+impl Acceptor {
+    /// Log an accept failure at most once a second: EMFILE lasts, and the
+    /// listener stays readable all the while.
+    fn accept_failed(&mut self, e: &io::Error) {
+        self.failures_unlogged += 1;
+        if self
+            .last_failure_log
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            tracing::warn!(error = %e, failures = self.failures_unlogged, "cannot accept connections");
+            self.last_failure_log = Some(Instant::now());
+            self.failures_unlogged = 0;
+        }
+    }
+}
+
 fn accept_all(
     listener: &UnixListener,
     daemon: &Arc<Daemon>,
     conns: &mut Vec<(Arc<Conn>, JoinHandle<()>)>,
-    next_conn: &mut u64,
+    acceptor: &mut Acceptor,
 ) {
     loop {
         let stream = match listener.accept() {
@@ -654,19 +673,42 @@ fn accept_all(
             Err(e) if e.kind() == ErrorKind::WouldBlock => return,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => {
-                // EMFILE and friends: log and go on; the client sees a refused connection.
-                tracing::warn!(error = %e, "accept failed");
+                // EMFILE and friends: go on; the client waits in the backlog.
+                acceptor.accept_failed(&e);
                 std::thread::sleep(Duration::from_millis(10));
                 return;
             }
         };
-        let no = *next_conn;
-        *next_conn += 1;
+        if daemon.stats.connections_open.load(Ordering::Relaxed) >= daemon.config.max_clients as u64
+        {
+            refuse(stream, daemon);
+            continue;
+        }
+        acceptor.next_conn += 1;
+        let no = acceptor.next_conn;
         match start_conn(no, stream, daemon) {
             Ok(pair) => conns.push(pair),
             Err(e) => tracing::warn!(conn = no, error = %e, "cannot serve a new connection"),
         }
     }
+}
+
+/// Answer a connection past `max_clients` with one error line and close it
+/// (each connection costs two threads and two descriptors).
+fn refuse(stream: UnixStream, daemon: &Daemon) {
+    let max = daemon.config.max_clients;
+    let response = RequestError::new(
+        ErrorCode::TooManyClients,
+        format!("the daemon serves at most {max} connections at once (max_clients); retry later or reuse a connection"),
+    )
+    .into_response();
+    let mut line = Vec::new();
+    protocol::write_response(&mut line, &response);
+    // A fresh socket's buffer takes one short line; a failure changes nothing.
+    let _ = stream.set_nonblocking(true);
+    let _ = (&stream).write_all(&line);
+    daemon.stats.count_error(ErrorCode::TooManyClients);
+    tracing::warn!(max_clients = max, "refused a connection: too many clients");
 }
 
 fn start_conn(
@@ -679,7 +721,10 @@ fn start_conn(
     stream.set_write_timeout(Some(daemon.config.client_write_timeout))?;
     let read_half = stream.try_clone()?;
     let limit = daemon.config.max_client_queue;
-    let (tx, rx) = crossbeam_channel::bounded(limit + 2);
+    // Unbounded as a channel, bounded by the slots: a bounded channel
+    // allocates all its `max_client_queue` places up front (~600 KB per
+    // connection, idle or not).
+    let (tx, rx) = crossbeam_channel::unbounded();
     let conn = Arc::new(Conn {
         no,
         stream,
