@@ -112,7 +112,7 @@ pub(crate) fn start(
             };
             // Made at once (while the descriptor table is small), so that its
             // low slots get low numbers.
-            let launcher = match spawn::Launcher::new() {
+            let launcher = match spawn::Launcher::new(shared.max_running) {
                 Ok(l) => l,
                 Err(source) => {
                     let _ = ready_tx.send(Err(ExecutorError::Setup {

@@ -139,6 +139,23 @@ pub(crate) fn set_rlimit(resource: u32, new: &[u64; 2]) -> isize {
     }
 }
 
+/// `faccessat(AT_FDCWD, path, F_OK, 0)`: 0 if `path` exists.
+///
+/// # Safety
+/// `path` must point to a NUL-terminated string.
+pub(crate) unsafe fn exists(path: *const libc::c_char) -> isize {
+    // SAFETY: the caller vouches for the string; the rest are integers.
+    unsafe {
+        syscall4(
+            libc::SYS_faccessat,
+            libc::AT_FDCWD as usize,
+            path as usize,
+            libc::F_OK as usize,
+            0,
+        )
+    }
+}
+
 /// `setsid()`.
 pub(crate) fn setsid() -> isize {
     // SAFETY: no arguments.

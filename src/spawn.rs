@@ -55,7 +55,7 @@ impl SpawnFailure {
             Errno::AGAIN => {
                 " (process limit reached: raise RLIMIT_NPROC/pid_max or lower max_running)"
             }
-            Errno::NOEXEC => " (not a binary, and no #! line)",
+            Errno::NOEXEC => " (not a binary, and /bin/sh would not run it either)",
             Errno::TOOBIG => " (argument list too long)",
             _ => "",
         };
@@ -194,9 +194,9 @@ struct Pool {
 impl Launcher {
     /// Most stacks kept for reuse (more are unmapped).
     const KEEP_STACKS: usize = 64;
-    /// Pairs of low slots: at most this many children are between `clone`
-    /// and taking their own descriptor table at once (see `has_slots`;
-    /// 8 measured slower: the loop then waits for pairs).
+    /// Most pairs of low slots: at most this many children are between
+    /// `clone` and taking their own descriptor table at once (see
+    /// `has_slots`; 8 measured slower: the loop then waits for pairs).
     const SLOT_PAIRS: usize = 32;
 
     /// Set up, taking the lowest free descriptor numbers for the slots: do
@@ -206,11 +206,15 @@ impl Launcher {
     /// below the highest fd it needs (`close_range(.., CLOSE_RANGE_UNSHARE)`):
     /// with its fds in low slots that is a few dozen entries, not the three
     /// per running check that lie below a fresh pipe's number.
-    pub fn new() -> std::io::Result<Launcher> {
+    ///
+    /// No more pairs than `max_running` checks could use: `pidring run`
+    /// (one check) must start under a tight RLIMIT_NOFILE too.
+    pub fn new(max_running: usize) -> std::io::Result<Launcher> {
         let devnull = open_devnull()?;
         let dup = || rustix::io::fcntl_dupfd_cloexec(&devnull, 0);
-        let mut slots = Vec::with_capacity(Self::SLOT_PAIRS);
-        for _ in 0..Self::SLOT_PAIRS {
+        let pairs = Self::SLOT_PAIRS.min(max_running.max(1));
+        let mut slots = Vec::with_capacity(pairs);
+        for _ in 0..pairs {
             slots.push(Some((dup()?, dup()?)));
         }
         Ok(Launcher {
@@ -356,6 +360,8 @@ struct LaunchStrings {
     _path_ptrs: Vec<*const libc::c_char>,
     _argv: Vec<*const libc::c_char>,
     _envp: Vec<*const libc::c_char>,
+    /// `sh`, the program's path (the child fills it in), its arguments.
+    _sh_argv: Vec<*const libc::c_char>,
 }
 
 impl Launch {
@@ -497,11 +503,19 @@ pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launc
     drop(pool);
 
     let (argv, envp) = (c_array(&cmd.argv), c_array(&cmd.envp));
+    // For a script without a #! line: `/bin/sh PATH ARGS...`, as `execvp`
+    // runs it (Nagios starts plugins with `execvp`). Slot 1 is the path the
+    // child found; it writes it there itself.
+    let mut sh_argv: Vec<*const libc::c_char> = [SH.as_ptr(), std::ptr::null()]
+        .into_iter()
+        .chain(argv[1..].iter().copied())
+        .collect();
     let args = Box::new(ChildArgs {
         paths: path_ptrs.as_ptr(),
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         cwd: cmd.cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+        sh_argv: sh_argv.as_mut_ptr(),
         stdin,
         stdout,
         stderr,
@@ -521,6 +535,7 @@ pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launc
             _path_ptrs: path_ptrs,
             _argv: argv,
             _envp: envp,
+            _sh_argv: sh_argv,
         },
         stack: Some(stack),
         write_ends,
@@ -617,6 +632,9 @@ struct ChildArgs {
     paths: *const *const libc::c_char,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
+    /// argv for `/bin/sh` when the program is a script without `#!`: the
+    /// child writes the program's path into element 1.
+    sh_argv: *mut *const libc::c_char,
     /// NULL: stay in the executor's directory.
     cwd: *const libc::c_char,
     stdin: libc::c_int,
@@ -645,6 +663,7 @@ impl ChildArgs {
             paths: std::ptr::null(),
             argv: std::ptr::null(),
             envp: std::ptr::null(),
+            sh_argv: std::ptr::null_mut(),
             cwd: std::ptr::null(),
             stdin: -1,
             stdout: -1,
@@ -673,6 +692,8 @@ enum ChildStep {
     Chdir = 3,
     /// `execve`.
     Exec = 4,
+    /// `execve` found the program, not its `#!` interpreter or ELF loader.
+    Interpreter = 5,
 }
 
 impl ChildStep {
@@ -682,6 +703,7 @@ impl ChildStep {
             2 => ChildStep::Stdio,
             3 => ChildStep::Chdir,
             4 => ChildStep::Exec,
+            5 => ChildStep::Interpreter,
             _ => ChildStep::Clone,
         }
     }
@@ -707,6 +729,14 @@ impl ChildStep {
             }
             ChildStep::Exec if errno == Errno::NOENT => "cannot find",
             ChildStep::Exec => "cannot execute",
+            ChildStep::Interpreter => {
+                return SpawnFailure {
+                    errno: Some(errno.raw_os_error()),
+                    message: format!(
+                        "cannot execute {program}: the interpreter its #! line names (or its ELF loader) does not exist"
+                    ),
+                };
+            }
         };
         SpawnFailure::new(&program, what, errno)
     }
@@ -803,25 +833,44 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // strings and NULL-terminated arrays.
     // The first candidate that exists and may be run wins; a later one is
     // tried after "not there" or "not allowed", and "not allowed" is what is
-    // reported if nothing ran (as `execvp` does).
-    let mut denied = false;
+    // reported if nothing ran (as `execvp` does). "Not there" from a file
+    // that is there means its interpreter is not.
+    let (mut denied, mut no_interpreter) = (false, false);
     let mut next = args.paths;
     // SAFETY: `paths` is a NULL-terminated array of NUL-terminated strings
-    // that `Launch` keeps alive; argv and envp likewise.
+    // that `Launch` keeps alive; argv, envp and sh_argv likewise (sh_argv's
+    // element 1 is ours to write until we exec).
     unsafe {
         while !(*next).is_null() {
             let r = rawsys::execve(*next, args.argv, args.envp);
             match (-r) as i32 {
+                libc::ENOENT if rawsys::exists(*next) == 0 => no_interpreter = true,
                 libc::ENOENT | libc::ENOTDIR => {}
                 libc::EACCES => denied = true,
+                libc::ENOEXEC => {
+                    *args.sh_argv.add(1) = *next;
+                    let r = rawsys::execve(SH.as_ptr(), args.sh_argv, args.envp);
+                    // No /bin/sh: what failed is still the plugin's format.
+                    let no_sh = r == -(libc::ENOENT as isize);
+                    let r = if no_sh { -(libc::ENOEXEC as isize) } else { r };
+                    child_fail(args, ChildStep::Exec, r)
+                }
                 _ => child_fail(args, ChildStep::Exec, r),
             }
             next = next.add(1);
         }
     }
-    let errno = if denied { libc::EACCES } else { libc::ENOENT };
-    child_fail(args, ChildStep::Exec, -(errno as isize))
+    if denied {
+        child_fail(args, ChildStep::Exec, -(libc::EACCES as isize))
+    }
+    if no_interpreter {
+        child_fail(args, ChildStep::Interpreter, -(libc::ENOENT as isize))
+    }
+    child_fail(args, ChildStep::Exec, -(libc::ENOENT as isize))
 }
+
+/// The shell that runs a script without `#!`.
+const SH: &std::ffi::CStr = c"/bin/sh";
 
 /// Report the failed step and its errno (`r` is `-errno`) to the loop and exit 127.
 fn child_fail(args: &ChildArgs, step: ChildStep, r: isize) -> ! {

@@ -333,3 +333,19 @@ fn output_that_cannot_be_written_is_not_an_ok() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot write the check's output"), "{err}");
 }
+
+#[test]
+fn run_needs_few_descriptors() {
+    // One check needs one pair of low slots, not the 32 a busy executor keeps.
+    let out = Command::new("/bin/sh")
+        .args([
+            "-c",
+            "ulimit -n 24 && exec \"$0\" run -- /bin/echo OK - few fds",
+            env!("CARGO_BIN_EXE_pidring"),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "OK - few fds\n");
+}

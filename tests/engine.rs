@@ -152,6 +152,42 @@ fn a_bare_program_name_is_searched_in_the_checks_path_like_execvp() {
 }
 
 #[test]
+fn scripts_without_a_shebang_run_under_sh_like_execvp_and_a_missing_interpreter_is_named() {
+    // Nagios starts plugins with execvp, which hands a file the kernel
+    // will not execute (ENOEXEC) to /bin/sh.
+    let dir = tempdir().join("shebangs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bare = dir.join("check_bare");
+    std::fs::write(&bare, "echo \"OK - ran by sh with $# args: $1\"\nexit 1\n").unwrap();
+    let bad = dir.join("check_bad_interpreter");
+    std::fs::write(&bad, "#!/nonexistent/interpreter\necho hi\n").unwrap();
+    for f in [&bare, &bad] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    each_backend(executor, |exec, _| {
+        let r = run(exec, Check::argv([bare.to_str().unwrap(), "x"]));
+        assert_eq!(r.outcome, Outcome::Exited { code: 1 }, "{}", r.reason);
+        assert_eq!(r.stdout.text(), "OK - ran by sh with 1 args: x\n");
+        // Through PATH as well.
+        let r = run(
+            exec,
+            Check::argv(["check_bare"]).env("PATH", dir.to_str().unwrap()),
+        );
+        assert_eq!(r.outcome, Outcome::Exited { code: 1 }, "{}", r.reason);
+
+        let r = run(exec, Check::argv([bad.to_str().unwrap()]));
+        match &r.outcome {
+            Outcome::SpawnFailed { errno, message } => {
+                assert_eq!(*errno, Some(libc::ENOENT));
+                assert!(message.contains("interpreter"), "{message}");
+                assert!(message.contains("check_bad_interpreter"), "{message}");
+            }
+            o => panic!("expected spawn failure, got {o:?}"),
+        }
+    });
+}
+
+#[test]
 fn invalid_checks_are_rejected_at_submit() {
     each_backend(executor, |exec, _| {
         let empty: [&str; 0] = [];
