@@ -738,13 +738,20 @@ impl Lifecycle {
         match self.kill {
             Some(KillReason::Timeout) => {
                 let sig = self.last_signal.unwrap_or(Signal::TERM);
-                let how = if self.escalated {
-                    format!(
+                // Say what the signal did: a plugin may have been exiting
+                // on its own as the deadline fell (or trap TERM and exit).
+                let how = match self.exit {
+                    _ if self.escalated => format!(
                         "ignored SIGTERM, killed by SIGKILL after {} grace",
                         human(self.grace)
-                    )
-                } else {
-                    "stopped by SIGTERM".to_string()
+                    ),
+                    Some(ExitStatus::Exited { code }) => {
+                        format!("sent SIGTERM, it exited with code {code}")
+                    }
+                    Some(ExitStatus::Signaled { signal, .. }) if signal != libc::SIGTERM => {
+                        format!("sent SIGTERM, it died of {}", signal_name(signal))
+                    }
+                    _ => "stopped by SIGTERM".to_string(),
                 };
                 return (
                     Outcome::TimedOut {

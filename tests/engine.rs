@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use pidring::{Check, Executor, Outcome, State, SubmitError};
+use pidring::{Check, Executor, ExitStatus, Outcome, State, SubmitError};
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
@@ -225,11 +225,27 @@ fn a_check_that_honours_sigterm_times_out_without_escalation() {
         );
         assert_eq!(r.state, State::Unknown);
         assert!(r.reason.contains("timed out after 300ms"), "{}", r.reason);
+        assert!(r.reason.ends_with("stopped by SIGTERM"), "{}", r.reason);
         assert_eq!(r.stdout.text(), "partial\n");
         assert!(r.timings.kill_lateness.is_some());
         assert!(
             t0.elapsed() < Duration::from_secs(9),
             "no SIGKILL was needed"
+        );
+
+        // One that catches SIGTERM and exits still timed out, and the text
+        // says what the signal did rather than that it killed it.
+        let r = run(
+            exec,
+            sh("trap 'exit 0' TERM; echo ready; while :; do sleep 0.01; done")
+                .timeout(Duration::from_millis(300)),
+        );
+        assert!(r.timed_out(), "{:?}", r.outcome);
+        assert_eq!(r.exit, Some(ExitStatus::Exited { code: 0 }));
+        assert!(
+            r.reason.ends_with("sent SIGTERM, it exited with code 0"),
+            "{}",
+            r.reason
         );
     });
 }
