@@ -43,8 +43,11 @@ const MAX_LAUNCHING: usize = 256;
 const LAUNCH_POLL: Duration = Duration::from_millis(1);
 /// How many events a turn handles between looks at the signalling timers.
 const SIGNAL_CHECK_EVERY: usize = 8;
-/// How often the orphan scan runs when the executor is a subreaper.
-const ORPHAN_SCAN: Duration = Duration::from_millis(200);
+/// How often the orphan scan runs when the executor is a subreaper: one
+/// read of the main thread's children list (tens of µs), often enough that
+/// group members killed by a sweep, adopted as they die, do not sit as our
+/// zombies for long.
+const ORPHAN_SCAN: Duration = Duration::from_millis(50);
 
 /// How the loop is set up.
 pub(crate) struct Config {
