@@ -57,9 +57,17 @@ impl<'de> Deserialize<'de> for WireDuration {
             Raw::Secs(s) if s.is_finite() && (0.0..=1e9).contains(&s) => {
                 Ok(WireDuration(Duration::from_secs_f64(s)))
             }
-            Raw::Secs(s) => Err(serde::de::Error::custom(format!(
-                "duration {s} is out of range (0 to 1e9 seconds)"
-            ))),
+            Raw::Secs(s) => {
+                // 1e300 would print as 301 digits.
+                let shown = if s.abs() < 1e12 {
+                    format!("{s}")
+                } else {
+                    format!("{s:e}")
+                };
+                Err(serde::de::Error::custom(format!(
+                    "duration {shown} seconds is out of range (0 to 1e9 seconds)"
+                )))
+            }
             Raw::Text(t) => crate::units::parse_duration(&t)
                 .map(WireDuration)
                 .map_err(serde::de::Error::custom),
@@ -427,6 +435,14 @@ mod tests {
         assert_eq!(e.code, ErrorCode::BadRequest);
         let e = parse_request(r#"{"op":"cancel"}"#).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
+        let e =
+            parse_request(r#"{"op":"submit","id":1,"argv":["x"],"timeout":1e300}"#).unwrap_err();
+        assert!(
+            e.message.contains("1e300 seconds is out of range"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.len() < 200, "{}", e.message);
     }
 
     #[test]
