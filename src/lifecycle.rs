@@ -34,6 +34,11 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant, SystemTime};
 
+/// Most descendants one check's kill walks through (see `find_descendants`).
+const WALK_LIMIT: usize = 64;
+/// Most descendants outside its group one check's kill keeps (as pidfds) and signals.
+const MAX_DESCENDANTS: usize = 16;
+
 /// What a token's fd is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Source {
@@ -188,6 +193,9 @@ pub(crate) struct Lifecycle {
     /// `Some` exactly while the leader is unreaped.
     pidfd: Option<OwnedFd>,
     pidfd_armed: bool,
+    /// Descendants found while the check was being killed (see
+    /// `signal_descendants`), as pidfds; closed at the reap.
+    descendants: Vec<spawn::Descendant>,
     started: Option<Instant>,
     deadline: Option<Instant>,
     stdout: Stream,
@@ -241,6 +249,7 @@ impl Lifecycle {
             pid: None,
             pidfd: None,
             pidfd_armed: false,
+            descendants: Vec::new(),
             started: None,
             deadline: None,
             stdout: Stream::default(),
@@ -408,10 +417,52 @@ impl Lifecycle {
         }
     }
 
-    /// Send `sig` to the leader (pidfd) and its group. Only while unreaped.
+    /// Send `sig` to the leader (pidfd), its group, and descendants that
+    /// left the group. Only while unreaped.
     fn signal(&mut self, sig: Signal) {
+        // The walk first: once signalled, the leader may be gone within
+        // microseconds, and its children re-parented out of reach.
+        self.find_descendants();
         self.signal_leader(sig);
         self.signal_group(sig);
+        self.signal_descendants(sig);
+    }
+
+    /// Find the leader's descendants outside its group (while the leader
+    /// lives, its descendants can be walked through `/proc`; once it is
+    /// signalled it may be gone within microseconds, its children
+    /// re-parented out of reach) and keep them as pidfds: each signal
+    /// reaches them through those (`signal_descendants`), and so does the
+    /// SIGKILL before the reap, even once the leader is gone. Only on the
+    /// way to killing a check (timeout, cancel, shutdown): a check that ends
+    /// by itself may leave a service it started.
+    fn find_descendants(&mut self) {
+        let (Some(pidfd), Some(pid), true) = (&self.pidfd, self.pid, self.grouped()) else {
+            return;
+        };
+        let mut found =
+            spawn::descendants_outside_group(pid, pidfd.as_fd(), WALK_LIMIT, MAX_DESCENDANTS);
+        // Keep those an earlier walk found and this one did not (re-parented
+        // away from the leader's tree since).
+        for old in self.descendants.drain(..) {
+            if found.len() < MAX_DESCENDANTS && !found.iter().any(|d| d.pid == old.pid) {
+                found.push(old);
+            }
+        }
+        self.descendants = found;
+    }
+
+    /// Send `sig` to the descendants found outside the group (see `find_descendants`).
+    fn signal_descendants(&mut self, sig: Signal) {
+        for d in &self.descendants {
+            tracing::debug!(
+                id = self.id,
+                pid = d.pid.as_raw_nonzero().get(),
+                ?sig,
+                "signalling a descendant outside the check's group"
+            );
+            let _ = spawn::signal_leader(d.pidfd.as_fd(), sig);
+        }
     }
 
     /// Send `sig` to the leader, through its pidfd. Only while unreaped.
@@ -541,6 +592,11 @@ impl Lifecycle {
         // Sweep before reap: the zombie leader still pins the group id.
         if grouped && (self.kill.is_some() || self.kill_group_on_exit) {
             let _ = spawn::signal_group_of_unreaped_leader(pid, Signal::KILL);
+        }
+        // And the descendants found outside the group while killing it (the
+        // leader may have died of SIGTERM, leaving them SIGTERM only).
+        for d in self.descendants.drain(..) {
+            let _ = spawn::signal_leader(d.pidfd.as_fd(), Signal::KILL);
         }
         match spawn::reap(pidfd.as_fd()) {
             Ok(Reap::Reaped(status, rusage)) => {

@@ -8,7 +8,7 @@
 use crate::check::Prepared;
 use crate::rawsys;
 use crate::result::{ExitStatus, Rusage};
-use rustix::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use rustix::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use rustix::io::Errno;
 use rustix::pipe::PipeFlags;
 use rustix::process::{Pid, Signal};
@@ -896,6 +896,119 @@ pub(crate) fn signal_group_of_unreaped_leader(pgid: Pid, sig: Signal) -> Result<
         Ok(()) | Err(Errno::SRCH) => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// A descendant of a check's leader outside its process group (`setsid`,
+/// or `setpgid` into a group of its own), which the group signal misses.
+pub(crate) struct Descendant {
+    pub pid: Pid,
+    /// Signalling through it reaches this process or nobody, whatever
+    /// happens later (it is re-parented, or exits and its number is reused).
+    pub pidfd: OwnedFd,
+}
+
+/// The descendants of a live leader that are outside its process group, at
+/// most `keep` of them, from a walk of at most `visit` processes through
+/// `/proc` (each process's main-thread children list: one file, as this
+/// runs on the loop for every check killed; children of a plugin's other
+/// threads are missed).
+///
+/// Race-free by construction: a child's pid is opened as a pidfd, then its
+/// `/proc` entry read, then the pidfd's process is confirmed alive (so the
+/// entry read was its own: a number is not reused while its process
+/// lives); and the parent is confirmed alive after that (so the `ppid`
+/// read named it). A process created after its parent's list was read is
+/// missed; so is one whose parent already exited (it was re-parented).
+pub(crate) fn descendants_outside_group(
+    leader: Pid,
+    leader_pidfd: BorrowedFd<'_>,
+    visit: usize,
+    keep: usize,
+) -> Vec<Descendant> {
+    let pgid = leader.as_raw_nonzero().get();
+    // Every process reached (its pidfd, whether outside the group).
+    let mut reached: Vec<(Descendant, bool)> = Vec::new();
+    // Processes whose children are still to be listed (the leader first).
+    let mut to_visit: Vec<(i32, Option<usize>)> = vec![(pgid, None)];
+    'walk: while let Some((pid, index)) = to_visit.pop() {
+        let children = children_of(pid);
+        let parent_alive = |reached: &[(Descendant, bool)]| match index {
+            Some(i) => alive(reached[i].0.pidfd.as_fd()),
+            None => alive(leader_pidfd),
+        };
+        if !parent_alive(&reached) {
+            continue; // Exited: its list may name others' children by now.
+        }
+        for child in children {
+            if reached.len() >= visit {
+                break 'walk; // A fork bomb: enough.
+            }
+            let Some(cpid) = Pid::from_raw(child) else {
+                continue;
+            };
+            let Ok(cfd) = rustix::process::pidfd_open(cpid, rustix::process::PidfdFlags::empty())
+            else {
+                continue;
+            };
+            let Some((ppid, pgrp)) = ppid_and_pgrp(child) else {
+                continue;
+            };
+            if ppid != pid || !alive(cfd.as_fd()) || !parent_alive(&reached) {
+                continue;
+            }
+            let descendant = Descendant {
+                pid: cpid,
+                pidfd: cfd,
+            };
+            reached.push((descendant, pgrp != pgid));
+            to_visit.push((child, Some(reached.len() - 1)));
+        }
+    }
+    reached
+        .into_iter()
+        .filter_map(|(d, outside)| outside.then_some(d))
+        .take(keep)
+        .collect()
+}
+
+/// Whether the process behind `pidfd` still exists (signal 0 through it;
+/// a zombie counts: its number is still its own).
+fn alive(pidfd: BorrowedFd<'_>) -> bool {
+    // SAFETY: pidfd_send_signal with signal 0, no siginfo, no flags: only
+    // checks that the process exists and may be signalled.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    rc == 0
+}
+
+/// Children of `pid`'s main thread, from `/proc` (one file: this runs for
+/// every check killed, on the loop; children created by a plugin's other
+/// threads are missed).
+fn children_of(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// (ppid, pgrp) from `/proc/PID/stat`.
+fn ppid_and_pgrp(pid: i32) -> Option<(i32, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields after the last ')'.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace().skip(1);
+    let ppid = fields.next()?.parse().ok()?;
+    let pgrp = fields.next()?.parse().ok()?;
+    Some((ppid, pgrp))
 }
 
 /// What a non-blocking reap found.

@@ -374,6 +374,47 @@ fn grandchildren_in_the_group_die_on_timeout() {
 }
 
 #[test]
+fn a_timed_out_check_takes_descendants_that_left_its_group_with_it() {
+    // One child leaves the session (setsid), one only the group (setpgid);
+    // both ignore SIGTERM. The leader dies of SIGTERM at the deadline, so
+    // the escapees must still get SIGKILL although the leader is gone.
+    let script = "setsid sh -c 'trap \"\" TERM; exec sleep 1000' </dev/null >/dev/null 2>&1 & \
+        echo $!; \
+        perl -e '$SIG{TERM}=\"IGNORE\"; setpgrp(0,0); sleep 1000' </dev/null >/dev/null 2>&1 & \
+        echo $!; \
+        exec sleep 1000";
+    each_backend(executor, |exec, _| {
+        let r = run(
+            exec,
+            sh(script)
+                .timeout(Duration::from_millis(500))
+                .grace(Duration::from_secs(30)),
+        );
+        assert!(r.timed_out(), "{:?}", r.outcome);
+        assert!(
+            !r.reason.contains("SIGKILL"),
+            "the leader died of SIGTERM: {}",
+            r.reason
+        );
+        let escapees: Vec<i32> = r
+            .stdout
+            .text()
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(escapees.len(), 2, "{:?}", r.stdout.text());
+        let dead = |p: i32| !matches!(stat(p), Some((st, ..)) if st != 'Z' && st != 'X');
+        assert!(
+            eventually(Duration::from_secs(10), || escapees
+                .iter()
+                .all(|&p| dead(p))),
+            "descendants outside the group outlived the timeout: {:?}",
+            escapees.iter().map(|&p| (p, stat(p))).collect::<Vec<_>>()
+        );
+    });
+}
+
+#[test]
 fn leftover_group_members_are_swept_after_a_normal_exit() {
     each_backend(executor, |exec, _| {
         let r = run(exec, sh("sleep 300 >/dev/null 2>&1 & echo ok"));
