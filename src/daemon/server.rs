@@ -640,24 +640,32 @@ fn drain_signals(sig_rx: &UnixStream) -> bool {
 #[derive(Default)]
 struct Acceptor {
     next_conn: u64,
-    /// When an accept failure was last logged, and how many since.
-    last_failure_log: Option<Instant>,
-    failures_unlogged: u64,
+    /// Accept failures (EMFILE lasts, and the listener stays readable all
+    /// the while) and connections refused at `max_clients`: logged at most
+    /// once a second each, with a count.
+    failures: Throttled,
+    refusals: Throttled,
 }
 
-impl Acceptor {
-    /// Log an accept failure at most once a second: EMFILE lasts, and the
-    /// listener stays readable all the while.
-    fn accept_failed(&mut self, e: &io::Error) {
-        self.failures_unlogged += 1;
+/// Something that may happen many times a second, logged at most once a second.
+#[derive(Default)]
+struct Throttled {
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Throttled {
+    /// Count one; `Some(count since the last log)` when it is time to log.
+    fn happened(&mut self) -> Option<u64> {
+        self.unlogged += 1;
         if self
-            .last_failure_log
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            .last_logged
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
         {
-            tracing::warn!(error = %e, failures = self.failures_unlogged, "cannot accept connections");
-            self.last_failure_log = Some(Instant::now());
-            self.failures_unlogged = 0;
+            return None;
         }
+        self.last_logged = Some(Instant::now());
+        Some(std::mem::take(&mut self.unlogged))
     }
 }
 
@@ -674,7 +682,9 @@ fn accept_all(
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => {
                 // EMFILE and friends: go on; the client waits in the backlog.
-                acceptor.accept_failed(&e);
+                if let Some(count) = acceptor.failures.happened() {
+                    tracing::warn!(error = %e, count, "cannot accept connections");
+                }
                 std::thread::sleep(Duration::from_millis(10));
                 return;
             }
@@ -682,6 +692,10 @@ fn accept_all(
         if daemon.stats.connections_open.load(Ordering::Relaxed) >= daemon.config.max_clients as u64
         {
             refuse(stream, daemon);
+            if let Some(count) = acceptor.refusals.happened() {
+                let max_clients = daemon.config.max_clients;
+                tracing::warn!(max_clients, count, "refused connections: too many clients");
+            }
             continue;
         }
         acceptor.next_conn += 1;
@@ -708,7 +722,6 @@ fn refuse(stream: UnixStream, daemon: &Daemon) {
     let _ = stream.set_nonblocking(true);
     let _ = (&stream).write_all(&line);
     daemon.stats.count_error(ErrorCode::TooManyClients);
-    tracing::warn!(max_clients = max, "refused a connection: too many clients");
 }
 
 fn start_conn(
@@ -1134,4 +1147,20 @@ fn build_check(config: &DaemonConfig, req: &SubmitRequest, id: &ClientId) -> Res
         check = check.timeout_state(state);
     }
     Ok(check)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttled_logs_once_a_second_with_the_count() {
+        let mut t = Throttled::default();
+        assert_eq!(t.happened(), Some(1));
+        assert_eq!(t.happened(), None);
+        assert_eq!(t.happened(), None);
+        t.last_logged = Instant::now().checked_sub(Duration::from_secs(2));
+        assert_eq!(t.happened(), Some(3));
+        assert_eq!(t.happened(), None);
+    }
 }
