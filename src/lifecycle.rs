@@ -437,11 +437,11 @@ impl Lifecycle {
     /// way to killing a check (timeout, cancel, shutdown): a check that ends
     /// by itself may leave a service it started.
     fn find_descendants(&mut self) {
-        let (Some(pidfd), Some(pid), true) = (&self.pidfd, self.pid, self.grouped()) else {
+        // Only while the leader is unreaped (`pidfd` is `Some`): its pid is ours.
+        let (Some(_), Some(pid), true) = (&self.pidfd, self.pid, self.grouped()) else {
             return;
         };
-        let mut found =
-            spawn::descendants_outside_group(pid, pidfd.as_fd(), WALK_LIMIT, MAX_DESCENDANTS);
+        let mut found = spawn::descendants_outside_group(pid, WALK_LIMIT, MAX_DESCENDANTS);
         // Keep those an earlier walk found and this one did not (re-parented
         // away from the leader's tree since).
         for old in self.descendants.drain(..) {

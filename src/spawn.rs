@@ -907,7 +907,8 @@ pub(crate) struct Descendant {
     pub pidfd: OwnedFd,
 }
 
-/// The descendants of a live leader that are outside its process group, at
+/// The descendants of a leader (an unreaped child of ours: its pid names it
+/// until we reap it) that are outside its process group, at
 /// most `keep` of them, from a walk of at most `visit` processes through
 /// `/proc` (each process's main-thread children list: one file, as this
 /// runs on the loop for every check killed; children of a plugin's other
@@ -919,12 +920,7 @@ pub(crate) struct Descendant {
 /// lives); and the parent is confirmed alive after that (so the `ppid`
 /// read named it). A process created after its parent's list was read is
 /// missed; so is one whose parent already exited (it was re-parented).
-pub(crate) fn descendants_outside_group(
-    leader: Pid,
-    leader_pidfd: BorrowedFd<'_>,
-    visit: usize,
-    keep: usize,
-) -> Vec<Descendant> {
+pub(crate) fn descendants_outside_group(leader: Pid, visit: usize, keep: usize) -> Vec<Descendant> {
     let pgid = leader.as_raw_nonzero().get();
     // Every process reached (its pidfd, whether outside the group).
     let mut reached: Vec<(Descendant, bool)> = Vec::new();
@@ -932,9 +928,11 @@ pub(crate) fn descendants_outside_group(
     let mut to_visit: Vec<(i32, Option<usize>)> = vec![(pgid, None)];
     'walk: while let Some((pid, index)) = to_visit.pop() {
         let children = children_of(pid);
+        // The leader is our unreaped child: its number is ours until we
+        // reap it, so its own entries need no confirming.
         let parent_alive = |reached: &[(Descendant, bool)]| match index {
             Some(i) => alive(reached[i].0.pidfd.as_fd()),
-            None => alive(leader_pidfd),
+            None => true,
         };
         if !parent_alive(&reached) {
             continue; // Exited: its list may name others' children by now.
