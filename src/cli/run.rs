@@ -94,7 +94,8 @@ pub fn main(args: RunArgs) -> ExitCode {
     let result = pending.wait();
     let code = super::common::print_result(&result, args.json);
     match stopped_by.load(Ordering::SeqCst) {
-        0 => code,
+        // Not a cancel's result: the check ended first, the signal came late.
+        sig if sig == 0 || result.outcome != pidring::Outcome::Cancelled => code,
         sig => {
             eprintln!(
                 "pidring run: stopped by {}; the check was killed and reaped",
