@@ -19,6 +19,9 @@
 //! - the reap is never skipped: a signal's result never decides anything;
 //! - the group is swept before the reap after a timeout, cancel or shutdown
 //!   (and after a normal exit when `kill_group_on_exit`);
+//! - descendants outside the group, found by walking the live leader's
+//!   descendants before a kill's first signal, are signalled only through
+//!   their own pidfds, and only until the leader is reaped;
 //! - deadlines come from the timer alone, never from output or EOF.
 
 use crate::backend::Backend;
