@@ -344,6 +344,7 @@ on_both_backends!(
     client_that_never_reads,
     slow_reader_holds_bounded_bytes,
     connections_past_max_clients_are_refused_with_a_reason,
+    a_client_hanging_up_while_its_reader_waits_for_room_is_noticed,
     escaped_grandchild_reaped_as_orphan,
     sigterm_answers_everything_and_leaves_nothing,
     second_signal_stops_now,
@@ -676,17 +677,29 @@ fn client_that_never_reads(backend: &str) {
     d.client().good_submit("other");
 }
 
+/// A daemon whose connections may hold `max_client_bytes` (requests of at
+/// most 64 KiB, output caps of at most `max_output_cap`), plus `extra` config.
+fn with_byte_budget(
+    backend: &str,
+    max_client_bytes: &str,
+    max_output_cap: &str,
+    extra: &str,
+) -> Daemon {
+    let config = format!(
+        "max_client_bytes = {max_client_bytes:?}\nmax_output_cap = {max_output_cap:?}\n\
+         max_line_bytes = \"64KiB\"\n{extra}"
+    );
+    Daemon::start(backend, &[], Some(&config))
+}
+
 fn slow_reader_holds_bounded_bytes(backend: &str) {
     // Slots alone (4096 by default) would let a client that does not read
     // hold 4096 results of two 64 KiB streams each: 512 MiB.
-    let d = Daemon::start(
+    let d = with_byte_budget(
         backend,
-        &[],
-        Some(
-            "max_client_bytes = \"1MiB\"\nmax_output_cap = \"256KiB\"\n\
-             max_line_bytes = \"64KiB\"\n\
-             client_write_timeout = \"60s\"\n",
-        ),
+        "1MiB",
+        "256KiB",
+        "client_write_timeout = \"60s\"\n",
     );
     // Asking for more than max_output_cap is refused, and says why.
     let mut c = d.client();
@@ -723,6 +736,26 @@ fn slow_reader_holds_bounded_bytes(backend: &str) {
             && dcounter(s, "results_sent") + dcounter(s, "results_dropped")
                 == dcounter(s, "submits_accepted")
     });
+}
+
+fn a_client_hanging_up_while_its_reader_waits_for_room_is_noticed(backend: &str) {
+    // Three sleeps fit in 400 KiB (~130 KiB each); the reader waits for
+    // room for the fourth, so it never reads the EOF. The hangup must be
+    // seen anyway, and the three cancelled, not left to their 600 s.
+    let d = with_byte_budget(backend, "400KiB", "64KiB", "");
+    let mut c = d.client();
+    for i in 0..6 {
+        c.send(&json!({"op": "submit", "id": i, "argv": ["sleep", "600"], "timeout": "600s"}));
+    }
+    d.wait_stats("three running, the reader waiting", |s| {
+        s["engine"]["running"] == 3 && dcounter(s, "submits_accepted") == 3
+    });
+    drop(c);
+    let s = d.wait_stats("the hangup noticed and the checks cancelled", |s| {
+        s["engine"]["running"] == 0 && dcounter(s, "clients_gone_in_flight") == 1
+    });
+    assert_eq!(dcounter(&s, "submits_accepted"), 3, "{s:#}");
+    assert!(zombie_children(d.pid()).is_empty());
 }
 
 fn connections_past_max_clients_are_refused_with_a_reason(backend: &str) {

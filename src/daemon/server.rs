@@ -136,6 +136,8 @@ struct Conn {
     in_flight_count: AtomicUsize,
     /// The client closed its sending side.
     reader_done: AtomicBool,
+    /// The client closed its end entirely, seen while the reader waited.
+    hung_up: AtomicBool,
     /// The daemon is shutting down: finish once everything is written.
     finishing: AtomicBool,
     /// Nothing more will be written (finished or dropped).
@@ -169,22 +171,39 @@ impl Conn {
         })
     }
 
-    /// Wait until `take` succeeds or the connection closes.
+    /// Wait until `take` succeeds, the connection closes, or the client
+    /// hangs up (then `hung_up` is set).
     fn acquire(&self, mut take: impl FnMut(&mut Held) -> Option<()>) -> bool {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if self.closed.load(Ordering::SeqCst) {
+            if self.closed.load(Ordering::SeqCst) || self.hung_up.load(Ordering::SeqCst) {
                 return false;
             }
             if take(&mut held).is_some() {
                 return true;
             }
-            held = self
+            let (h, waited) = self
                 .slot_freed
                 .wait_timeout(held, Duration::from_millis(500))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+                .unwrap_or_else(|p| p.into_inner());
+            held = h;
+            if waited.timed_out() && self.peer_hung_up() {
+                self.hung_up.store(true, Ordering::SeqCst);
+                return false;
+            }
         }
+    }
+
+    /// Whether the client closed its end entirely (not just its sending
+    /// side: a half-closed client still reads its answers).
+    fn peer_hung_up(&self) -> bool {
+        let mut fds = [PollFd::new(&self.stream, PollFlags::empty())];
+        let now = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        rustix::event::poll(&mut fds, Some(&now)).is_ok()
+            && fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR)
     }
 
     fn release(&self, slots: usize, bytes: usize) {
@@ -750,6 +769,7 @@ fn start_conn(
         in_flight: Mutex::new(HashMap::new()),
         in_flight_count: AtomicUsize::new(0),
         reader_done: AtomicBool::new(false),
+        hung_up: AtomicBool::new(false),
         finishing: AtomicBool::new(false),
         closed: AtomicBool::new(false),
         queue_gate: Mutex::new(()),
@@ -877,7 +897,7 @@ fn reader_loop(conn: &Arc<Conn>, daemon: &Daemon, stream: UnixStream) {
         if buf.is_empty() {
             // EOF: a last line without its newline still counts.
             if !skipping && !line.is_empty() && !handle_line(conn, daemon, &line) {
-                return;
+                return reader_gave_up(conn, daemon);
             }
             break;
         }
@@ -892,7 +912,7 @@ fn reader_loop(conn: &Arc<Conn>, daemon: &Daemon, stream: UnixStream) {
                 line.clear();
                 line.shrink_to(64 * 1024);
                 if !conn.acquire_slot() {
-                    return;
+                    return reader_gave_up(conn, daemon);
                 }
                 conn.stats.requests.fetch_add(1, Ordering::Relaxed);
                 conn.send(
@@ -913,7 +933,7 @@ fn reader_loop(conn: &Arc<Conn>, daemon: &Daemon, stream: UnixStream) {
             if skipping {
                 skipping = false;
             } else if !handle_line(conn, daemon, &line) {
-                return;
+                return reader_gave_up(conn, daemon);
             }
             line.clear();
         }
@@ -939,19 +959,35 @@ fn watch_hangup(conn: &Conn, daemon: &Daemon) {
             Err(_) => return,
         }
         if fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR) {
-            if conn.in_flight_count.load(Ordering::SeqCst) > 0 {
-                let cancelled = conn.cancel_in_flight(&daemon.exec);
-                conn.stats
-                    .clients_gone_in_flight
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    conn = conn.no,
-                    cancelled,
-                    "client hung up with checks in flight: cancelling them, their results are dropped"
-                );
-            }
-            return;
+            return cancel_for_hangup(conn, daemon);
         }
+    }
+}
+
+/// The reader stopped waiting for room (a slot or bytes): the connection
+/// closed, or the client hung up, which it saw while waiting (parked, it
+/// would never have read the EOF): then as `watch_hangup`.
+fn reader_gave_up(conn: &Conn, daemon: &Daemon) {
+    if conn.hung_up.load(Ordering::SeqCst) {
+        conn.reader_done.store(true, Ordering::SeqCst);
+        conn.wake_writer();
+        cancel_for_hangup(conn, daemon);
+    }
+}
+
+/// The client hung up entirely: its checks in flight are cancelled (their
+/// results have nowhere to go).
+fn cancel_for_hangup(conn: &Conn, daemon: &Daemon) {
+    if conn.in_flight_count.load(Ordering::SeqCst) > 0 {
+        let cancelled = conn.cancel_in_flight(&daemon.exec);
+        conn.stats
+            .clients_gone_in_flight
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            conn = conn.no,
+            cancelled,
+            "client hung up with checks in flight: cancelling them, their results are dropped"
+        );
     }
 }
 
