@@ -349,3 +349,43 @@ fn run_needs_few_descriptors() {
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "OK - few fds\n");
 }
+
+#[test]
+fn a_stop_signal_ends_run_even_when_it_is_stuck_writing_the_result() {
+    // The check is over and `run` blocks writing more than a pipe holds to
+    // a stdout nobody reads: SIGTERM must still end it.
+    let dir = tempfile::tempdir().unwrap();
+    let done = dir.path().join("done");
+    let script = format!("head -c 200000 /dev/zero; touch {}", done.display());
+    let mut child = pidring()
+        .args(["run", "--", "/bin/sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    // No child left on any of its threads (the check is a child of the loop thread).
+    let reaped = || {
+        std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+            tasks.flatten().all(|t| {
+                std::fs::read_to_string(t.path().join("children"))
+                    .is_ok_and(|c| c.trim().is_empty())
+            })
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || done.exists() && reaped()),
+        "the check never finished"
+    );
+    // SAFETY: kill(2) on our own unreaped child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let mut status = None;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        }),
+        "run ignored SIGTERM while blocked on its stdout"
+    );
+    assert_eq!(status.unwrap().code(), Some(128 + libc::SIGTERM));
+}

@@ -4,7 +4,7 @@ use clap::Args;
 use pidring::{BackendKind, Check, Executor, State};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
 use super::common::{block_signals, wait_signal};
@@ -77,21 +77,35 @@ pub fn main(args: RunArgs) -> ExitCode {
         Err(e) => return fail(&e.to_string()),
     };
     let stopped_by = Arc::new(AtomicI32::new(0));
+    // Set once the result is in: a stop signal then ends `run` at once
+    // (it may be blocked writing to a full stdout), as does a second one.
+    let finished = Arc::new(AtomicBool::new(false));
     {
-        let (exec, stopped_by, id) = (exec.clone(), stopped_by.clone(), pending.id());
+        let (exec, id) = (exec.clone(), pending.id());
+        let (stopped_by, finished) = (stopped_by.clone(), finished.clone());
         // Ends with the process; it only ever waits in sigwait.
         let watcher = std::thread::Builder::new()
             .name("pidring-signals".into())
             .spawn(move || {
-                let sig = wait_signal(&stop_signals);
-                stopped_by.store(sig, Ordering::SeqCst);
-                exec.cancel(id);
+                loop {
+                    let sig = wait_signal(&stop_signals);
+                    let again = stopped_by.swap(sig, Ordering::SeqCst) != 0;
+                    if again || finished.load(Ordering::SeqCst) {
+                        eprintln!(
+                            "pidring run: stopped by {}",
+                            pidring::result::signal_name(sig)
+                        );
+                        std::process::exit(128 + sig);
+                    }
+                    exec.cancel(id);
+                }
             });
         if let Err(e) = watcher {
             return fail(&format!("cannot start the signal thread: {e}"));
         }
     }
     let result = pending.wait();
+    finished.store(true, Ordering::SeqCst);
     let code = super::common::print_result(&result, args.json);
     match stopped_by.load(Ordering::SeqCst) {
         // Not a cancel's result: the check ended first, the signal came late.
