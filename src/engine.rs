@@ -523,7 +523,7 @@ impl Engine {
             .filter_map(|(_, c)| c.unreaped_pid())
             .map(|p| p.as_raw_nonzero().get())
             .collect();
-        let (reaped, _alive) = reap_exited_orphans(&ours, Adopters::MainThread);
+        let (reaped, _alive) = reap_exited_orphans(&ours, Adopters::MainAndLoopThread);
         self.count_orphans(reaped);
     }
 
@@ -613,12 +613,15 @@ impl Drop for Engine {
 /// Whose children to list.
 #[derive(Clone, Copy)]
 pub(crate) enum Adopters {
-    /// The main thread's: the kernel gives a subreaper's orphans to the
-    /// first live thread of the process, which is the main thread while it
-    /// lives. One file to read, however many threads the process has (the
-    /// daemon has two per connection: reading every thread's list made the
-    /// periodic scan cost the loop ~70 ms at 3,000 connections).
-    MainThread,
+    /// The main thread's and the loop thread's. The kernel gives a
+    /// subreaper's orphans to the first live thread of the process, which
+    /// is the main thread while it lives; and a plugin's `clone(CLONE_PARENT)`
+    /// makes a sibling of its leader, a child of the loop thread (the
+    /// thread that created the leader). Two files to read, however many
+    /// threads the process has (the daemon has two per connection: reading
+    /// every thread's list made the periodic scan cost the loop ~70 ms at
+    /// 3,000 connections). Called on the loop thread.
+    MainAndLoopThread,
     /// Every thread's (the final sweep, once: nothing may be missed).
     AllThreads,
 }
@@ -633,9 +636,10 @@ pub(crate) fn children_of_self(adopters: Adopters) -> Vec<i32> {
     };
     let mut pids = Vec::new();
     match adopters {
-        Adopters::MainThread => {
+        Adopters::MainAndLoopThread => {
             let me = std::process::id();
             read(format!("/proc/self/task/{me}/children").into(), &mut pids);
+            read("/proc/thread-self/children".into(), &mut pids);
         }
         Adopters::AllThreads => {
             let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {

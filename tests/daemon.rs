@@ -345,6 +345,7 @@ on_both_backends!(
     slow_reader_holds_bounded_bytes,
     connections_past_max_clients_are_refused_with_a_reason,
     a_client_hanging_up_while_its_reader_waits_for_room_is_noticed,
+    a_sibling_made_with_clone_parent_is_reaped,
     escaped_grandchild_reaped_as_orphan,
     sigterm_answers_everything_and_leaves_nothing,
     second_signal_stops_now,
@@ -756,6 +757,37 @@ fn a_client_hanging_up_while_its_reader_waits_for_room_is_noticed(backend: &str)
     });
     assert_eq!(dcounter(&s, "submits_accepted"), 3, "{s:#}");
     assert!(zombie_children(d.pid()).is_empty());
+}
+
+fn a_sibling_made_with_clone_parent_is_reaped(backend: &str) {
+    if !cfg!(target_arch = "x86_64") {
+        eprintln!("skipped: the plugin calls clone by its x86_64 number");
+        return;
+    }
+    // clone(CLONE_PARENT | SIGCHLD): the new process is the daemon's child
+    // (its loop thread's, which created the leader), not the plugin's; it
+    // exits at once and must not stay a zombie of the daemon.
+    let d = Daemon::start(backend, &[], None);
+    let mut c = d.client();
+    let plugin = "use POSIX (); my $r = syscall(56, 0x8000 | 17, 0, 0, 0, 0); \
+                  POSIX::_exit(0) if $r == 0; print \"$r\\n\";";
+    c.send(&json!({"op": "submit", "id": 1, "argv": ["perl", "-e", plugin]}));
+    let r = c.recv();
+    assert_eq!(r["result"]["state"], "OK", "{r}");
+    let sibling: i32 = r["result"]["stdout"]["data"]
+        .as_str()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{r}"));
+    let end = Instant::now() + PATIENCE;
+    while proc_stat(sibling).is_some_and(|(_, ppid, _)| ppid == d.pid()) {
+        assert!(
+            Instant::now() < end,
+            "{sibling} stays a zombie of the daemon"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn connections_past_max_clients_are_refused_with_a_reason(backend: &str) {
