@@ -37,10 +37,13 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant, SystemTime};
 
-/// Most descendants one check's kill walks through (see `find_descendants`).
-const WALK_LIMIT: usize = 64;
-/// Most descendants outside its group one check's kill keeps (as pidfds) and signals.
-const MAX_DESCENDANTS: usize = 16;
+/// Most descendants one check's kill walks through (see `find_descendants`):
+/// each costs the loop ~30 µs of `/proc` before the first signal.
+const WALK_LIMIT: usize = 16;
+/// Most descendants outside its group one check's kill keeps (as pidfds,
+/// held until the reap: beyond the 3 per check the descriptor table is
+/// sized for) and signals.
+const MAX_DESCENDANTS: usize = 4;
 
 /// What a token's fd is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

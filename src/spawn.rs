@@ -944,9 +944,17 @@ pub(crate) fn descendants_outside_group(leader: Pid, visit: usize, keep: usize) 
             let Some(cpid) = Pid::from_raw(child) else {
                 continue;
             };
-            let Ok(cfd) = rustix::process::pidfd_open(cpid, rustix::process::PidfdFlags::empty())
-            else {
-                continue;
+            let cfd = match rustix::process::pidfd_open(cpid, rustix::process::PidfdFlags::empty())
+            {
+                Ok(fd) => fd,
+                Err(Errno::MFILE | Errno::NFILE) => {
+                    tracing::warn!(
+                        leader = pgid,
+                        "out of descriptors: descendants outside the check's group may survive its kill"
+                    );
+                    break 'walk;
+                }
+                Err(_) => continue,
             };
             let Some((ppid, pgrp)) = ppid_and_pgrp(child) else {
                 continue;
