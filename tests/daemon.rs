@@ -346,6 +346,7 @@ on_both_backends!(
     connections_past_max_clients_are_refused_with_a_reason,
     a_client_hanging_up_while_its_reader_waits_for_room_is_noticed,
     a_sibling_made_with_clone_parent_is_reaped,
+    answers_echoing_big_ids_count_against_the_byte_budget,
     escaped_grandchild_reaped_as_orphan,
     sigterm_answers_everything_and_leaves_nothing,
     second_signal_stops_now,
@@ -757,6 +758,49 @@ fn a_client_hanging_up_while_its_reader_waits_for_room_is_noticed(backend: &str)
     });
     assert_eq!(dcounter(&s, "submits_accepted"), 3, "{s:#}");
     assert!(zombie_children(d.pid()).is_empty());
+}
+
+fn answers_echoing_big_ids_count_against_the_byte_budget(backend: &str) {
+    // A pong echoes its 60 KB id: ~180 KiB budgeted each, so 1 MiB holds
+    // five unwritten; a client that reads none must not get all 40 answered
+    // into the daemon's memory.
+    let d = with_byte_budget(backend, "1MiB", "64KiB", "client_write_timeout = \"60s\"\n");
+    let quiet = UnixStream::connect(&d.socket).unwrap();
+    let mut w = quiet.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for i in 0..40 {
+            let id = format!("{i}-{}", "x".repeat(60_000));
+            let mut line = serde_json::to_vec(&json!({"op": "ping", "id": id})).unwrap();
+            line.push(b'\n');
+            if w.write_all(&line).is_err() {
+                return;
+            }
+        }
+    });
+    // `requests` counts these stats requests too: subtract them.
+    let mut c = d.client();
+    let mut asked = 0;
+    let mut pings_read = || {
+        c.send(&json!({"op": "stats", "id": "s"}));
+        asked += 1;
+        let s = c.recv();
+        dcounter(&s, "requests") - asked
+    };
+    let end = Instant::now() + PATIENCE;
+    while pings_read() < 5 {
+        assert!(Instant::now() < end, "the pings were never read");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Watch a while: the reader waits for room instead of reading on.
+    let end = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < end {
+        let n = pings_read();
+        assert!(n < 20, "{n} pings answered into memory unbudgeted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    quiet.shutdown(std::net::Shutdown::Both).unwrap(); // ends the blocked sender too
+    drop(quiet);
+    let _ = sender.join();
 }
 
 fn a_sibling_made_with_clone_parent_is_reaped(backend: &str) {

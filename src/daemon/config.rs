@@ -130,7 +130,8 @@ impl DaemonConfig {
                 self.output_cap, self.max_output_cap
             ));
         }
-        let largest = check_bytes(self.max_line_bytes, self.max_output_cap);
+        let largest = check_bytes(self.max_line_bytes, self.max_output_cap)
+            .max(answer_bytes(self.max_line_bytes));
         if self.max_client_bytes < largest {
             return Err(format!(
                 "max_client_bytes ({} bytes) cannot hold the largest check: one with a request of max_line_bytes ({}) and output at max_output_cap ({}) needs {largest} bytes",
@@ -168,6 +169,13 @@ pub fn check_bytes(line_len: usize, cap: usize) -> usize {
         .saturating_mul(2)
         .saturating_add(cap.saturating_mul(2))
         .saturating_add(RESULT_OVERHEAD)
+}
+
+/// What the answer to a request line of `line_len` bytes may hold, counted
+/// against `max_client_bytes` until written: it may echo the request's id
+/// (at most the line), and an error's message may name it again.
+pub fn answer_bytes(line_len: usize) -> usize {
+    line_len.saturating_mul(3).saturating_add(RESULT_OVERHEAD)
 }
 
 /// The default socket: `/run/pidring/pidring.sock` as root, else

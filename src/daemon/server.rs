@@ -16,7 +16,7 @@
 //! it is submitted (a submit waits for them), so a client that reads slowly
 //! while its checks flood their output holds at most that much.
 
-use super::config::{DaemonConfig, check_bytes};
+use super::config::{DaemonConfig, answer_bytes, check_bytes};
 use super::protocol::{
     self, ClientId, DaemonCounters, ErrorCode, Request, RequestError, Response, SubmitRequest,
 };
@@ -218,12 +218,19 @@ impl Conn {
 
     /// Queue a response that holds a slot; on a closed connection it is dropped.
     fn send(&self, response: Response) {
+        self.send_holding(response, 0);
+    }
+
+    /// Queue a response that holds a slot and `bytes` of the budget (an
+    /// answer that echoes the request's id); on a closed connection it is
+    /// dropped.
+    fn send_holding(&self, response: Response, bytes: usize) {
         let code = match &response {
             Response::Error { code, .. } => Some(*code),
             _ => None,
         };
-        if !self.queue(Outgoing::Line(response, 0)) {
-            self.release(1, 0);
+        if !self.queue(Outgoing::Line(response, bytes)) {
+            self.release(1, bytes);
         } else if let Some(code) = code {
             self.stats.count_error(code);
         }
@@ -994,17 +1001,25 @@ fn cancel_for_hangup(conn: &Conn, daemon: &Daemon) {
 /// Serve one request line. False when the connection is closed.
 fn handle_line(conn: &Arc<Conn>, daemon: &Daemon, raw: &[u8]) -> bool {
     let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    // Its answer may echo the request's id (a whole line's worth, and an
+    // error message may repeat it): budgeted like a result.
+    let answer = answer_bytes(raw.len());
+    let send = |response: Response| conn.send_holding(response, answer);
     if raw.iter().all(u8::is_ascii_whitespace) {
         return true;
     }
     if !conn.acquire_slot() {
         return false;
     }
+    if !conn.acquire_bytes(answer) {
+        conn.release(1, 0);
+        return false;
+    }
     conn.stats.requests.fetch_add(1, Ordering::Relaxed);
     let text = match std::str::from_utf8(raw) {
         Ok(t) => t,
         Err(e) => {
-            conn.send(
+            send(
                 RequestError::new(
                     ErrorCode::InvalidUtf8,
                     format!("request is not valid UTF-8 ({e})"),
@@ -1018,16 +1033,17 @@ fn handle_line(conn: &Arc<Conn>, daemon: &Daemon, raw: &[u8]) -> bool {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(conn = conn.no, code = e.code.as_str(), message = %e.message, "bad request");
-            conn.send(e.into_response());
+            send(e.into_response());
             return true;
         }
     };
     match request {
         Request::Submit(s) => {
-            if let Err(e) = submit(conn, daemon, *s, raw.len()) {
-                conn.send(e.into_response());
+            if let Err(e) = submit(conn, daemon, *s, raw.len(), answer) {
+                send(e.into_response());
             }
-            // Accepted: the slot now belongs to the check (and then its result).
+            // Accepted: the slot and the bytes now belong to the check (and
+            // then its result).
         }
         Request::Cancel(c) => {
             let engine_id = conn
@@ -1042,9 +1058,9 @@ fn handle_line(conn: &Arc<Conn>, daemon: &Daemon, raw: &[u8]) -> bool {
                     // The check's own result (outcome "cancelled", or how it
                     // ended if it finished first) is the answer.
                     daemon.exec.cancel(eid);
-                    conn.release(1, 0);
+                    conn.release(1, answer);
                 }
-                None => conn.send(
+                None => send(
                     RequestError::new(
                         ErrorCode::NotFound,
                         format!("no check with id {} is in flight on this connection", c.id),
@@ -1054,8 +1070,8 @@ fn handle_line(conn: &Arc<Conn>, daemon: &Daemon, raw: &[u8]) -> bool {
                 ),
             }
         }
-        Request::Stats(p) => conn.send(daemon.stats_response(p.id)),
-        Request::Ping(p) => conn.send(Response::Pong {
+        Request::Stats(p) => send(daemon.stats_response(p.id)),
+        Request::Ping(p) => send(Response::Pong {
             id: p.id,
             version: env!("CARGO_PKG_VERSION").to_string(),
         }),
@@ -1064,11 +1080,15 @@ fn handle_line(conn: &Arc<Conn>, daemon: &Daemon, raw: &[u8]) -> bool {
 }
 
 /// Build the check from a request line of `line_len` bytes and hand it to the engine.
+/// The request's line already holds `answer` bytes (for an error answer);
+/// accepted, the check holds `check_bytes` instead, until its result is
+/// written. On `Err` the line still holds exactly `answer`.
 fn submit(
     conn: &Arc<Conn>,
     daemon: &Daemon,
     req: SubmitRequest,
     line_len: usize,
+    answer: usize,
 ) -> Result<(), RequestError> {
     let id = req.id.clone().unwrap_or(ClientId::Num(0.into()));
     let err = |code, message: String| {
@@ -1084,8 +1104,9 @@ fn submit(
         build_check(&daemon.config, &req, &id).map_err(|m| err(ErrorCode::BadRequest, m))?;
     // Held until the result is written (or dropped); taken before the id is
     // in flight, so a submit waiting here cannot be cancelled half-made.
-    let reserved = check_bytes(line_len, check.output_cap);
-    if !conn.acquire_bytes(reserved) {
+    // The line's `answer` bytes count towards it; the rest is taken now.
+    let reserved = check_bytes(line_len, check.output_cap).max(answer);
+    if !conn.acquire_bytes(reserved - answer) {
         // The connection closed while waiting: this error goes nowhere.
         return Err(err(ErrorCode::ShuttingDown, "connection closed".into()));
     }
@@ -1093,7 +1114,7 @@ fn submit(
         let mut map = conn.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         if map.contains_key(&id) {
             drop(map);
-            conn.release(0, reserved);
+            conn.release(0, reserved - answer);
             return Err(err(
                 ErrorCode::DuplicateId,
                 format!("a check with id {id} is still in flight on this connection"),
@@ -1130,7 +1151,7 @@ fn submit(
                 .remove(&id);
             conn.in_flight_count.fetch_sub(1, Ordering::SeqCst);
             conn.stats.submits_accepted.fetch_sub(1, Ordering::Relaxed);
-            conn.release(0, reserved);
+            conn.release(0, reserved - answer);
             Err(match e {
                 SubmitError::QueueFull { .. } => err(ErrorCode::QueueFull, e.to_string()),
                 SubmitError::ShuttingDown => err(
