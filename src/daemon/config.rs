@@ -52,6 +52,9 @@ pub struct DaemonConfig {
     /// that connection's requests.
     #[serde(deserialize_with = "de_size")]
     pub max_client_bytes: usize,
+    /// The same, for all connections together.
+    #[serde(deserialize_with = "de_size")]
+    pub max_total_bytes: usize,
     /// Connections served at once (each costs two threads and two
     /// descriptors); more are answered `too_many_clients` and closed.
     pub max_clients: usize,
@@ -80,7 +83,8 @@ impl Default for DaemonConfig {
             drain_timeout: Duration::from_secs(10),
             max_line_bytes: 1024 * 1024,
             max_client_queue: 4096,
-            max_client_bytes: 128 * 1024 * 1024,
+            max_client_bytes: 256 * 1024 * 1024,
+            max_total_bytes: 1024 * 1024 * 1024,
             max_clients: 1024,
             client_write_timeout: Duration::from_secs(30),
             nagios: None,
@@ -121,6 +125,12 @@ impl DaemonConfig {
         if self.max_client_queue == 0 {
             return Err("max_client_queue must be at least 1".into());
         }
+        if self.max_total_bytes < self.max_client_bytes {
+            return Err(format!(
+                "max_total_bytes ({} bytes) must be at least max_client_bytes ({} bytes)",
+                self.max_total_bytes, self.max_client_bytes
+            ));
+        }
         if self.max_clients == 0 {
             return Err("max_clients must be at least 1".into());
         }
@@ -159,15 +169,16 @@ pub const RESULT_OVERHEAD: usize = 2048;
 
 /// What a check submitted in a request line of `line_len` bytes, with
 /// output cap `cap`, may hold in memory for its client until its answer is
-/// written, counted against `max_client_bytes`: the check itself (its
-/// strings, and their C copies for exec: twice the line at most), both
-/// streams full, and the rest of the result. (The parsed plugin output can
-/// add up to about one more stdout; its perfdata is bounded, see
-/// `plugin::MAX_PERFDATA`.)
+/// written, counted against `max_client_bytes` and `max_total_bytes`: the
+/// check itself (its strings, and their C copies for exec: twice the line
+/// at most), both streams full, the parsed plugin text (a copy of stdout at
+/// most; its perfdata is bounded, see `plugin::MAX_PERFDATA`), and the rest
+/// of the result. (Not counted: the serialised line while it is written,
+/// one per connection at a time.)
 pub fn check_bytes(line_len: usize, cap: usize) -> usize {
     line_len
         .saturating_mul(2)
-        .saturating_add(cap.saturating_mul(2))
+        .saturating_add(cap.saturating_mul(3))
         .saturating_add(RESULT_OVERHEAD)
 }
 
@@ -292,14 +303,16 @@ mod tests {
         );
         let tight = "max_output_cap = \"1MiB\"\nmax_client_bytes = \"2MiB\"";
         assert!(checked(tight).is_err(), "cannot hold one check");
-        let roomy = "max_output_cap = \"1MiB\"\nmax_client_bytes = \"5MiB\"";
+        let roomy = "max_output_cap = \"1MiB\"\nmax_client_bytes = \"6MiB\"";
         assert!(checked(roomy).is_ok());
+        let smaller_total = "max_client_bytes = \"6MiB\"\nmax_total_bytes = \"5MiB\"";
+        assert!(checked(smaller_total).is_err(), "all clients below one");
         assert!(DaemonConfig::default().validate().is_ok());
     }
 
     #[test]
-    fn a_check_holds_its_request_twice_and_both_streams() {
-        assert_eq!(check_bytes(1000, 65536), 2000 + 131072 + RESULT_OVERHEAD);
+    fn a_check_holds_its_request_twice_and_its_cap_three_times() {
+        assert_eq!(check_bytes(1000, 65536), 2000 + 3 * 65536 + RESULT_OVERHEAD);
         assert_eq!(check_bytes(usize::MAX, 1), usize::MAX);
     }
 

@@ -95,6 +95,48 @@ pub(crate) struct Daemon {
     pub(crate) exec: Arc<Executor>,
     pub(crate) config: DaemonConfig,
     pub(crate) stats: Arc<Stats>,
+    /// The bytes all connections together may hold (`max_total_bytes`).
+    pub(crate) budget: Arc<SharedBudget>,
+}
+
+/// Bytes reserved across all connections, within `max_total_bytes`: each
+/// connection's own limit bounds one client, this bounds them all.
+pub(crate) struct SharedBudget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl SharedBudget {
+    pub(crate) fn new(limit: usize) -> SharedBudget {
+        SharedBudget {
+            used: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Take `bytes` if they fit (always when nothing is held, so one
+    /// reservation larger than what is left can still go ahead alone).
+    fn try_take(&self, bytes: usize) -> bool {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            if used != 0 && used.saturating_add(bytes) > self.limit {
+                return false;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + bytes,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
 }
 
 impl Daemon {
@@ -130,6 +172,8 @@ struct Conn {
     slot_freed: Condvar,
     slot_limit: usize,
     byte_limit: usize,
+    /// The daemon-wide budget this connection's bytes are also taken from.
+    budget: Arc<SharedBudget>,
     /// Ids in flight on this connection → the engine's id (None while submitting).
     in_flight: Mutex<HashMap<ClientId, Option<CheckId>>>,
     /// Checks in flight whose result has not been queued yet.
@@ -160,14 +204,14 @@ impl Conn {
         self.acquire(|held| (held.slots < self.slot_limit).then(|| held.slots += 1))
     }
 
-    /// Reserve `bytes` for a check's result, waiting while they do not fit
+    /// Reserve `bytes` for a check's result or an answer, from this
+    /// connection's limit and the daemon's, waiting while they do not fit
     /// (they always fit when nothing else holds any: `validate` makes
-    /// `max_client_bytes` hold one check at `max_output_cap`). False if the
-    /// connection closed.
+    /// `max_client_bytes` hold the largest). False if the connection closed.
     fn acquire_bytes(&self, bytes: usize) -> bool {
         self.acquire(|held| {
-            (held.bytes == 0 || held.bytes.saturating_add(bytes) <= self.byte_limit)
-                .then(|| held.bytes += bytes)
+            let fits = held.bytes == 0 || held.bytes.saturating_add(bytes) <= self.byte_limit;
+            (fits && self.budget.try_take(bytes)).then(|| held.bytes += bytes)
         })
     }
 
@@ -182,9 +226,11 @@ impl Conn {
             if take(&mut held).is_some() {
                 return true;
             }
+            // Short: room freed by other connections (the shared budget)
+            // wakes nobody here.
             let (h, waited) = self
                 .slot_freed
-                .wait_timeout(held, Duration::from_millis(500))
+                .wait_timeout(held, Duration::from_millis(100))
                 .unwrap_or_else(|p| p.into_inner());
             held = h;
             if waited.timed_out() && self.peer_hung_up() {
@@ -212,7 +258,9 @@ impl Conn {
         }
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         held.slots = held.slots.saturating_sub(slots);
-        held.bytes = held.bytes.saturating_sub(bytes);
+        let bytes = bytes.min(held.bytes);
+        held.bytes -= bytes;
+        self.budget.give_back(bytes);
         self.slot_freed.notify_all();
     }
 
@@ -511,6 +559,7 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let stats = Arc::new(Stats::default());
     let daemon = Arc::new(Daemon {
         exec,
+        budget: Arc::new(SharedBudget::new(config.max_total_bytes)),
         config,
         stats: stats.clone(),
     });
@@ -773,6 +822,7 @@ fn start_conn(
         slot_freed: Condvar::new(),
         slot_limit: limit,
         byte_limit: daemon.config.max_client_bytes,
+        budget: daemon.budget.clone(),
         in_flight: Mutex::new(HashMap::new()),
         in_flight_count: AtomicUsize::new(0),
         reader_done: AtomicBool::new(false),
