@@ -52,8 +52,12 @@ impl<'de> Deserialize<'de> for WireDuration {
         enum Raw {
             Secs(f64),
             Text(String),
+            Other(serde::de::IgnoredAny),
         }
         match Raw::deserialize(d)? {
+            Raw::Other(_) => Err(serde::de::Error::custom(
+                "a duration is a number of seconds or a string such as \"10s\" or \"500ms\"",
+            )),
             Raw::Secs(s) if s.is_finite() && (0.0..=1e9).contains(&s) => {
                 Ok(WireDuration(Duration::from_secs_f64(s)))
             }
@@ -86,8 +90,12 @@ impl<'de> Deserialize<'de> for WireSize {
         enum Raw {
             Bytes(u64),
             Text(String),
+            Other(serde::de::IgnoredAny),
         }
         match Raw::deserialize(d)? {
+            Raw::Other(_) => Err(serde::de::Error::custom(
+                "a size is a whole number of bytes or a string such as \"64k\" or \"1MiB\"",
+            )),
             Raw::Bytes(n) => usize::try_from(n)
                 .map(WireSize)
                 .map_err(|_| serde::de::Error::custom("size is too large")),
@@ -439,6 +447,21 @@ mod tests {
             parse_request(r#"{"op":"submit","id":1,"argv":["x"],"timeout":1e300}"#).unwrap_err();
         assert!(
             e.message.contains("1e300 seconds is out of range"),
+            "{}",
+            e.message
+        );
+        for bad in ["-1", "1.5", "true", "[1]"] {
+            let line = format!(r#"{{"op":"submit","id":1,"argv":["x"],"output_cap":{bad}}}"#);
+            let e = parse_request(&line).unwrap_err();
+            assert!(
+                e.message.contains("a size is a whole number"),
+                "{bad}: {}",
+                e.message
+            );
+        }
+        let e = parse_request(r#"{"op":"submit","id":1,"argv":["x"],"timeout":true}"#).unwrap_err();
+        assert!(
+            e.message.contains("a duration is a number"),
             "{}",
             e.message
         );
