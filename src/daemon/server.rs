@@ -1090,6 +1090,11 @@ fn handle_line(conn: &Arc<Conn>, daemon: &Daemon, raw: &[u8]) -> bool {
     match request {
         Request::Submit(s) => {
             if let Err(e) = submit(conn, daemon, *s, raw.len(), answer) {
+                if conn.hung_up.load(Ordering::SeqCst) {
+                    // Gone while the submit waited for room: nobody to tell.
+                    conn.release(1, answer);
+                    return false;
+                }
                 send(e.into_response());
             }
             // Accepted: the slot and the bytes now belong to the check (and
