@@ -134,7 +134,8 @@ impl Trace {
 #[test]
 fn after_a_timeout_the_group_is_swept_before_the_reap_and_never_signalled_after() {
     for backend in BACKENDS {
-        // The leader dies of SIGTERM; a grandchild in its group ignores it.
+        // The leader dies of SIGTERM; a grandchild in its group ignores it,
+        // and so does a child that left the group (setsid).
         let Some(t) = trace(
             "timeout",
             backend,
@@ -146,7 +147,8 @@ fn after_a_timeout_the_group_is_swept_before_the_reap_and_never_signalled_after(
                 "--",
                 "/bin/sh",
                 "-c",
-                "sh -c 'trap \"\" TERM; sleep 30' & wait",
+                "sh -c 'trap \"\" TERM; sleep 30' & \
+                 setsid sh -c 'trap \"\" TERM; exec sleep 30' </dev/null >/dev/null 2>&1 & wait",
             ],
         ) else {
             return;
@@ -158,6 +160,17 @@ fn after_a_timeout_the_group_is_swept_before_the_reap_and_never_signalled_after(
             .position(|l| l.starts_with("pidfd_send_signal(") && l.contains("SIGTERM"))
             .expect("SIGTERM through the pidfd");
         assert!(term < t.reap(), "{backend}: {:#?}", t.calls);
+        // The child outside the group gets its SIGKILL through its own
+        // pidfd, before the reap (the leader itself never needed one).
+        let kill = t
+            .calls
+            .iter()
+            .position(|l| l.starts_with("pidfd_send_signal(") && l.contains("SIGKILL"));
+        assert!(
+            kill.is_some_and(|k| k < t.reap()),
+            "{backend}: no SIGKILL for the escaped child before the reap: {:#?}",
+            t.calls
+        );
     }
 }
 
