@@ -612,7 +612,7 @@ impl Drop for Engine {
 
 /// Whose children to list.
 #[derive(Clone, Copy)]
-pub(crate) enum Adopters {
+enum Adopters {
     /// The main thread's and the loop thread's. The kernel gives a
     /// subreaper's orphans to the first live thread of the process, which
     /// is the main thread while it lives; and a plugin's `clone(CLONE_PARENT)`
@@ -628,29 +628,21 @@ pub(crate) enum Adopters {
 
 /// Children of this process, from /proc (children belong to the thread
 /// that created or adopted them).
-pub(crate) fn children_of_self(adopters: Adopters) -> Vec<i32> {
-    let read = |path: std::path::PathBuf, pids: &mut Vec<i32>| {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            pids.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-        }
-    };
-    let mut pids = Vec::new();
+fn children_of_self(adopters: Adopters) -> Vec<i32> {
     match adopters {
         Adopters::MainAndLoopThread => {
             let me = std::process::id();
-            read(format!("/proc/self/task/{me}/children").into(), &mut pids);
-            read("/proc/thread-self/children".into(), &mut pids);
+            let mut pids = spawn::children_listed(format!("/proc/self/task/{me}/children"));
+            pids.extend(spawn::children_listed("/proc/thread-self/children"));
+            pids
         }
-        Adopters::AllThreads => {
-            let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-                return pids;
-            };
-            for task in tasks.flatten() {
-                read(task.path().join("children"), &mut pids);
-            }
-        }
+        Adopters::AllThreads => std::fs::read_dir("/proc/self/task")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|task| spawn::children_listed(task.path().join("children")))
+            .collect(),
     }
-    pids
 }
 
 /// The result of a check that never got a child (cancelled or shut down while queued).

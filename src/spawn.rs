@@ -998,7 +998,12 @@ fn alive(pidfd: BorrowedFd<'_>) -> bool {
 /// every check killed, on the loop; children created by a plugin's other
 /// threads are missed).
 fn children_of(pid: i32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+    children_listed(format!("/proc/{pid}/task/{pid}/children"))
+}
+
+/// The pids a `/proc/.../children` file lists (none if it cannot be read).
+pub(crate) fn children_listed(path: impl AsRef<std::path::Path>) -> Vec<i32> {
+    std::fs::read_to_string(path)
         .map(|s| {
             s.split_whitespace()
                 .filter_map(|p| p.parse::<i32>().ok())
