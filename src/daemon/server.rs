@@ -10,10 +10,11 @@
 //! does not read its answers stops being read (backpressure), and one whose
 //! socket takes no bytes for `client_write_timeout` is dropped.
 //!
-//! Slots bound the number of results a connection holds, not their size:
-//! each check in flight also holds `result_bytes(output_cap)` of the
-//! connection's `max_client_bytes` until its result is written, taken before
-//! it is submitted (a submit waits for them), so a client that reads slowly
+//! Slots bound the number of answers a connection holds, not their size:
+//! each check in flight also holds `check_bytes` (and every other request
+//! `answer_bytes`) of the connection's `max_client_bytes` and of the
+//! daemon's `max_total_bytes` until its answer is written, taken before it
+//! is submitted (a submit waits for them), so a client that reads slowly
 //! while its checks flood their output holds at most that much.
 
 use super::config::{DaemonConfig, answer_bytes, check_bytes};
@@ -233,23 +234,23 @@ impl Conn {
                 .wait_timeout(held, Duration::from_millis(100))
                 .unwrap_or_else(|p| p.into_inner());
             held = h;
-            if waited.timed_out() && self.peer_hung_up() {
+            if waited.timed_out() && self.peer_hung_up(Duration::ZERO) == Ok(true) {
                 self.hung_up.store(true, Ordering::SeqCst);
                 return false;
             }
         }
     }
 
-    /// Whether the client closed its end entirely (not just its sending
-    /// side: a half-closed client still reads its answers).
-    fn peer_hung_up(&self) -> bool {
+    /// Whether the client closes its end entirely within `wait` (not just
+    /// its sending side: a half-closed client still reads its answers).
+    fn peer_hung_up(&self, wait: Duration) -> Result<bool, rustix::io::Errno> {
         let mut fds = [PollFd::new(&self.stream, PollFlags::empty())];
-        let now = rustix::time::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
+        let wait = rustix::time::Timespec {
+            tv_sec: wait.as_secs().min(i64::MAX as u64) as i64,
+            tv_nsec: wait.subsec_nanos().into(),
         };
-        rustix::event::poll(&mut fds, Some(&now)).is_ok()
-            && fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR)
+        rustix::event::poll(&mut fds, Some(&wait))?;
+        Ok(fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR))
     }
 
     fn release(&self, slots: usize, bytes: usize) {
@@ -1005,18 +1006,10 @@ fn reader_loop(conn: &Arc<Conn>, daemon: &Daemon, stream: UnixStream) {
 /// down its sending side keeps getting its results.
 fn watch_hangup(conn: &Conn, daemon: &Daemon) {
     while !conn.closed.load(Ordering::SeqCst) {
-        let mut fds = [PollFd::new(&conn.stream, PollFlags::empty())];
-        let ts = rustix::time::Timespec {
-            tv_sec: 0,
-            tv_nsec: 200_000_000,
-        };
-        match rustix::event::poll(&mut fds, Some(&ts)) {
-            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
-            Ok(_) => {}
+        match conn.peer_hung_up(Duration::from_millis(200)) {
+            Ok(true) => return cancel_for_hangup(conn, daemon),
+            Ok(false) | Err(rustix::io::Errno::INTR) => {}
             Err(_) => return,
-        }
-        if fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR) {
-            return cancel_for_hangup(conn, daemon);
         }
     }
 }
