@@ -358,10 +358,9 @@ struct LaunchStrings {
     cmd: Prepared,
     _paths: Vec<CString>,
     _path_ptrs: Vec<*const libc::c_char>,
+    /// A spare slot, then argv (see `ChildArgs::argv`).
     _argv: Vec<*const libc::c_char>,
     _envp: Vec<*const libc::c_char>,
-    /// `sh`, the program's path (the child fills it in), its arguments.
-    _sh_argv: Vec<*const libc::c_char>,
 }
 
 impl Launch {
@@ -502,20 +501,16 @@ pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launc
     };
     drop(pool);
 
-    let (argv, envp) = (c_array(&cmd.argv), c_array(&cmd.envp));
-    // For a script without a #! line: `/bin/sh PATH ARGS...`, as `execvp`
-    // runs it (Nagios starts plugins with `execvp`). Slot 1 is the path the
-    // child found; it writes it there itself.
-    let mut sh_argv: Vec<*const libc::c_char> = [SH.as_ptr(), std::ptr::null()]
-        .into_iter()
-        .chain(argv[1..].iter().copied())
+    let mut argv: Vec<*const libc::c_char> = std::iter::once(std::ptr::null())
+        .chain(cmd.argv.iter().map(|s| s.as_ptr()))
+        .chain([std::ptr::null()])
         .collect();
+    let envp = c_array(&cmd.envp);
     let args = Box::new(ChildArgs {
         paths: path_ptrs.as_ptr(),
-        argv: argv.as_ptr(),
+        argv: argv.as_mut_ptr(),
         envp: envp.as_ptr(),
         cwd: cmd.cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
-        sh_argv: sh_argv.as_mut_ptr(),
         stdin,
         stdout,
         stderr,
@@ -535,7 +530,6 @@ pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launc
             _path_ptrs: path_ptrs,
             _argv: argv,
             _envp: envp,
-            _sh_argv: sh_argv,
         },
         stack: Some(stack),
         write_ends,
@@ -630,11 +624,12 @@ struct ChildArgs {
     /// child tries each, as `execvp` does, so that no PATH lookup touches
     /// the file system on the loop thread.
     paths: *const *const libc::c_char,
-    argv: *const *const libc::c_char,
+    /// A spare slot, then the NULL-terminated argv (from `argv.add(1)`).
+    /// For a script without a `#!` line the child makes it `/bin/sh PATH
+    /// ARGS...` in place (slot 0 the shell, slot 1 the path it found), as
+    /// `execvp` runs it (Nagios starts plugins with `execvp`).
+    argv: *mut *const libc::c_char,
     envp: *const *const libc::c_char,
-    /// argv for `/bin/sh` when the program is a script without `#!`: the
-    /// child writes the program's path into element 1.
-    sh_argv: *mut *const libc::c_char,
     /// NULL: stay in the executor's directory.
     cwd: *const libc::c_char,
     stdin: libc::c_int,
@@ -661,9 +656,8 @@ impl ChildArgs {
     fn empty() -> ChildArgs {
         ChildArgs {
             paths: std::ptr::null(),
-            argv: std::ptr::null(),
+            argv: std::ptr::null_mut(),
             envp: std::ptr::null(),
-            sh_argv: std::ptr::null_mut(),
             cwd: std::ptr::null(),
             stdin: -1,
             stdout: -1,
@@ -838,18 +832,19 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     let (mut denied, mut no_interpreter) = (false, false);
     let mut next = args.paths;
     // SAFETY: `paths` is a NULL-terminated array of NUL-terminated strings
-    // that `Launch` keeps alive; argv, envp and sh_argv likewise (sh_argv's
-    // element 1 is ours to write until we exec).
+    // that `Launch` keeps alive; argv and envp likewise (argv's slots are
+    // ours to write until we exec).
     unsafe {
         while !(*next).is_null() {
-            let r = rawsys::execve(*next, args.argv, args.envp);
+            let r = rawsys::execve(*next, args.argv.add(1), args.envp);
             match (-r) as i32 {
                 libc::ENOENT if rawsys::exists(*next) == 0 => no_interpreter = true,
                 libc::ENOENT | libc::ENOTDIR => {}
                 libc::EACCES => denied = true,
                 libc::ENOEXEC => {
-                    *args.sh_argv.add(1) = *next;
-                    let r = rawsys::execve(SH.as_ptr(), args.sh_argv, args.envp);
+                    *args.argv = SH.as_ptr();
+                    *args.argv.add(1) = *next;
+                    let r = rawsys::execve(SH.as_ptr(), args.argv, args.envp);
                     // No /bin/sh: what failed is still the plugin's format.
                     let no_sh = r == -(libc::ENOENT as isize);
                     let r = if no_sh { -(libc::ENOEXEC as isize) } else { r };
