@@ -384,6 +384,7 @@ fn a_timed_out_check_takes_descendants_that_left_its_group_with_it() {
         echo $!; \
         exec sleep 1000";
     each_backend(executor, |exec, _| {
+        let idle = fd_count();
         let r = run(
             exec,
             sh(script)
@@ -411,6 +412,8 @@ fn a_timed_out_check_takes_descendants_that_left_its_group_with_it() {
             "descendants outside the group outlived the timeout: {:?}",
             escapees.iter().map(|&p| (p, stat(p))).collect::<Vec<_>>()
         );
+        // Their pidfds went with the check (invariant 7).
+        assert_settles(exec, "fds", fd_count, idle);
     });
 }
 
