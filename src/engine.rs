@@ -218,6 +218,12 @@ impl Engine {
         }
         loop {
             let now = Instant::now();
+            let checks = &self.checks;
+            self.timers.prune(|slot, generation, kind| {
+                checks
+                    .get(slot)
+                    .is_some_and(|c| c.generation() == generation && c.wants_timer(kind))
+            });
             let mut timeout = self.timers.next().map(|t| t.saturating_duration_since(now));
             if self.reap_orphans {
                 let scan = self.next_orphan_scan.saturating_duration_since(now);

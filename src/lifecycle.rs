@@ -114,6 +114,19 @@ impl Timers {
         self.heap.peek().map(|Reverse((at, ..))| *at)
     }
 
+    /// Drop stale timers off the top until the earliest is one that `live`
+    /// accepts: the loop then never wakes for a check that is gone or has
+    /// moved on (every check that ends before its timeout leaves its
+    /// deadline here).
+    pub fn prune(&mut self, mut live: impl FnMut(usize, u32, TimerKind) -> bool) {
+        while let Some(Reverse((_, slot, generation, kind))) = self.heap.peek() {
+            if live(*slot, *generation, *kind) {
+                return;
+            }
+            self.heap.pop();
+        }
+    }
+
     /// Pop one timer due at or before `now`.
     pub fn pop_due(&mut self, now: Instant) -> Option<(usize, u32, TimerKind)> {
         match self.heap.peek() {
@@ -504,6 +517,16 @@ impl Lifecycle {
         self.exit_pending = true;
     }
 
+    /// Whether a timer of `kind` would still do something (see `on_timer`).
+    pub fn wants_timer(&self, kind: TimerKind) -> bool {
+        match kind {
+            TimerKind::Deadline => self.phase == Phase::Running,
+            TimerKind::Grace => self.phase == Phase::Terminating,
+            TimerKind::Drain => self.phase == Phase::Draining,
+            TimerKind::Retry => self.phase != Phase::Done,
+        }
+    }
+
     /// A timer of this check fired.
     pub fn on_timer(&mut self, kind: TimerKind, ctx: &mut Ctx<'_>) {
         if self.exit_pending && kind.signals() {
@@ -511,8 +534,11 @@ impl Lifecycle {
             ctx.timers.push(ctx.now, self.slot, self.generation, kind);
             return;
         }
+        if !self.wants_timer(kind) {
+            return; // Stale: the phase moved on.
+        }
         match kind {
-            TimerKind::Deadline if self.phase == Phase::Running => {
+            TimerKind::Deadline => {
                 self.kill = Some(KillReason::Timeout);
                 self.phase = Phase::Terminating;
                 tracing::debug!(id = self.id, "timed out; sending SIGTERM");
@@ -527,13 +553,13 @@ impl Lifecycle {
                     TimerKind::Grace,
                 );
             }
-            TimerKind::Grace if self.phase == Phase::Terminating => {
+            TimerKind::Grace => {
                 tracing::debug!(id = self.id, "ignored SIGTERM; sending SIGKILL");
                 self.escalated = true;
                 self.phase = Phase::Killing;
                 self.signal(Signal::KILL);
             }
-            TimerKind::Drain if self.phase == Phase::Draining => {
+            TimerKind::Drain => {
                 self.output_cut = true;
                 for (source, stream) in [
                     (Source::Stdout, &mut self.stdout),
@@ -548,7 +574,7 @@ impl Lifecycle {
                 }
                 self.phase = Phase::Done;
             }
-            TimerKind::Retry if self.phase != Phase::Done => {
+            TimerKind::Retry => {
                 // Act as if everything fired, then arm again what is still open.
                 if self.pidfd.is_some() && !self.pidfd_armed {
                     self.leader_ready(ctx);
@@ -564,7 +590,6 @@ impl Lifecycle {
                     }
                 }
             }
-            _ => {} // Stale: the phase moved on.
         }
     }
 

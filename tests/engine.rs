@@ -1139,3 +1139,52 @@ fn the_descriptor_table_is_sized_before_the_first_check() {
     assert_eq!(run(&exec, Check::argv(["/bin/true"])).state, State::Ok);
     assert!(fd_size() >= want, "FDSize {} < {want}", fd_size());
 }
+
+/// How many times the executor's loop thread has gone to sleep (it is the
+/// only thread named `pidring-loop` while one executor exists).
+fn loop_sleeps() -> u64 {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+        let dir = task.expect("task").path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() == "pidring-loop" {
+            let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+            let n = status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("voluntary_ctxt_switches");
+            found.push(n);
+        }
+    }
+    assert_eq!(found.len(), 1, "expected one loop thread");
+    found[0]
+}
+
+#[test]
+fn the_loop_does_not_wake_for_deadlines_of_checks_that_are_gone() {
+    // Every check that ends before its timeout leaves its deadline in the
+    // timer heap; the loop must not wake for them (under churn that is a
+    // wake-up per finished check).
+    each_backend(executor, |exec, _| {
+        let timeout = Duration::from_millis(400);
+        let pending: Vec<_> = (0..20)
+            .map(|_| {
+                exec.submit(Check::argv(["/bin/true"]).timeout(timeout))
+                    .expect("accepted")
+            })
+            .collect();
+        for p in pending {
+            assert_eq!(p.wait().outcome, Outcome::Exited { code: 0 });
+        }
+        assert!(exec.wait_idle(Duration::from_secs(60)));
+        let before = loop_sleeps();
+        // Watching for something that must not happen: past every deadline.
+        std::thread::sleep(timeout + Duration::from_millis(600));
+        assert_eq!(
+            loop_sleeps(),
+            before,
+            "the idle loop woke up (for the stale deadlines?)"
+        );
+    });
+}
