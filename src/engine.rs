@@ -12,6 +12,7 @@ use crate::check::{Check, Prepared};
 use crate::error::ExecutorError;
 use crate::executor::{Deliver, Shared};
 use crate::lifecycle::{self, Ctx, KillReason, Lifecycle, TimerKind, Timers, unix_us};
+use crate::priority::LoopPriority;
 use crate::result::{CheckResult, Outcome, Output, Timings};
 use crate::spawn;
 use crate::state::State;
@@ -55,6 +56,8 @@ pub(crate) struct Config {
     pub backend: BackendKind,
     /// Subreaper mode.
     pub reap_orphans: bool,
+    /// Realtime priority while a kill is near (see `priority`).
+    pub realtime_kills: bool,
 }
 
 /// A message to the loop.
@@ -155,6 +158,7 @@ pub(crate) fn start(
                 shutting_down: false,
                 reap_orphans: config.reap_orphans,
                 next_orphan_scan: Instant::now() + ORPHAN_SCAN,
+                priority: LoopPriority::new(config.realtime_kills),
             };
             engine.run();
             if engine.reap_orphans {
@@ -206,6 +210,8 @@ struct Engine {
     next_orphan_scan: Instant,
     // Declared after `checks` (fields drop in order): a check dropped with
     // its child not yet exec'd gives back what it borrowed from here.
+    /// The loop thread's scheduling policy (realtime near kills, if asked).
+    priority: LoopPriority,
     /// Stacks and low descriptor slots lent to children until they exec.
     launcher: spawn::Launcher,
 }
@@ -224,7 +230,8 @@ impl Engine {
                     .get(slot)
                     .is_some_and(|c| c.generation() == generation && c.wants_timer(kind))
             });
-            let mut timeout = self.timers.next().map(|t| t.saturating_duration_since(now));
+            let wake = self.priority.before_wait(self.timers.next(), now);
+            let mut timeout = wake.map(|t| t.saturating_duration_since(now));
             if self.reap_orphans {
                 let scan = self.next_orphan_scan.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(scan, |t| t.min(scan)));

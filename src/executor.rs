@@ -50,6 +50,7 @@ pub struct ExecutorBuilder {
     backend: BackendKind,
     reap_orphans: bool,
     raise_nofile: bool,
+    realtime_kills: bool,
 }
 
 impl Default for ExecutorBuilder {
@@ -60,6 +61,7 @@ impl Default for ExecutorBuilder {
             backend: BackendKind::Auto,
             reap_orphans: false,
             raise_nofile: true,
+            realtime_kills: false,
         }
     }
 }
@@ -98,6 +100,17 @@ impl ExecutorBuilder {
         self
     }
 
+    /// Run the loop thread under `SCHED_FIFO` (priority 1) while a deadline
+    /// or grace end is less than 20 ms away (default false), so that on a
+    /// machine whose cores are saturated a kill is not a scheduler tick or
+    /// more late. Checks never inherit it (`SCHED_RESET_ON_FORK`). Needs
+    /// `CAP_SYS_NICE` or `RLIMIT_RTPRIO` >= 1; refused, the executor logs a
+    /// warning once and carries on as an ordinary thread.
+    pub fn realtime_kills(mut self, yes: bool) -> Self {
+        self.realtime_kills = yes;
+        self
+    }
+
     /// Start the loop thread.
     pub fn build(self) -> Result<Executor, ExecutorError> {
         // First, before any descriptor of ours could take fd 0, 1 or 2.
@@ -124,6 +137,7 @@ impl ExecutorBuilder {
         let config = engine::Config {
             backend: self.backend,
             reap_orphans: self.reap_orphans,
+            realtime_kills: self.realtime_kills,
         };
         let (loop_thread, backend) = engine::start(config, shared.clone(), rx)?;
         tracing::info!(backend = %backend, max_running = self.max_running, queue_limit = self.queue_limit, "executor started");

@@ -32,6 +32,7 @@ mod lifecycle;
 pub mod metrics;
 pub mod nagios;
 pub mod plugin;
+mod priority;
 mod rawsys;
 pub mod result;
 mod spawn;

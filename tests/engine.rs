@@ -1188,3 +1188,81 @@ fn the_loop_does_not_wake_for_deadlines_of_checks_that_are_gone() {
         );
     });
 }
+
+/// The scheduling policy of the executor's loop thread (field 41 of its stat).
+fn loop_policy() -> Option<u32> {
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() == "pidring-loop" {
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            let after_comm = &stat[stat.rfind(')')? + 2..];
+            // Field 3 (state) is the first after the comm; the policy is field 41.
+            return after_comm.split(' ').nth(41 - 3)?.parse().ok();
+        }
+    }
+    None
+}
+
+#[test]
+fn checks_created_while_the_loop_is_realtime_are_ordinary_processes() {
+    // With `realtime_kills` the loop is SCHED_FIFO while a deadline is near;
+    // a check it creates then must not inherit that (a busy plugin at a
+    // realtime priority would starve the machine).
+    each_backend(
+        |backend| {
+            Executor::builder()
+                .backend(backend)
+                .realtime_kills(true)
+                .build()
+                .expect("executor")
+        },
+        |exec, _| {
+            // Deadlines every 10 ms for 1.5 s: the loop stays realtime throughout.
+            let blockers: Vec<_> = (1..=150)
+                .map(|i| {
+                    exec.submit(
+                        Check::argv(["/bin/sleep", "30"]).timeout(Duration::from_millis(10 * i)),
+                    )
+                    .expect("accepted")
+                })
+                .collect();
+            let raised = eventually(Duration::from_secs(1), || {
+                loop_policy() == Some(libc::SCHED_FIFO as u32)
+            });
+            let printers: Vec<_> = (0..20)
+                .map(|_| {
+                    exec.submit(Check::argv([
+                        "/usr/bin/cut",
+                        "-d",
+                        " ",
+                        "-f",
+                        "41",
+                        "/proc/self/stat",
+                    ]))
+                    .expect("accepted")
+                })
+                .collect();
+            for p in printers {
+                let r = p.wait();
+                assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{}", r.reason);
+                assert_eq!(
+                    String::from_utf8_lossy(&r.stdout.data).trim(),
+                    libc::SCHED_OTHER.to_string(),
+                    "a check inherited the loop's realtime policy"
+                );
+            }
+            for b in blockers {
+                assert!(matches!(b.wait().outcome, Outcome::TimedOut { .. }));
+            }
+            if !raised {
+                eprintln!(
+                    "the loop never became realtime here (no CAP_SYS_NICE?): only ordinary checks tested"
+                );
+            }
+            // No deadline pending: ordinary again.
+            assert!(eventually(Duration::from_secs(10), || loop_policy()
+                == Some(libc::SCHED_OTHER as u32)));
+        },
+    );
+}

@@ -2,7 +2,8 @@
 //! spawn limit and with the alternatives, in one invocation.
 //!
 //! Contenders: `raw` (tight `posix_spawn` + `waitpid` loops of `/bin/true`, one
-//! thread per core: the machine's limit), `pidring/io_uring`, `pidring/epoll`,
+//! thread per core: the machine's limit), `pidring/io_uring`,
+//! `pidring/io_uring+rt` (the same with `realtime_kills`), `pidring/epoll`,
 //! `tokio` (tokio::process, same in-flight limit, same timeout policy: SIGTERM
 //! to the group at the deadline, SIGKILL after the grace) and `std` (std::process
 //! with one thread per check and a watchdog thread for the same policy).
@@ -29,7 +30,7 @@
 //! contender's spawn rate (`T` is set when the contender starts).
 //!
 //! Options: `--quick` (small counts; CI), `--workloads abcd`, `--contenders
-//! raw,uring,epoll,tokio,std`, `--no-raise` (leave pid_max / RLIMIT_NOFILE),
+//! raw,uring,uring-rt,epoll,tokio,std`, `--no-raise` (leave pid_max / RLIMIT_NOFILE),
 //! `--busy-own-session` (`d`'s spinners `setsid`, as other services on a
 //! server would be, instead of sharing the contender's session and autogroup),
 //! `--rounds N` (every workload N times through every contender, in rotated
@@ -174,7 +175,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
     let mut o = Opts {
         quick: false,
         workloads: "abcd".into(),
-        contenders: ["raw", "uring", "epoll", "tokio", "std"]
+        contenders: ["raw", "uring", "uring-rt", "epoll", "tokio", "std"]
             .map(String::from)
             .to_vec(),
         raise: true,
@@ -206,7 +207,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: cargo bench --bench compare -- [--quick] [--workloads abcd] \
-                     [--contenders raw,uring,epoll,tokio,std] [--no-raise] [--busy-own-session] \
+                     [--contenders raw,uring,uring-rt,epoll,tokio,std] [--no-raise] [--busy-own-session] \
                      [--rounds N]"
                         .into(),
                 );
@@ -688,11 +689,7 @@ fn print_summary(w: char, contenders: &[String], rounds: &[Vec<Report>]) {
         if c == "raw" && w != 'a' {
             continue;
         }
-        let name = rounds
-            .iter()
-            .flatten()
-            .find(|r| r.contender.ends_with(c.as_str()))
-            .map_or(c.clone(), |r| r.contender.clone());
+        let name = display_name(c);
         let percentiles = |f: fn(&Report) -> Option<(f64, f64)>| {
             format!(
                 " {} | {} |",
@@ -876,12 +873,23 @@ fn judge_output(spec: &Spec, stdout: &[u8], now: u64) -> (bool, Option<u64>) {
     }
 }
 
+/// How a contender (`--contenders` key) is named in the tables.
+fn display_name(key: &str) -> String {
+    match key {
+        "uring" => "pidring/io_uring".into(),
+        "uring-rt" => "pidring/io_uring+rt".into(),
+        "epoll" => "pidring/epoll".into(),
+        other => other.into(),
+    }
+}
+
 fn contender_main(name: &str, spec_json: &str) {
     let spec: Spec = serde_json::from_str(spec_json).expect("spec from the harness");
     let samples_and_times = match name {
         "raw" => run_raw(&spec),
-        "uring" => run_pidring(&spec, BackendKind::IoUring),
-        "epoll" => run_pidring(&spec, BackendKind::Epoll),
+        "uring" => run_pidring(&spec, BackendKind::IoUring, false),
+        "uring-rt" => run_pidring(&spec, BackendKind::IoUring, true),
+        "epoll" => run_pidring(&spec, BackendKind::Epoll, false),
         "tokio" => run_tokio(&spec),
         "std" => run_std(&spec),
         other => {
@@ -892,11 +900,7 @@ fn contender_main(name: &str, spec_json: &str) {
     let (samples, measured) = samples_and_times;
     let leftover = own_children();
     let mut report = Report {
-        contender: match name {
-            "uring" => "pidring/io_uring".into(),
-            "epoll" => "pidring/epoll".into(),
-            n => n.into(),
-        },
+        contender: display_name(name),
         checks: samples.len(),
         correct: samples.iter().filter(|s| s.correct).count(),
         wall_s: measured.wall.as_secs_f64(),
@@ -1063,8 +1067,9 @@ fn run_raw(spec: &Spec) -> (Vec<Sample>, Measured) {
     })
 }
 
-fn run_pidring(spec: &Spec, backend: BackendKind) -> (Vec<Sample>, Measured) {
+fn run_pidring(spec: &Spec, backend: BackendKind, realtime: bool) -> (Vec<Sample>, Measured) {
     let exec = Executor::builder()
+        .realtime_kills(realtime)
         .max_running(spec.in_flight)
         .queue_limit(spec.n + 16)
         .backend(backend)

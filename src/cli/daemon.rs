@@ -49,6 +49,10 @@ pub struct DaemonArgs {
     /// Event backend: auto, io_uring or epoll [default: auto].
     #[arg(long)]
     backend: Option<BackendKind>,
+    /// Take SCHED_FIFO on the executor's loop while a kill is near, so a
+    /// saturated machine cannot make it late: true or false [default: true].
+    #[arg(long, value_name = "BOOL")]
+    realtime_kills: Option<bool>,
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9464.
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -94,6 +98,9 @@ fn run_daemon(args: DaemonArgs) -> ExitCode {
     }
     if let Some(b) = args.backend {
         config.backend = b;
+    }
+    if let Some(r) = args.realtime_kills {
+        config.realtime_kills = r;
     }
     if let Some(m) = args.metrics {
         config.metrics = Some(m);

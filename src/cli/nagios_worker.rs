@@ -33,6 +33,10 @@ pub struct NagiosWorkerArgs {
     /// Event backend: auto, io_uring or epoll.
     #[arg(long, default_value = "auto")]
     backend: BackendKind,
+    /// Take SCHED_FIFO on the executor's loop while a kill is near, so a
+    /// saturated machine cannot make it late: true or false.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    realtime_kills: bool,
     /// Most checks running at once; the rest wait in FIFO order.
     #[arg(long, default_value_t = 1024)]
     max_running: usize,
@@ -62,6 +66,7 @@ pub fn main(args: NagiosWorkerArgs) -> ExitCode {
     let exec = match Executor::builder()
         .backend(args.backend)
         .max_running(args.max_running)
+        .realtime_kills(args.realtime_kills)
         .reap_orphans(true)
         .build()
     {

@@ -32,6 +32,10 @@ pub struct RunArgs {
     /// Event backend: auto, io_uring or epoll.
     #[arg(long, default_value = "auto")]
     backend: BackendKind,
+    /// Take SCHED_FIFO on the executor's loop while the kill is near, so a
+    /// saturated machine cannot make it late: true or false.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    realtime_kills: bool,
     /// Print the whole result as JSON instead of the plugin's output.
     #[arg(long)]
     json: bool,
@@ -66,6 +70,7 @@ pub fn main(args: RunArgs) -> ExitCode {
         .timeout_state(args.timeout_state);
     let exec = match Executor::builder()
         .backend(args.backend)
+        .realtime_kills(args.realtime_kills)
         .max_running(1)
         .build()
     {

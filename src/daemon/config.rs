@@ -36,6 +36,11 @@ pub struct DaemonConfig {
     pub max_output_cap: usize,
     /// Event backend.
     pub backend: BackendKind,
+    /// Run the executor's loop under `SCHED_FIFO` while a kill is near, so
+    /// a saturated machine does not make it late (see
+    /// `ExecutorBuilder::realtime_kills`; refused without `CAP_SYS_NICE`,
+    /// with a warning).
+    pub realtime_kills: bool,
     /// Serve Prometheus text exposition on this address (loopback advised).
     pub metrics: Option<SocketAddr>,
     /// How long SIGTERM waits for in-flight checks before killing them.
@@ -81,6 +86,7 @@ impl Default for DaemonConfig {
             output_cap: crate::check::DEFAULT_OUTPUT_CAP,
             max_output_cap: 1024 * 1024,
             backend: BackendKind::Auto,
+            realtime_kills: true,
             metrics: None,
             drain_timeout: Duration::from_secs(10),
             max_line_bytes: 1024 * 1024,
@@ -259,6 +265,7 @@ mod tests {
             grace = 2
             output_cap = "16k"
             backend = "epoll"
+            realtime_kills = false
             metrics = "127.0.0.1:9100"
             drain_timeout = "1m"
             max_line_bytes = "64KiB"
@@ -274,6 +281,8 @@ mod tests {
         assert_eq!(c.grace, Duration::from_secs(2));
         assert_eq!(c.output_cap, 16 * 1024);
         assert_eq!(c.backend, BackendKind::Epoll);
+        assert!(!c.realtime_kills);
+        assert!(DaemonConfig::default().realtime_kills);
         assert_eq!(c.drain_timeout, Duration::from_secs(60));
         assert_eq!(c.max_line_bytes, 64 * 1024);
         assert_eq!(c.max_output_cap, 256 * 1024);
