@@ -258,6 +258,9 @@ fn a_stop_signal_to_run_kills_and_reaps_the_check_first() {
         (libc::SIGTERM, "SIGTERM"),
         (libc::SIGINT, "SIGINT"),
         (libc::SIGHUP, "SIGHUP"),
+        (libc::SIGQUIT, "SIGQUIT"),
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGALRM, "SIGALRM"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let (child, sid) = run_a_check_that_stays(dir.path());

@@ -551,21 +551,23 @@ fn spawn_pidring(procs: &mut Procs, mut cmd: Command) -> u32 {
     pid
 }
 
-/// SIGHUP (a closed terminal) leaves pidring serving; SIGTERM makes it
+/// SIGHUP (a closed terminal) and SIGUSR1 (a log rotation) leave pidring serving; SIGTERM makes it
 /// kill, reap and answer what is in flight, and exit 0; then the core stops
 /// and the directory goes.
 fn stop_cleanly(mut procs: Procs) {
     let dir = procs.dir.clone();
     let mut pidring = procs.pidring.take().unwrap();
-    Procs::signal(&pidring, libc::SIGHUP);
-    wait_for("pidring to shrug off SIGHUP", || {
-        let log = fs::read_to_string(dir.join("pidring.log")).unwrap_or_default();
-        match pidring.try_wait() {
-            Ok(Some(st)) => panic!("pidring died of SIGHUP: {st:?}\n{log}"),
-            _ if log.contains("SIGHUP ignored") => Ok(()),
-            _ => Err("no log line yet".to_string()),
-        }
-    });
+    for (sig, name) in [(libc::SIGHUP, "SIGHUP"), (libc::SIGUSR1, "SIGUSR1")] {
+        Procs::signal(&pidring, sig);
+        wait_for(&format!("pidring to shrug off {name}"), || {
+            let log = fs::read_to_string(dir.join("pidring.log")).unwrap_or_default();
+            match pidring.try_wait() {
+                Ok(Some(st)) => panic!("pidring died of {name}: {st:?}\n{log}"),
+                _ if log.contains(&format!("{name} ignored")) => Ok(()),
+                _ => Err("no log line yet".to_string()),
+            }
+        });
+    }
     let st = Procs::stop(&mut pidring, Duration::from_secs(20));
     let plog = fs::read_to_string(dir.join("pidring.log")).unwrap_or_default();
     assert!(

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use super::common::{block_signals, wait_signal};
+use pidring::daemon::{IGNORED_SIGNALS, STOP_SIGNALS};
 
 /// Arguments of `pidring nagios-worker`.
 #[derive(Args, Debug)]
@@ -45,13 +46,18 @@ pub struct NagiosWorkerArgs {
     log_json: bool,
 }
 
-/// Run until SIGTERM or SIGINT (SIGHUP is ignored, as by the daemon: a
+/// Run until SIGTERM, SIGINT or SIGQUIT (SIGHUP, SIGUSR1… are ignored, as by the daemon: a
 /// closed terminal must not kill the worker under its checks).
 pub fn main(args: NagiosWorkerArgs) -> ExitCode {
     super::logging::init("info", args.log_json);
-    let stop_signals = match block_signals(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]) {
+    let taken: Vec<i32> = STOP_SIGNALS
+        .iter()
+        .chain(&IGNORED_SIGNALS)
+        .copied()
+        .collect();
+    let stop_signals = match block_signals(&taken) {
         Ok(s) => s,
-        Err(e) => return fail(&format!("cannot block SIGTERM/SIGINT/SIGHUP: {e}")),
+        Err(e) => return fail(&format!("cannot block the stop signals: {e}")),
     };
     let config = NagiosWorkerConfig {
         qh_socket: args.qh_socket,
@@ -85,7 +91,10 @@ pub fn main(args: NagiosWorkerArgs) -> ExitCode {
     );
     let sig = loop {
         match wait_signal(&stop_signals) {
-            libc::SIGHUP => tracing::info!("SIGHUP ignored (stop with SIGTERM)"),
+            sig if IGNORED_SIGNALS.contains(&sig) => {
+                let name = pidring::result::signal_name(sig);
+                tracing::info!("{name} ignored (stop with SIGTERM)");
+            }
             sig => break sig,
         }
     };

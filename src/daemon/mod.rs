@@ -13,6 +13,30 @@ mod server;
 
 pub use config::{DaemonConfig, default_socket_path};
 
+/// Signals that stop a pidring service (the daemon, `nagios-worker`):
+/// drain or cancel, kill, reap and answer, then exit. Left to their default
+/// action they would end it at once, and the checks' processes, in their own
+/// sessions, would run on with no one to time them out or reap them.
+pub const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT];
+
+/// Signals that mean nothing to a pidring service but whose default action
+/// would end it just as uncleanly (a `postrotate kill -USR1`, a closed
+/// terminal's SIGHUP, a stray timer signal): taken, logged and ignored.
+/// Checks see them at their default again (handlers do not survive exec).
+pub const IGNORED_SIGNALS: [i32; 11] = [
+    libc::SIGHUP,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+    libc::SIGVTALRM,
+    libc::SIGPROF,
+    libc::SIGIO,
+    libc::SIGPWR,
+    libc::SIGSTKFLT,
+    libc::SIGXCPU,
+    libc::SIGXFSZ,
+];
+
 use crate::error::ExecutorError;
 use std::io;
 use std::path::PathBuf;

@@ -534,16 +534,20 @@ fn resolve_group(group: &str) -> Result<u32, String> {
 pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // Signals first, so a SIGTERM during startup still means a clean stop.
     let (sig_rx, sig_tx) = UnixStream::pair().map_err(DaemonError::Signals)?;
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+    for sig in super::STOP_SIGNALS {
         let tx = sig_tx.try_clone().map_err(DaemonError::Signals)?;
         signal_hook::low_level::pipe::register(sig, tx).map_err(DaemonError::Signals)?;
     }
     sig_rx.set_nonblocking(true).map_err(DaemonError::Signals)?;
-    // SIGHUP (a closed terminal, a `reload`) must not kill the daemon
-    // uncleanly; there is nothing to reload, so it is ignored (and logged).
-    let hup = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
-        .map_err(DaemonError::Signals)?;
+    // SIGHUP (a closed terminal, a `reload`), SIGUSR1 (a log rotation)…
+    // must not kill the daemon uncleanly; they mean nothing to it, so they
+    // are ignored (and logged).
+    let mut ignored = Vec::new();
+    for sig in super::IGNORED_SIGNALS {
+        let flag = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(sig, flag.clone()).map_err(DaemonError::Signals)?;
+        ignored.push((sig, flag));
+    }
 
     let (listener, socket_guard) = bind_socket(&config)?;
     let exec = Executor::builder()
@@ -595,8 +599,11 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         };
         let polled = rustix::event::poll(&mut fds, Some(&prune_every));
         conns.retain(|(_, h)| !h.is_finished());
-        if hup.swap(false, Ordering::Relaxed) {
-            tracing::info!("SIGHUP ignored (stop with SIGTERM)");
+        for (sig, flag) in &ignored {
+            if flag.swap(false, Ordering::Relaxed) {
+                let name = crate::result::signal_name(*sig);
+                tracing::info!("{name} ignored (stop with SIGTERM)");
+            }
         }
         match polled {
             Ok(_) => {}
