@@ -349,6 +349,7 @@ on_both_backends!(
     slow_reader_holds_bounded_bytes,
     the_byte_budget_bounds_all_connections_together,
     connections_past_max_clients_are_refused_with_a_reason,
+    idle_connections_cannot_take_the_descriptors_checks_need,
     a_client_hanging_up_while_its_reader_waits_for_room_is_noticed,
     a_sibling_made_with_clone_parent_is_reaped,
     answers_echoing_big_ids_count_against_the_byte_budget,
@@ -1013,6 +1014,64 @@ fn sigterm_answers_everything_and_leaves_nothing(backend: &str) {
     assert!(!socket.exists(), "socket removed");
     let left = processes_in_sessions(&sessions);
     assert!(left.is_empty(), "processes of checks survived: {left:?}");
+}
+
+/// Connect and ping: `Ok` with the connection if served, `Err` with the
+/// line the daemon sent unasked if it turned the connection away.
+fn try_connection(d: &Daemon) -> Result<Client, Value> {
+    let mut c = d.client();
+    // The daemon may already have answered and closed: a failed write is fine.
+    let _ = c.w.write_all(b"{\"op\":\"ping\",\"id\":\"p\"}\n");
+    let r = c.recv();
+    if r["type"] == "pong" { Ok(c) } else { Err(r) }
+}
+
+fn idle_connections_cannot_take_the_descriptors_checks_need(backend: &str) {
+    // RLIMIT_NOFILE 256 cannot hold max_running = 1024 checks and
+    // max_clients = 1024 connections: the daemon lowers max_clients (and
+    // says so), so idle connections get `too_many_clients` rather than the
+    // descriptors checks need, and `accept` never fails for want of them
+    // (a client left unanswered in the backlog).
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=256:256", "--", BIN]);
+    let d = Daemon::start_via(cmd, backend, &[], None);
+    assert!(d.log().contains("max_clients lowered"), "{}", d.log());
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..110 {
+        match try_connection(&d) {
+            Ok(c) => held.push(c),
+            Err(r) => {
+                assert_eq!(r["code"], "too_many_clients", "{r}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused > 0 && !held.is_empty(),
+        "{} held, {refused} refused",
+        held.len()
+    );
+    // One connection ends; a new client gets its place.
+    drop(held.pop());
+    let end = Instant::now() + PATIENCE;
+    let mut c = loop {
+        match try_connection(&d) {
+            Ok(c) => break c,
+            Err(r) => assert!(Instant::now() < end, "never served again: {r}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // With every other connection still open, checks get their descriptors.
+    for i in 0..20 {
+        c.send(&json!({"op": "submit", "id": i, "argv": ["/bin/sh", "-c", "sleep 0.2; echo ok"]}));
+    }
+    for _ in 0..20 {
+        let r = c.recv();
+        assert_eq!(r["type"], "result", "{r}");
+        assert_eq!(r["result"]["outcome"]["kind"], "exited", "{r}");
+        assert_eq!(r["result"]["stdout"]["data"], "ok\n", "{r}");
+    }
 }
 
 fn second_signal_stops_now(backend: &str) {

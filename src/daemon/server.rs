@@ -558,6 +558,9 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         .reap_orphans(true)
         .build()?;
     let exec = Arc::new(exec);
+    // After the executor raised RLIMIT_NOFILE: what is left for clients.
+    let mut config = config;
+    fit_clients_to_descriptors(&mut config);
     let nagios = match &config.nagios {
         Some(n) => Some(crate::nagios::spawn_workers(n, exec.clone())?),
         None => None,
@@ -706,6 +709,50 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Descriptors a connection holds: its socket, and a duplicate for its reader.
+const FDS_PER_CONNECTION: usize = 2;
+/// Descriptors a running check holds: its pidfd and two pipe read ends.
+const FDS_PER_CHECK: usize = 3;
+/// Descriptors held whatever the load: stdio, the listener, the signal
+/// pipe, the ring, the waker, /dev/null, the executor's low descriptor
+/// slots (up to 64), the metrics listener, Nagios connections, log files.
+const FDS_FIXED: usize = 128;
+
+/// Lower `max_clients` to what RLIMIT_NOFILE leaves next to `max_running`
+/// checks (at least a quarter of it), with a warning: past it, idle
+/// connections would take the descriptors checks need (their spawns failing
+/// with EMFILE), then `accept` itself would fail and new clients hang
+/// unanswered. Lowered, a client past it gets `too_many_clients` at once.
+fn fit_clients_to_descriptors(config: &mut DaemonConfig) {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let budget = limit.saturating_sub(FDS_FIXED);
+    let for_checks = config.max_running.saturating_mul(FDS_PER_CHECK);
+    if for_checks > budget {
+        tracing::warn!(
+            max_running = config.max_running,
+            nofile = limit,
+            "RLIMIT_NOFILE {limit} leaves room for about {} running checks, not max_running = {} ({FDS_PER_CHECK} descriptors each): \
+             checks past that fail with EMFILE; raise the limit (LimitNOFILE=) or lower max_running",
+            budget / FDS_PER_CHECK,
+            config.max_running
+        );
+    }
+    let for_clients = budget.saturating_sub(for_checks).max(budget / 4);
+    let fit = (for_clients / FDS_PER_CONNECTION).max(1);
+    if fit < config.max_clients {
+        tracing::warn!(
+            nofile = limit,
+            "RLIMIT_NOFILE {limit} leaves room for {fit} connections next to max_running = {} checks: \
+             max_clients lowered from {} to {fit}; raise the limit (LimitNOFILE=) to serve more",
+            config.max_running,
+            config.max_clients
+        );
+        config.max_clients = fit;
+    }
+}
+
 /// Empty the signal pipe; true if a signal arrived.
 fn drain_signals(sig_rx: &UnixStream) -> bool {
     let mut buf = [0u8; 64];
@@ -775,7 +822,7 @@ fn accept_all(
         };
         if daemon.stats.connections_open.load(Ordering::Relaxed) >= daemon.config.max_clients as u64
         {
-            refuse(stream, daemon);
+            refuse(&stream, daemon);
             if let Some(count) = acceptor.refusals.happened() {
                 let max_clients = daemon.config.max_clients;
                 tracing::warn!(max_clients, count, "refused connections: too many clients");
@@ -786,37 +833,59 @@ fn accept_all(
         let no = acceptor.next_conn;
         match start_conn(no, stream, daemon) {
             Ok(pair) => conns.push(pair),
-            Err(e) => tracing::warn!(conn = no, error = %e, "cannot serve a new connection"),
+            Err(e) => {
+                if let Some(count) = acceptor.failures.happened() {
+                    tracing::warn!(conn = no, error = %e, count, "cannot serve new connections");
+                }
+            }
         }
     }
 }
 
 /// Answer a connection past `max_clients` with one error line and close it
 /// (each connection costs two threads and two descriptors).
-fn refuse(stream: UnixStream, daemon: &Daemon) {
+fn refuse(stream: &UnixStream, daemon: &Daemon) {
     let max = daemon.config.max_clients;
-    let response = RequestError::new(
-        ErrorCode::TooManyClients,
-        format!("the daemon serves at most {max} connections at once (max_clients); retry later or reuse a connection"),
-    )
-    .into_response();
+    turn_away(
+        stream,
+        daemon,
+        format!(
+            "the daemon serves at most {max} connections at once (max_clients); retry later or reuse a connection"
+        ),
+    );
+}
+
+/// Tell a new connection, in one `too_many_clients` line, why it will not
+/// be served; the caller then closes it.
+fn turn_away(stream: &UnixStream, daemon: &Daemon, message: String) {
+    let response = RequestError::new(ErrorCode::TooManyClients, message).into_response();
     let mut line = Vec::new();
     protocol::write_response(&mut line, &response);
     // A fresh socket's buffer takes one short line; a failure changes nothing.
     let _ = stream.set_nonblocking(true);
-    let _ = (&stream).write_all(&line);
+    let _ = (&*stream).write_all(&line);
     daemon.stats.count_error(ErrorCode::TooManyClients);
 }
 
+/// Serve a new connection on two threads of its own. Out of threads or
+/// descriptors, the client is told so (`too_many_clients`) before it is
+/// closed, rather than reset without a word.
 fn start_conn(
     no: u64,
     stream: UnixStream,
     daemon: &Arc<Daemon>,
 ) -> io::Result<(Arc<Conn>, JoinHandle<()>)> {
-    stream.set_nonblocking(false)?;
-    // A client that takes no bytes for this long is dropped (the writer's send fails).
-    stream.set_write_timeout(Some(daemon.config.client_write_timeout))?;
-    let read_half = stream.try_clone()?;
+    let failed = |stream: &UnixStream, e: io::Error| {
+        let message = format!("the daemon cannot serve another connection now ({e}); retry later");
+        turn_away(stream, daemon, message);
+        e
+    };
+    let set_up = stream.set_nonblocking(false).and_then(|()| {
+        // A client that takes no bytes for this long is dropped (the writer's send fails).
+        stream.set_write_timeout(Some(daemon.config.client_write_timeout))?;
+        stream.try_clone()
+    });
+    let read_half = set_up.map_err(|e| failed(&stream, e))?;
     let limit = daemon.config.max_client_queue;
     // Unbounded as a channel, bounded by the slots: a bounded channel
     // allocates all its `max_client_queue` places up front (~600 KB per
@@ -858,7 +927,7 @@ fn start_conn(
                 .stats
                 .connections_open
                 .fetch_sub(1, Ordering::Relaxed);
-            return Err(e);
+            return Err(failed(&conn.stream, e));
         }
     };
     {
@@ -869,7 +938,7 @@ fn start_conn(
         if let Err(e) = spawned {
             conn.reader_done.store(true, Ordering::SeqCst);
             conn.wake_writer();
-            return Err(e);
+            return Err(failed(&conn.stream, e));
         }
     }
     daemon
