@@ -1426,3 +1426,37 @@ fn finished_connections_leave_no_descriptor_behind(backend: &str) {
         "the daemon kept descriptors of finished connections"
     );
 }
+
+#[test]
+fn the_socket_directory_is_created_but_not_a_tree_of_them() {
+    let dir = tempfile::tempdir().unwrap();
+    // A mistyped path: a clear error, and nothing left behind.
+    let deep = dir.path().join("no/such/pidring.sock");
+    let out = Command::new(BIN)
+        .args(["daemon", "--socket"])
+        .arg(&deep)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot create directory"), "{err}");
+    assert!(!dir.path().join("no").exists());
+    // The socket's own directory (as /run/pidring) is created, private.
+    let own = dir.path().join("own");
+    let mut child = Command::new(BIN)
+        .args(["daemon", "--socket"])
+        .arg(own.join("pidring.sock"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + PATIENCE;
+    while !own.join("pidring.sock").exists() {
+        assert!(Instant::now() < end, "no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mode = std::fs::metadata(&own).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}

@@ -414,14 +414,16 @@ fn bind_socket(config: &DaemonConfig) -> Result<(UnixListener, SocketGuard), Dae
         && !dir.as_os_str().is_empty()
         && !dir.exists()
     {
-        // Private unless the socket itself is meant to be shared.
+        // Private unless the socket itself is meant to be shared. Only the
+        // socket's own directory (`/run/pidring`): a mistyped path must not
+        // leave a tree of directories behind.
         let mode = if config.socket_mode & 0o077 == 0 {
             0o700
         } else {
             0o755
         };
         std::fs::DirBuilder::new()
-            .recursive(true)
+            .recursive(false)
             .mode(mode)
             .create(dir)
             .map_err(|e| DaemonError::Socket {
