@@ -32,6 +32,8 @@ pub struct Policy {
     pub max_running: usize,
     /// Queue limit.
     pub queue_limit: usize,
+    /// `ExecutorBuilder::realtime_kills` for the in-process executor.
+    pub realtime_kills: bool,
     /// Environment variable set on every check (name, value): it marks the
     /// check's processes and all their descendants in /proc.
     pub marker: (String, String),
@@ -71,6 +73,7 @@ impl InProcess {
             .backend(backend)
             .max_running(policy.max_running)
             .queue_limit(policy.queue_limit)
+            .realtime_kills(policy.realtime_kills)
             .reap_orphans(true)
             .build()
             .map_err(|e| format!("cannot start the executor: {e}"))?;

@@ -98,6 +98,10 @@ struct Opts {
     /// Engine backend: auto, io_uring or epoll.
     #[arg(long, default_value = "auto")]
     backend: BackendKind,
+    /// Take SCHED_FIFO on the in-process executor's loop while a kill is
+    /// near (as the daemon does by default): true or false.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    realtime_kills: bool,
     /// Running slots of the executor.
     #[arg(long, default_value_t = 256)]
     max_running: usize,
@@ -317,6 +321,7 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
         grace: Duration::from_millis(profile.grace_ms),
         max_running: opts.max_running,
         queue_limit: opts.queue_limit,
+        realtime_kills: opts.realtime_kills,
         marker,
     };
     let hogs = CpuHogs::start(opts.cpu_hogs);

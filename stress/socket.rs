@@ -226,6 +226,7 @@ mod tests {
             grace: Duration::from_millis(500),
             max_running: 1,
             queue_limit: 1,
+            realtime_kills: false,
             marker: ("M".into(), "x".into()),
         };
         let v: serde_json::Value = serde_json::from_str(&request_line(&spec, &policy)).unwrap();
@@ -284,6 +285,7 @@ mod tests {
             grace: Duration::from_secs(1),
             max_running: 4,
             queue_limit: 4,
+            realtime_kills: false,
             marker: ("M".into(), "x".into()),
         };
         let mut d = SocketDriver::connect(&path, policy, tx, Instant::now()).unwrap();
