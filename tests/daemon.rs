@@ -185,10 +185,16 @@ impl Client {
     }
 
     fn recv(&mut self) -> Value {
+        let line = self.recv_line();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad response {line:?}: {e}"))
+    }
+
+    /// The next response line as the daemon wrote it.
+    fn recv_line(&mut self) -> String {
         let mut line = String::new();
         let n = self.r.read_line(&mut line).expect("read a response");
         assert!(n > 0, "daemon closed the connection");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad response {line:?}: {e}"))
+        line
     }
 
     /// Read until EOF; every line parsed.
@@ -352,6 +358,7 @@ on_both_backends!(
     a_client_hanging_up_while_its_reader_waits_for_room_is_noticed,
     a_sibling_made_with_clone_parent_is_reaped,
     answers_echoing_big_ids_count_against_the_byte_budget,
+    numeric_ids_are_echoed_as_written,
     escaped_grandchild_reaped_as_orphan,
     sigterm_answers_everything_and_leaves_nothing,
     second_signal_stops_now,
@@ -847,6 +854,36 @@ fn answers_echoing_big_ids_count_against_the_byte_budget(backend: &str) {
     quiet.shutdown(std::net::Shutdown::Both).unwrap(); // ends the blocked sender too
     drop(quiet);
     let _ = sender.join();
+}
+
+fn numeric_ids_are_echoed_as_written(backend: &str) {
+    let d = Daemon::start(backend, &[], None);
+    let mut c = d.client();
+    // u64::MAX + 1 and + 2: distinct ids, both in flight at once.
+    let ids = ["18446744073709551616", "18446744073709551617"];
+    for (id, secs) in ids.iter().zip(["0.5", "0"]) {
+        c.send_raw(
+            format!("{{\"op\":\"submit\",\"id\":{id},\"argv\":[\"/bin/sleep\",\"{secs}\"]}}\n")
+                .as_bytes(),
+        );
+    }
+    let mut echoed = Vec::new();
+    for _ in ids {
+        let line = c.recv_line();
+        assert!(line.starts_with("{\"type\":\"result\",\"id\":"), "{line}");
+        let id = &line["{\"type\":\"result\",\"id\":".len()..];
+        echoed.push(id[..id.find(',').unwrap()].to_string());
+    }
+    echoed.sort();
+    assert_eq!(echoed, ids);
+    for id in ["1e2", "-0", "1.50", "123456789012345678901234567890"] {
+        c.send_raw(format!("{{\"op\":\"ping\",\"id\":{id}}}\n").as_bytes());
+        let line = c.recv_line();
+        assert!(
+            line.starts_with(&format!("{{\"type\":\"pong\",\"id\":{id},")),
+            "{line}"
+        );
+    }
 }
 
 fn a_sibling_made_with_clone_parent_is_reaped(backend: &str) {
