@@ -363,6 +363,7 @@ on_both_backends!(
     sigterm_answers_everything_and_leaves_nothing,
     second_signal_stops_now,
     stats_and_prometheus_report_counts,
+    idle_metrics_connections_do_not_delay_a_scrape,
     socket_mode_stale_and_live_socket,
     client_commands_and_json_logs,
     half_closed_client_gets_every_answer,
@@ -1200,6 +1201,65 @@ fn stats_and_prometheus_report_counts(backend: &str) {
         metric(&format!("pidring_backend_info{{backend=\"{backend}\"}}")),
         1.0
     );
+}
+
+/// `GET path` on the metrics endpoint: the whole answer, and how long it took.
+fn http_get(addr: &str, path: &str) -> (String, Duration) {
+    let start = Instant::now();
+    let mut http = std::net::TcpStream::connect(addr).unwrap();
+    http.set_read_timeout(Some(PATIENCE)).unwrap();
+    http.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut answer = String::new();
+    http.read_to_string(&mut answer).unwrap();
+    (answer, start.elapsed())
+}
+
+fn idle_metrics_connections_do_not_delay_a_scrape(backend: &str) {
+    let d = Daemon::start(backend, &["--metrics", "127.0.0.1:0"], None);
+    let s = d.stats();
+    let addr = s["daemon"]["metrics_address"].as_str().unwrap().to_string();
+    // Connections that never send a byte: each may hold its own slot for
+    // the 5 s request bound, but not the scrapes behind it (served one at
+    // a time, four of them delayed a scrape by 20 s, past Prometheus' 10 s).
+    let idle: Vec<_> = (0..4)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    let (answer, took) = http_get(&addr, "/metrics");
+    assert!(answer.starts_with("HTTP/1.0 200 OK"), "{answer}");
+    assert!(answer.contains("pidring_checks_submitted_total"));
+    assert!(
+        took < Duration::from_secs(3),
+        "a scrape behind 4 idle connections took {took:?}"
+    );
+    // Past 16 open at once, a connection is refused at once with a 503
+    // (the 16 are well within their 5 s here), not queued behind them.
+    let more: Vec<_> = (4..16)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    // (Read without asking: the answer does not wait for a request.)
+    let start = Instant::now();
+    let mut refused = std::net::TcpStream::connect(&addr).unwrap();
+    refused.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut answer = String::new();
+    refused.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.0 503 Service Unavailable"),
+        "{answer}"
+    );
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(3), "the refusal took {took:?}");
+    // Once they hang up, their slots are free again.
+    drop((idle, more));
+    let end = Instant::now() + PATIENCE;
+    loop {
+        let (answer, _) = http_get(&addr, "/metrics");
+        if answer.starts_with("HTTP/1.0 200 OK") {
+            break;
+        }
+        assert!(Instant::now() < end, "slots never freed: {answer}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn socket_mode_stale_and_live_socket(backend: &str) {
