@@ -26,8 +26,24 @@ enum Command {
     NagiosWorker(cli::nagios_worker::NagiosWorkerArgs),
 }
 
+/// The exit code of a command line that cannot be used: UNKNOWN, as for
+/// pidring's own argument errors. clap's usual 2 is CRITICAL to a monitoring
+/// core, which would blame the service for a typo in its check command.
+const USAGE_ERROR: u8 = 3;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version come this way too, for stdout and exit 0.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(USAGE_ERROR)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match cli.command {
         Command::Run(args) => cli::run::main(args),
         Command::Daemon(cmd) => cli::daemon::main(cmd),

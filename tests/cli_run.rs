@@ -115,6 +115,33 @@ fn run_explains_bad_input() {
     assert!(our_zombies().is_empty());
 }
 
+#[test]
+fn usage_errors_exit_unknown_not_critical() {
+    // Exit 2 would read as CRITICAL to a monitoring core.
+    for args in [
+        &["run", "--timeout", "-1s", "--", "true"][..],
+        &["run", "--bogus", "--", "true"],
+        &["run", "--timeout", "5x", "--", "true"],
+        &["submit", "--bogus", "--", "true"],
+        &["no-such-command"],
+        &[],
+    ] {
+        let out = pidring().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(3), "pidring {args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        // clap's message as usual, pointing at --help.
+        assert!(err.contains("--help"), "pidring {args:?}: {err}");
+        assert!(out.stdout.is_empty(), "pidring {args:?}");
+    }
+    // Help and version are no errors: stdout, exit 0.
+    for args in [&["--help"][..], &["run", "--help"], &["--version"]] {
+        let out = pidring().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "pidring {args:?}");
+        assert!(!out.stdout.is_empty(), "pidring {args:?}");
+        assert!(out.stderr.is_empty(), "pidring {args:?}");
+    }
+}
+
 /// A daemon started with closed standard streams must not cross a check's
 /// stdout and stderr (pipe ends would otherwise land on fds 0 and 2).
 #[test]

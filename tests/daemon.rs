@@ -185,10 +185,16 @@ impl Client {
     }
 
     fn recv(&mut self) -> Value {
+        let line = self.recv_line();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad response {line:?}: {e}"))
+    }
+
+    /// The next response line as the daemon wrote it.
+    fn recv_line(&mut self) -> String {
         let mut line = String::new();
         let n = self.r.read_line(&mut line).expect("read a response");
         assert!(n > 0, "daemon closed the connection");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad response {line:?}: {e}"))
+        line
     }
 
     /// Read until EOF; every line parsed.
@@ -353,10 +359,12 @@ on_both_backends!(
     a_client_hanging_up_while_its_reader_waits_for_room_is_noticed,
     a_sibling_made_with_clone_parent_is_reaped,
     answers_echoing_big_ids_count_against_the_byte_budget,
+    numeric_ids_are_echoed_as_written,
     escaped_grandchild_reaped_as_orphan,
     sigterm_answers_everything_and_leaves_nothing,
     second_signal_stops_now,
     stats_and_prometheus_report_counts,
+    idle_metrics_connections_do_not_delay_a_scrape,
     socket_mode_stale_and_live_socket,
     client_commands_and_json_logs,
     half_closed_client_gets_every_answer,
@@ -850,6 +858,36 @@ fn answers_echoing_big_ids_count_against_the_byte_budget(backend: &str) {
     let _ = sender.join();
 }
 
+fn numeric_ids_are_echoed_as_written(backend: &str) {
+    let d = Daemon::start(backend, &[], None);
+    let mut c = d.client();
+    // u64::MAX + 1 and + 2: distinct ids, both in flight at once.
+    let ids = ["18446744073709551616", "18446744073709551617"];
+    for (id, secs) in ids.iter().zip(["0.5", "0"]) {
+        c.send_raw(
+            format!("{{\"op\":\"submit\",\"id\":{id},\"argv\":[\"/bin/sleep\",\"{secs}\"]}}\n")
+                .as_bytes(),
+        );
+    }
+    let mut echoed = Vec::new();
+    for _ in ids {
+        let line = c.recv_line();
+        assert!(line.starts_with("{\"type\":\"result\",\"id\":"), "{line}");
+        let id = &line["{\"type\":\"result\",\"id\":".len()..];
+        echoed.push(id[..id.find(',').unwrap()].to_string());
+    }
+    echoed.sort();
+    assert_eq!(echoed, ids);
+    for id in ["1e2", "-0", "1.50", "123456789012345678901234567890"] {
+        c.send_raw(format!("{{\"op\":\"ping\",\"id\":{id}}}\n").as_bytes());
+        let line = c.recv_line();
+        assert!(
+            line.starts_with(&format!("{{\"type\":\"pong\",\"id\":{id},")),
+            "{line}"
+        );
+    }
+}
+
 fn a_sibling_made_with_clone_parent_is_reaped(backend: &str) {
     if !cfg!(target_arch = "x86_64") {
         eprintln!("skipped: the plugin calls clone by its x86_64 number");
@@ -1230,6 +1268,65 @@ fn stats_and_prometheus_report_counts(backend: &str) {
         metric(&format!("pidring_backend_info{{backend=\"{backend}\"}}")),
         1.0
     );
+}
+
+/// `GET path` on the metrics endpoint: the whole answer, and how long it took.
+fn http_get(addr: &str, path: &str) -> (String, Duration) {
+    let start = Instant::now();
+    let mut http = std::net::TcpStream::connect(addr).unwrap();
+    http.set_read_timeout(Some(PATIENCE)).unwrap();
+    http.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut answer = String::new();
+    http.read_to_string(&mut answer).unwrap();
+    (answer, start.elapsed())
+}
+
+fn idle_metrics_connections_do_not_delay_a_scrape(backend: &str) {
+    let d = Daemon::start(backend, &["--metrics", "127.0.0.1:0"], None);
+    let s = d.stats();
+    let addr = s["daemon"]["metrics_address"].as_str().unwrap().to_string();
+    // Connections that never send a byte: each may hold its own slot for
+    // the 5 s request bound, but not the scrapes behind it (served one at
+    // a time, four of them delayed a scrape by 20 s, past Prometheus' 10 s).
+    let idle: Vec<_> = (0..4)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    let (answer, took) = http_get(&addr, "/metrics");
+    assert!(answer.starts_with("HTTP/1.0 200 OK"), "{answer}");
+    assert!(answer.contains("pidring_checks_submitted_total"));
+    assert!(
+        took < Duration::from_secs(3),
+        "a scrape behind 4 idle connections took {took:?}"
+    );
+    // Past 16 open at once, a connection is refused at once with a 503
+    // (the 16 are well within their 5 s here), not queued behind them.
+    let more: Vec<_> = (4..16)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    // (Read without asking: the answer does not wait for a request.)
+    let start = Instant::now();
+    let mut refused = std::net::TcpStream::connect(&addr).unwrap();
+    refused.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut answer = String::new();
+    refused.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.0 503 Service Unavailable"),
+        "{answer}"
+    );
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(3), "the refusal took {took:?}");
+    // Once they hang up, their slots are free again.
+    drop((idle, more));
+    let end = Instant::now() + PATIENCE;
+    loop {
+        let (answer, _) = http_get(&addr, "/metrics");
+        if answer.starts_with("HTTP/1.0 200 OK") {
+            break;
+        }
+        assert!(Instant::now() < end, "slots never freed: {answer}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn socket_mode_stale_and_live_socket(backend: &str) {

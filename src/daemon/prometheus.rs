@@ -1,8 +1,10 @@
 //! Prometheus text exposition (format 0.0.4) over a tiny HTTP/1.0 server.
 //!
-//! One thread serves one scrape at a time with short socket timeouts: a
-//! scraper is one client every few seconds, and a stuck one cannot hold the
-//! endpoint for more than the timeout.
+//! Each connection gets its own short-lived thread with short socket
+//! timeouts, so an idle or trickling connection holds only itself (for at
+//! most `SCRAPE_TIMEOUT`), never the scrapes after it. At most
+//! `MAX_CONNECTIONS` are served at once; past that a connection is answered
+//! 503 and closed at once, so idle connections cannot pile up threads.
 
 use super::protocol::DaemonCounters;
 use super::server::Daemon;
@@ -11,12 +13,15 @@ use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// Socket timeout for one scrape.
+/// Socket timeout for one scrape, and the bound on reading its request.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head read.
 const MAX_HEAD: usize = 8 * 1024;
+/// Connections served at once (a scraper uses one at a time).
+const MAX_CONNECTIONS: usize = 16;
 
 /// Bind `addr` and serve `/metrics` on a background thread; returns the bound address.
 pub(crate) fn serve(addr: SocketAddr, daemon: Arc<Daemon>) -> io::Result<SocketAddr> {
@@ -28,13 +33,10 @@ pub(crate) fn serve(addr: SocketAddr, daemon: Arc<Daemon>) -> io::Result<SocketA
     std::thread::Builder::new()
         .name("pidring-metrics".into())
         .spawn(move || {
+            let open = Arc::new(AtomicUsize::new(0));
             for stream in listener.incoming() {
                 match stream {
-                    Ok(s) => {
-                        if let Err(e) = scrape(s, &daemon) {
-                            tracing::debug!(error = %e, "metrics request failed");
-                        }
-                    }
+                    Ok(s) => accept(s, &daemon, &open),
                     Err(e) => {
                         tracing::warn!(error = %e, "metrics accept failed");
                         std::thread::sleep(Duration::from_millis(50));
@@ -45,13 +47,72 @@ pub(crate) fn serve(addr: SocketAddr, daemon: Arc<Daemon>) -> io::Result<SocketA
     Ok(bound)
 }
 
+/// One of the `MAX_CONNECTIONS` slots, given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serve `stream` on a thread of its own, or refuse it if all slots are taken.
+fn accept(stream: TcpStream, daemon: &Arc<Daemon>, open: &Arc<AtomicUsize>) {
+    // Only this thread takes slots: a check then an add cannot overshoot.
+    if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+        tracing::debug!(
+            max = MAX_CONNECTIONS,
+            "metrics connection refused: all slots busy"
+        );
+        refuse(stream);
+        return;
+    }
+    open.fetch_add(1, Ordering::Relaxed);
+    let slot = Slot(open.clone());
+    let daemon = daemon.clone();
+    let spawned = std::thread::Builder::new()
+        .name("pidring-scrape".into())
+        .spawn(move || {
+            let _slot = slot;
+            if let Err(e) = scrape(stream, &daemon) {
+                tracing::debug!(error = %e, "metrics request failed");
+            }
+        });
+    if let Err(e) = spawned {
+        // The closure, with the connection and its slot, is dropped: closed.
+        tracing::warn!(error = %e, "cannot start a thread for a metrics request; connection closed");
+    }
+}
+
+/// Answer 503 without waiting for the request: never blocks the accept loop.
+fn refuse(mut stream: TcpStream) {
+    let _ = stream.set_nonblocking(true);
+    let body = "busy: too many metrics connections open; retry\n";
+    let _ = write!(
+        stream,
+        "HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    // Closing with request bytes unread would reset the connection, and the
+    // client could lose the answer: read whatever has arrived already.
+    let mut buf = [0u8; 1024];
+    let mut drained = 0;
+    while drained < MAX_HEAD {
+        match stream.read(&mut buf) {
+            Ok(n) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
+}
+
 fn scrape(mut stream: TcpStream, daemon: &Daemon) -> io::Result<()> {
     stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
     stream.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     // A bound on the whole request, not just on each read: a client that
-    // trickles bytes cannot hold the (single) metrics thread.
+    // trickles bytes cannot hold its slot for long.
     let deadline = std::time::Instant::now() + SCRAPE_TIMEOUT;
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
         if std::time::Instant::now() >= deadline {

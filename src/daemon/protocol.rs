@@ -9,25 +9,51 @@ use crate::metrics::MetricsSnapshot;
 use crate::result::CheckResult;
 use crate::state::State;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// A client-chosen request id: a JSON string or number, echoed back verbatim.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+///
+/// A numeric id keeps the text the client wrote (`18446744073709551616`,
+/// `1e2`, `-0`): it is echoed as written, and two numeric ids are the same
+/// id only when their text is the same. [`parse_request`] reads ids with
+/// [`ClientId::from_raw`]; deserialized from anything else (a response read
+/// back, a `serde_json::Value`) a number has already lost its text, and is
+/// kept as serde_json prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(untagged)]
 pub enum ClientId {
     /// A string id.
     Str(String),
     /// A numeric id.
-    Num(serde_json::Number),
+    Num(NumId),
 }
 
 impl ClientId {
+    /// The id in `raw`, one JSON value as the client wrote it: `None` for
+    /// `null`, an error (for people) for anything but a string or a number.
+    pub fn from_raw(raw: &RawValue) -> Result<Option<ClientId>, String> {
+        let text = raw.get();
+        match text.as_bytes().first() {
+            Some(b'"') => serde_json::from_str(text)
+                .map(|s| Some(ClientId::Str(s)))
+                .map_err(|e| format!("\"id\" is not a valid string: {e}")),
+            // RawValue holds valid JSON: this is a number, exactly as written.
+            Some(b'-' | b'0'..=b'9') => Ok(Some(ClientId::Num(NumId(raw.to_owned())))),
+            Some(b'n') => Ok(None),
+            _ => Err(format!(
+                "\"id\" must be a string or a number, not {}",
+                shorten(text)
+            )),
+        }
+    }
+
     /// The id as plain text (a string without quotes), e.g. for the check's tag.
     pub fn as_text(&self) -> String {
         match self {
             ClientId::Str(s) => s.clone(),
-            ClientId::Num(n) => n.to_string(),
+            ClientId::Num(n) => n.as_str().to_string(),
         }
     }
 }
@@ -36,8 +62,101 @@ impl std::fmt::Display for ClientId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ClientId::Str(s) => write!(f, "{s:?}"),
-            ClientId::Num(n) => write!(f, "{n}"),
+            ClientId::Num(n) => f.write_str(n.as_str()),
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClientId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct IdVisitor;
+        impl serde::de::Visitor<'_> for IdVisitor {
+            type Value = ClientId;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or a number")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ClientId, E> {
+                Ok(ClientId::Str(v.to_string()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<ClientId, E> {
+                Ok(ClientId::Str(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ClientId, E> {
+                Ok(ClientId::Num(v.into()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ClientId, E> {
+                Ok(ClientId::Num(v.into()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<ClientId, E> {
+                serde_json::Number::from_f64(v)
+                    .and_then(|n| RawValue::from_string(n.to_string()).ok())
+                    .map(|raw| ClientId::Num(NumId(raw)))
+                    .ok_or_else(|| E::custom("a numeric id must be finite"))
+            }
+        }
+        d.deserialize_any(IdVisitor)
+    }
+}
+
+/// A numeric [`ClientId`]: the number's JSON text, exactly as the client wrote it.
+#[derive(Clone)]
+pub struct NumId(Box<RawValue>);
+
+impl NumId {
+    /// The number's text (`42`, `18446744073709551616`, `1e2`).
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for NumId {
+    fn eq(&self, other: &NumId) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for NumId {}
+
+impl std::hash::Hash for NumId {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.as_str().hash(h)
+    }
+}
+
+impl std::fmt::Debug for NumId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for NumId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Written out as is by serde_json's serializers.
+        self.0.serialize(s)
+    }
+}
+
+macro_rules! num_id_from_integer {
+    ($($t:ty),*) => {$(
+        impl From<$t> for NumId {
+            fn from(n: $t) -> NumId {
+                NumId(
+                    RawValue::from_string(n.to_string())
+                        .expect("an integer's decimal text is a JSON number"),
+                )
+            }
+        }
+    )*};
+}
+
+num_id_from_integer!(u8, u16, u32, u64, usize, i8, i16, i32, i64, isize);
+
+/// `text` for an error message, cut to a readable length.
+fn shorten(text: &str) -> String {
+    const MAX: usize = 40;
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
     }
 }
 
@@ -111,6 +230,7 @@ impl<'de> Deserialize<'de> for WireSize {
 #[serde(deny_unknown_fields, default)]
 pub struct SubmitRequest {
     /// Client-chosen id; must not be in flight on the same connection.
+    /// ([`parse_request`] reads it apart, keeping a number's text.)
     pub id: Option<ClientId>,
     /// Program and arguments (no shell).
     pub argv: Option<Vec<String>>,
@@ -146,7 +266,8 @@ pub struct CancelRequest {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlainRequest {
-    /// Echoed back in the answer.
+    /// Echoed back in the answer. ([`parse_request`] reads it apart,
+    /// keeping a number's text.)
     #[serde(default)]
     pub id: Option<ClientId>,
 }
@@ -336,23 +457,64 @@ pub enum Response {
     },
 }
 
+/// The fields of a `cancel` but its id (read apart, by [`ClientId::from_raw`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelFields {
+    /// Only named so that an unknown field's message lists it.
+    #[serde(default, rename = "id")]
+    _id: Option<serde::de::IgnoredAny>,
+}
+
 /// Parse one request line (already UTF-8, newline stripped).
 pub fn parse_request(line: &str) -> Result<Request, RequestError> {
-    let value: serde_json::Value = serde_json::from_str(line)
-        .map_err(|e| RequestError::new(ErrorCode::BadRequest, format!("not valid JSON: {e}")))?;
-    let serde_json::Value::Object(mut map) = value else {
-        return Err(RequestError::new(
-            ErrorCode::BadRequest,
-            "a request must be a JSON object with an \"op\" field",
-        ));
+    let not_json = |e: serde_json::Error| {
+        RequestError::new(ErrorCode::BadRequest, format!("not valid JSON: {e}"))
+    };
+    // Every field is first kept as the JSON text the client wrote, so that a
+    // numeric id is echoed verbatim (a `Value` would round it to an f64).
+    let fields: BTreeMap<String, Box<RawValue>> = match serde_json::from_str(line) {
+        Ok(fields) => fields,
+        Err(e) if e.classify() != serde_json::error::Category::Data => return Err(not_json(e)),
+        // Of another type than an object, or not JSON at all?
+        Err(_) => {
+            return Err(match serde_json::from_str::<serde::de::IgnoredAny>(line) {
+                Ok(_) => RequestError::new(
+                    ErrorCode::BadRequest,
+                    "a request must be a JSON object with an \"op\" field",
+                ),
+                Err(e) => not_json(e),
+            });
+        }
     };
     // Read id and op first so every later error can name them.
-    let id = map
-        .get("id")
-        .and_then(|v| serde_json::from_value::<ClientId>(v.clone()).ok());
+    let (id, bad_id) = match fields.get("id").map(|raw| ClientId::from_raw(raw)) {
+        None => (None, None),
+        Some(Ok(id)) => (id, None),
+        Some(Err(message)) => (None, Some(message)),
+    };
     let err = |code, message: String, op: Option<&str>| {
         RequestError::new(code, message).about(id.clone(), op)
     };
+    let op_text = fields
+        .get("op")
+        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
+    let mut map = serde_json::Map::new();
+    for (name, raw) in fields {
+        if name == "id" {
+            continue;
+        }
+        // Only a number out of f64's range or nesting past serde_json's
+        // limit can fail here: the line is valid JSON.
+        let value = serde_json::from_str(raw.get()).map_err(|e| {
+            err(
+                ErrorCode::BadRequest,
+                format!("not valid JSON: {name:?}: {}", without_position(&e)),
+                op_text.as_deref(),
+            )
+        })?;
+        map.insert(name, value);
+    }
     let op = match map.remove("op") {
         Some(serde_json::Value::String(op)) => op,
         Some(_) => {
@@ -372,27 +534,65 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
     };
     let rest = serde_json::Value::Object(map);
     let bad = |e: serde_json::Error| err(ErrorCode::BadRequest, format!("{op}: {e}"), Some(&op));
+    // A known op with an id that is neither string nor number.
+    let check_id = || match &bad_id {
+        Some(message) => Err(err(
+            ErrorCode::BadRequest,
+            format!("{op}: {message}"),
+            Some(&op),
+        )),
+        None => Ok(()),
+    };
     match op.as_str() {
         "submit" => {
-            let req: SubmitRequest = serde_json::from_value(rest).map_err(bad)?;
-            if req.id.is_none() {
+            check_id()?;
+            let mut req: SubmitRequest = serde_json::from_value(rest).map_err(bad)?;
+            if id.is_none() {
                 return Err(err(
                     ErrorCode::BadRequest,
                     "submit: missing \"id\" (a string or number of your choice)".into(),
                     Some(&op),
                 ));
             }
+            req.id = id;
             Ok(Request::Submit(Box::new(req)))
         }
-        "cancel" => Ok(Request::Cancel(serde_json::from_value(rest).map_err(bad)?)),
-        "stats" => Ok(Request::Stats(serde_json::from_value(rest).map_err(bad)?)),
-        "ping" => Ok(Request::Ping(serde_json::from_value(rest).map_err(bad)?)),
+        "cancel" => {
+            check_id()?;
+            let CancelFields { .. } = serde_json::from_value(rest).map_err(bad)?;
+            match id {
+                Some(id) => Ok(Request::Cancel(CancelRequest { id })),
+                None => Err(err(
+                    ErrorCode::BadRequest,
+                    "cancel: missing \"id\" (the id of the check to cancel)".into(),
+                    Some(&op),
+                )),
+            }
+        }
+        "stats" | "ping" => {
+            check_id()?;
+            let mut req: PlainRequest = serde_json::from_value(rest).map_err(bad)?;
+            req.id = id;
+            Ok(if op == "stats" {
+                Request::Stats(req)
+            } else {
+                Request::Ping(req)
+            })
+        }
         other => Err(err(
             ErrorCode::UnknownOp,
             format!("unknown op {other:?} (expected submit, cancel, stats or ping)"),
             Some(other),
         )),
     }
+}
+
+/// A serde_json error's message without its "at line 1 column N", for an
+/// error about one field's text (whose positions mean nothing to the client).
+fn without_position(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    text.strip_suffix(&suffix).unwrap_or(&text).to_string()
 }
 
 /// Serialize a response as one line (with the trailing newline) onto `out`.
@@ -466,6 +666,126 @@ mod tests {
             e.message
         );
         assert!(e.message.len() < 200, "{}", e.message);
+    }
+
+    /// The answer `parse_request(line)` gets (its id echoed), as written on the wire.
+    fn echo(line: &str) -> String {
+        let response = match parse_request(line) {
+            Ok(Request::Ping(p)) => Response::Pong {
+                id: p.id,
+                version: "v".into(),
+            },
+            Ok(other) => panic!("not a ping: {other:?}"),
+            Err(e) => e.into_response(),
+        };
+        let mut out = Vec::new();
+        write_response(&mut out, &response);
+        String::from_utf8(out).unwrap()
+    }
+
+    fn submit_id(line: &str) -> ClientId {
+        match parse_request(line) {
+            Ok(Request::Submit(s)) => s.id.unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn numeric_ids_are_echoed_as_written() {
+        for id in [
+            "7",
+            "18446744073709551616",
+            "-9223372036854775809",
+            "123456789012345678901234567890",
+            "1e2",
+            "1E+2",
+            "-0",
+            "1.50",
+            "0.1",
+            "1e400",
+        ] {
+            let line = echo(&format!(r#"{{"op":"ping", "id" : {id} }}"#));
+            assert_eq!(
+                line,
+                format!("{{\"type\":\"pong\",\"id\":{id},\"version\":\"v\"}}\n")
+            );
+            // Errors echo it too.
+            let line = echo(&format!(r#"{{"op":"ping","id":{id},"colour":1}}"#));
+            assert!(
+                line.starts_with(&format!("{{\"type\":\"error\",\"id\":{id},")),
+                "{line}"
+            );
+        }
+        let id = submit_id(r#"{"op":"submit","id":18446744073709551616,"argv":["x"]}"#);
+        assert_eq!(id.as_text(), "18446744073709551616");
+        assert_eq!(id.to_string(), "18446744073709551616");
+    }
+
+    #[test]
+    fn numeric_ids_are_the_same_only_when_written_the_same() {
+        let id = |text: &str| submit_id(&format!(r#"{{"op":"submit","id":{text},"argv":["x"]}}"#));
+        assert_ne!(id("18446744073709551616"), id("18446744073709551617"));
+        assert_ne!(id("1e2"), id("100"));
+        assert_ne!(id("0"), id("-0"));
+        assert_ne!(
+            id("7"),
+            submit_id(r#"{"op":"submit","id":"7","argv":["x"]}"#)
+        );
+        assert_eq!(id("18446744073709551616"), id("18446744073709551616"));
+        assert_eq!(id("7"), ClientId::Num(7.into()));
+        let set: std::collections::HashSet<ClientId> =
+            [id("18446744073709551616"), id("18446744073709551617")].into();
+        assert_eq!(set.len(), 2);
+    }
+
+    #[test]
+    fn ids_that_are_not_strings_or_numbers_are_refused_by_name() {
+        for (bad, shown) in [("true", "true"), ("[1]", "[1]"), ("{\"a\":1}", "{\"a\":1}")] {
+            for op in ["submit", "cancel", "stats", "ping"] {
+                let e = parse_request(&format!(r#"{{"op":"{op}","id":{bad},"argv":["x"]}}"#))
+                    .unwrap_err();
+                assert_eq!(e.code, ErrorCode::BadRequest);
+                assert_eq!(e.op.as_deref(), Some(op));
+                assert_eq!(
+                    e.message,
+                    format!("{op}: \"id\" must be a string or a number, not {shown}")
+                );
+            }
+        }
+        let long = format!("[{}]", "1,".repeat(100) + "1");
+        let e = parse_request(&format!(r#"{{"op":"ping","id":{long}}}"#)).unwrap_err();
+        assert!(e.message.len() < 100, "{}", e.message);
+        // null is no id: fine for ping, missing for submit and cancel.
+        assert!(matches!(
+            parse_request(r#"{"op":"ping","id":null}"#),
+            Ok(Request::Ping(PlainRequest { id: None }))
+        ));
+        let e = parse_request(r#"{"op":"cancel","id":null}"#).unwrap_err();
+        assert!(e.message.contains("missing \"id\""), "{}", e.message);
+        // A number out of f64's range elsewhere: refused, naming the field.
+        let e =
+            parse_request(r#"{"op":"submit","id":1,"argv":["x"],"timeout":1e400}"#).unwrap_err();
+        assert_eq!(
+            e.message,
+            "not valid JSON: \"timeout\": number out of range"
+        );
+        assert_eq!(e.id, Some(ClientId::Num(1.into())));
+    }
+
+    #[test]
+    fn responses_read_back_keep_integer_ids() {
+        let r: Response =
+            serde_json::from_str(r#"{"type":"pong","id":18446744073709551615,"version":"v"}"#)
+                .unwrap();
+        let Response::Pong { id, .. } = r else {
+            panic!()
+        };
+        assert_eq!(id, Some(ClientId::Num(u64::MAX.into())));
+        let r: Response = serde_json::from_str(r#"{"type":"pong","id":-3,"version":"v"}"#).unwrap();
+        let Response::Pong { id, .. } = r else {
+            panic!()
+        };
+        assert_eq!(id.unwrap().to_string(), "-3");
     }
 
     #[test]
