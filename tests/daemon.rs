@@ -878,6 +878,19 @@ fn numeric_ids_are_echoed_as_written(backend: &str) {
     }
     echoed.sort();
     assert_eq!(echoed, ids);
+    // Tags too are echoed as written.
+    let tags = r#"{"host":"a","big":18446744073709551617,"ratio":1.50,"list":[1e2,-0]}"#;
+    c.send_raw(
+        format!("{{\"op\":\"submit\",\"id\":\"t\",\"argv\":[\"/bin/true\"],\"tags\":{tags}}}\n")
+            .as_bytes(),
+    );
+    let line = c.recv_line();
+    assert!(
+        line.starts_with(&format!(
+            "{{\"type\":\"result\",\"id\":\"t\",\"tags\":{tags},"
+        )),
+        "{line}"
+    );
     for id in ["1e2", "-0", "1.50", "123456789012345678901234567890"] {
         c.send_raw(format!("{{\"op\":\"ping\",\"id\":{id}}}\n").as_bytes());
         let line = c.recv_line();

@@ -250,8 +250,10 @@ pub struct SubmitRequest {
     pub output_cap: Option<WireSize>,
     /// State reported on timeout (default UNKNOWN).
     pub timeout_state: Option<State>,
-    /// Any JSON, echoed back in the result.
-    pub tags: Option<serde_json::Value>,
+    /// Any JSON, echoed back in the result exactly as written
+    /// ([`parse_request`] keeps its text; `null` is no tags).
+    #[serde(skip)]
+    pub tags: Option<Box<RawValue>>,
 }
 
 /// `{"op":"cancel","id":...}`: kill a check of this connection that is still in flight.
@@ -418,9 +420,9 @@ pub enum Response {
     Result {
         /// The submit's id.
         id: ClientId,
-        /// The submit's tags, echoed.
+        /// The submit's tags, echoed as written.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        tags: Option<serde_json::Value>,
+        tags: Option<Box<RawValue>>,
         /// The full result.
         result: Box<CheckResult>,
     },
@@ -499,6 +501,11 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
     let op_text = fields
         .get("op")
         .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
+    // Echoed as written, like the id (and checked below like any field).
+    let tags = fields
+        .get("tags")
+        .filter(|raw| raw.get() != "null")
+        .cloned();
     let mut map = serde_json::Map::new();
     for (name, raw) in fields {
         if name == "id" {
@@ -546,7 +553,12 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
     match op.as_str() {
         "submit" => {
             check_id()?;
+            let mut rest = rest;
+            if let serde_json::Value::Object(fields) = &mut rest {
+                fields.remove("tags");
+            }
             let mut req: SubmitRequest = serde_json::from_value(rest).map_err(bad)?;
+            req.tags = tags;
             if id.is_none() {
                 return Err(err(
                     ErrorCode::BadRequest,
@@ -624,6 +636,12 @@ mod tests {
         assert_eq!(s.grace, Some(WireDuration(Duration::from_millis(1500))));
         assert_eq!(s.output_cap, Some(WireSize(4096)));
         assert_eq!(s.timeout_state, Some(State::Critical));
+        assert_eq!(s.tags.as_ref().map(|t| t.get()), Some(r#"{"host":"a"}"#));
+        let r = parse_request(r#"{"op":"submit","id":7,"argv":["x"],"tags":null}"#).unwrap();
+        let Request::Submit(s) = r else { panic!() };
+        assert!(s.tags.is_none());
+        let e = parse_request(r#"{"op":"cancel","id":7,"tags":{}}"#).unwrap_err();
+        assert!(e.message.contains("tags"), "{}", e.message);
     }
 
     #[test]

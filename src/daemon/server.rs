@@ -306,7 +306,7 @@ impl Conn {
     fn deliver(
         &self,
         id: ClientId,
-        tags: Option<serde_json::Value>,
+        tags: Option<Box<serde_json::value::RawValue>>,
         result: crate::CheckResult,
         reserved: usize,
     ) {
