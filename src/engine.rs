@@ -138,6 +138,12 @@ pub(crate) fn start(
                 }));
                 return;
             }
+            // On this thread: the policy is per thread. Probed now, so that
+            // the executor's metrics say from the start whether it is on.
+            let priority = LoopPriority::new(config.realtime_kills);
+            shared
+                .realtime_kills
+                .store(priority.available(), Ordering::Relaxed);
             *shared.backend.lock().unwrap_or_else(|p| p.into_inner()) = backend.kind();
             let _ = ready_tx.send(Ok(backend.kind()));
             let mut engine = Engine {
@@ -158,7 +164,7 @@ pub(crate) fn start(
                 shutting_down: false,
                 reap_orphans: config.reap_orphans,
                 next_orphan_scan: Instant::now() + ORPHAN_SCAN,
-                priority: LoopPriority::new(config.realtime_kills),
+                priority,
             };
             engine.run();
             if engine.reap_orphans {

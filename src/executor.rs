@@ -40,6 +40,8 @@ pub(crate) struct Shared {
     pub queue_limit: usize,
     /// The backend the loop uses.
     pub backend: Mutex<BackendKind>,
+    /// The loop may take `SCHED_FIFO` near kills (asked for and permitted).
+    pub realtime_kills: AtomicBool,
 }
 
 /// Configures and starts an [`Executor`].
@@ -132,6 +134,7 @@ impl ExecutorBuilder {
             max_running: self.max_running,
             queue_limit: self.queue_limit,
             backend: Mutex::new(self.backend),
+            realtime_kills: AtomicBool::new(false),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
         let config = engine::Config {
@@ -384,6 +387,7 @@ impl Executor {
             .unwrap_or_else(|p| p.into_inner());
         let mut snap = m.snapshot(self.running(), self.queued(), self.backend.as_str());
         snap.counters.submitted = self.shared.submitted.load(Ordering::Relaxed);
+        snap.realtime_kills = self.shared.realtime_kills.load(Ordering::Relaxed);
         snap
     }
 

@@ -171,6 +171,7 @@ impl Metrics {
     ) -> MetricsSnapshot {
         MetricsSnapshot {
             backend: backend.to_string(),
+            realtime_kills: false,
             running,
             queued,
             counters: self.counters,
@@ -254,6 +255,10 @@ impl Percentiles {
 pub struct MetricsSnapshot {
     /// The backend in use (`io_uring` or `epoll`).
     pub backend: String,
+    /// Whether the loop takes `SCHED_FIFO` near kills (asked for, and
+    /// permitted: see `ExecutorBuilder::realtime_kills`).
+    #[serde(default)]
+    pub realtime_kills: bool,
     /// Checks running now (spawning, running, or draining).
     pub running: usize,
     /// Checks waiting for a running slot.

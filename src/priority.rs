@@ -92,6 +92,11 @@ impl LoopPriority {
         }
     }
 
+    /// Whether the loop may take the realtime priority (asked for, and not refused).
+    pub fn available(&self) -> bool {
+        self.enabled
+    }
+
     /// Whether the loop is realtime right now.
     #[cfg(test)]
     pub fn is_raised(&self) -> bool {

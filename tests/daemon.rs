@@ -1174,6 +1174,17 @@ fn second_signal_stops_now(backend: &str) {
     assert!(processes_in_sessions(&sessions).is_empty());
 }
 
+/// Whether a thread of this process may take SCHED_FIFO (as the daemon's loop will try).
+fn may_be_realtime() -> bool {
+    std::thread::spawn(|| {
+        let param = libc::sched_param { sched_priority: 1 };
+        // SAFETY: pid 0 is this (throwaway) thread; `param` is valid.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 }
+    })
+    .join()
+    .unwrap()
+}
+
 fn stats_and_prometheus_report_counts(backend: &str) {
     let d = Daemon::start(backend, &["--metrics", "127.0.0.1:0"], None);
     let mut c = d.client();
@@ -1222,6 +1233,9 @@ fn stats_and_prometheus_report_counts(backend: &str) {
     assert_eq!(s["daemon"]["errors_by_code"]["bad_request"], 2);
     assert_eq!(s["daemon"]["errors_by_code"]["unknown_op"], 1);
     assert_eq!(s["engine"]["backend"], backend);
+    // On by default, where this process may take a realtime priority too.
+    let realtime = may_be_realtime();
+    assert_eq!(s["engine"]["realtime_kills"], realtime, "{s}");
     let total = s["engine"]["stages"]
         .as_array()
         .unwrap()
@@ -1248,6 +1262,10 @@ fn stats_and_prometheus_report_counts(backend: &str) {
             .unwrap()
     };
     assert_eq!(metric("pidring_checks_submitted_total"), 13.0);
+    assert_eq!(
+        metric("pidring_realtime_kills"),
+        f64::from(u8::from(realtime))
+    );
     assert_eq!(metric("pidring_checks_completed_total"), 13.0);
     assert_eq!(metric("pidring_checks_escalated_total"), escalated as f64);
     assert_eq!(

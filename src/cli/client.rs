@@ -205,8 +205,11 @@ pub fn stats(args: StatsArgs) -> ExitCode {
     };
     let mut out = String::new();
     out.push_str(&format!(
-        "backend {}   running {}   queued {}\n\n",
-        engine.backend, engine.running, engine.queued
+        "backend {}   realtime kills {}   running {}   queued {}\n\n",
+        engine.backend,
+        if engine.realtime_kills { "on" } else { "off" },
+        engine.running,
+        engine.queued
     ));
     out.push_str(&engine.render_table());
     let c = &engine.counters;

@@ -317,6 +317,17 @@ pub fn render(engine: &MetricsSnapshot, daemon: &DaemonCounters) -> String {
         "pidring_backend_info{{backend=\"{}\"}} 1",
         engine.backend
     );
+    family(
+        &mut out,
+        "pidring_realtime_kills",
+        "gauge",
+        "1 if the loop takes SCHED_FIFO near kills (realtime_kills asked for and permitted), else 0.",
+    );
+    let _ = writeln!(
+        out,
+        "pidring_realtime_kills {}",
+        u8::from(engine.realtime_kills)
+    );
 
     let d = daemon;
     let daemon_counters: [(&str, &str, u64); 6] = [
