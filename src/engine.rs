@@ -214,10 +214,10 @@ struct Engine {
     shutting_down: bool,
     reap_orphans: bool,
     next_orphan_scan: Instant,
-    // Declared after `checks` (fields drop in order): a check dropped with
-    // its child not yet exec'd gives back what it borrowed from here.
     /// The loop thread's scheduling policy (realtime near kills, if asked).
     priority: LoopPriority,
+    // Declared after `checks` (fields drop in order): a check dropped with
+    // its child not yet exec'd gives back what it borrowed from here.
     /// Stacks and low descriptor slots lent to children until they exec.
     launcher: spawn::Launcher,
 }
