@@ -117,6 +117,7 @@ impl ExecutorBuilder {
     pub fn build(self) -> Result<Executor, ExecutorError> {
         // First, before any descriptor of ours could take fd 0, 1 or 2.
         crate::spawn::ensure_std_fds();
+        crate::spawn::keep_exit_statuses();
         if self.raise_nofile {
             raise_nofile_limit();
         }

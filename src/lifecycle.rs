@@ -896,7 +896,7 @@ impl Lifecycle {
             None => (
                 Outcome::Shutdown,
                 State::Unknown,
-                "exit status lost (child reaped elsewhere)".to_string(),
+                "exit status lost: the child was reaped outside the executor (a waitpid(-1) elsewhere in this process, or SIGCHLD set to SIG_IGN after the executor started)".to_string(),
             ),
         }
     }

@@ -1094,6 +1094,48 @@ pub(crate) fn ensure_std_fds() {
     }
 }
 
+/// Make sure the kernel keeps our children's exit statuses for us. A
+/// process started with SIGCHLD ignored (a parent's `signal(SIGCHLD,
+/// SIG_IGN)` is inherited across exec), or with `SA_NOCLDWAIT`, has its
+/// children reaped by the kernel as they exit: every check's status would
+/// be lost, and the leader's pid freed while the loop still took it as
+/// pinning the group. Back to the default (a handler is kept, without the flag).
+pub(crate) fn keep_exit_statuses() {
+    // SAFETY: sigaction with a null new action only reads the current one
+    // into `old`, a zeroed (valid) sigaction.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    if unsafe { libc::sigaction(libc::SIGCHLD, std::ptr::null(), &mut old) } != 0 {
+        return;
+    }
+    let ignored = old.sa_sigaction == libc::SIG_IGN;
+    let no_wait = old.sa_flags & libc::SA_NOCLDWAIT != 0;
+    if !ignored && !no_wait {
+        return;
+    }
+    let mut new = old;
+    if ignored {
+        new.sa_sigaction = libc::SIG_DFL;
+    }
+    new.sa_flags &= !libc::SA_NOCLDWAIT;
+    // SAFETY: `new` is the current action with only the handler set to the
+    // default and/or SA_NOCLDWAIT cleared: a valid sigaction.
+    let rc = unsafe { libc::sigaction(libc::SIGCHLD, &new, std::ptr::null_mut()) };
+    if rc == 0 {
+        tracing::warn!(
+            "SIGCHLD was {} (inherited?): set back to the default, so that the executor gets its checks' exit statuses",
+            if ignored {
+                "ignored"
+            } else {
+                "set with SA_NOCLDWAIT"
+            }
+        );
+    } else {
+        tracing::error!(
+            "SIGCHLD is ignored and cannot be reset: checks' exit statuses will be lost"
+        );
+    }
+}
+
 /// Open /dev/null once per executor (O_CLOEXEC), to become every check's stdin.
 pub(crate) fn open_devnull() -> std::io::Result<OwnedFd> {
     Ok(rustix::fs::open(

@@ -419,3 +419,28 @@ fn a_stop_signal_ends_run_even_when_it_is_stuck_writing_the_result() {
     );
     assert_eq!(status.unwrap().code(), Some(128 + libc::SIGTERM));
 }
+
+#[test]
+fn an_inherited_ignored_sigchld_does_not_lose_exit_statuses() {
+    // A parent's signal(SIGCHLD, SIG_IGN) survives exec; with it the kernel
+    // reaps every check itself and the executor would lose every status.
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pidring"));
+    cmd.args(["run", "--", "/bin/sh", "-c", "echo 'WARNING - w'; exit 1"]);
+    // SAFETY: only signal(2) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("WARNING - w"), "{stdout}");
+}
