@@ -536,6 +536,11 @@ fn resolve_group(group: &str) -> Result<u32, String> {
 pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // Signals first, so a SIGTERM during startup still means a clean stop.
     let (sig_rx, sig_tx) = UnixStream::pair().map_err(DaemonError::Signals)?;
+    // A mask inherited with them blocked (a parent that blocked SIGTERM
+    // before exec) would leave them pending forever: no handler would run.
+    // Threads started from here on inherit the unblocked mask.
+    unblock(super::STOP_SIGNALS.iter().chain(&super::IGNORED_SIGNALS))
+        .map_err(DaemonError::Signals)?;
     for sig in super::STOP_SIGNALS {
         let tx = sig_tx.try_clone().map_err(DaemonError::Signals)?;
         signal_hook::low_level::pipe::register(sig, tx).map_err(DaemonError::Signals)?;
@@ -752,6 +757,24 @@ fn fit_clients_to_descriptors(config: &mut DaemonConfig) {
             config.max_clients
         );
         config.max_clients = fit;
+    }
+}
+
+/// Unblock `signals` in the calling thread's mask.
+fn unblock<'a>(signals: impl Iterator<Item = &'a i32>) -> io::Result<()> {
+    // SAFETY: sigset_t is plain data that sigemptyset/sigaddset initialise;
+    // pthread_sigmask only changes this thread's mask.
+    let rc = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &sig in signals {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut())
+    };
+    match rc {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
     }
 }
 
