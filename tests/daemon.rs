@@ -1588,3 +1588,56 @@ fn the_socket_directory_is_created_but_not_a_tree_of_them() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn sigterm_stops_a_daemon_started_with_it_blocked() {
+    // A parent that blocked SIGTERM before exec passes the mask on; the
+    // daemon must still drain and stop on it.
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(BIN);
+    // SAFETY: only sigprocmask(2) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP] {
+                libc::sigaddset(&mut set, sig);
+            }
+            libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    let mut d = Daemon::start_via(cmd, "auto", &[], None);
+    d.signal(libc::SIGHUP);
+    d.signal(libc::SIGTERM);
+    let st = d.wait_exit(PATIENCE);
+    assert!(st.success(), "{st}:\n{}", d.log());
+    assert!(d.log().contains("SIGHUP ignored"), "{}", d.log());
+}
+
+#[test]
+fn checks_of_a_daemon_run_realtime_start_ordinary() {
+    // `chrt -f 10 pidring daemon`: the daemon stays realtime, but a check
+    // must not (a spinning plugin at the loop's own priority would keep the
+    // loop from ever running to kill it).
+    if !std::process::Command::new("chrt")
+        .args(["-f", "1", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("skipped: cannot run realtime here");
+        return;
+    }
+    let mut cmd = Command::new("chrt");
+    cmd.args(["-f", "10", BIN]);
+    let d = Daemon::start_via(cmd, "auto", &[], None);
+    let mut c = d.client();
+    c.send(&json!({"op": "submit", "id": 1,
+        "argv": ["/usr/bin/cut", "-d", " ", "-f", "40,41", "/proc/self/stat"]}));
+    let r = c.recv();
+    assert_eq!(
+        r["result"]["stdout"]["data"].as_str().unwrap().trim(),
+        format!("0 {}", libc::SCHED_OTHER),
+        "{r}"
+    );
+}

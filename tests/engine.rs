@@ -1204,6 +1204,41 @@ fn loop_policy() -> Option<u32> {
     None
 }
 
+/// Submit `blockers` sleepers timing out 10 ms apart, call `meanwhile`,
+/// then `printers` checks printing fields `fields` of their own
+/// `/proc/self/stat`; wait for all, and return what the printers printed.
+fn under_a_stream_of_deadlines(
+    exec: &Executor,
+    blockers: u64,
+    printers: usize,
+    fields: &str,
+    meanwhile: impl FnOnce(),
+) -> Vec<String> {
+    let blockers: Vec<_> = (1..=blockers)
+        .map(|i| {
+            exec.submit(Check::argv(["/bin/sleep", "30"]).timeout(Duration::from_millis(10 * i)))
+                .expect("accepted")
+        })
+        .collect();
+    meanwhile();
+    let cut = ["/usr/bin/cut", "-d", " ", "-f", fields, "/proc/self/stat"];
+    let printers: Vec<_> = (0..printers)
+        .map(|_| exec.submit(Check::argv(cut)).expect("accepted"))
+        .collect();
+    let printed = printers
+        .into_iter()
+        .map(|p| {
+            let r = p.wait();
+            assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{}", r.reason);
+            String::from_utf8_lossy(&r.stdout.data).trim().to_string()
+        })
+        .collect();
+    for b in blockers {
+        assert!(matches!(b.wait().outcome, Outcome::TimedOut { .. }));
+    }
+    printed
+}
+
 #[test]
 fn checks_created_while_the_loop_is_realtime_are_ordinary_processes() {
     // With `realtime_kills` the loop is SCHED_FIFO while a deadline is near;
@@ -1218,42 +1253,19 @@ fn checks_created_while_the_loop_is_realtime_are_ordinary_processes() {
                 .expect("executor")
         },
         |exec, _| {
-            // Deadlines every 10 ms for 1.5 s: the loop stays realtime throughout.
-            let blockers: Vec<_> = (1..=150)
-                .map(|i| {
-                    exec.submit(
-                        Check::argv(["/bin/sleep", "30"]).timeout(Duration::from_millis(10 * i)),
-                    )
-                    .expect("accepted")
-                })
-                .collect();
-            let raised = eventually(Duration::from_secs(1), || {
-                loop_policy() == Some(libc::SCHED_FIFO as u32)
+            let mut raised = false;
+            let printed = under_a_stream_of_deadlines(exec, 150, 20, "41", || {
+                // Deadlines every 10 ms for 1.5 s: the loop stays realtime throughout.
+                raised = eventually(Duration::from_secs(1), || {
+                    loop_policy() == Some(libc::SCHED_FIFO as u32)
+                });
             });
-            let printers: Vec<_> = (0..20)
-                .map(|_| {
-                    exec.submit(Check::argv([
-                        "/usr/bin/cut",
-                        "-d",
-                        " ",
-                        "-f",
-                        "41",
-                        "/proc/self/stat",
-                    ]))
-                    .expect("accepted")
-                })
-                .collect();
-            for p in printers {
-                let r = p.wait();
-                assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{}", r.reason);
+            for p in printed {
                 assert_eq!(
-                    String::from_utf8_lossy(&r.stdout.data).trim(),
+                    p,
                     libc::SCHED_OTHER.to_string(),
                     "a check inherited the loop's realtime policy"
                 );
-            }
-            for b in blockers {
-                assert!(matches!(b.wait().outcome, Outcome::TimedOut { .. }));
             }
             if !raised {
                 eprintln!(
@@ -1265,4 +1277,33 @@ fn checks_created_while_the_loop_is_realtime_are_ordinary_processes() {
                 == Some(libc::SCHED_OTHER as u32)));
         },
     );
+}
+
+#[test]
+fn checks_keep_the_nice_value_the_executor_was_given() {
+    // An executor run at nice 10 (or SCHED_BATCH/IDLE) must not let its
+    // checks escape it: a realtime loop's children start at nice 0, so the
+    // loop stays ordinary there, and its checks at nice 10.
+    let _guard = serial();
+    std::thread::spawn(|| {
+        // SAFETY: setpriority on this thread only (Linux: per thread); the
+        // loop thread, created from it, inherits it.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+        assert_eq!(unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 10) }, 0);
+        let exec = Executor::builder()
+            .realtime_kills(true)
+            .build()
+            .expect("executor");
+        // Deadlines every 10 ms: the loop would be realtime throughout.
+        for p in under_a_stream_of_deadlines(&exec, 60, 10, "19,41", || {}) {
+            assert_eq!(
+                p,
+                format!("10 {}", libc::SCHED_OTHER),
+                "a check escaped the executor's nice value"
+            );
+        }
+        assert!(!exec.metrics().realtime_kills);
+    })
+    .join()
+    .expect("test thread");
 }
