@@ -498,33 +498,12 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
     let err = |code, message: String, op: Option<&str>| {
         RequestError::new(code, message).about(id.clone(), op)
     };
-    let op_text = fields
+    let op = match fields
         .get("op")
-        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
-    // Echoed as written, like the id (and checked below like any field).
-    let tags = fields
-        .get("tags")
-        .filter(|raw| raw.get() != "null")
-        .cloned();
-    let mut map = serde_json::Map::new();
-    for (name, raw) in fields {
-        if name == "id" {
-            continue;
-        }
-        // Only a number out of f64's range or nesting past serde_json's
-        // limit can fail here: the line is valid JSON.
-        let value = serde_json::from_str(raw.get()).map_err(|e| {
-            err(
-                ErrorCode::BadRequest,
-                format!("not valid JSON: {name:?}: {}", without_position(&e)),
-                op_text.as_deref(),
-            )
-        })?;
-        map.insert(name, value);
-    }
-    let op = match map.remove("op") {
-        Some(serde_json::Value::String(op)) => op,
-        Some(_) => {
+        .map(|raw| serde_json::from_str::<String>(raw.get()))
+    {
+        Some(Ok(op)) => op,
+        Some(Err(_)) => {
             return Err(err(
                 ErrorCode::BadRequest,
                 "\"op\" must be a string".into(),
@@ -539,8 +518,50 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
             ));
         }
     };
-    let rest = serde_json::Value::Object(map);
-    let bad = |e: serde_json::Error| err(ErrorCode::BadRequest, format!("{op}: {e}"), Some(&op));
+    // Echoed as written, like the id: kept as text, never parsed further.
+    let tags = fields
+        .get("tags")
+        .filter(|raw| raw.get() != "null")
+        .cloned();
+    // The op's own fields (all but id, op and `skip`) as one object's text,
+    // read into the op's type directly: no `serde_json::Value` tree (about
+    // 20 times a line's size for `[{},{},…]`) is ever built.
+    let fields_but = |skip: &str| -> OpFields<'_> {
+        let mut text = String::with_capacity(line.len() + 2);
+        let mut spans = Vec::with_capacity(fields.len());
+        text.push('{');
+        for (name, raw) in &fields {
+            if name == "id" || name == "op" || name == skip {
+                continue;
+            }
+            if text.len() > 1 {
+                text.push(',');
+            }
+            let start = text.len();
+            text.push_str(&serde_json::to_string(name).unwrap_or_default());
+            text.push(':');
+            text.push_str(raw.get());
+            spans.push((name.as_str(), start, text.len()));
+        }
+        text.push('}');
+        OpFields { text, spans }
+    };
+    // A typed field's error, naming the field (the position serde_json gives
+    // is in the rebuilt text, which means nothing to the client).
+    let bad = |fields: &OpFields<'_>, e: serde_json::Error| {
+        let at = e.column().saturating_sub(1);
+        let message = match fields
+            .spans
+            .iter()
+            .find(|(_, start, end)| (*start..=*end).contains(&at))
+        {
+            Some((name, ..)) if e.line() == 1 => {
+                format!("{op}: {name:?}: {}", without_position(&e))
+            }
+            _ => format!("{op}: {}", without_position(&e)),
+        };
+        err(ErrorCode::BadRequest, message, Some(&op))
+    };
     // A known op with an id that is neither string nor number.
     let check_id = || match &bad_id {
         Some(message) => Err(err(
@@ -553,11 +574,8 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
     match op.as_str() {
         "submit" => {
             check_id()?;
-            let mut rest = rest;
-            if let serde_json::Value::Object(fields) = &mut rest {
-                fields.remove("tags");
-            }
-            let mut req: SubmitRequest = serde_json::from_value(rest).map_err(bad)?;
+            let f = fields_but("tags");
+            let mut req: SubmitRequest = serde_json::from_str(&f.text).map_err(|e| bad(&f, e))?;
             req.tags = tags;
             if id.is_none() {
                 return Err(err(
@@ -571,7 +589,8 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
         }
         "cancel" => {
             check_id()?;
-            let CancelFields { .. } = serde_json::from_value(rest).map_err(bad)?;
+            let f = fields_but("");
+            let CancelFields { .. } = serde_json::from_str(&f.text).map_err(|e| bad(&f, e))?;
             match id {
                 Some(id) => Ok(Request::Cancel(CancelRequest { id })),
                 None => Err(err(
@@ -583,7 +602,8 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
         }
         "stats" | "ping" => {
             check_id()?;
-            let mut req: PlainRequest = serde_json::from_value(rest).map_err(bad)?;
+            let f = fields_but("");
+            let mut req: PlainRequest = serde_json::from_str(&f.text).map_err(|e| bad(&f, e))?;
             req.id = id;
             Ok(if op == "stats" {
                 Request::Stats(req)
@@ -597,6 +617,13 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
             Some(other),
         )),
     }
+}
+
+/// A request's fields for its op, as one JSON object's text, with where
+/// each field's `"name":value` lies in it.
+struct OpFields<'a> {
+    text: String,
+    spans: Vec<(&'a str, usize, usize)>,
 }
 
 /// A serde_json error's message without its "at line 1 column N", for an
@@ -642,6 +669,14 @@ mod tests {
         assert!(s.tags.is_none());
         let e = parse_request(r#"{"op":"cancel","id":7,"tags":{}}"#).unwrap_err();
         assert!(e.message.contains("tags"), "{}", e.message);
+        // Any valid JSON, kept as text: even numbers no f64 can hold.
+        let big = r#"{"n":1e400,"m":123456789012345678901234567890}"#;
+        let r = parse_request(&format!(
+            r#"{{"op":"submit","id":7,"argv":["x"],"tags":{big}}}"#
+        ))
+        .unwrap();
+        let Request::Submit(s) = r else { panic!() };
+        assert_eq!(s.tags.as_ref().map(|t| t.get()), Some(big));
     }
 
     #[test]
@@ -783,10 +818,7 @@ mod tests {
         // A number out of f64's range elsewhere: refused, naming the field.
         let e =
             parse_request(r#"{"op":"submit","id":1,"argv":["x"],"timeout":1e400}"#).unwrap_err();
-        assert_eq!(
-            e.message,
-            "not valid JSON: \"timeout\": number out of range"
-        );
+        assert_eq!(e.message, "submit: \"timeout\": number out of range");
         assert_eq!(e.id, Some(ClientId::Num(1.into())));
     }
 
