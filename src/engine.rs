@@ -231,11 +231,13 @@ impl Engine {
         loop {
             let now = Instant::now();
             let checks = &self.checks;
-            self.timers.prune(|slot, generation, kind| {
-                checks
-                    .get(slot)
-                    .is_some_and(|c| c.generation() == generation && c.wants_timer(kind))
-            });
+            let live = |slot, generation, kind| {
+                checks.get(slot).is_some_and(|c: &Lifecycle| {
+                    c.generation() == generation && c.wants_timer(kind)
+                })
+            };
+            self.timers.prune(live);
+            self.timers.compact(checks.len(), live);
             let wake = self.priority.before_wait(self.timers.next(), now);
             let mut timeout = wake.map(|t| t.saturating_duration_since(now));
             if self.reap_orphans {

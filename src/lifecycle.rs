@@ -127,6 +127,23 @@ impl Timers {
         }
     }
 
+    /// Keep only the timers `live` accepts, when stale ones outnumber
+    /// `live_checks` by far: those behind a live one on top are not pruned
+    /// until they reach the top (a timeout later; timeouts may be long), and
+    /// under churn they would pile up. Linear, at most once per `SLACK` pushes.
+    pub fn compact(
+        &mut self,
+        live_checks: usize,
+        mut live: impl FnMut(usize, u32, TimerKind) -> bool,
+    ) {
+        const SLACK: usize = 4096;
+        if self.heap.len() <= live_checks.saturating_mul(4) + SLACK {
+            return;
+        }
+        self.heap
+            .retain(|Reverse((_, slot, generation, kind))| live(*slot, *generation, *kind));
+    }
+
     /// Pop one timer due at or before `now`.
     pub fn pop_due(&mut self, now: Instant) -> Option<(usize, u32, TimerKind)> {
         match self.heap.peek() {
@@ -959,6 +976,32 @@ pub(crate) fn human(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_timers_behind_a_live_one_are_compacted_away() {
+        let mut t = Timers::default();
+        let now = Instant::now();
+        // One live check's deadline first, then 5,000 stale ones behind it.
+        t.push(now, 0, 1, TimerKind::Deadline);
+        for i in 1..=5000 {
+            t.push(
+                now + Duration::from_millis(i),
+                i as usize,
+                1,
+                TimerKind::Deadline,
+            );
+        }
+        let live = |slot: usize, _: u32, _: TimerKind| slot == 0;
+        t.prune(live);
+        assert_eq!(t.heap.len(), 5001, "prune stops at the live top");
+        t.compact(1, live);
+        assert_eq!(t.heap.len(), 1);
+        assert_eq!(t.next(), Some(now));
+        // Few stale ones: left for prune.
+        t.push(now + Duration::from_secs(1), 7, 1, TimerKind::Deadline);
+        t.compact(1, live);
+        assert_eq!(t.heap.len(), 2);
+    }
 
     #[test]
     fn tokens_round_trip() {
