@@ -105,9 +105,12 @@ impl ExecutorBuilder {
     /// Run the loop thread under `SCHED_FIFO` (priority 1) while a deadline
     /// or grace end is less than 20 ms away (default false), so that on a
     /// machine whose cores are saturated a kill is not a scheduler tick or
-    /// more late. Checks never inherit it (`SCHED_RESET_ON_FORK`). Needs
-    /// `CAP_SYS_NICE` or `RLIMIT_RTPRIO` >= 1; refused, the executor logs a
-    /// warning once and carries on as an ordinary thread.
+    /// more late. Checks never inherit it (`SCHED_RESET_ON_FORK`); the
+    /// loop's CPU time while realtime is capped at 30 % of a CPU on average.
+    /// Stays off for an executor at nice > 0 or `SCHED_BATCH`/`SCHED_IDLE`
+    /// (its checks would start at nice 0 otherwise). Needs `CAP_SYS_NICE`
+    /// or `RLIMIT_RTPRIO` >= 1; refused, the executor logs a warning once
+    /// and carries on as an ordinary thread.
     pub fn realtime_kills(mut self, yes: bool) -> Self {
         self.realtime_kills = yes;
         self
