@@ -12,6 +12,7 @@ use crate::check::{Check, Prepared};
 use crate::error::ExecutorError;
 use crate::executor::{Deliver, Shared};
 use crate::lifecycle::{self, Ctx, KillReason, Lifecycle, TimerKind, Timers, unix_us};
+use crate::metrics::ResultSummary;
 use crate::priority::LoopPriority;
 use crate::result::{CheckResult, Outcome, Output, Timings};
 use crate::spawn;
@@ -165,6 +166,7 @@ pub(crate) fn start(
                 reap_orphans: config.reap_orphans,
                 next_orphan_scan: Instant::now() + ORPHAN_SCAN,
                 priority,
+                unrecorded: Vec::new(),
             };
             engine.run();
             if engine.reap_orphans {
@@ -216,6 +218,8 @@ struct Engine {
     next_orphan_scan: Instant,
     /// The loop thread's scheduling policy (realtime near kills, if asked).
     priority: LoopPriority,
+    /// Results delivered but not yet in the shared metrics (see `record_results`).
+    unrecorded: Vec<ResultSummary>,
     // Declared after `checks` (fields drop in order): a check dropped with
     // its child not yet exec'd gives back what it borrowed from here.
     /// Stacks and low descriptor slots lent to children until they exec.
@@ -243,6 +247,13 @@ impl Engine {
             if self.reap_orphans {
                 let scan = self.next_orphan_scan.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(scan, |t| t.min(scan)));
+            }
+            if !self.unrecorded.is_empty() {
+                // Results wait to be recorded: soon, without waiting on a reader.
+                self.record_results(false);
+                if !self.unrecorded.is_empty() {
+                    timeout = Some(timeout.map_or(LAUNCH_POLL, |t| t.min(LAUNCH_POLL)));
+                }
             }
             if !self.may_launch() && !self.queue.is_empty() {
                 // Admission waits for a child to exec or to let go of its
@@ -298,6 +309,7 @@ impl Engine {
                 break;
             }
         }
+        self.record_results(true);
         tracing::info!("executor loop stopped");
     }
 
@@ -523,13 +535,29 @@ impl Engine {
 
     /// Hand one result to its callback (a panicking callback cannot kill the loop).
     fn deliver(&mut self, result: CheckResult, deliver: Deliver) {
-        if let Ok(mut m) = self.shared.metrics.lock() {
-            m.record_result(&result);
-        }
+        self.unrecorded.push(ResultSummary::of(&result));
+        self.record_results(false);
         if std::panic::catch_unwind(AssertUnwindSafe(move || deliver(result))).is_err() {
             tracing::error!("a result callback panicked");
         }
         self.shared.outstanding.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Record the results delivered so far in the shared metrics. Unless
+    /// `wait`, only if nobody holds them: a reader building a snapshot
+    /// (`stats`) must not hold up the loop, realtime or not; the next turn
+    /// tries again (see `run`).
+    fn record_results(&mut self, wait: bool) {
+        let metrics = if wait {
+            self.shared.metrics.lock().ok()
+        } else {
+            self.shared.metrics.try_lock().ok()
+        };
+        if let Some(mut m) = metrics {
+            for s in self.unrecorded.drain(..) {
+                m.record_summary(&s);
+            }
+        }
     }
 
     /// Reap descendants that escaped their check and were re-parented to us.

@@ -137,28 +137,30 @@ impl Metrics {
         let _ = self.stages[stage.index()].record(us);
     }
 
-    /// Account one delivered result.
-    pub fn record_result(&mut self, r: &CheckResult) {
+    /// Account one delivered result, from what the metrics keep of it.
+    pub(crate) fn record_summary(&mut self, s: &ResultSummary) {
         let c = &mut self.counters;
         c.completed += 1;
-        match &r.outcome {
-            Outcome::Exited { .. } => c.exited += 1,
-            Outcome::Signaled { .. } => c.signaled += 1,
-            Outcome::TimedOut { escalated, .. } => {
+        match s.outcome {
+            OutcomeKind::Exited => c.exited += 1,
+            OutcomeKind::Signaled => c.signaled += 1,
+            OutcomeKind::TimedOut { escalated } => {
                 c.timed_out += 1;
-                if *escalated {
+                if escalated {
                     c.escalated += 1;
                 }
             }
-            Outcome::Cancelled => c.cancelled += 1,
-            Outcome::Shutdown => c.shutdown += 1,
-            Outcome::SpawnFailed { .. } => c.spawn_failed += 1,
+            OutcomeKind::Cancelled => c.cancelled += 1,
+            OutcomeKind::Shutdown => c.shutdown += 1,
+            OutcomeKind::SpawnFailed => c.spawn_failed += 1,
         }
-        if r.output_cut {
+        if s.output_cut {
             c.output_cut += 1;
         }
-        for (stage, d) in Stage::durations(r) {
-            self.record(stage, d);
+        for (stage, d) in Stage::ALL.iter().zip(s.stages) {
+            if let Some(d) = d {
+                self.record(*stage, d);
+            }
         }
     }
 
@@ -246,6 +248,53 @@ impl Percentiles {
             p999_us: h.value_at_quantile(0.999),
             max_us: h.max(),
             mean_us: h.mean(),
+        }
+    }
+}
+
+/// What the metrics keep of one result: small and `Copy`, so that the loop
+/// can hold a few while a reader has the metrics locked, instead of waiting
+/// for it (a realtime loop waiting on an ordinary thread).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ResultSummary {
+    outcome: OutcomeKind,
+    output_cut: bool,
+    /// Per stage, in `Stage::ALL` order.
+    stages: [Option<Duration>; Stage::ALL.len()],
+}
+
+/// The counter an outcome goes to.
+#[derive(Debug, Clone, Copy)]
+enum OutcomeKind {
+    Exited,
+    Signaled,
+    TimedOut { escalated: bool },
+    Cancelled,
+    Shutdown,
+    SpawnFailed,
+}
+
+impl ResultSummary {
+    /// The summary of `r`.
+    pub(crate) fn of(r: &CheckResult) -> ResultSummary {
+        let outcome = match &r.outcome {
+            Outcome::Exited { .. } => OutcomeKind::Exited,
+            Outcome::Signaled { .. } => OutcomeKind::Signaled,
+            Outcome::TimedOut { escalated, .. } => OutcomeKind::TimedOut {
+                escalated: *escalated,
+            },
+            Outcome::Cancelled => OutcomeKind::Cancelled,
+            Outcome::Shutdown => OutcomeKind::Shutdown,
+            Outcome::SpawnFailed { .. } => OutcomeKind::SpawnFailed,
+        };
+        let mut stages = [None; Stage::ALL.len()];
+        for (stage, d) in Stage::durations(r) {
+            stages[stage.index()] = Some(d);
+        }
+        ResultSummary {
+            outcome,
+            output_cut: r.output_cut,
+            stages,
         }
     }
 }

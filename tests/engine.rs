@@ -1307,3 +1307,34 @@ fn checks_keep_the_nice_value_the_executor_was_given() {
     .join()
     .expect("test thread");
 }
+
+#[test]
+fn results_recorded_while_readers_hold_the_metrics_are_all_counted() {
+    // The loop never waits for a metrics reader: it keeps what it could not
+    // record and records it at a later turn. Nothing may be lost meanwhile.
+    each_backend(executor, |exec, _| {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let _ = exec.metrics();
+                    }
+                });
+            }
+            let pending: Vec<_> = (0..300)
+                .map(|_| exec.submit(Check::argv(["/bin/true"])).expect("accepted"))
+                .collect();
+            for p in pending {
+                assert_eq!(p.wait().outcome, Outcome::Exited { code: 0 });
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        assert!(
+            eventually(Duration::from_secs(10), || exec.metrics().counters.exited
+                == 300),
+            "counted {} of 300",
+            exec.metrics().counters.exited
+        );
+    });
+}
