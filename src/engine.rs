@@ -167,6 +167,7 @@ pub(crate) fn start(
                 next_orphan_scan: Instant::now() + ORPHAN_SCAN,
                 priority,
                 unrecorded: Vec::new(),
+                unrecorded_orphans: 0,
             };
             engine.run();
             if engine.reap_orphans {
@@ -220,6 +221,8 @@ struct Engine {
     priority: LoopPriority,
     /// Results delivered but not yet in the shared metrics (see `record_results`).
     unrecorded: Vec<ResultSummary>,
+    /// Orphans reaped but not yet counted in the shared metrics.
+    unrecorded_orphans: u64,
     // Declared after `checks` (fields drop in order): a check dropped with
     // its child not yet exec'd gives back what it borrowed from here.
     /// Stacks and low descriptor slots lent to children until they exec.
@@ -248,10 +251,10 @@ impl Engine {
                 let scan = self.next_orphan_scan.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(scan, |t| t.min(scan)));
             }
-            if !self.unrecorded.is_empty() {
+            if self.has_unrecorded() {
                 // Results wait to be recorded: soon, without waiting on a reader.
                 self.record_results(false);
-                if !self.unrecorded.is_empty() {
+                if self.has_unrecorded() {
                     timeout = Some(timeout.map_or(LAUNCH_POLL, |t| t.min(LAUNCH_POLL)));
                 }
             }
@@ -543,10 +546,15 @@ impl Engine {
         self.shared.outstanding.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Record the results delivered so far in the shared metrics. Unless
-    /// `wait`, only if nobody holds them: a reader building a snapshot
-    /// (`stats`) must not hold up the loop, realtime or not; the next turn
-    /// tries again (see `run`).
+    /// Whether results or orphan counts wait to be recorded.
+    fn has_unrecorded(&self) -> bool {
+        !self.unrecorded.is_empty() || self.unrecorded_orphans > 0
+    }
+
+    /// Record the results delivered and orphans reaped so far in the shared
+    /// metrics. Unless `wait`, only if nobody holds them: the loop never
+    /// blocks (invariant 4), not even on a reader building a snapshot
+    /// (`stats`); the next turn tries again (see `run`).
     fn record_results(&mut self, wait: bool) {
         let metrics = if wait {
             self.shared.metrics.lock().ok()
@@ -557,6 +565,7 @@ impl Engine {
             for s in self.unrecorded.drain(..) {
                 m.record_summary(&s);
             }
+            m.counters.orphans_reaped += std::mem::take(&mut self.unrecorded_orphans);
         }
     }
 
@@ -576,12 +585,11 @@ impl Engine {
         self.count_orphans(reaped);
     }
 
-    fn count_orphans(&self, reaped: u64) {
+    fn count_orphans(&mut self, reaped: u64) {
         if reaped > 0 {
             tracing::info!(reaped, "reaped orphaned descendants of checks");
-            if let Ok(mut m) = self.shared.metrics.lock() {
-                m.counters.orphans_reaped += reaped;
-            }
+            self.unrecorded_orphans += reaped;
+            self.record_results(false);
         }
     }
 
@@ -620,6 +628,7 @@ impl Engine {
             std::thread::sleep(Duration::from_millis(2));
         }
         self.count_orphans(total);
+        self.record_results(true);
     }
 }
 
