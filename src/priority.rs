@@ -50,8 +50,8 @@ const BUDGET_BURST: Duration = Duration::from_millis(50);
 pub(crate) struct LoopPriority {
     /// Asked for, and not (yet) refused by the kernel.
     enabled: bool,
-    /// Currently `SCHED_FIFO`.
-    raised: bool,
+    /// `Some` while `SCHED_FIFO`: the thread's CPU time when last metered.
+    raised: Option<Duration>,
     /// The thread's ordinary policy (`SCHED_OTHER`, or `SCHED_BATCH`/`SCHED_IDLE`
     /// if the process was started so), returned to after each raise.
     ordinary: libc::c_int,
@@ -59,8 +59,8 @@ pub(crate) struct LoopPriority {
     budget: Duration,
     /// Overdrawn: ordinary until the budget is back to a full burst's half.
     overdrawn: bool,
-    /// When the budget was last topped up, and the thread's CPU time then.
-    last: Option<(Instant, Duration)>,
+    /// When the budget was last topped up.
+    last: Option<Instant>,
 }
 
 impl LoopPriority {
@@ -76,7 +76,7 @@ impl LoopPriority {
         let current = unsafe { libc::sched_getscheduler(0) } & !libc::SCHED_RESET_ON_FORK;
         let mut p = LoopPriority {
             enabled,
-            raised: false,
+            raised: None,
             ordinary: current,
             budget: BUDGET_BURST,
             overdrawn: false,
@@ -148,7 +148,7 @@ impl LoopPriority {
     /// Whether the loop is realtime right now.
     #[cfg(test)]
     pub fn is_raised(&self) -> bool {
-        self.raised
+        self.raised.is_some()
     }
 
     /// Set the policy for a loop whose next timer is `next`, and say when
@@ -164,7 +164,7 @@ impl LoopPriority {
         };
         let raise_at = next.checked_sub(AHEAD).unwrap_or(now);
         self.set(now >= raise_at && !self.overdrawn);
-        if self.enabled && !self.raised && !self.overdrawn {
+        if self.enabled && self.raised.is_none() && !self.overdrawn {
             Some(raise_at)
         } else {
             Some(next)
@@ -172,30 +172,32 @@ impl LoopPriority {
     }
 
     /// Top the budget up for the time passed, and charge it the CPU time
-    /// the loop used since the last call if it was realtime meanwhile.
+    /// the loop used while realtime since the last call. (The thread's CPU
+    /// clock, a system call, is read only while realtime: an ordinary loop
+    /// pays nothing for the budget.)
     fn meter(&mut self, now: Instant) {
-        let cpu = thread_cpu_time();
-        if let Some((then, cpu_then)) = self.last {
+        if let Some(then) = self.last {
             let refill = now.saturating_duration_since(then).mul_f64(BUDGET_SHARE);
             self.budget = (self.budget + refill).min(BUDGET_BURST);
-            if self.raised {
-                let used = cpu.saturating_sub(cpu_then);
-                self.budget = self.budget.saturating_sub(used);
-                if self.budget.is_zero() && !self.overdrawn {
-                    tracing::debug!("realtime kills: CPU budget used up; ordinary for now");
-                    self.overdrawn = true;
-                }
-            }
-            if self.overdrawn && self.budget >= BUDGET_BURST / 2 {
-                self.overdrawn = false;
+        }
+        self.last = Some(now);
+        if let Some(cpu_then) = self.raised {
+            let cpu = thread_cpu_time();
+            self.budget = self.budget.saturating_sub(cpu.saturating_sub(cpu_then));
+            self.raised = Some(cpu);
+            if self.budget.is_zero() && !self.overdrawn {
+                tracing::debug!("realtime kills: CPU budget used up; ordinary for now");
+                self.overdrawn = true;
             }
         }
-        self.last = Some((now, cpu));
+        if self.overdrawn && self.budget >= BUDGET_BURST / 2 {
+            self.overdrawn = false;
+        }
     }
 
     /// Be realtime when `urgent`, ordinary otherwise (a system call only on a change).
     fn set(&mut self, urgent: bool) {
-        if !self.enabled || urgent == self.raised {
+        if !self.enabled || urgent == self.raised.is_some() {
             return;
         }
         // The ordinary policy keeps the nice value, which the kernel kept aside.
@@ -205,7 +207,8 @@ impl LoopPriority {
             self.apply(self.ordinary, 0)
         };
         match result {
-            Ok(()) => self.raised = urgent,
+            // Realtime from here: its CPU time counts against the budget.
+            Ok(()) => self.raised = urgent.then(thread_cpu_time),
             Err(e) if urgent => {
                 // Refused (no CAP_SYS_NICE, RLIMIT_RTPRIO 0, a container, or
                 // the cgroup's realtime budget is 0): stop asking.
