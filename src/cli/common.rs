@@ -58,20 +58,7 @@ fn write_result(out: &mut impl Write, result: &CheckResult, json: bool) -> std::
 /// that one thread takes them with [`wait_signal`] instead of the default
 /// action killing the process under its checks. Call before any thread exists.
 pub fn block_signals(signals: &[i32]) -> std::io::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it, and
-    // pthread_sigmask only changes this thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for &sig in signals {
-            libc::sigaddset(&mut set, sig);
-        }
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            return Err(std::io::Error::from_raw_os_error(rc));
-        }
-        Ok(set)
-    }
+    pidring::daemon::change_signal_mask(libc::SIG_BLOCK, signals)
 }
 
 /// Wait for one of the signals in `set` (blocked by [`block_signals`]).

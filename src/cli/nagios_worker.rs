@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use super::common::{block_signals, wait_signal};
-use pidring::daemon::{IGNORED_SIGNALS, STOP_SIGNALS};
+use pidring::daemon::IGNORED_SIGNALS;
 
 /// Arguments of `pidring nagios-worker`.
 #[derive(Args, Debug)]
@@ -50,12 +50,7 @@ pub struct NagiosWorkerArgs {
 /// closed terminal must not kill the worker under its checks).
 pub fn main(args: NagiosWorkerArgs) -> ExitCode {
     super::logging::init("info", args.log_json);
-    let taken: Vec<i32> = STOP_SIGNALS
-        .iter()
-        .chain(&IGNORED_SIGNALS)
-        .copied()
-        .collect();
-    let stop_signals = match block_signals(&taken) {
+    let stop_signals = match block_signals(&pidring::daemon::taken_signals()) {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot block the stop signals: {e}")),
     };

@@ -9,20 +9,6 @@ use std::time::Duration;
 
 use super::common::{block_signals, wait_signal};
 
-/// Signals that stop `run`: every signal whose default action would end it
-/// (a service's stop signals and the ones a service ignores alike: `run` is
-/// one command, and ends as it would have). The check is killed (its group
-/// swept), reaped and reported first; left to their default action they
-/// would kill `run` alone, and the check, in its own session, would run on
-/// unsupervised.
-fn stop_signals() -> Vec<i32> {
-    let service = pidring::daemon::STOP_SIGNALS.iter();
-    service
-        .chain(&pidring::daemon::IGNORED_SIGNALS)
-        .copied()
-        .collect()
-}
-
 /// Arguments of `pidring run`.
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -56,7 +42,13 @@ pub struct RunArgs {
 /// number if a stop signal cut it short (as a shell reports it).
 pub fn main(args: RunArgs) -> ExitCode {
     super::logging::init("warn", false);
-    let stop_signals = match block_signals(&stop_signals()) {
+    // Every signal whose default action would end `run` stops it (a
+    // service's stop signals and the ones a service ignores alike: `run` is
+    // one command, and ends as it would have). The check is killed (its
+    // group swept), reaped and reported first; left to their default action
+    // they would kill `run` alone, and the check, in its own session, would
+    // run on unsupervised.
+    let stop_signals = match block_signals(&pidring::daemon::taken_signals()) {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot block the stop signals: {e}")),
     };

@@ -19,6 +19,35 @@ pub use config::{DaemonConfig, default_socket_path};
 /// sessions, would run on with no one to time them out or reap them.
 pub const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT];
 
+/// Every signal a pidring service takes over: [`STOP_SIGNALS`] and
+/// [`IGNORED_SIGNALS`], i.e. every one whose default action would end it.
+pub fn taken_signals() -> Vec<i32> {
+    STOP_SIGNALS
+        .iter()
+        .chain(&IGNORED_SIGNALS)
+        .copied()
+        .collect()
+}
+
+/// Block (`libc::SIG_BLOCK`) or unblock (`libc::SIG_UNBLOCK`) `signals` in
+/// the calling thread's mask (threads it starts later inherit it); returns
+/// the set, e.g. for `sigwait`.
+pub fn change_signal_mask(how: libc::c_int, signals: &[i32]) -> std::io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data that sigemptyset/sigaddset initialise;
+    // pthread_sigmask only changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &sig in signals {
+            libc::sigaddset(&mut set, sig);
+        }
+        match libc::pthread_sigmask(how, &set, std::ptr::null_mut()) {
+            0 => Ok(set),
+            e => Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
 /// Signals that mean nothing to a pidring service but whose default action
 /// would end it just as uncleanly (a `postrotate kill -USR1`, a closed
 /// terminal's SIGHUP, a stray timer signal): taken, logged and ignored.

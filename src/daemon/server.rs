@@ -539,7 +539,7 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // A mask inherited with them blocked (a parent that blocked SIGTERM
     // before exec) would leave them pending forever: no handler would run.
     // Threads started from here on inherit the unblocked mask.
-    unblock(super::STOP_SIGNALS.iter().chain(&super::IGNORED_SIGNALS))
+    super::change_signal_mask(libc::SIG_UNBLOCK, &super::taken_signals())
         .map_err(DaemonError::Signals)?;
     for sig in super::STOP_SIGNALS {
         let tx = sig_tx.try_clone().map_err(DaemonError::Signals)?;
@@ -757,24 +757,6 @@ fn fit_clients_to_descriptors(config: &mut DaemonConfig) {
             config.max_clients
         );
         config.max_clients = fit;
-    }
-}
-
-/// Unblock `signals` in the calling thread's mask.
-fn unblock<'a>(signals: impl Iterator<Item = &'a i32>) -> io::Result<()> {
-    // SAFETY: sigset_t is plain data that sigemptyset/sigaddset initialise;
-    // pthread_sigmask only changes this thread's mask.
-    let rc = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for &sig in signals {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut())
-    };
-    match rc {
-        0 => Ok(()),
-        e => Err(io::Error::from_raw_os_error(e)),
     }
 }
 
