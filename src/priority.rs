@@ -258,10 +258,14 @@ fn current_policy() -> libc::c_int {
 mod tests {
     use super::*;
 
+    /// Run `f` on a thread of its own: the scheduling policy is per thread.
+    fn on_own_thread(f: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(f).join().expect("thread");
+    }
+
     #[test]
     fn raises_and_lowers_or_stays_ordinary_when_refused() {
-        // On a thread of its own: the policy is per thread.
-        std::thread::spawn(|| {
+        on_own_thread(|| {
             let mut p = LoopPriority::new(true);
             p.set(true);
             if p.is_raised() {
@@ -275,14 +279,12 @@ mod tests {
             off.set(true);
             assert!(!off.is_raised());
             assert_eq!(current_policy(), libc::SCHED_OTHER);
-        })
-        .join()
-        .expect("thread");
+        });
     }
 
     #[test]
     fn wakes_ahead_of_a_far_timer_to_be_realtime_at_it() {
-        std::thread::spawn(|| {
+        on_own_thread(|| {
             let now = Instant::now();
             let far = now + Duration::from_secs(1);
             let near = now + Duration::from_millis(5);
@@ -302,14 +304,12 @@ mod tests {
             assert_eq!(p.before_wait(None, now), None);
             assert!(!p.is_raised());
             assert_eq!(current_policy(), libc::SCHED_OTHER);
-        })
-        .join()
-        .expect("thread");
+        });
     }
 
     #[test]
     fn a_loop_kept_busy_while_realtime_is_made_ordinary() {
-        std::thread::spawn(|| {
+        on_own_thread(|| {
             let mut p = LoopPriority::new(true);
             let now = Instant::now();
             p.before_wait(Some(now + Duration::from_millis(5)), now);
@@ -325,8 +325,6 @@ mod tests {
             p.before_wait(Some(now + Duration::from_millis(5)), now);
             assert!(!p.is_raised(), "still realtime after its budget ran out");
             assert_eq!(current_policy(), libc::SCHED_OTHER);
-        })
-        .join()
-        .expect("thread");
+        });
     }
 }

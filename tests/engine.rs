@@ -1143,22 +1143,26 @@ fn the_descriptor_table_is_sized_before_the_first_check() {
 /// How many times the executor's loop thread has gone to sleep (it is the
 /// only thread named `pidring-loop` while one executor exists).
 fn loop_sleeps() -> u64 {
-    let mut found = Vec::new();
-    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
-        let dir = task.expect("task").path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.trim() == "pidring-loop" {
-            let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-            let n = status
-                .lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|v| v.trim().parse().ok())
-                .expect("voluntary_ctxt_switches");
-            found.push(n);
-        }
-    }
-    assert_eq!(found.len(), 1, "expected one loop thread");
-    found[0]
+    let status = std::fs::read_to_string(loop_task().join("status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("voluntary_ctxt_switches")
+}
+
+/// `/proc/self/task/TID` of the executor's loop thread (the only thread
+/// named `pidring-loop` while one executor exists).
+fn loop_task() -> std::path::PathBuf {
+    let found: Vec<_> = std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|t| Some(t.ok()?.path()))
+        .filter(|dir| {
+            std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == "pidring-loop")
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "expected one loop thread: {found:?}");
+    found.into_iter().next().unwrap()
 }
 
 #[test]
@@ -1191,17 +1195,10 @@ fn the_loop_does_not_wake_for_deadlines_of_checks_that_are_gone() {
 
 /// The scheduling policy of the executor's loop thread (field 41 of its stat).
 fn loop_policy() -> Option<u32> {
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let dir = task.ok()?.path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.trim() == "pidring-loop" {
-            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-            let after_comm = &stat[stat.rfind(')')? + 2..];
-            // Field 3 (state) is the first after the comm; the policy is field 41.
-            return after_comm.split(' ').nth(41 - 3)?.parse().ok();
-        }
-    }
-    None
+    let stat = std::fs::read_to_string(loop_task().join("stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 2..];
+    // Field 3 (state) is the first after the comm; the policy is field 41.
+    after_comm.split(' ').nth(41 - 3)?.parse().ok()
 }
 
 /// Submit `blockers` sleepers timing out 10 ms apart, call `meanwhile`,
