@@ -84,10 +84,17 @@ impl Daemon {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
+    /// Ready: the socket answers a connect and the daemon has logged
+    /// "pidring daemon ready". The socket listens before the executor is
+    /// built (a second daemon is refused before it spawns anything), so a
+    /// connect alone can come before start-up's own log lines, such as the
+    /// `max_clients lowered` warning, are written.
     fn wait_ready(&mut self) {
         let end = Instant::now() + PATIENCE;
         loop {
-            if UnixStream::connect(&self.socket).is_ok() {
+            if self.log().contains("pidring daemon ready")
+                && UnixStream::connect(&self.socket).is_ok()
+            {
                 return;
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
