@@ -241,6 +241,7 @@ pub struct SubmitRequest {
     /// Time between SIGTERM and SIGKILL (default: the daemon's).
     pub grace: Option<WireDuration>,
     /// Variables to set (added to the daemon's environment unless `env_clear`).
+    #[serde(deserialize_with = "env_each_once")]
     pub env: Option<BTreeMap<String, String>>,
     /// Start from an empty environment.
     pub env_clear: bool,
@@ -254,6 +255,54 @@ pub struct SubmitRequest {
     /// ([`parse_request`] keeps its text; `null` is no tags).
     #[serde(skip)]
     pub tags: Option<Box<RawValue>>,
+}
+
+/// `env`, refusing a variable given twice (which value was meant is unknown,
+/// and a validator in front of the daemon may have read the other one).
+fn env_each_once<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    /// Reads `env`'s object, refusing a repeated name.
+    struct Env;
+    impl<'de> serde::de::Visitor<'de> for Env {
+        type Value = BTreeMap<String, String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object of variable names to string values")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut env = BTreeMap::new();
+            while let Some((name, value)) = map.next_entry::<String, String>()? {
+                if env.contains_key(&name) {
+                    return Err(serde::de::Error::custom(format!(
+                        "variable {name:?} given twice"
+                    )));
+                }
+                env.insert(name, value);
+            }
+            Ok(env)
+        }
+    }
+    /// `Env`, or `null` for none.
+    struct EnvOrNull;
+    impl<'de> serde::de::Visitor<'de> for EnvOrNull {
+        type Value = Option<BTreeMap<String, String>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object of variable names to string values")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: serde::Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_map(Env).map(Some)
+        }
+    }
+    d.deserialize_option(EnvOrNull)
 }
 
 /// `{"op":"cancel","id":...}`: kill a check of this connection that is still in flight.
@@ -468,6 +517,47 @@ struct CancelFields {
     _id: Option<serde::de::IgnoredAny>,
 }
 
+/// A request's top-level fields, each kept as the JSON text the client
+/// wrote, and the first name that appeared twice.
+///
+/// A map would keep the last of two `"argv"`s silently, while a proxy or
+/// validator in front of the daemon may have checked the first: a request
+/// that says one thing twice is refused instead.
+struct RequestFields {
+    /// Every field's text, by name.
+    fields: BTreeMap<String, Box<RawValue>>,
+    /// The first field name seen more than once.
+    duplicate: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for RequestFields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// Reads a JSON object's fields, noting a repeated name.
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = RequestFields;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RequestFields, A::Error> {
+                let mut fields = BTreeMap::new();
+                let mut duplicate = None;
+                while let Some((name, raw)) = map.next_entry::<String, Box<RawValue>>()? {
+                    if fields.contains_key(&name) {
+                        duplicate.get_or_insert_with(|| name.clone());
+                    }
+                    fields.insert(name, raw);
+                }
+                Ok(RequestFields { fields, duplicate })
+            }
+        }
+        d.deserialize_map(Fields)
+    }
+}
+
 /// Parse one request line (already UTF-8, newline stripped).
 pub fn parse_request(line: &str) -> Result<Request, RequestError> {
     let not_json = |e: serde_json::Error| {
@@ -475,7 +565,7 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
     };
     // Every field is first kept as the JSON text the client wrote, so that a
     // numeric id is echoed verbatim (a `Value` would round it to an f64).
-    let fields: BTreeMap<String, Box<RawValue>> = match serde_json::from_str(line) {
+    let RequestFields { fields, duplicate } = match serde_json::from_str(line) {
         Ok(fields) => fields,
         Err(e) if e.classify() != serde_json::error::Category::Data => return Err(not_json(e)),
         // Of another type than an object, or not JSON at all?
@@ -562,6 +652,16 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
         };
         err(ErrorCode::BadRequest, message, Some(&op))
     };
+    if let Some(name) = duplicate {
+        // Which of the two was meant is unknown: neither is echoed.
+        let id = if name == "id" { None } else { id.clone() };
+        let op = (name != "op").then_some(op.as_str());
+        return Err(RequestError::new(
+            ErrorCode::BadRequest,
+            format!("field {name:?} given twice; give each field once"),
+        )
+        .about(id, op));
+    }
     // A known op with an id that is neither string nor number.
     let check_id = || match &bad_id {
         Some(message) => Err(err(
@@ -719,6 +819,46 @@ mod tests {
             e.message
         );
         assert!(e.message.len() < 200, "{}", e.message);
+    }
+
+    #[test]
+    fn a_field_given_twice_is_refused() {
+        let e =
+            parse_request(r#"{"op":"submit","id":1,"argv":["/bin/true"],"argv":["/bin/false"]}"#)
+                .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert_eq!(
+            e.message,
+            r#"field "argv" given twice; give each field once"#
+        );
+        assert_eq!(e.id, Some(ClientId::Num(1.into())));
+        // Two ids: neither is echoed (which one the client meant is unknown).
+        let e = parse_request(r#"{"op":"ping","id":1,"id":2}"#).unwrap_err();
+        assert_eq!(e.id, None);
+        assert!(e.message.contains(r#""id" given twice"#), "{}", e.message);
+        let e = parse_request(r#"{"op":"ping","op":"stats"}"#).unwrap_err();
+        assert!(e.message.contains(r#""op" given twice"#), "{}", e.message);
+        let e =
+            parse_request(r#"{"op":"submit","id":1,"argv":["x"],"env":{"PATH":"/a","PATH":"/b"}}"#)
+                .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(
+            e.message
+                .starts_with(r#"submit: "env": variable "PATH" given twice"#),
+            "{}",
+            e.message
+        );
+        for env in [r#"null"#, r#"{"A":"1","B":"2"}"#] {
+            let line = format!(r#"{{"op":"submit","id":1,"argv":["x"],"env":{env}}}"#);
+            assert!(parse_request(&line).is_ok(), "{env}");
+        }
+        let e = parse_request(r#"{"op":"submit","id":1,"argv":["x"],"env":["A"]}"#).unwrap_err();
+        assert!(e.message.contains("variable names"), "{}", e.message);
+        // The same name nested inside a field is not a duplicate.
+        let ok = parse_request(
+            r#"{"op":"submit","id":1,"argv":["x"],"tags":{"a":1,"b":{"a":2},"id":3}}"#,
+        );
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     /// The answer `parse_request(line)` gets (its id echoed), as written on the wire.
