@@ -332,6 +332,16 @@ fn pid_space_runs_out(backend: &str) {
                 assert_eq!(r["result"]["outcome"]["errno"], libc::EAGAIN, "{r}");
                 let msg = r["result"]["outcome"]["message"].as_str().unwrap_or("");
                 assert!(msg.contains("process limit reached"), "{r}");
+                if refused == 0 {
+                    // No PID is free (the sleeps hold them for seconds): a
+                    // new connection's thread cannot start either, and the
+                    // client is told so rather than reset without a word.
+                    let turned_away = try_connection(&d).map(|_| "served");
+                    let r = turned_away.expect_err("connected with no PID free");
+                    assert_eq!(r["code"], "too_many_clients", "{r}");
+                    let msg = r["message"].as_str().unwrap_or("");
+                    assert!(msg.contains("cannot serve another connection now"), "{r}");
+                }
                 refused += 1;
             }
             _ => panic!("unexpected result: {r}"),
