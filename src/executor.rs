@@ -454,3 +454,64 @@ impl Pending {
         self.rx.try_recv().ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::result::Outcome;
+
+    /// Invariant 4, the loop never blocks: with the metrics mutex held by
+    /// somebody else all along, checks still start, exit, time out, fail to
+    /// spawn and are answered; what the loop could not record then is
+    /// recorded once the mutex is free, none of it lost.
+    #[test]
+    fn the_loop_never_waits_for_the_metrics_mutex() {
+        for backend in [BackendKind::Epoll, BackendKind::IoUring] {
+            let Ok(exec) = Executor::builder().backend(backend).build() else {
+                tracing::warn!("{backend:?} unavailable here; not tested");
+                continue;
+            };
+            let held = exec.shared.metrics.lock().unwrap();
+            let mut pending: Vec<_> = (0..60)
+                .map(|_| exec.submit(Check::argv(["/bin/true"])).unwrap())
+                .collect();
+            for _ in 0..3 {
+                let check = Check::argv(["/bin/sleep", "30"])
+                    .timeout(Duration::from_millis(100))
+                    .grace(Duration::from_millis(100));
+                pending.push(exec.submit(check).unwrap());
+            }
+            pending.push(exec.submit(Check::argv(["/nonexistent/plugin"])).unwrap());
+            let results: Vec<CheckResult> = pending
+                .iter()
+                .map(|p| {
+                    p.wait_timeout(Duration::from_secs(60))
+                        .expect("no answer while the metrics mutex was held: the loop waits for it")
+                })
+                .collect();
+            let exited = Outcome::Exited { code: 0 };
+            assert!(results[..60].iter().all(|r| r.outcome == exited));
+            assert!(results[60..63].iter().all(|r| r.timed_out()));
+            assert!(matches!(results[63].outcome, Outcome::SpawnFailed { .. }));
+            drop(held);
+            let end = Instant::now() + Duration::from_secs(10);
+            let counted = loop {
+                let c = exec.metrics().counters;
+                if c.completed == 64 || Instant::now() > end {
+                    break c;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            assert_eq!(
+                (
+                    counted.completed,
+                    counted.exited,
+                    counted.timed_out,
+                    counted.spawn_failed
+                ),
+                (64, 60, 3, 1),
+                "{backend:?}: results recorded once the mutex was free"
+            );
+        }
+    }
+}
