@@ -85,7 +85,13 @@ fn spawn_failures_are_results_with_clear_messages() {
             r.outcome
         );
 
-        let r = run(exec, Check::argv(["no-such-plugin-anywhere"]));
+        // A PATH of its own: the test's may hold a directory this user may
+        // not search (/root/.cargo/bin as nobody), and then the answer is
+        // EACCES, as execvp's.
+        let r = run(
+            exec,
+            Check::argv(["no-such-plugin-anywhere"]).env("PATH", "/usr/bin:/bin"),
+        );
         assert!(matches!(
             r.outcome,
             Outcome::SpawnFailed {
