@@ -274,6 +274,9 @@ impl Engine {
             // check whose exit is among this turn's events is not signalled
             // (see `Lifecycle::note_exit_pending`).
             for &token in &fired {
+                if token & crate::backend::WATCH_FAILED != 0 {
+                    continue;
+                }
                 if let (slot, generation, Some(lifecycle::Source::Pidfd)) =
                     lifecycle::untoken(token)
                     && let Some(c) = self.checks.get_mut(slot)
@@ -382,7 +385,13 @@ impl Engine {
     fn on_ready(&mut self, token: u64, now: Instant) {
         let (slot, generation, source) = lifecycle::untoken(token);
         let Some(source) = source else { return };
-        self.with_check(slot, generation, now, |c, ctx| c.on_ready(source, ctx));
+        if token & crate::backend::WATCH_FAILED != 0 {
+            self.with_check(slot, generation, now, |c, ctx| {
+                c.on_watch_failed(source, ctx)
+            });
+        } else {
+            self.with_check(slot, generation, now, |c, ctx| c.on_ready(source, ctx));
+        }
     }
 
     fn on_wake(&mut self, now: Instant) {

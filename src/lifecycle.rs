@@ -45,6 +45,9 @@ const WALK_LIMIT: usize = 16;
 /// sized for) and signals.
 const MAX_DESCENDANTS: usize = 4;
 
+/// How often what could not be watched is polled instead.
+const RETRY_POLL: Duration = Duration::from_millis(10);
+
 /// What a token's fd is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Source {
@@ -64,7 +67,7 @@ pub(crate) fn token(slot: usize, generation: u32, source: Source) -> u64 {
 
 /// Unpack a backend token.
 pub(crate) fn untoken(token: u64) -> (usize, u32, Option<Source>) {
-    let source = match token & 0xff {
+    let source = match token & !crate::backend::WATCH_FAILED & 0xff {
         0 => Some(Source::Pidfd),
         1 => Some(Source::Stdout),
         2 => Some(Source::Stderr),
@@ -229,6 +232,9 @@ pub(crate) struct Lifecycle {
     /// `Some` exactly while the leader is unreaped.
     pidfd: Option<OwnedFd>,
     pidfd_armed: bool,
+    /// Said (once) that a watch failed and its fd is polled instead: the
+    /// poll retries every 10 ms, and would otherwise say it every time.
+    said_polling: bool,
     /// Descendants found while the check was being killed (see
     /// `signal_descendants`), as pidfds; closed at the reap.
     descendants: Vec<spawn::Descendant>,
@@ -285,6 +291,7 @@ impl Lifecycle {
             pid: None,
             pidfd: None,
             pidfd_armed: false,
+            said_polling: false,
             descendants: Vec::new(),
             started: None,
             deadline: None,
@@ -406,8 +413,10 @@ impl Lifecycle {
             ) {
                 Ok(()) => self.pidfd_armed = true,
                 Err(e) => {
-                    tracing::warn!(id = self.id, "cannot watch pidfd: {e}; polling instead");
                     failed = true;
+                    if !std::mem::replace(&mut self.said_polling, true) {
+                        tracing::warn!(id = self.id, "cannot watch pidfd: {e}; polling instead");
+                    }
                 }
             }
         }
@@ -423,23 +432,44 @@ impl Lifecycle {
                 ) {
                     Ok(()) => stream.armed = true,
                     Err(e) => {
-                        tracing::warn!(
-                            id = self.id,
-                            "cannot watch output pipe: {e}; polling instead"
-                        );
                         failed = true;
+                        if !std::mem::replace(&mut self.said_polling, true) {
+                            tracing::warn!(
+                                id = self.id,
+                                "cannot watch output pipe: {e}; polling instead"
+                            );
+                        }
                     }
                 }
             }
         }
         if failed {
             ctx.timers.push(
-                ctx.now + Duration::from_millis(10),
+                ctx.now + RETRY_POLL,
                 self.slot,
                 self.generation,
                 TimerKind::Retry,
             );
         }
+    }
+
+    /// The backend could not arm a watch on `source` (io_uring reported an
+    /// error for it): poll it instead, as when arming fails at once.
+    pub fn on_watch_failed(&mut self, source: Source, ctx: &mut Ctx<'_>) {
+        match source {
+            Source::Pidfd => self.pidfd_armed = false,
+            Source::Stdout => self.stdout.armed = false,
+            Source::Stderr => self.stderr.armed = false,
+        }
+        if !std::mem::replace(&mut self.said_polling, true) {
+            tracing::warn!(id = self.id, ?source, "watch failed; polling instead");
+        }
+        ctx.timers.push(
+            ctx.now + RETRY_POLL,
+            self.slot,
+            self.generation,
+            TimerKind::Retry,
+        );
     }
 
     /// A watched fd fired.
@@ -592,9 +622,16 @@ impl Lifecycle {
                 self.phase = Phase::Done;
             }
             TimerKind::Retry => {
-                // Act as if everything fired, then arm again what is still open.
-                if self.pidfd.is_some() && !self.pidfd_armed {
-                    self.leader_ready(ctx);
+                // Polling for what could not be watched: the leader is
+                // swept and reaped only once it has exited (a live one's
+                // group must never be killed), else watched again (and
+                // polled again if that fails once more).
+                if let (Some(pidfd), false) = (&self.pidfd, self.pidfd_armed) {
+                    match spawn::has_exited(pidfd.as_fd()) {
+                        Ok(false) => self.watch_all(ctx, false),
+                        // Exited, or waitid says why not: the reap says it too.
+                        Ok(true) | Err(_) => self.leader_ready(ctx),
+                    }
                 }
                 for source in [Source::Stdout, Source::Stderr] {
                     let stream = if source == Source::Stdout {
@@ -698,7 +735,7 @@ impl Lifecycle {
             Err(e) => {
                 tracing::warn!(id = self.id, "waitid failed: {e}; retrying");
                 ctx.timers.push(
-                    ctx.now + Duration::from_millis(10),
+                    ctx.now + RETRY_POLL,
                     self.slot,
                     self.generation,
                     TimerKind::Retry,
@@ -755,9 +792,14 @@ impl Lifecycle {
                 {
                     Ok(()) => stream.armed = true,
                     Err(e) => {
-                        tracing::warn!(id = self.id, "cannot re-watch output pipe: {e}");
+                        if !std::mem::replace(&mut self.said_polling, true) {
+                            tracing::warn!(
+                                id = self.id,
+                                "cannot re-watch output pipe: {e}; polling instead"
+                            );
+                        }
                         ctx.timers.push(
-                            ctx.now + Duration::from_millis(10),
+                            ctx.now + RETRY_POLL,
                             self.slot,
                             self.generation,
                             TimerKind::Retry,

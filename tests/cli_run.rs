@@ -177,40 +177,15 @@ fn closed_standard_streams_do_not_cross_check_output() {
     assert_eq!(v["stderr"]["data"], "err\n/dev/null\n");
 }
 
-/// Install a seccomp filter that makes io_uring_setup(2) fail with EPERM, as
-/// container runtimes' default profiles do. For use between fork and exec.
-fn block_io_uring() -> std::io::Result<()> {
-    let filter = [
-        libc::sock_filter {
-            code: 0x20,
-            jt: 0,
-            jf: 0,
-            k: 0,
-        }, // ld [nr]
-        libc::sock_filter {
-            code: 0x15,
-            jt: 0,
-            jf: 1,
-            k: libc::SYS_io_uring_setup as u32,
-        }, // jeq
-        libc::sock_filter {
-            code: 0x06,
-            jt: 0,
-            jf: 0,
-            k: 0x0005_0000 | libc::EPERM as u32,
-        }, // ret ERRNO
-        libc::sock_filter {
-            code: 0x06,
-            jt: 0,
-            jf: 0,
-            k: 0x7fff_0000,
-        }, // ret ALLOW
-    ];
+/// Install a seccomp filter (classic BPF over `seccomp_data`). For use
+/// between fork and exec.
+fn install_seccomp(filter: &[libc::sock_filter]) -> std::io::Result<()> {
     let prog = libc::sock_fprog {
         len: filter.len() as u16,
         filter: filter.as_ptr() as *mut _,
     };
-    // SAFETY: prctl(2) reads `prog`, which lives on this frame during the call.
+    // SAFETY: prctl(2) reads `prog` and the filter it points to, which live
+    // across the call.
     let ok = unsafe {
         libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
             && libc::prctl(
@@ -226,6 +201,52 @@ fn block_io_uring() -> std::io::Result<()> {
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// One BPF instruction.
+fn bpf(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+/// BPF: load the 32-bit word at `seccomp_data` offset `at`.
+const LD: u16 = 0x20;
+/// BPF: jump if the accumulator equals k.
+const JEQ: u16 = 0x15;
+/// BPF: jump if the accumulator is >= k.
+const JGE: u16 = 0x35;
+/// BPF: return k.
+const RET: u16 = 0x06;
+/// seccomp: let the call through.
+const ALLOW: u32 = 0x7fff_0000;
+/// seccomp: fail the call with the errno in the low bits.
+const ERRNO: u32 = 0x0005_0000;
+
+/// Make io_uring_setup(2) fail with EPERM, as container runtimes' default
+/// profiles do.
+fn block_io_uring() -> std::io::Result<()> {
+    install_seccomp(&[
+        bpf(LD, 0, 0, 0), // nr
+        bpf(JEQ, 0, 1, libc::SYS_io_uring_setup as u32),
+        bpf(RET, 0, 0, ERRNO | libc::EPERM as u32),
+        bpf(RET, 0, 0, ALLOW),
+    ])
+}
+
+/// Make `epoll_ctl(EPOLL_CTL_ADD)` of the fds in `fds` fail with ENOSPC, as
+/// it does past `fs.epoll.max_user_watches`.
+fn fail_epoll_adds(fds: std::ops::Range<u32>) -> std::io::Result<()> {
+    // seccomp_data: nr at 0, then args[i] at 16 + 8 i (low word first).
+    install_seccomp(&[
+        bpf(LD, 0, 0, 0),
+        bpf(JEQ, 0, 6, libc::SYS_epoll_ctl as u32),
+        bpf(LD, 0, 0, 16 + 8),
+        bpf(JEQ, 0, 4, libc::EPOLL_CTL_ADD as u32),
+        bpf(LD, 0, 0, 16 + 16),
+        bpf(JGE, 0, 2, fds.start),
+        bpf(JGE, 1, 0, fds.end),
+        bpf(RET, 0, 0, ERRNO | libc::ENOSPC as u32),
+        bpf(RET, 0, 0, ALLOW),
+    ])
 }
 
 /// Where io_uring is blocked (a container's seccomp profile), `auto` falls
@@ -449,4 +470,95 @@ fn an_inherited_ignored_sigchld_does_not_lose_exit_statuses() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("WARNING - w"), "{stdout}");
+}
+
+/// Where epoll cannot watch a check's pidfd or pipes (ENOSPC past
+/// `fs.epoll.max_user_watches`, ENOMEM), the loop polls them instead: a
+/// healthy check gets its own result, all its output, and is never killed
+/// (it was: the polling path swept the live leader's group with SIGKILL);
+/// a timeout is still enforced.
+#[test]
+fn checks_whose_descriptors_cannot_be_watched_are_polled_not_killed() {
+    use std::os::unix::process::CommandExt;
+    // Where this build puts a check's descriptors: after the executor's own
+    // (eventfd, epoll, timerfd), which come first; ask a check.
+    let probe = pidring()
+        .args(["run", "--backend", "epoll", "--", "/bin/sh", "-c"])
+        .arg("for f in /proc/$PPID/fd/*; do echo \"${f##*/} $(readlink $f)\"; done")
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&probe.stdout).to_string();
+    let fds = |what: &str| -> Vec<u32> {
+        listing
+            .lines()
+            .filter(|l| l.contains(what))
+            .filter_map(|l| l.split(' ').next()?.parse().ok())
+            .collect()
+    };
+    let own = fds("anon_inode:[eventpoll]")
+        .into_iter()
+        .chain(fds("anon_inode:[timerfd]"))
+        .chain(fds("anon_inode:[eventfd]"))
+        .max()
+        .unwrap_or_else(|| panic!("no executor descriptors in:\n{listing}"));
+    let pidfd = *fds("anon_inode:[pidfd]").iter().max().unwrap();
+    let first_pipe = fds("pipe:")
+        .into_iter()
+        .filter(|&fd| fd > own)
+        .min()
+        .unwrap();
+    let run = |fds: std::ops::Range<u32>, args: &[&str]| {
+        let mut cmd = pidring();
+        cmd.env("RUST_LOG", "warn")
+            .args(["run", "--backend", "epoll"])
+            .args(args);
+        // SAFETY: fail_epoll_adds only calls prctl(2), which is
+        // async-signal-safe.
+        unsafe { cmd.pre_exec(move || fail_epoll_adds(fds.clone())) };
+        let out = cmd.output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr).to_string();
+        (out, log)
+    };
+    let healthy = [
+        "--timeout",
+        "60s",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo healthy; sleep 1; echo still; exit 1",
+    ];
+    let cases = [
+        (pidfd..pidfd + 1, "cannot watch pidfd"),
+        (first_pipe..pidfd, "cannot watch output pipe"),
+    ];
+    for (fds, what) in cases {
+        let (out, log) = run(fds.clone(), &healthy);
+        assert!(
+            log.contains(what),
+            "the filter missed ({what}, fds {fds:?}):\n{log}\n{listing}"
+        );
+        assert_eq!(out.status.code(), Some(1), "{what}: {log}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "healthy\nstill\n",
+            "{what}: {log}"
+        );
+        assert_eq!(
+            log.matches("polling instead").count(),
+            1,
+            "said once: {log}"
+        );
+    }
+    // Nothing watched at all: the timeout is enforced all the same.
+    let t0 = std::time::Instant::now();
+    let (out, log) = run(
+        first_pipe.min(pidfd)..u32::MAX,
+        &["--timeout", "1s", "--", "/bin/sleep", "30"],
+    );
+    assert_eq!(out.status.code(), Some(3), "{log}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("timed out"),
+        "{log}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(20), "{log}");
 }

@@ -65,7 +65,11 @@ impl Epoll {
         if first {
             epoll::add(&self.epoll, fd, data, flags)?;
         } else {
-            epoll::modify(&self.epoll, fd, data, flags)?;
+            match epoll::modify(&self.epoll, fd, data, flags) {
+                // Never added (its first add failed, ENOSPC or ENOMEM): add it now.
+                Err(rustix::io::Errno::NOENT) => epoll::add(&self.epoll, fd, data, flags)?,
+                other => other?,
+            }
         }
         Ok(())
     }

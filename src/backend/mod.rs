@@ -19,6 +19,11 @@ use rustix::fd::BorrowedFd;
 use std::io;
 use std::time::Duration;
 
+/// Set in a token `wait` hands back when that watch could not be armed
+/// (io_uring completes a failed poll with an error): the caller must not
+/// take it for readiness. Tokens are made with this bit clear.
+pub(crate) const WATCH_FAILED: u64 = 0x80;
+
 /// Which backend to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -134,9 +134,51 @@ impl Uring {
     /// Move every completion off the ring into the backlog.
     fn drain_completions(&mut self) {
         for cqe in self.ring.completion() {
-            if cqe.user_data() != IGNORE {
-                self.backlog.push(cqe.user_data());
+            let token = cqe.user_data();
+            if token == IGNORE {
+                continue;
+            }
+            // A poll ends with an error when it could not be armed (ENOMEM…),
+            // which says nothing about the fd. ECANCELED is a poll we removed
+            // ourselves: its token is stale, as before.
+            let res = cqe.result();
+            if res < 0 && res != -libc::ECANCELED {
+                tracing::debug!(token, errno = -res, "io_uring: a poll failed");
+                self.backlog.push(token | super::WATCH_FAILED);
+            } else {
+                self.backlog.push(token);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::fd::AsFd;
+
+    /// A poll the kernel could not arm comes back marked as failed, never as
+    /// readiness: taken for a pidfd's, it would have the loop sweep a live
+    /// check's group.
+    #[test]
+    fn a_failed_poll_is_reported_as_failed_not_ready() {
+        let Ok(mut ring) = Uring::new() else {
+            return; // No io_uring here: nothing to test.
+        };
+        // io_uring takes no O_PATH file (EBADF): a poll that cannot be armed.
+        let path =
+            rustix::fs::open("/", rustix::fs::OFlags::PATH, rustix::fs::Mode::empty()).unwrap();
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        ring.watch(path.as_fd(), 7).unwrap();
+        ring.watch(r.as_fd(), 9).unwrap();
+        rustix::io::write(&w, b"x").unwrap();
+        let mut fired = Vec::new();
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while fired.len() < 2 && std::time::Instant::now() < end {
+            ring.wait(&mut fired, Some(Duration::from_millis(100)))
+                .unwrap();
+        }
+        fired.sort();
+        assert_eq!(fired, [9, 7 | super::super::WATCH_FAILED]);
     }
 }
