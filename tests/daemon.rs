@@ -403,6 +403,7 @@ on_both_backends!(
     finished_connections_leave_no_descriptor_behind,
     pid_space_runs_out,
     idle_connections_hold_no_copy_of_big_answers,
+    a_long_path_costs_no_memory_per_entry,
 );
 
 fn concurrent_clients_pipelining(backend: &str) {
@@ -1730,4 +1731,34 @@ fn idle_connections_hold_no_copy_of_big_answers(backend: &str) {
         hwm0 / MIB
     );
     drop(clients);
+}
+
+fn a_long_path_costs_no_memory_per_entry(backend: &str) {
+    // A 1 MiB request: a PATH of a million `:` and a 250-byte bare name.
+    // One candidate string per PATH entry came to ~300 MB of daemon memory
+    // per check (and ~4 s of failed execve calls in its child), where the
+    // byte budget counted the ~1 MiB line.
+    const CHECKS: usize = 4;
+    const MIB: u64 = 1024;
+    let d = Daemon::start(backend, &[], None);
+    let hwm0 = vm_kib(d.pid(), "VmHWM");
+    let mut c = d.client();
+    let path = ":".repeat(1_000_000);
+    for i in 0..CHECKS {
+        c.send(&json!({"op": "submit", "id": i, "argv": ["n".repeat(250)],
+            "env": {"PATH": path}, "timeout": "60s"}));
+    }
+    for _ in 0..CHECKS {
+        let r = c.recv();
+        assert_eq!(r["result"]["outcome"]["kind"], "spawn_failed", "{r}");
+        let message = r["result"]["outcome"]["message"].as_str().unwrap();
+        assert!(message.starts_with("cannot find nnn"), "{message}");
+    }
+    let hwm = vm_kib(d.pid(), "VmHWM");
+    assert!(
+        hwm < hwm0 + 64 * MIB,
+        "peak {} MiB (from {} MiB) for {CHECKS} requests of 1 MiB",
+        hwm / MIB,
+        hwm0 / MIB
+    );
 }
