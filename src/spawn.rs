@@ -56,7 +56,8 @@ impl SpawnFailure {
                 " (process limit reached: raise RLIMIT_NPROC/pid_max or lower max_running)"
             }
             Errno::NOEXEC => " (not a binary, and /bin/sh would not run it either)",
-            Errno::TOOBIG => " (argument list too long)",
+            // The errno's own text already says "Argument list too long".
+            Errno::TOOBIG => " (the arguments and environment together exceed the kernel's limit)",
             _ => "",
         };
         SpawnFailure {
@@ -1334,6 +1335,17 @@ mod tests {
             SearchPath::new(path(MAX_SEARCH_DIRS + 1).as_bytes())
                 .dirs()
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn e2big_says_too_long_once() {
+        let f = SpawnFailure::new("/bin/true", "cannot execute", Errno::TOOBIG);
+        assert_eq!(
+            f.message.to_lowercase().matches("too long").count(),
+            1,
+            "{}",
+            f.message
         );
     }
 }

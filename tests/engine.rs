@@ -228,6 +228,27 @@ fn a_path_is_searched_once_per_directory_and_within_a_bound() {
 }
 
 #[test]
+fn an_argument_list_too_long_is_said_once() {
+    // One argument over MAX_ARG_STRLEN (128 KiB): E2BIG from execve. The
+    // message said "Argument list too long (os error 7) (argument list too long)".
+    each_backend(executor, |exec, _| {
+        let r = run(exec, Check::argv(["/bin/true".into(), "x".repeat(200_000)]));
+        match &r.outcome {
+            Outcome::SpawnFailed { errno, message } => {
+                assert_eq!(*errno, Some(libc::E2BIG));
+                assert!(message.contains("/bin/true"), "{message}");
+                assert_eq!(
+                    message.to_lowercase().matches("too long").count(),
+                    1,
+                    "{message}"
+                );
+            }
+            o => panic!("expected spawn failure, got {o:?}"),
+        }
+    });
+}
+
+#[test]
 fn scripts_without_a_shebang_run_under_sh_like_execvp_and_a_missing_interpreter_is_named() {
     // Nagios starts plugins with execvp, which hands a file the kernel
     // will not execute (ENOEXEC) to /bin/sh.
