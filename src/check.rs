@@ -5,6 +5,7 @@
 
 use crate::cmdline::{self, CommandLine};
 use crate::error::CheckError;
+use crate::spawn::SearchPath;
 use crate::state::State;
 use std::ffi::{CString, OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -205,7 +206,7 @@ impl Check {
                 argv,
                 envp: inherited.envp.clone(),
                 cwd: cwd()?,
-                path_var: inherited.path_var.clone(),
+                path: inherited.path.clone(),
             });
         }
 
@@ -225,7 +226,7 @@ impl Check {
             vars.retain(|(ek, _)| *ek != k.as_os_str());
             vars.push((k, v));
         }
-        let path_var = path_of(vars.iter().copied());
+        let path = path_of(vars.iter().copied());
         let envp = vars
             .iter()
             .map(|(k, v)| cstring(&env_entry(k, v), "environment variable"))
@@ -234,7 +235,7 @@ impl Check {
             argv,
             envp,
             cwd: cwd()?,
-            path_var,
+            path,
         })
     }
 }
@@ -248,10 +249,13 @@ fn env_entry(k: &OsStr, v: &OsStr) -> Vec<u8> {
     kv
 }
 
-/// The value of PATH among `vars`, for resolving bare program names.
-fn path_of<'a>(mut vars: impl Iterator<Item = (&'a OsStr, &'a OsStr)>) -> Option<Arc<[u8]>> {
-    vars.find(|(k, _)| k.as_bytes() == b"PATH")
-        .map(|(_, v)| Arc::from(v.as_bytes()))
+/// The PATH among `vars` (or the default), split for resolving bare
+/// program names: here, on the submitting thread, not on the loop.
+fn path_of<'a>(mut vars: impl Iterator<Item = (&'a OsStr, &'a OsStr)>) -> Arc<SearchPath> {
+    match vars.find(|(k, _)| k.as_bytes() == b"PATH") {
+        Some((_, v)) => Arc::new(SearchPath::new(v.as_bytes())),
+        None => SearchPath::default_path(),
+    }
 }
 
 fn cstring(bytes: &[u8], what: &'static str) -> Result<CString, CheckError> {
@@ -267,8 +271,8 @@ pub(crate) struct Prepared {
     pub envp: Arc<[CString]>,
     /// Working directory, if not the executor's.
     pub cwd: Option<CString>,
-    /// The check's PATH, for resolving a bare program name.
-    pub path_var: Option<Arc<[u8]>>,
+    /// The check's PATH (or the default), for resolving a bare program name.
+    pub path: Arc<SearchPath>,
 }
 
 impl Prepared {
@@ -285,8 +289,8 @@ pub(crate) struct InheritedEnv {
     vars: Vec<(OsString, OsString)>,
     /// `KEY=value` strings, shared by every check that inherits them unchanged.
     envp: Arc<[CString]>,
-    /// Its PATH.
-    path_var: Option<Arc<[u8]>>,
+    /// Its PATH (or the default), split once.
+    path: Arc<SearchPath>,
 }
 
 impl InheritedEnv {
@@ -297,12 +301,8 @@ impl InheritedEnv {
             .iter()
             .filter_map(|(k, v)| CString::new(env_entry(k, v)).ok())
             .collect();
-        let path_var = path_of(vars.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str())));
-        InheritedEnv {
-            vars,
-            envp,
-            path_var,
-        }
+        let path = path_of(vars.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str())));
+        InheritedEnv { vars, envp, path }
     }
 }
 
@@ -362,7 +362,7 @@ mod tests {
             .unwrap();
         let envp: Vec<_> = p.envp.iter().map(|c| c.to_str().unwrap()).collect();
         assert_eq!(envp, ["PATH=/bin", "A=2", "B=3"]);
-        assert_eq!(p.path_var.as_deref(), Some(&b"/bin"[..]));
+        assert_eq!(p.path.value(), b"/bin");
 
         let p = Check::argv(["x"])
             .env_clear()
@@ -370,7 +370,7 @@ mod tests {
             .prepare(&inherited)
             .unwrap();
         assert_eq!(p.envp.len(), 1);
-        assert!(p.path_var.is_none());
+        assert_eq!(p.path.value(), crate::spawn::DEFAULT_PATH);
         assert!(matches!(
             Check::argv(["x"]).env("A=B", "1").prepare(&inherited),
             Err(CheckError::BadEnvName(_))

@@ -56,7 +56,8 @@ impl SpawnFailure {
                 " (process limit reached: raise RLIMIT_NPROC/pid_max or lower max_running)"
             }
             Errno::NOEXEC => " (not a binary, and /bin/sh would not run it either)",
-            Errno::TOOBIG => " (argument list too long)",
+            // The errno's own text already says "Argument list too long".
+            Errno::TOOBIG => " (the arguments and environment together exceed the kernel's limit)",
             _ => "",
         };
         SpawnFailure {
@@ -355,9 +356,8 @@ pub(crate) struct Launch {
 
 /// The C strings and pointer arrays a child reads until it execs.
 struct LaunchStrings {
+    /// Also the PATH the child searches (`ChildArgs::dirs`).
     cmd: Prepared,
-    _paths: Vec<CString>,
-    _path_ptrs: Vec<*const libc::c_char>,
     /// A spare slot, then argv (see `ChildArgs::argv`).
     _argv: Vec<*const libc::c_char>,
     _envp: Vec<*const libc::c_char>,
@@ -476,8 +476,10 @@ impl Drop for Launch {
 /// and a child without a pidfd cannot exist.
 pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launch), SpawnFailure> {
     let program = cmd.program();
-    let paths = candidates(&cmd).map_err(|e| SpawnFailure::new(&program, "cannot find", e))?;
-    let path_ptrs = c_array(&paths);
+    let (path, path_len, dirs, ndirs) = match search_for(&cmd)? {
+        Some((path, dirs)) => (path.as_ptr(), path.len(), dirs.as_ptr(), dirs.len()),
+        None => (std::ptr::null(), 0, std::ptr::null(), 0),
+    };
 
     // Both ends non-blocking from the start (no ioctl per end); the child
     // makes its ends blocking again before it execs.
@@ -507,7 +509,11 @@ pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launc
         .collect();
     let envp = c_array(&cmd.envp);
     let args = Box::new(ChildArgs {
-        paths: path_ptrs.as_ptr(),
+        path,
+        path_len,
+        dirs,
+        ndirs,
+        name_len: cmd.argv[0].as_bytes().len(),
         argv: argv.as_mut_ptr(),
         envp: envp.as_ptr(),
         cwd: cmd.cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
@@ -526,8 +532,6 @@ pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launc
         args,
         strings: LaunchStrings {
             cmd,
-            _paths: paths,
-            _path_ptrs: path_ptrs,
             _argv: argv,
             _envp: envp,
         },
@@ -596,34 +600,129 @@ fn io_errno(e: &std::io::Error) -> Errno {
     Errno::from_io_error(e).unwrap_or(Errno::IO)
 }
 
-/// Where to look for the program: `argv[0]` when it has a `/`, else each
-/// directory of the check's PATH in order. Memory only: the child does the
-/// looking (see `ChildArgs::paths`).
-fn candidates(cmd: &Prepared) -> Result<Vec<CString>, Errno> {
+/// The PATH a bare program name is looked up in when the check's
+/// environment has none (glibc's default).
+pub(crate) const DEFAULT_PATH: &[u8] =
+    b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Most different directories of a PATH that are searched. A real PATH
+/// has a few dozen; each costs the child one failed `execve` (a few µs).
+pub(crate) const MAX_SEARCH_DIRS: usize = 1024;
+
+/// The longest bare program name looked up (`NAME_MAX`): no file has a
+/// longer one, and `execvp` refuses it too.
+const NAME_MAX: usize = 255;
+
+/// A PATH, split once into the directories a bare program name is looked
+/// for in, on the submitting thread (`Check::prepare_with`). Each
+/// directory once, in order of first appearance: an empty entry (the
+/// current directory) or a directory named again adds nothing, so a PATH
+/// of a million `:` is one directory, not a million. The child builds one
+/// candidate at a time (see `child_main`): nothing here grows with the
+/// program name.
+#[derive(Debug)]
+pub(crate) struct SearchPath {
+    value: Box<[u8]>,
+    /// `(start, len)` of each directory in `value`; `Err` when it names
+    /// more than `MAX_SEARCH_DIRS` (not searched at all: a partial search
+    /// could run a different program than the full one would).
+    dirs: Result<Box<[(usize, usize)]>, TooManyDirs>,
+}
+
+/// A PATH with more than `MAX_SEARCH_DIRS` different directories.
+#[derive(Debug, Clone, Copy)]
+struct TooManyDirs;
+
+impl SearchPath {
+    pub(crate) fn new(value: &[u8]) -> SearchPath {
+        let mut seen = std::collections::HashSet::new();
+        let mut dirs = Vec::new();
+        let mut start = 0;
+        for dir in value.split(|&b| b == b':') {
+            if seen.insert(dir) {
+                if dirs.len() == MAX_SEARCH_DIRS {
+                    return SearchPath {
+                        value: value.into(),
+                        dirs: Err(TooManyDirs),
+                    };
+                }
+                dirs.push((start, dir.len()));
+            }
+            start += dir.len() + 1;
+        }
+        SearchPath {
+            value: value.into(),
+            dirs: Ok(dirs.into()),
+        }
+    }
+
+    /// `DEFAULT_PATH`, split once.
+    pub(crate) fn default_path() -> std::sync::Arc<SearchPath> {
+        static DEFAULT: std::sync::OnceLock<std::sync::Arc<SearchPath>> =
+            std::sync::OnceLock::new();
+        DEFAULT
+            .get_or_init(|| std::sync::Arc::new(SearchPath::new(DEFAULT_PATH)))
+            .clone()
+    }
+
+    /// The PATH as given.
+    #[cfg(test)]
+    pub(crate) fn value(&self) -> &[u8] {
+        &self.value
+    }
+
+    /// The directories searched, in order (`None`: too many).
+    #[cfg(test)]
+    fn dirs(&self) -> Option<Vec<&[u8]>> {
+        let dirs = self.dirs.as_ref().ok()?;
+        Some(dirs.iter().map(|&(s, n)| &self.value[s..s + n]).collect())
+    }
+}
+
+/// A PATH's bytes and its directories in them (see `SearchPath`).
+type Dirs<'a> = (&'a [u8], &'a [(usize, usize)]);
+
+/// Where the child looks for the program (`None`: `argv[0]` has a `/` and
+/// is the file itself). O(1): the PATH was split on the submitting thread.
+fn search_for(cmd: &Prepared) -> Result<Option<Dirs<'_>>, SpawnFailure> {
     let name = cmd.argv[0].as_bytes();
     if name.contains(&b'/') {
-        return Ok(vec![cmd.argv[0].clone()]);
+        return Ok(None);
     }
-    let path = cmd
-        .path_var
-        .as_deref()
-        .unwrap_or(b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-    path.split(|&b| b == b':')
-        .map(|dir| {
-            let dir = if dir.is_empty() { &b"."[..] } else { dir };
-            CString::new([dir, b"/", name].concat()).map_err(|_| Errno::INVAL)
-        })
-        .collect()
+    if name.len() > NAME_MAX {
+        return Err(SpawnFailure::new(
+            &cmd.program(),
+            "cannot find",
+            Errno::NAMETOOLONG,
+        ));
+    }
+    match &cmd.path.dirs {
+        Ok(dirs) => Ok(Some((&cmd.path.value, dirs))),
+        Err(TooManyDirs) => Err(SpawnFailure {
+            errno: None,
+            message: format!(
+                "cannot find {}: its PATH names more than {MAX_SEARCH_DIRS} different directories, \
+                 more than are searched (give the program's full path, or a shorter PATH)",
+                cmd.program()
+            ),
+        }),
+    }
 }
 
 /// Everything the child uses between `clone` and `execve`, prepared by the
 /// parent: the child allocates nothing and calls nothing but raw syscalls.
 #[repr(C)]
 struct ChildArgs {
-    /// Where to look for the program, in order (NULL-terminated): the
-    /// child tries each, as `execvp` does, so that no PATH lookup touches
-    /// the file system on the loop thread.
-    paths: *const *const libc::c_char,
+    /// Where to look for the program (`argv[0]`, of `name_len` bytes):
+    /// `ndirs` directories, each `(start, len)` in the `path_len` bytes at
+    /// `path` (a `SearchPath`). The child tries each, as `execvp` does, so
+    /// that no PATH lookup touches the file system on the loop thread.
+    /// `dirs` NULL: `argv[0]` has a `/` and is the file itself.
+    path: *const u8,
+    path_len: usize,
+    dirs: *const (usize, usize),
+    ndirs: usize,
+    name_len: usize,
     /// A spare slot, then the NULL-terminated argv (from `argv.add(1)`).
     /// For a script without a `#!` line the child makes it `/bin/sh PATH
     /// ARGS...` in place (slot 0 the shell, slot 1 the path it found), as
@@ -655,7 +754,11 @@ impl ChildArgs {
     /// A placeholder (for `Launch::drop`'s leak path).
     fn empty() -> ChildArgs {
         ChildArgs {
-            paths: std::ptr::null(),
+            path: std::ptr::null(),
+            path_len: 0,
+            dirs: std::ptr::null(),
+            ndirs: 0,
+            name_len: 0,
             argv: std::ptr::null_mut(),
             envp: std::ptr::null(),
             cwd: std::ptr::null(),
@@ -823,45 +926,96 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         rawsys::set_rlimit(libc::RLIMIT_NOFILE, &args.nofile);
     }
     rawsys::unblock_all_signals();
-    // SAFETY: path, argv and envp as `Launch` keeps them: NUL-terminated
-    // strings and NULL-terminated arrays.
     // The first candidate that exists and may be run wins; a later one is
     // tried after "not there" or "not allowed", and "not allowed" is what is
     // reported if nothing ran (as `execvp` does). "Not there" from a file
     // that is there means its interpreter is not.
-    let (mut denied, mut no_interpreter) = (false, false);
-    let mut next = args.paths;
-    // SAFETY: `paths` is a NULL-terminated array of NUL-terminated strings
-    // that `Launch` keeps alive; argv and envp likewise (argv's slots are
-    // ours to write until we exec).
-    unsafe {
-        while !(*next).is_null() {
-            let r = rawsys::execve(*next, args.argv.add(1), args.envp);
-            match (-r) as i32 {
-                libc::ENOENT if rawsys::exists(*next) == 0 => no_interpreter = true,
-                libc::ENOENT | libc::ENOTDIR => {}
-                libc::EACCES => denied = true,
-                libc::ENOEXEC => {
-                    *args.argv = SH.as_ptr();
-                    *args.argv.add(1) = *next;
-                    let r = rawsys::execve(SH.as_ptr(), args.argv, args.envp);
-                    // No /bin/sh: what failed is still the plugin's format.
-                    let no_sh = r == -(libc::ENOENT as isize);
-                    let r = if no_sh { -(libc::ENOEXEC as isize) } else { r };
-                    child_fail(args, ChildStep::Exec, r)
-                }
-                _ => child_fail(args, ChildStep::Exec, r),
+    let mut found = Found::default();
+    // SAFETY: argv[0] (slot 1 of `args.argv`) is a NUL-terminated string
+    // that `Launch` keeps alive.
+    let program = unsafe { *args.argv.add(1) };
+    if args.dirs.is_null() {
+        // SAFETY: as just above.
+        unsafe { try_exec(args, program, &mut found) };
+    } else {
+        // SAFETY: `path` holds `path_len` bytes and `dirs` `ndirs` pairs
+        // (a `SearchPath` that `Launch` keeps alive, read-only); argv[0]
+        // has `name_len` bytes.
+        let (path, dirs, name) = unsafe {
+            (
+                std::slice::from_raw_parts(args.path, args.path_len),
+                std::slice::from_raw_parts(args.dirs, args.ndirs),
+                std::slice::from_raw_parts(program.cast::<u8>(), args.name_len),
+            )
+        };
+        // One candidate at a time, `dir/name\0`, on our stack: nothing
+        // allocated, nothing that grows with the PATH. The kernel takes no
+        // longer path; a directory that would make one is skipped, as
+        // `execvp` does.
+        let mut buf = [0u8; libc::PATH_MAX as usize];
+        for &(start, len) in dirs {
+            let dir = match path.get(start..start.wrapping_add(len)) {
+                Some([]) => &b"."[..],
+                Some(dir) => dir,
+                None => continue,
+            };
+            let (slash, end) = (dir.len(), dir.len() + 1 + name.len());
+            if end >= buf.len() {
+                continue;
             }
-            next = next.add(1);
+            // In bounds: `end` < `buf.len()` (no panic here, in the child).
+            buf[..slash].copy_from_slice(dir);
+            buf[slash] = b'/';
+            buf[slash + 1..end].copy_from_slice(name);
+            buf[end] = 0;
+            // SAFETY: `buf` now holds a NUL-terminated path.
+            unsafe { try_exec(args, buf.as_ptr().cast(), &mut found) };
         }
     }
-    if denied {
+    if found.denied {
         child_fail(args, ChildStep::Exec, -(libc::EACCES as isize))
     }
-    if no_interpreter {
+    if found.no_interpreter {
         child_fail(args, ChildStep::Interpreter, -(libc::ENOENT as isize))
     }
     child_fail(args, ChildStep::Exec, -(libc::ENOENT as isize))
+}
+
+/// What the candidates tried so far said (see `try_exec`).
+#[derive(Default)]
+struct Found {
+    /// One was there but not allowed.
+    denied: bool,
+    /// One was there but its interpreter was not.
+    no_interpreter: bool,
+}
+
+/// Exec `path` from the child. Returns if the search goes on (not there,
+/// not allowed); any other failure is reported and the child exits.
+///
+/// # Safety
+/// `path` is NUL-terminated; `args.argv` and `args.envp` are as `Launch`
+/// keeps them (argv's slots are ours to write until we exec).
+unsafe fn try_exec(args: &ChildArgs, path: *const libc::c_char, found: &mut Found) {
+    // SAFETY: as the caller vouches.
+    unsafe {
+        let r = rawsys::execve(path, args.argv.add(1), args.envp);
+        match (-r) as i32 {
+            libc::ENOENT if rawsys::exists(path) == 0 => found.no_interpreter = true,
+            libc::ENOENT | libc::ENOTDIR => {}
+            libc::EACCES => found.denied = true,
+            libc::ENOEXEC => {
+                *args.argv = SH.as_ptr();
+                *args.argv.add(1) = path;
+                let r = rawsys::execve(SH.as_ptr(), args.argv, args.envp);
+                // No /bin/sh: what failed is still the plugin's format.
+                let no_sh = r == -(libc::ENOENT as isize);
+                let r = if no_sh { -(libc::ENOEXEC as isize) } else { r };
+                child_fail(args, ChildStep::Exec, r)
+            }
+            _ => child_fail(args, ChildStep::Exec, r),
+        }
+    }
 }
 
 /// The shell that runs a script without `#!`.
@@ -1169,4 +1323,55 @@ pub(crate) fn open_devnull() -> std::io::Result<OwnedFd> {
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
         rustix::fs::Mode::empty(),
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_names_each_directory_once_in_order() {
+        let p = SearchPath::new(b"/a::/b:/a:::/c:");
+        assert_eq!(p.dirs().unwrap(), [&b"/a"[..], b"", b"/b", b"/c"]);
+        // A million empty entries are the current directory, once.
+        let p = SearchPath::new(":".repeat(1_000_000).as_bytes());
+        assert_eq!(p.dirs().unwrap(), [&b""[..]]);
+        assert_eq!(SearchPath::new(b"").dirs().unwrap(), [&b""[..]]);
+        assert_eq!(SearchPath::new(b"/bin").dirs().unwrap(), [&b"/bin"[..]]);
+        assert_eq!(SearchPath::default_path().dirs().unwrap().len(), 6);
+    }
+
+    #[test]
+    fn a_path_with_more_directories_than_searched_is_refused() {
+        let path = |n: usize| {
+            (0..n)
+                .map(|i| format!("/d{i}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        let p = SearchPath::new(path(MAX_SEARCH_DIRS).as_bytes());
+        assert_eq!(p.dirs().unwrap().len(), MAX_SEARCH_DIRS);
+        // Repeats do not count.
+        let twice = format!("{}:{}", path(MAX_SEARCH_DIRS), path(MAX_SEARCH_DIRS));
+        assert_eq!(
+            SearchPath::new(twice.as_bytes()).dirs().unwrap().len(),
+            MAX_SEARCH_DIRS
+        );
+        assert!(
+            SearchPath::new(path(MAX_SEARCH_DIRS + 1).as_bytes())
+                .dirs()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn e2big_says_too_long_once() {
+        let f = SpawnFailure::new("/bin/true", "cannot execute", Errno::TOOBIG);
+        assert_eq!(
+            f.message.to_lowercase().matches("too long").count(),
+            1,
+            "{}",
+            f.message
+        );
+    }
 }

@@ -282,6 +282,21 @@ fn dcounter(stats: &Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no daemon counter {name}: {stats}"))
 }
 
+/// Kibibytes of `field` (`VmRSS`, `VmHWM`) in /proc/<pid>/status.
+fn vm_kib(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    line[field.len() + 1..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// Whether this kernel keeps `pid_max` per PID namespace (Linux >= 6.14);
 /// before that, writing it in a namespace changes the host's.
 fn pid_max_is_per_namespace() -> bool {
@@ -398,6 +413,8 @@ on_both_backends!(
     half_closed_client_gets_every_answer,
     finished_connections_leave_no_descriptor_behind,
     pid_space_runs_out,
+    idle_connections_hold_no_copy_of_big_answers,
+    a_long_path_costs_no_memory_per_entry,
 );
 
 fn concurrent_clients_pipelining(backend: &str) {
@@ -1690,5 +1707,92 @@ fn checks_of_a_daemon_run_realtime_start_ordinary() {
         r["result"]["stdout"]["data"].as_str().unwrap().trim(),
         format!("0 {}", libc::SCHED_OTHER),
         "{r}"
+    );
+}
+
+fn idle_connections_hold_no_copy_of_big_answers(backend: &str) {
+    // A result with 1 MiB of control bytes on each stream (output_cap at the
+    // default max_output_cap) is ~18 MiB of JSON: `\u0001` is 6 bytes, and
+    // stdout, stderr and the plugin text are each escaped. Serialised whole
+    // into the connection's write buffer, which kept its capacity while the
+    // connection lived, 10 idle clients held ~180 MiB (and peaked higher),
+    // counted by no budget.
+    const CLIENTS: usize = 10;
+    const MIB: u64 = 1024;
+    let d = Daemon::start(backend, &[], None);
+    let (rss0, hwm0) = (vm_kib(d.pid(), "VmRSS"), vm_kib(d.pid(), "VmHWM"));
+    let script = "head -c 1048576 /dev/zero | tr '\\0' '\\1'; \
+                  head -c 1048576 /dev/zero | tr '\\0' '\\1' >&2";
+    let mut clients: Vec<Client> = (0..CLIENTS)
+        .map(|i| {
+            let mut c = d.client();
+            c.send(
+                &json!({"op": "submit", "id": i, "argv": ["/bin/sh", "-c", script],
+                "output_cap": "1MiB"}),
+            );
+            c
+        })
+        .collect();
+    // Every result arrives whole.
+    for c in &mut clients {
+        let line = c.recv_line();
+        assert!(line.len() > 18 << 20, "{} bytes", line.len());
+        let r: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(r["type"], "result");
+        for stream in ["stdout", "stderr"] {
+            let data = r["result"][stream]["data"].as_str().unwrap();
+            assert_eq!(data.len(), 1 << 20, "{stream}");
+            assert!(data.bytes().all(|b| b == 1), "{stream}");
+        }
+    }
+    d.wait_stats("every result written", |s| {
+        dcounter(s, "results_sent") == CLIENTS as u64
+    });
+    // The clients are idle, their connections open: nothing of their
+    // answers is left, and no connection ever held a whole line (the
+    // results themselves, ~3 MiB each, are what the budget counts).
+    let (rss, hwm) = (vm_kib(d.pid(), "VmRSS"), vm_kib(d.pid(), "VmHWM"));
+    assert!(
+        rss < rss0 + 40 * MIB,
+        "{CLIENTS} idle connections hold {} MiB (from {} MiB)",
+        rss / MIB,
+        rss0 / MIB
+    );
+    assert!(
+        hwm < hwm0 + CLIENTS as u64 * 8 * MIB,
+        "peak {} MiB (from {} MiB) for {CLIENTS} results",
+        hwm / MIB,
+        hwm0 / MIB
+    );
+    drop(clients);
+}
+
+fn a_long_path_costs_no_memory_per_entry(backend: &str) {
+    // A 1 MiB request: a PATH of a million `:` and a 250-byte bare name.
+    // One candidate string per PATH entry came to ~300 MB of daemon memory
+    // per check (and ~4 s of failed execve calls in its child), where the
+    // byte budget counted the ~1 MiB line.
+    const CHECKS: usize = 4;
+    const MIB: u64 = 1024;
+    let d = Daemon::start(backend, &[], None);
+    let hwm0 = vm_kib(d.pid(), "VmHWM");
+    let mut c = d.client();
+    let path = ":".repeat(1_000_000);
+    for i in 0..CHECKS {
+        c.send(&json!({"op": "submit", "id": i, "argv": ["n".repeat(250)],
+            "env": {"PATH": path}, "timeout": "60s"}));
+    }
+    for _ in 0..CHECKS {
+        let r = c.recv();
+        assert_eq!(r["result"]["outcome"]["kind"], "spawn_failed", "{r}");
+        let message = r["result"]["outcome"]["message"].as_str().unwrap();
+        assert!(message.starts_with("cannot find nnn"), "{message}");
+    }
+    let hwm = vm_kib(d.pid(), "VmHWM");
+    assert!(
+        hwm < hwm0 + 64 * MIB,
+        "peak {} MiB (from {} MiB) for {CHECKS} requests of 1 MiB",
+        hwm / MIB,
+        hwm0 / MIB
     );
 }

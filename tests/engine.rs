@@ -158,6 +158,103 @@ fn a_bare_program_name_is_searched_in_the_checks_path_like_execvp() {
 }
 
 #[test]
+fn a_path_is_searched_once_per_directory_and_within_a_bound() {
+    // A PATH of a million `:` names one directory (the current one), not a
+    // million candidates: the loop used to build a string for each entry
+    // (~300 MB for a 1 MiB PATH and a 250-byte name) and the child to try
+    // each. More different directories than are searched is refused, and
+    // says why, rather than searched in part.
+    let bin = tempdir().join("path-bound");
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = bin.join("pidring-bound-probe");
+    std::fs::write(&script, "#!/bin/sh\necho found\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = bin.display().to_string();
+    let missing = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| format!("/nonexistent/pidring/{i}"))
+            .collect()
+    };
+    let probe = |path: String| Check::argv(["pidring-bound-probe"]).env("PATH", path);
+    each_backend(executor, |exec, _| {
+        // Many empty entries and a directory named 1000 times: found. (A
+        // variable over 128 KiB could not be passed to the program.)
+        let path = format!(
+            "{}{}:{bin}",
+            ":".repeat(60_000),
+            ":/nonexistent/pidring".repeat(1000)
+        );
+        let r = run(exec, probe(path));
+        assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{}", r.reason);
+        assert_eq!(r.stdout.text(), "found\n");
+
+        // The last of 1024 different directories is searched.
+        let mut dirs = missing(1023);
+        dirs.push(bin.clone());
+        let r = run(exec, probe(dirs.join(":")));
+        assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{}", r.reason);
+
+        // The 1025th is not: the check fails, and says why.
+        let mut dirs = missing(1024);
+        dirs.push(bin.clone());
+        let r = run(exec, probe(dirs.join(":")));
+        match &r.outcome {
+            Outcome::SpawnFailed {
+                errno: None,
+                message,
+            } => assert!(
+                message.contains("pidring-bound-probe")
+                    && message.contains("more than 1024 different directories"),
+                "{message}"
+            ),
+            o => panic!("expected spawn failure, got {o:?}"),
+        }
+        assert_eq!(r.state, State::Unknown);
+        // A full path needs no search, whatever the PATH.
+        let r = run(
+            exec,
+            Check::argv([script.to_str().unwrap()]).env("PATH", missing(2000).join(":")),
+        );
+        assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{}", r.reason);
+
+        // No file has a name longer than NAME_MAX (255): not looked for.
+        let r = run(exec, Check::argv(["n".repeat(256)]));
+        assert!(
+            matches!(
+                r.outcome,
+                Outcome::SpawnFailed {
+                    errno: Some(libc::ENAMETOOLONG),
+                    ..
+                }
+            ),
+            "{:?}",
+            r.outcome
+        );
+    });
+}
+
+#[test]
+fn an_argument_list_too_long_is_said_once() {
+    // One argument over MAX_ARG_STRLEN (128 KiB): E2BIG from execve. The
+    // message said "Argument list too long (os error 7) (argument list too long)".
+    each_backend(executor, |exec, _| {
+        let r = run(exec, Check::argv(["/bin/true".into(), "x".repeat(200_000)]));
+        match &r.outcome {
+            Outcome::SpawnFailed { errno, message } => {
+                assert_eq!(*errno, Some(libc::E2BIG));
+                assert!(message.contains("/bin/true"), "{message}");
+                assert_eq!(
+                    message.to_lowercase().matches("too long").count(),
+                    1,
+                    "{message}"
+                );
+            }
+            o => panic!("expected spawn failure, got {o:?}"),
+        }
+    });
+}
+
+#[test]
 fn scripts_without_a_shebang_run_under_sh_like_execvp_and_a_missing_interpreter_is_named() {
     // Nagios starts plugins with execvp, which hands a file the kernel
     // will not execute (ENOEXEC) to /bin/sh.

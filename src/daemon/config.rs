@@ -175,8 +175,8 @@ pub const RESULT_OVERHEAD: usize = 2048;
 /// check itself (its strings, and their C copies for exec: twice the line
 /// at most), both streams full, the parsed plugin text (a copy of stdout at
 /// most; its perfdata is bounded, see `plugin::MAX_PERFDATA`), and the rest
-/// of the result. (Not counted: the serialised line while it is written,
-/// one per connection at a time.)
+/// of the result. (The serialised line, up to 6 bytes per output byte, is
+/// never held: the writer streams it through a buffer of 64 KiB.)
 pub fn check_bytes(line_len: usize, cap: usize) -> usize {
     line_len
         .saturating_mul(2)

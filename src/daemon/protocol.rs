@@ -736,13 +736,25 @@ fn without_position(e: &serde_json::Error) -> String {
 
 /// Serialize a response as one line (with the trailing newline) onto `out`.
 pub fn write_response(out: &mut Vec<u8>, response: &Response) {
-    if serde_json::to_writer(&mut *out, response).is_err() {
+    // Writing into a Vec cannot fail.
+    let _ = stream_response(out, response);
+}
+
+/// Serialize a response as one line (with the trailing newline) into
+/// `out` as it goes, never holding the whole line: a result with 1 MiB of
+/// control bytes on each stream is ~18 MiB of JSON (`\u0001` is 6 bytes).
+/// Only `out`'s own errors are returned.
+pub fn stream_response(out: &mut impl std::io::Write, response: &Response) -> std::io::Result<()> {
+    if let Err(e) = serde_json::to_writer(&mut *out, response) {
+        if e.is_io() {
+            return Err(e.into());
+        }
         // Only a non-string map key could fail; none of our types has one.
-        out.extend_from_slice(
+        out.write_all(
             br#"{"type":"error","code":"bad_request","message":"internal: response not serializable"}"#,
-        );
+        )?;
     }
-    out.push(b'\n');
+    out.write_all(b"\n")
 }
 
 #[cfg(test)]

@@ -957,35 +957,51 @@ fn start_conn(
 }
 
 fn writer_loop(conn: &Conn, daemon: &Daemon, rx: Receiver<Outgoing>) {
-    let mut buf = Vec::with_capacity(WRITE_BATCH);
-    let mut stream = &conn.stream;
     'outer: loop {
         if conn.is_finished(&rx) {
             break;
         }
         let Ok(first) = rx.recv() else { break };
-        buf.clear();
+        // Lines go straight into the socket through a buffer of
+        // WRITE_BATCH bytes: a line is never held whole (a result can
+        // serialise to ~18 MiB, which no budget counts), and an idle
+        // connection holds no buffer at all.
+        let mut out = io::BufWriter::with_capacity(
+            WRITE_BATCH,
+            Counted {
+                stream: &conn.stream,
+                written: 0,
+            },
+        );
         let (mut lines, mut bytes, mut results) = (0usize, 0usize, 0u64);
+        let mut written = Ok(());
         let mut next = Some(first);
         while let Some(m) = next {
             if let Outgoing::Line(r, held) = m {
-                protocol::write_response(&mut buf, &r);
+                if written.is_ok() {
+                    written = protocol::stream_response(&mut out, &r);
+                }
                 lines += 1;
                 bytes += held;
                 if matches!(r, Response::Result { .. }) {
                     results += 1;
                 }
             }
-            next = if buf.len() < WRITE_BATCH {
+            let batch = out.get_ref().written + out.buffer().len();
+            next = if written.is_ok() && batch < WRITE_BATCH {
                 rx.try_recv().ok()
             } else {
                 None
             };
         }
-        if buf.is_empty() {
+        if lines == 0 {
             continue;
         }
-        match stream.write_all(&buf) {
+        let written = written.and_then(|()| out.flush());
+        // Without a flush on drop: after an error, another write would wait
+        // out client_write_timeout again.
+        let _ = out.into_parts();
+        match written {
             Ok(()) => {
                 conn.stats
                     .results_sent
@@ -1022,6 +1038,24 @@ fn writer_loop(conn: &Conn, daemon: &Daemon, rx: Receiver<Outgoing>) {
         .connections_open
         .fetch_sub(1, Ordering::Relaxed);
     tracing::debug!(conn = conn.no, "connection closed");
+}
+
+/// A connection's socket, counting the bytes written to it.
+struct Counted<'a> {
+    stream: &'a UnixStream,
+    written: usize,
+}
+
+impl Write for Counted<'_> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let n = self.stream.write(bytes)?;
+        self.written += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 fn reader_loop(conn: &Arc<Conn>, daemon: &Daemon, stream: UnixStream) {
