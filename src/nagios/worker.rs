@@ -939,6 +939,11 @@ mod tests {
         assert_eq!(c.env.len(), 2);
         let c = job_check(&job(&[("command", "x"), ("timeout", "0")])).unwrap();
         assert_eq!(c.timeout, DEFAULT_JOB_TIMEOUT);
+        // The core sends whole seconds; anything else is no timeout of 0 s.
+        for odd in ["1e-9", "0.0001", "-1", ""] {
+            let c = job_check(&job(&[("command", "x"), ("timeout", odd)])).unwrap();
+            assert_eq!(c.timeout, DEFAULT_JOB_TIMEOUT, "{odd}");
+        }
         assert_eq!(
             job_check(&job(&[("job_id", "1")])).unwrap_err().0,
             libc::EINVAL
