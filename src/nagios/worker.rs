@@ -378,8 +378,13 @@ impl ConnCtx {
         // on. Kill and reap them now, as Nagios' own workers do when their
         // master goes away, before the next registration adds a new set.
         // (A stop has cancelled them in `drain` already: not twice.)
-        if !matches!(end, SessionEnd::Stopped) {
-            self.abandon(&inflight, rx.as_ref());
+        let why = match &end {
+            SessionEnd::Stopped => None,
+            SessionEnd::Closed => Some("the core closed the connection"),
+            SessionEnd::Broken(_) => Some("the connection to the core broke"),
+        };
+        if let Some(why) = why {
+            self.abandon(why, &inflight, rx.as_ref());
         }
         end
     }
@@ -387,7 +392,12 @@ impl ConnCtx {
     /// Cancel every job of a connection that has ended and wait (bounded)
     /// until each has been reaped: its result comes through `rx` (the
     /// session's channel, which the writer no longer reads) and is dropped.
-    fn abandon(&self, inflight: &Mutex<HashSet<CheckId>>, rx: Option<&Receiver<Answer>>) {
+    fn abandon(
+        &self,
+        why: &str,
+        inflight: &Mutex<HashSet<CheckId>>,
+        rx: Option<&Receiver<Answer>>,
+    ) {
         let ids: Vec<CheckId> = lock(inflight).iter().copied().collect();
         if ids.is_empty() {
             return;
@@ -395,7 +405,7 @@ impl ConnCtx {
         tracing::warn!(
             conn = %self.spec.label,
             jobs = ids.len(),
-            "the core went away with jobs in flight: killing them (their results have no one to go to)"
+            "{why} with jobs in flight: killing them (their results have no one to go to)"
         );
         for &id in &ids {
             self.exec.cancel(id);
@@ -418,10 +428,11 @@ impl ConnCtx {
                 }
                 Ok(_) => {}
                 // Every sender gone: every job has delivered its result.
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {}
             }
         }
+        tracing::info!(conn = %self.spec.label, jobs = ids.len(), "the closed connection's jobs are killed and reaped");
     }
 
     fn read_loop(&self, mut stream: &UnixStream, leftover: Vec<u8>, s: &Session) -> SessionEnd {
