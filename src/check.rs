@@ -22,6 +22,10 @@ pub const DEFAULT_OUTPUT_CAP: usize = 64 * 1024;
 /// Default time output is still read after the leader was reaped.
 pub const DEFAULT_DRAIN: Duration = Duration::from_millis(200);
 
+/// Shortest timeout accepted: results and logs count timeouts in whole
+/// milliseconds, and a shorter one kills the check as it starts.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+
 /// Longest timeout, grace or drain accepted (a year): longer is surely a
 /// mistake, and deadlines must stay far from `Instant` overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -179,8 +183,8 @@ impl Check {
         if self.argv.is_empty() || self.argv[0].is_empty() {
             return Err(CheckError::EmptyArgv);
         }
-        if self.timeout.is_zero() {
-            return Err(CheckError::ZeroTimeout);
+        if self.timeout < MIN_TIMEOUT {
+            return Err(CheckError::TimeoutTooShort);
         }
         for (what, d) in [
             ("timeout", self.timeout),
@@ -328,6 +332,22 @@ mod tests {
             Check::argv([""]).prepare(&[]),
             Err(CheckError::EmptyArgv)
         ));
+    }
+
+    #[test]
+    fn timeouts_below_a_millisecond_are_rejected() {
+        // 1 ns used to be accepted and reported as "timed out after 0ms".
+        for short in [
+            Duration::ZERO,
+            Duration::from_nanos(1),
+            Duration::from_micros(999),
+        ] {
+            let c = Check::argv(["x"]).timeout(short);
+            let e = c.prepare(&[]).unwrap_err();
+            assert!(matches!(e, CheckError::TimeoutTooShort), "{short:?}");
+            assert_eq!(e.to_string(), "timeout must be at least 1ms");
+        }
+        assert!(Check::argv(["x"]).timeout(MIN_TIMEOUT).prepare(&[]).is_ok());
     }
 
     #[test]

@@ -10,9 +10,11 @@ pub enum CheckError {
     /// No program to run.
     #[error("empty command: a check needs at least a program to run")]
     EmptyArgv,
-    /// A timeout of zero would kill the check before it starts.
-    #[error("timeout must be greater than zero")]
-    ZeroTimeout,
+    /// A timeout below [`crate::check::MIN_TIMEOUT`] (zero included): the
+    /// check would be killed as it starts, and reported as "timed out after
+    /// 0ms".
+    #[error("timeout must be at least 1ms")]
+    TimeoutTooShort,
     /// A timeout, grace or drain beyond `check::MAX_DURATION`.
     #[error("{0} is too long (at most 365 days)")]
     TooLong(&'static str),

@@ -179,10 +179,15 @@ fn parse_item(raw: &str) -> Option<PerfData> {
             (body[..close].replace("''", "'"), values)
         }
         None => {
-            // Values never hold '=', so the last one ends the label; that
-            // also reads unquoted labels that (against the rules) hold '='.
-            let eq = raw.rfind('=')?;
-            (raw[..eq].to_owned(), &raw[eq + 1..])
+            // An unquoted label may not hold '=' (the guidelines: labels with
+            // '=' or spaces must be quoted), and values never do: a second
+            // '=' makes the item unreadable (`c=4||d=5` is not the label
+            // `c=4||d`).
+            let (label, values) = raw.split_once('=')?;
+            if values.contains('=') {
+                return None;
+            }
+            (label.to_owned(), values)
         }
     };
     if label.is_empty() {
@@ -220,7 +225,7 @@ fn parse_value(field: &str) -> Option<(Option<f64>, &str)> {
     if len == 0 {
         return None;
     }
-    let value = field[..len].parse().ok()?;
+    let value = finite(&field[..len])?;
     let uom = &field[len..];
     let uom_ok = uom.is_empty() || uom == "%" || uom.chars().all(char::is_alphabetic);
     uom_ok.then_some((Some(value), uom))
@@ -230,9 +235,15 @@ fn parse_value(field: &str) -> Option<(Option<f64>, &str)> {
 fn parse_limit(field: Option<&str>) -> Option<Option<f64>> {
     match field {
         None | Some("") => Some(None),
-        Some(f) if number_len(f) == f.len() => f.parse().ok().map(Some),
+        Some(f) if number_len(f) == f.len() => finite(f).map(Some),
         Some(_) => None,
     }
+}
+
+/// A number that fits an `f64`: `1e999` overflows to infinity, which JSON
+/// cannot carry (it would become `null`, read as `U`), so it is unreadable.
+fn finite(number: &str) -> Option<f64> {
+    number.parse::<f64>().ok().filter(|v| v.is_finite())
 }
 
 /// Length of the decimal number at the start of `s` (sign, digits, point,
@@ -502,6 +513,38 @@ mod tests {
                 "q=inf"
             ]
         );
+    }
+
+    #[test]
+    fn unquoted_label_with_equals_is_an_error() {
+        // Guidelines: a label holding '=' must be quoted.
+        let (items, errors) = parse_perfdata("c=4||d=5 a==1 ok=1 'e=f'=2");
+        assert_eq!(errors, ["c=4||d=5", "a==1"]);
+        assert_eq!(
+            items,
+            vec![pd("ok", Some(1.0), ""), pd("e=f", Some(2.0), "")]
+        );
+        let out = PluginOutput::parse(b"OK | c=4||d=5\n");
+        assert!(out.perfdata.is_empty());
+        assert_eq!(out.perfdata_errors, ["c=4||d=5"]);
+    }
+
+    #[test]
+    fn values_that_overflow_f64_are_errors_not_null() {
+        let (items, errors) =
+            parse_perfdata("a=1e999 b=-1e999s c=1;;;1e999 d=1;;;;-1e400 e=1e308 f=1e-999");
+        assert_eq!(
+            errors,
+            ["a=1e999", "b=-1e999s", "c=1;;;1e999", "d=1;;;;-1e400"]
+        );
+        // The largest finite values still parse; underflow is just 0.
+        assert_eq!(
+            items,
+            vec![pd("e", Some(1e308), ""), pd("f", Some(0.0), "")]
+        );
+        let out = PluginOutput::parse(b"OK | a=1e999\n");
+        assert!(out.perfdata.is_empty());
+        assert_eq!(out.perfdata_errors, ["a=1e999"]);
     }
 
     #[test]

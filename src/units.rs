@@ -30,6 +30,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Parse a check timeout: a duration (see [`parse_duration`]) of at least
+/// [`crate::check::MIN_TIMEOUT`].
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < crate::check::MIN_TIMEOUT {
+        return Err(format!(
+            "timeout {:?} is below 1ms, the shortest timeout",
+            s.trim()
+        ));
+    }
+    Ok(d)
+}
+
 /// Parse a byte size: `65536`, `64k`, `64KiB`, `1m`, `1MiB`.
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim().to_ascii_lowercase();
@@ -62,6 +75,20 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("10 parsecs").is_err());
+    }
+
+    #[test]
+    fn timeouts_are_at_least_a_millisecond() {
+        assert_eq!(parse_timeout("1ms").unwrap(), Duration::from_millis(1));
+        assert_eq!(parse_timeout("0.001").unwrap(), Duration::from_millis(1));
+        for short in ["0", "0s", "1us", "999us", "0.0009", "1e-9"] {
+            let e = parse_timeout(short).unwrap_err();
+            assert!(
+                e.contains("below 1ms") || e.contains("invalid"),
+                "{short}: {e}"
+            );
+        }
+        assert!(parse_timeout("999us").unwrap_err().contains("below 1ms"));
     }
 
     #[test]

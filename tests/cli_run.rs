@@ -128,6 +128,10 @@ fn usage_errors_exit_unknown_not_critical() {
         &["run", "--timeout", "-1s", "--", "true"][..],
         &["run", "--bogus", "--", "true"],
         &["run", "--timeout", "5x", "--", "true"],
+        // Below 1ms: killed as it starts, "timed out after 0ms".
+        &["run", "--timeout", "999us", "--", "true"],
+        &["run", "--timeout", "0", "--", "true"],
+        &["submit", "--timeout", "1us", "--", "true"],
         &["submit", "--bogus", "--", "true"],
         &["no-such-command"],
         &[],

@@ -536,6 +536,11 @@ fn bad_input_keeps_connection_usable(backend: &str) {
             "bad_request",
         ),
         (
+            "sub-millisecond timeout",
+            b"{\"op\":\"submit\",\"id\":\"z\",\"argv\":[\"/bin/true\"],\"timeout\":1e-9}\n".to_vec(),
+            "bad_request",
+        ),
+        (
             "bad duration",
             b"{\"op\":\"submit\",\"id\":\"z\",\"argv\":[\"/bin/true\"],\"timeout\":\"soon\"}\n"
                 .to_vec(),
@@ -563,6 +568,11 @@ fn bad_input_keeps_connection_usable(backend: &str) {
         let r = expect_error(&mut c, code);
         if *what == "unknown op" {
             assert_eq!(r["id"], "u", "the id is echoed when readable");
+        }
+        if *what == "sub-millisecond timeout" {
+            // Not accepted and then reported as "timed out after 0ms".
+            let m = r["message"].as_str().unwrap();
+            assert!(m.contains("timeout must be at least 1ms"), "{r}");
         }
         if *what == "unknown field" {
             assert!(r["message"].as_str().unwrap().contains("colour"), "{r}");

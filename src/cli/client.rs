@@ -17,7 +17,7 @@ pub struct SubmitArgs {
     #[arg(long)]
     socket: Option<PathBuf>,
     /// Time the check may run before SIGTERM [default: the daemon's].
-    #[arg(long, value_parser = pidring::units::parse_duration)]
+    #[arg(long, value_parser = pidring::units::parse_timeout)]
     timeout: Option<Duration>,
     /// Time between SIGTERM and SIGKILL [default: the daemon's].
     #[arg(long, value_parser = pidring::units::parse_duration)]

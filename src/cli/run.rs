@@ -13,7 +13,7 @@ use super::common::{block_signals, wait_signal};
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Time the check may run before SIGTERM (e.g. 10s, 500ms).
-    #[arg(long, default_value = "10s", value_parser = pidring::units::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = pidring::units::parse_timeout)]
     timeout: Duration,
     /// Time between SIGTERM and SIGKILL.
     #[arg(long, default_value = "5s", value_parser = pidring::units::parse_duration)]

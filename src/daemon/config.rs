@@ -124,8 +124,8 @@ impl DaemonConfig {
         if self.max_running == 0 {
             return Err("max_running must be at least 1".into());
         }
-        if self.timeout.is_zero() {
-            return Err("timeout must be greater than zero".into());
+        if self.timeout < crate::check::MIN_TIMEOUT {
+            return Err("timeout must be at least 1ms".into());
         }
         if self.max_line_bytes < 64 {
             return Err("max_line_bytes must be at least 64".into());
@@ -301,6 +301,9 @@ mod tests {
         assert!(checked("socket_mode = 600").is_err());
         assert!(checked("max_runing = 3").is_err());
         assert!(checked("timeout = \"soon\"").is_err());
+        assert!(checked("timeout = 1e-9").is_err(), "below 1ms");
+        assert!(checked("timeout = \"999us\"").is_err(), "below 1ms");
+        assert!(checked("timeout = \"1ms\"").is_ok());
         assert!(checked("max_running = 0").is_err());
         assert!(
             checked("output_cap = \"2MiB\"").is_err(),

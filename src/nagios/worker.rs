@@ -364,11 +364,75 @@ impl ConnCtx {
         }
         session.alive.store(false, Ordering::SeqCst);
         let _ = stream.shutdown(std::net::Shutdown::Both);
+        let inflight = session.inflight.clone();
         drop(session);
-        if writer.join().is_err() {
-            tracing::error!("nagios writer thread panicked");
+        let rx = match writer.join() {
+            Ok(rx) => Some(rx),
+            Err(_) => {
+                tracing::error!("nagios writer thread panicked");
+                None
+            }
+        };
+        // The core is gone (closed, broken, or we stopped and could not wait
+        // any longer): no one will read these jobs' answers, so none may run
+        // on. Kill and reap them now, as Nagios' own workers do when their
+        // master goes away, before the next registration adds a new set.
+        // (A stop has cancelled them in `drain` already: not twice.)
+        let why = match &end {
+            SessionEnd::Stopped => None,
+            SessionEnd::Closed => Some("the core closed the connection"),
+            SessionEnd::Broken(_) => Some("the connection to the core broke"),
+        };
+        if let Some(why) = why {
+            self.abandon(why, &inflight, rx.as_ref());
         }
         end
+    }
+
+    /// Cancel every job of a connection that has ended and wait (bounded)
+    /// until each has been reaped: its result comes through `rx` (the
+    /// session's channel, which the writer no longer reads) and is dropped.
+    fn abandon(
+        &self,
+        why: &str,
+        inflight: &Mutex<HashSet<CheckId>>,
+        rx: Option<&Receiver<Answer>>,
+    ) {
+        let ids: Vec<CheckId> = lock(inflight).iter().copied().collect();
+        if ids.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            conn = %self.spec.label,
+            jobs = ids.len(),
+            "{why} with jobs in flight: killing them (their results have no one to go to)"
+        );
+        for &id in &ids {
+            self.exec.cancel(id);
+        }
+        let Some(rx) = rx else { return };
+        let end = Instant::now() + STOP_DRAIN;
+        while !lock(inflight).is_empty() {
+            let now = Instant::now();
+            if now >= end {
+                tracing::warn!(
+                    conn = %self.spec.label,
+                    jobs = lock(inflight).len(),
+                    "killed jobs of a closed connection were not reaped in time; reconnecting anyway"
+                );
+                return;
+            }
+            match rx.recv_timeout(end - now) {
+                Ok(Answer::Done { result, .. }) => {
+                    lock(inflight).remove(&result.id);
+                }
+                Ok(_) => {}
+                // Every sender gone: every job has delivered its result.
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+        }
+        tracing::info!(conn = %self.spec.label, jobs = ids.len(), "the closed connection's jobs are killed and reaped");
     }
 
     fn read_loop(&self, mut stream: &UnixStream, leftover: Vec<u8>, s: &Session) -> SessionEnd {
@@ -491,7 +555,7 @@ fn write_loop(
     alive: Arc<AtomicBool>,
     stats: Arc<WorkerStats>,
     label: &str,
-) {
+) -> Receiver<Answer> {
     let mut buf = Vec::with_capacity(64 * 1024);
     loop {
         let first = match rx.recv_timeout(Duration::from_millis(100)) {
@@ -500,9 +564,9 @@ fn write_loop(
                 if alive.load(Ordering::SeqCst) {
                     continue;
                 }
-                return;
+                return rx;
             }
-            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Disconnected) => return rx,
         };
         buf.clear();
         let mut answers = 0u64;
@@ -530,7 +594,7 @@ fn write_loop(
             tracing::warn!(conn = %label, "cannot write answers to the core: {e}");
             alive.store(false, Ordering::SeqCst);
             let _ = stream.shutdown(std::net::Shutdown::Both);
-            return;
+            return rx;
         }
         stats.answers.fetch_add(answers, Ordering::Relaxed);
     }
@@ -886,6 +950,11 @@ mod tests {
         assert_eq!(c.env.len(), 2);
         let c = job_check(&job(&[("command", "x"), ("timeout", "0")])).unwrap();
         assert_eq!(c.timeout, DEFAULT_JOB_TIMEOUT);
+        // The core sends whole seconds; anything else is no timeout of 0 s.
+        for odd in ["1e-9", "0.0001", "-1", ""] {
+            let c = job_check(&job(&[("command", "x"), ("timeout", odd)])).unwrap();
+            assert_eq!(c.timeout, DEFAULT_JOB_TIMEOUT, "{odd}");
+        }
         assert_eq!(
             job_check(&job(&[("job_id", "1")])).unwrap_err().0,
             libc::EINVAL
@@ -955,6 +1024,105 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir.join("nagios.qh")
+    }
+
+    /// Pids of live (not zombie) processes whose environment holds `marker`.
+    fn marked_processes(marker: &str) -> Vec<i32> {
+        let mut pids = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(env) = std::fs::read(e.path().join("environ")) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, r)| r.starts_with('Z'));
+            if !zombie && env.split(|&b| b == 0).any(|v| v == marker.as_bytes()) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+        let end = Instant::now() + Duration::from_secs(30);
+        while !f() {
+            assert!(Instant::now() < end, "{what}: not within 30 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn jobs_of_a_connection_that_ends_are_killed_and_reaped() {
+        let socket = temp_socket("abandon");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let exec = Arc::new(Executor::builder().max_running(16).build().unwrap());
+        let config = NagiosWorkerConfig {
+            qh_socket: socket.clone(),
+            name: "test".into(),
+            ..Default::default()
+        };
+        let workers = spawn_workers(&config, exec.clone()).unwrap();
+        // Three long jobs, each with a child of its own in its group.
+        let jobs = |round: u32| {
+            let mark = format!("NAGIOS_PIDRING_ABANDON={}-{round}", std::process::id());
+            let mut out = Vec::new();
+            for i in 0..3 {
+                codec::encode_into(
+                    [
+                        ("job_id", format!("{round}{i}")),
+                        ("type", "0".into()),
+                        ("command", "/bin/sh -c 'sleep 100 & exec sleep 100'".into()),
+                        ("timeout", "100".into()),
+                        ("env", mark.clone()),
+                    ],
+                    &mut out,
+                );
+            }
+            (mark, out)
+        };
+
+        // 1: the core closes the connection (a restart).
+        let (mark, first) = jobs(1);
+        let (core, _) = FakeCore::accept(&listener, &first);
+        wait_until("6 job processes running", || {
+            marked_processes(&mark).len() == 6
+        });
+        drop(core);
+        wait_until("the closed connection's jobs killed", || {
+            marked_processes(&mark).is_empty()
+        });
+        wait_until("the killed jobs reaped", || exec.running() == 0);
+
+        // 2: the worker registers again; this time the core sends garbage
+        // (no delimiter within MAX_MESSAGE), so the worker breaks it off.
+        let (mark, first) = jobs(2);
+        let (mut core, _) = FakeCore::accept(&listener, &first);
+        wait_until("6 job processes running again", || {
+            marked_processes(&mark).len() == 6
+        });
+        let garbage = vec![b'x'; codec::MAX_MESSAGE + 4096];
+        let _ = core.stream.write_all(&garbage);
+        wait_until("the broken connection's jobs killed", || {
+            marked_processes(&mark).is_empty()
+        });
+        wait_until("the killed jobs reaped", || exec.running() == 0);
+
+        // 3: and it still serves the next connection.
+        let job = codec::encode([
+            ("job_id", "30"),
+            ("type", "0"),
+            ("command", "/bin/sh -c 'echo again'"),
+            ("timeout", "10"),
+        ]);
+        let (mut core, _) = FakeCore::accept(&listener, &job);
+        assert_eq!(core.answer().get("outstd"), Some("again\n"));
+        assert!(workers.stop().registrations >= 3);
+        assert!(exec.wait_idle(Duration::from_secs(10)));
+        let _ = std::fs::remove_dir_all(socket.parent().unwrap());
     }
 
     #[test]
