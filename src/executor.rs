@@ -418,6 +418,41 @@ impl Executor {
     }
 }
 
+impl Executor {
+    /// [`shutdown`](Executor::shutdown), waiting at most `timeout` for the
+    /// loop to kill and reap everything; true if it did. Past it, the loop
+    /// is left to finish by itself (detached: dropping the executor no
+    /// longer waits for it). For a process about to exit that must not
+    /// hang on a check it cannot kill: one it may not signal (EPERM), or
+    /// one stuck in the kernel (D state on a hung mount).
+    pub fn shutdown_within(&self, timeout: Duration) -> bool {
+        let _ = self.tx.send(Request::Shutdown);
+        self.shared.waker.wake();
+        let end = Instant::now() + timeout;
+        let mut guard = self.loop_thread.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(h) = guard.as_ref() else {
+            return true;
+        };
+        if h.thread().id() == std::thread::current().id() {
+            return false;
+        }
+        while !h.is_finished() {
+            if Instant::now() >= end {
+                // Dropping the handle detaches the thread.
+                drop(guard.take());
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(h) = guard.take()
+            && h.join().is_err()
+        {
+            tracing::error!("executor loop thread panicked");
+        }
+        true
+    }
+}
+
 impl Drop for Executor {
     fn drop(&mut self) {
         self.shutdown();

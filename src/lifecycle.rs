@@ -232,6 +232,9 @@ pub(crate) struct Lifecycle {
     /// `Some` exactly while the leader is unreaped.
     pidfd: Option<OwnedFd>,
     pidfd_armed: bool,
+    /// A signal to the leader was refused (EPERM: it runs as another user,
+    /// as through sudo or a setuid program that became root).
+    refused: bool,
     /// Said (once) that a watch failed and its fd is polled instead: the
     /// poll retries every 10 ms, and would otherwise say it every time.
     said_polling: bool,
@@ -292,6 +295,7 @@ impl Lifecycle {
             pidfd: None,
             pidfd_armed: false,
             said_polling: false,
+            refused: false,
             descendants: Vec::new(),
             started: None,
             deadline: None,
@@ -541,7 +545,16 @@ impl Lifecycle {
         }
         self.last_signal = Some(sig);
         if let Err(e) = spawn::signal_leader(pidfd.as_fd(), sig) {
-            tracing::warn!(id = self.id, "pidfd_send_signal({sig:?}) failed: {e}");
+            if e == Errno::PERM && !self.refused {
+                tracing::warn!(
+                    id = self.id,
+                    "not permitted to signal the check ({sig:?}): it runs as another user \
+                     (sudo, or a setuid program that became root); it ends only by itself"
+                );
+            } else if e != Errno::PERM {
+                tracing::warn!(id = self.id, "pidfd_send_signal({sig:?}) failed: {e}");
+            }
+            self.refused |= e == Errno::PERM;
         }
     }
 
@@ -869,6 +882,16 @@ impl Lifecycle {
         }
     }
 
+    /// For a cancel or a shutdown: that the kill was refused, if it was.
+    fn refused_note(&self) -> &'static str {
+        if self.refused {
+            "; it could not be signalled (not permitted: it runs as another user, \
+             as through sudo or a setuid program) and ended by itself"
+        } else {
+            ""
+        }
+    }
+
     /// Outcome, Nagios state and the reason text.
     fn judge(&self) -> (Outcome, State, String) {
         if let Some(f) = &self.spawn_failure {
@@ -886,18 +909,54 @@ impl Lifecycle {
                 let sig = self.last_signal.unwrap_or(Signal::TERM);
                 // Say what the signal did: a plugin may have been exiting
                 // on its own as the deadline fell (or trap TERM and exit).
+                let sent = if !self.escalated {
+                    "sent SIGTERM".to_string()
+                } else if self.grace.is_zero() {
+                    "sent SIGTERM and SIGKILL (no grace)".to_string()
+                } else {
+                    format!(
+                        "sent SIGTERM, then SIGKILL after {} grace",
+                        human(self.grace)
+                    )
+                };
                 let how = match self.exit {
-                    _ if self.escalated => format!(
+                    _ if self.refused => {
+                        let end = match self.exit {
+                            Some(ExitStatus::Exited { code }) => format!("exited with code {code}"),
+                            Some(ExitStatus::Signaled { signal, .. }) => {
+                                format!("died of {}", signal_name(signal))
+                            }
+                            None => "ended".to_string(),
+                        };
+                        format!(
+                            "it could not be signalled (not permitted: it runs as another user, \
+                             as through sudo or a setuid program) and {end} by itself"
+                        )
+                    }
+                    Some(ExitStatus::Signaled {
+                        signal: libc::SIGKILL,
+                        ..
+                    }) if self.escalated && self.grace.is_zero() => {
+                        "killed by SIGKILL (no grace)".to_string()
+                    }
+                    Some(ExitStatus::Signaled {
+                        signal: libc::SIGKILL,
+                        ..
+                    }) if self.escalated => format!(
                         "ignored SIGTERM, killed by SIGKILL after {} grace",
                         human(self.grace)
                     ),
+                    Some(ExitStatus::Signaled {
+                        signal: libc::SIGTERM,
+                        ..
+                    }) => "stopped by SIGTERM".to_string(),
                     Some(ExitStatus::Exited { code }) => {
-                        format!("sent SIGTERM, it exited with code {code}")
+                        format!("{sent}, it exited with code {code}")
                     }
-                    Some(ExitStatus::Signaled { signal, .. }) if signal != libc::SIGTERM => {
-                        format!("sent SIGTERM, it died of {}", signal_name(signal))
+                    Some(ExitStatus::Signaled { signal, .. }) => {
+                        format!("{sent}, it died of {}", signal_name(signal))
                     }
-                    _ => "stopped by SIGTERM".to_string(),
+                    None => format!("{sent}, its exit status was lost"),
                 };
                 return (
                     Outcome::TimedOut {
@@ -913,14 +972,17 @@ impl Lifecycle {
                 return (
                     Outcome::Cancelled,
                     State::Unknown,
-                    "Check cancelled".to_string(),
+                    format!("Check cancelled{}", self.refused_note()),
                 );
             }
             Some(KillReason::Shutdown) => {
                 return (
                     Outcome::Shutdown,
                     State::Unknown,
-                    "Check killed: executor shutting down".to_string(),
+                    format!(
+                        "Check killed: executor shutting down{}",
+                        self.refused_note()
+                    ),
                 );
             }
             None => {}

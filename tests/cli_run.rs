@@ -2,6 +2,7 @@
 
 mod common;
 
+use common::seccomp::*;
 use common::*;
 use std::process::Command;
 use std::time::Duration;
@@ -179,78 +180,6 @@ fn closed_standard_streams_do_not_cross_check_output() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["stdout"]["data"], "out\n");
     assert_eq!(v["stderr"]["data"], "err\n/dev/null\n");
-}
-
-/// Install a seccomp filter (classic BPF over `seccomp_data`). For use
-/// between fork and exec.
-fn install_seccomp(filter: &[libc::sock_filter]) -> std::io::Result<()> {
-    let prog = libc::sock_fprog {
-        len: filter.len() as u16,
-        filter: filter.as_ptr() as *mut _,
-    };
-    // SAFETY: prctl(2) reads `prog` and the filter it points to, which live
-    // across the call.
-    let ok = unsafe {
-        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
-            && libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER,
-                &prog as *const _ as usize,
-                0,
-                0,
-            ) == 0
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// One BPF instruction.
-fn bpf(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
-    libc::sock_filter { code, jt, jf, k }
-}
-
-/// BPF: load the 32-bit word at `seccomp_data` offset `at`.
-const LD: u16 = 0x20;
-/// BPF: jump if the accumulator equals k.
-const JEQ: u16 = 0x15;
-/// BPF: jump if the accumulator is >= k.
-const JGE: u16 = 0x35;
-/// BPF: return k.
-const RET: u16 = 0x06;
-/// seccomp: let the call through.
-const ALLOW: u32 = 0x7fff_0000;
-/// seccomp: fail the call with the errno in the low bits.
-const ERRNO: u32 = 0x0005_0000;
-
-/// Make io_uring_setup(2) fail with EPERM, as container runtimes' default
-/// profiles do.
-fn block_io_uring() -> std::io::Result<()> {
-    install_seccomp(&[
-        bpf(LD, 0, 0, 0), // nr
-        bpf(JEQ, 0, 1, libc::SYS_io_uring_setup as u32),
-        bpf(RET, 0, 0, ERRNO | libc::EPERM as u32),
-        bpf(RET, 0, 0, ALLOW),
-    ])
-}
-
-/// Make `epoll_ctl(EPOLL_CTL_ADD)` of the fds in `fds` fail with ENOSPC, as
-/// it does past `fs.epoll.max_user_watches`.
-fn fail_epoll_adds(fds: std::ops::Range<u32>) -> std::io::Result<()> {
-    // seccomp_data: nr at 0, then args[i] at 16 + 8 i (low word first).
-    install_seccomp(&[
-        bpf(LD, 0, 0, 0),
-        bpf(JEQ, 0, 6, libc::SYS_epoll_ctl as u32),
-        bpf(LD, 0, 0, 16 + 8),
-        bpf(JEQ, 0, 4, libc::EPOLL_CTL_ADD as u32),
-        bpf(LD, 0, 0, 16 + 16),
-        bpf(JGE, 0, 2, fds.start),
-        bpf(JGE, 1, 0, fds.end),
-        bpf(RET, 0, 0, ERRNO | libc::ENOSPC as u32),
-        bpf(RET, 0, 0, ALLOW),
-    ])
 }
 
 /// Where io_uring is blocked (a container's seccomp profile), `auto` falls
@@ -565,4 +494,37 @@ fn checks_whose_descriptors_cannot_be_watched_are_polled_not_killed() {
         "{log}"
     );
     assert!(t0.elapsed() < Duration::from_secs(20), "{log}");
+}
+
+/// A check the executor may not signal (EPERM: a plugin run through sudo,
+/// or a setuid program that became root): its timeout cannot be enforced,
+/// and the result says so, not that it "ignored SIGTERM" and was killed.
+#[test]
+fn a_check_that_may_not_be_signalled_is_not_reported_killed() {
+    use std::os::unix::process::CommandExt;
+    for backend in ["io_uring", "epoll"] {
+        let mut cmd = pidring();
+        cmd.args(["run", "--backend", backend, "--json"])
+            .args(["--timeout", "300ms", "--grace", "300ms", "--"])
+            .args(["/bin/sh", "-c", "sleep 1.5; echo done"]);
+        // SAFETY: refuse_signals only calls prctl(2), which is async-signal-safe.
+        unsafe { cmd.pre_exec(refuse_signals) };
+        let out = cmd.output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}\n{log}", String::from_utf8_lossy(&out.stdout)));
+        assert_eq!(out.status.code(), Some(3), "{backend}: {r}\n{log}");
+        assert_eq!(r["outcome"]["kind"], "timed_out", "{backend}: {r}");
+        let reason = r["reason"].as_str().unwrap();
+        assert!(
+            reason.ends_with(
+                "it could not be signalled (not permitted: it runs as another user, \
+                 as through sudo or a setuid program) and exited with code 0 by itself"
+            ),
+            "{backend}: {reason}"
+        );
+        assert!(!reason.contains("ignored SIGTERM"), "{backend}: {reason}");
+        assert_eq!(r["stdout"]["data"], "done\n", "{backend}: {r}");
+        assert!(log.contains("not permitted to signal the check"), "{log}");
+    }
 }

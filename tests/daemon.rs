@@ -1,6 +1,9 @@
 //! End-to-end tests of `pidring daemon`: the real binary on a temporary
 //! socket, driven over the socket. Every scenario runs on both backends.
 
+#[path = "common/seccomp.rs"]
+mod seccomp;
+
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -1805,4 +1808,43 @@ fn a_long_path_costs_no_memory_per_entry(backend: &str) {
         hwm / MIB,
         hwm0 / MIB
     );
+}
+
+/// A check the daemon may not signal (EPERM: a plugin run through sudo)
+/// cannot hold its shutdown forever: SIGTERM stops the daemon within a
+/// bound, with a log line saying why that check was left.
+#[test]
+fn shutdown_does_not_wait_forever_for_a_check_it_may_not_kill() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(BIN);
+    // SAFETY: refuse_signals only calls prctl(2), which is async-signal-safe.
+    unsafe { cmd.pre_exec(seccomp::refuse_signals) };
+    let mut d = Daemon::start_via(cmd, "auto", &["--drain-timeout", "1s"], None);
+    let pidfile = d.dir.path().join("check.pid");
+    let mut c = d.client();
+    let script = format!("echo $$ > {}; exec sleep 300", pidfile.display());
+    c.send(&json!({"op": "submit", "id": 1, "argv": ["/bin/sh", "-c", script]}));
+    let end = Instant::now() + PATIENCE;
+    let pid = loop {
+        if let Some(pid) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+        {
+            break pid;
+        }
+        assert!(Instant::now() < end, "check did not start:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let t0 = Instant::now();
+    d.signal(libc::SIGTERM);
+    let st = d.wait_exit(PATIENCE);
+    let took = t0.elapsed();
+    // The check outlived the daemon (nobody could kill it but us, now).
+    // SAFETY: plain kill(2) of the check's pid, ours to end.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(st.success(), "daemon exit status {st}:\n{}", d.log());
+    assert!(took < Duration::from_secs(30), "stopped after {took:?}");
+    let log = d.log();
+    assert!(log.contains("not permitted to signal the check"), "{log}");
+    assert!(log.contains("stopping without them"), "{log}");
 }

@@ -39,6 +39,9 @@ use std::time::{Duration, Instant};
 
 /// Bytes of responses written to a socket in one `write`.
 const WRITE_BATCH: usize = 64 * 1024;
+/// How long shutdown waits for killed checks to be reaped before it stops
+/// without them (ones it may not signal, or stuck in the kernel).
+const KILL_WAIT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for writers to flush before cutting connections.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -337,9 +340,11 @@ impl Conn {
     /// Whether the writer may finish: nothing in flight, nothing queued, and
     /// the client stopped sending or the daemon is stopping.
     fn is_finished(&self, rx: &Receiver<Outgoing>) -> bool {
-        (self.reader_done.load(Ordering::SeqCst) || self.finishing.load(Ordering::SeqCst))
-            && self.in_flight_count.load(Ordering::SeqCst) == 0
-            && rx.is_empty()
+        // Closed (cut at shutdown): results still owed never come.
+        self.closed.load(Ordering::SeqCst)
+            || ((self.reader_done.load(Ordering::SeqCst) || self.finishing.load(Ordering::SeqCst))
+                && self.in_flight_count.load(Ordering::SeqCst) == 0
+                && rx.is_empty())
     }
 
     /// Cancel every check of this connection still in flight (nobody will read the results).
@@ -682,7 +687,14 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // 3. Kill, sweep and reap what is left; every accepted check is answered.
     //    In subreaper mode the executor's shutdown also kills and reaps every
     //    adopted descendant (escaped, or a group member killed by the sweep).
-    daemon.exec.shutdown();
+    if !daemon.exec.shutdown_within(KILL_WAIT) {
+        tracing::error!(
+            running = daemon.exec.running(),
+            "checks still running {KILL_WAIT:?} after SIGKILL: they may not be signalled \
+             (they run as another user, through sudo or a setuid program) or are stuck in the \
+             kernel (a hung mount); stopping without them, unanswered"
+        );
+    }
 
     // 5. Flush every answer, then close the connections.
     for (c, _) in &conns {
@@ -701,6 +713,9 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             );
             c.closed.store(true, Ordering::SeqCst);
             let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            // A writer waiting for a result that never comes (its check
+            // was left running, unkillable) sees `closed` once woken.
+            c.wake_writer();
         }
         let _ = h.join();
     }

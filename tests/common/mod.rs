@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: invariant probes read from /proc.
 #![allow(dead_code)]
 
+pub mod seccomp;
+
 use pidring::{BackendKind, Check, CheckResult, Executor};
 use std::collections::HashSet;
 use std::sync::{Mutex, MutexGuard};
