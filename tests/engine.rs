@@ -1438,3 +1438,25 @@ fn results_recorded_while_readers_hold_the_metrics_are_all_counted() {
         );
     });
 }
+
+/// With no grace, SIGKILL follows SIGTERM at once: the reason never says
+/// the plugin "ignored SIGTERM", which it had no time to do.
+#[test]
+fn no_grace_is_not_reported_as_an_ignored_sigterm() {
+    each_backend(executor, |exec, _| {
+        let r = run(
+            exec,
+            Check::argv(["/bin/sleep", "30"])
+                .timeout(Duration::from_millis(100))
+                .grace(Duration::ZERO),
+        );
+        assert!(r.timed_out(), "{:?}", r.outcome);
+        assert!(!r.reason.contains("ignored"), "{}", r.reason);
+        assert!(
+            r.reason.ends_with("stopped by SIGTERM")
+                || r.reason.ends_with("killed by SIGKILL (no grace)"),
+            "{}",
+            r.reason
+        );
+    });
+}
