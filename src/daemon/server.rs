@@ -190,6 +190,9 @@ struct Conn {
     finishing: AtomicBool,
     /// Nothing more will be written (finished or dropped).
     closed: AtomicBool,
+    /// Shutdown stopped without the results still in flight (checks that
+    /// could not be killed): the writer finishes without waiting for them.
+    abandoned: AtomicBool,
     /// Held while queueing a line and while closing, so a line is either
     /// queued before the close (and drained, counted) or sees `closed`.
     queue_gate: Mutex<()>,
@@ -343,8 +346,33 @@ impl Conn {
         // Closed (cut at shutdown): results still owed never come.
         self.closed.load(Ordering::SeqCst)
             || ((self.reader_done.load(Ordering::SeqCst) || self.finishing.load(Ordering::SeqCst))
-                && self.in_flight_count.load(Ordering::SeqCst) == 0
+                && (self.in_flight_count.load(Ordering::SeqCst) == 0
+                    || self.abandoned.load(Ordering::SeqCst))
                 && rx.is_empty())
+    }
+
+    /// Shutdown goes on without the results still in flight (their checks
+    /// could not be killed): answer each with an error saying so, and let
+    /// the writer finish once those are written. How many there were.
+    fn abandon_in_flight(&self) -> usize {
+        let ids: Vec<ClientId> = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(id, _)| id)
+            .collect();
+        for id in &ids {
+            let message = "the daemon stopped without this check's result: its process could not \
+                           be killed (see the daemon's log); it may still be running"
+                .to_string();
+            let e = RequestError::new(ErrorCode::ShuttingDown, message)
+                .about(Some(id.clone()), Some("submit"));
+            self.send(e.into_response());
+        }
+        self.abandoned.store(true, Ordering::SeqCst);
+        self.wake_writer();
+        ids.len()
     }
 
     /// Cancel every check of this connection still in flight (nobody will read the results).
@@ -688,11 +716,13 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     //    In subreaper mode the executor's shutdown also kills and reaps every
     //    adopted descendant (escaped, or a group member killed by the sweep).
     if !daemon.exec.shutdown_within(KILL_WAIT) {
+        let unanswered: usize = conns.iter().map(|(c, _)| c.abandon_in_flight()).sum();
         tracing::error!(
             running = daemon.exec.running(),
+            unanswered,
             "checks still running {KILL_WAIT:?} after SIGKILL: they may not be signalled \
              (they run as another user, through sudo or a setuid program) or are stuck in the \
-             kernel (a hung mount); stopping without them, unanswered"
+             kernel (a hung mount); stopping without them (their clients are told so)"
         );
     }
 
@@ -929,6 +959,7 @@ fn start_conn(
         hung_up: AtomicBool::new(false),
         finishing: AtomicBool::new(false),
         closed: AtomicBool::new(false),
+        abandoned: AtomicBool::new(false),
         queue_gate: Mutex::new(()),
     });
     // Counted before the writer exists: the writer uncounts it when it ends.
