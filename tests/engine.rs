@@ -56,10 +56,14 @@ fn a_crash_is_unknown_with_the_signal_named() {
 
 #[test]
 fn spawn_failures_are_results_with_clear_messages() {
+    // Files are made under the test lock: other tests count this
+    // process's descriptors under it, and an open file would be theirs.
+    let setup = serial();
     let dir = tempdir();
     let not_exec = dir.join("not-executable");
     std::fs::write(&not_exec, "#!/bin/sh\necho hi\n").unwrap();
     std::fs::set_permissions(&not_exec, std::fs::Permissions::from_mode(0o644)).unwrap();
+    drop(setup);
     each_backend(executor, |exec, _| {
         let r = run(exec, Check::argv(["/nonexistent/check_nothing", "-H", "x"]));
         match &r.outcome {
@@ -108,6 +112,9 @@ fn spawn_failures_are_results_with_clear_messages() {
 
 #[test]
 fn a_bare_program_name_is_searched_in_the_checks_path_like_execvp() {
+    // Files are made under the test lock: other tests count this
+    // process's descriptors under it, and an open file would be theirs.
+    let setup = serial();
     // The search happens in the child (no file system access on the loop):
     // a directory or a non-executable file of that name is passed over, and
     // "permission denied" is what is left if nothing ran.
@@ -132,6 +139,7 @@ fn a_bare_program_name_is_searched_in_the_checks_path_like_execvp() {
             .collect::<Vec<_>>()
             .join(":")
     };
+    drop(setup);
     each_backend(executor, |exec, _| {
         let r = run(
             exec,
@@ -159,6 +167,9 @@ fn a_bare_program_name_is_searched_in_the_checks_path_like_execvp() {
 
 #[test]
 fn a_path_is_searched_once_per_directory_and_within_a_bound() {
+    // Files are made under the test lock: other tests count this
+    // process's descriptors under it, and an open file would be theirs.
+    let setup = serial();
     // A PATH of a million `:` names one directory (the current one), not a
     // million candidates: the loop used to build a string for each entry
     // (~300 MB for a 1 MiB PATH and a 250-byte name) and the child to try
@@ -176,6 +187,7 @@ fn a_path_is_searched_once_per_directory_and_within_a_bound() {
             .collect()
     };
     let probe = |path: String| Check::argv(["pidring-bound-probe"]).env("PATH", path);
+    drop(setup);
     each_backend(executor, |exec, _| {
         // Many empty entries and a directory named 1000 times: found. (A
         // variable over 128 KiB could not be passed to the program.)
@@ -256,6 +268,9 @@ fn an_argument_list_too_long_is_said_once() {
 
 #[test]
 fn scripts_without_a_shebang_run_under_sh_like_execvp_and_a_missing_interpreter_is_named() {
+    // Files are made under the test lock: other tests count this
+    // process's descriptors under it, and an open file would be theirs.
+    let setup = serial();
     // Nagios starts plugins with execvp, which hands a file the kernel
     // will not execute (ENOEXEC) to /bin/sh.
     let dir = tempdir().join("shebangs");
@@ -267,6 +282,7 @@ fn scripts_without_a_shebang_run_under_sh_like_execvp_and_a_missing_interpreter_
     for f in [&bare, &bad] {
         std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
+    drop(setup);
     each_backend(executor, |exec, _| {
         let r = run(exec, Check::argv([bare.to_str().unwrap(), "x"]));
         assert_eq!(r.outcome, Outcome::Exited { code: 1 }, "{}", r.reason);
