@@ -32,14 +32,28 @@ use std::time::{Duration, Instant, SystemTime};
 const WAKER: u64 = u64::MAX - 1;
 /// Size of the one shared read buffer.
 const SCRATCH: usize = 64 * 1024;
-/// Most children created but not yet exec'd at once. Each holds a stack
-/// (a few KiB touched) until then. Our copies of its pipes' write ends are
-/// held only until it has its own descriptor table, and are bounded by the
-/// low slot pairs (see `Launcher::has_slots`); this bounds the stacks, and
-/// the descriptors too where no slot pair is usable. On a saturated machine
-/// a child can wait milliseconds for a CPU to exec on, so at a few thousand
-/// spawns/s a few dozen are normally in this state.
+/// Most children created but not yet exec'd at once, among those created
+/// less than `spawn::STUCK_LAUNCH` ago: it paces spawning, so that a burst
+/// does not create children faster than they get CPUs to exec on. Our
+/// copies of a child's pipes' write ends are held only until it has its own
+/// descriptor table, and are bounded by the low slot pairs (see
+/// `Launcher::has_slots`). On a saturated machine a child can wait
+/// milliseconds for a CPU to exec on, so at a few thousand spawns/s a few
+/// dozen are normally in this state.
+///
+/// A child that has not exec'd after `STUCK_LAUNCH` (a hung mount in its
+/// working directory or its program's path) leaves this count (see
+/// `stuck`): otherwise 256 such checks of one client would stop every
+/// client's checks from starting. It still holds its stack (64 KiB
+/// mapped, a few KiB touched) and strings until the kernel lets go; the
+/// memory stays bounded because every launch, stuck or not, is a running
+/// check: never more than `max_running` of them.
 const MAX_LAUNCHING: usize = 256;
+/// How often children stuck before `execve` (see `stuck`) are looked at again.
+const STUCK_POLL: Duration = Duration::from_millis(100);
+/// Most one warning about newly stuck children per this long (a hung
+/// mount sticks a burst of them, a few a turn).
+const STUCK_WARN_EVERY: Duration = Duration::from_secs(10);
 /// How soon to look again when admission waits for children to exec (which
 /// wakes nothing).
 const LAUNCH_POLL: Duration = Duration::from_millis(1);
@@ -152,7 +166,10 @@ pub(crate) fn start(
                 shared,
                 requests,
                 launcher,
-                launching: Vec::new(),
+                launching: VecDeque::new(),
+                stuck: Vec::new(),
+                next_stuck_poll: Instant::now(),
+                stuck_warned: None,
                 due: Vec::new(),
                 popped: Vec::new(),
                 checks: Slab::new(),
@@ -199,10 +216,19 @@ struct Engine {
     backend: Backend,
     shared: Arc<Shared>,
     requests: Receiver<Request>,
-    /// Checks whose child has not exec'd (or exited) yet: polled every
-    /// turn, to close our copies of its pipes' write ends and give its
-    /// stack back as soon as it is done with them.
-    launching: Vec<(usize, u32)>,
+    /// Checks whose child has not exec'd (or exited) yet, and when it was
+    /// created (oldest first): polled every turn, to close our copies of
+    /// its pipes' write ends and give its stack back as soon as it is done
+    /// with them. Counted against `MAX_LAUNCHING`.
+    launching: VecDeque<(usize, u32, Instant)>,
+    /// Checks whose child has not exec'd `STUCK_LAUNCH` after it was
+    /// created: polled every `STUCK_POLL`, not counted against
+    /// `MAX_LAUNCHING`.
+    stuck: Vec<(usize, u32)>,
+    /// When `stuck` is polled next.
+    next_stuck_poll: Instant,
+    /// When children stuck before `execve` were last warned about.
+    stuck_warned: Option<Instant>,
     /// This turn's due timers that do not signal (kept for its allocation).
     due: Vec<(usize, u32, TimerKind)>,
     /// Scratch for `fire_signal_timers`.
@@ -258,7 +284,11 @@ impl Engine {
                     timeout = Some(timeout.map_or(LAUNCH_POLL, |t| t.min(LAUNCH_POLL)));
                 }
             }
-            if !self.may_launch() && !self.queue.is_empty() {
+            if !self.stuck.is_empty() {
+                let poll = self.next_stuck_poll.saturating_duration_since(now);
+                timeout = Some(timeout.map_or(poll, |t| t.min(poll)));
+            }
+            if !self.may_launch(now) && !self.queue.is_empty() {
                 // Admission waits for a child to exec or to let go of its
                 // slots, which wakes nothing.
                 timeout = Some(timeout.map_or(LAUNCH_POLL, |t| t.min(LAUNCH_POLL)));
@@ -299,7 +329,7 @@ impl Engine {
                 }
             }
             self.fired = fired;
-            self.poll_launches();
+            self.poll_launches(now);
             for (slot, generation, kind) in due.drain(..) {
                 self.with_check(slot, generation, now, |c, ctx| c.on_timer(kind, ctx));
             }
@@ -423,28 +453,57 @@ impl Engine {
         }
     }
 
-    /// Catch up with children that had not exec'd yet (see `launching`).
-    fn poll_launches(&mut self) {
-        if self.launching.is_empty() {
-            return;
-        }
+    /// Catch up with children that had not exec'd yet (see `launching`),
+    /// and set aside those that are stuck (see `stuck`).
+    fn poll_launches(&mut self, now: Instant) {
         let checks = &mut self.checks;
+        let mut still = |slot: usize, generation: u32| match checks.get_mut(slot) {
+            Some(c) if c.generation() == generation => c.poll_launch(),
+            _ => false,
+        };
         self.launching
-            .retain(|&(slot, generation)| match checks.get_mut(slot) {
-                Some(c) if c.generation() == generation => c.poll_launch(),
-                _ => false,
-            });
+            .retain(|&(slot, generation, _)| still(slot, generation));
+        if !self.stuck.is_empty() && now >= self.next_stuck_poll {
+            self.next_stuck_poll = now + STUCK_POLL;
+            self.stuck
+                .retain(|&(slot, generation)| still(slot, generation));
+        }
+        let before = self.stuck.len();
+        while let Some(&(slot, generation, at)) = self.launching.front()
+            && now.saturating_duration_since(at) >= spawn::STUCK_LAUNCH
+        {
+            self.launching.pop_front();
+            self.stuck.push((slot, generation));
+        }
+        if self.stuck.len() > before {
+            if before == 0 {
+                self.next_stuck_poll = now + STUCK_POLL;
+            }
+            let said = self
+                .stuck_warned
+                .is_some_and(|t| now < t + STUCK_WARN_EVERY);
+            if said {
+                return;
+            }
+            self.stuck_warned = Some(now);
+            tracing::warn!(
+                new = self.stuck.len() - before,
+                stuck = self.stuck.len(),
+                "children have not started their program {:?} after they were created (a hung mount in a check's working directory or path?); other checks start meanwhile",
+                spawn::STUCK_LAUNCH
+            );
+        }
     }
 
     /// Another child may be created now: few enough are between clone and
-    /// exec, and a low slot pair is free for its pipes.
-    fn may_launch(&self) -> bool {
-        self.launching.len() < MAX_LAUNCHING && self.launcher.has_slots()
+    /// exec (stuck ones aside), and a low slot pair is free for its pipes.
+    fn may_launch(&self, now: Instant) -> bool {
+        self.launching.len() < MAX_LAUNCHING && self.launcher.has_slots(now)
     }
 
     /// Move queued checks into free running slots, oldest first.
     fn admit(&mut self, now: Instant) {
-        while self.checks.len() < self.shared.max_running && self.may_launch() {
+        while self.checks.len() < self.shared.max_running && self.may_launch(now) {
             let Some(sub) = self.queue.pop_front() else {
                 break;
             };
@@ -474,7 +533,7 @@ impl Engine {
             let picked = Instant::now();
             match spawn::launch(prepared, &self.launcher) {
                 Ok((child, launch)) => {
-                    self.launching.push((slot, generation));
+                    self.launching.push_back((slot, generation, picked));
                     self.with_check(slot, generation, now, |c, ctx| {
                         c.started(child, Some(launch), picked, ctx)
                     });

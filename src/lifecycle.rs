@@ -257,6 +257,9 @@ pub(crate) struct Lifecycle {
     output_cut: bool,
     /// The pidfd fired in this turn and is not handled yet (see `note_exit_pending`).
     exit_pending: bool,
+    /// Timed out before its child exec'd: where the child was stuck (see
+    /// `spawn::Launch::stuck`).
+    never_started: Option<String>,
     /// The child while it may not have exec'd yet (see `spawn::Launch`).
     /// Declared last: it must drop after `Drop` has killed and reaped the child.
     launch: Option<Launch>,
@@ -312,6 +315,7 @@ impl Lifecycle {
             spawn_failure: None,
             output_cut: false,
             exit_pending: false,
+            never_started: None,
             launch: None,
         }
     }
@@ -600,6 +604,22 @@ impl Lifecycle {
         match kind {
             TimerKind::Deadline => {
                 self.kill = Some(KillReason::Timeout);
+                self.poll_launch();
+                self.never_started = self.launch.as_ref().and_then(Launch::stuck);
+                if let Some(stuck) = &self.never_started {
+                    // Still in our code, every signal blocked: SIGTERM could
+                    // only wait out the grace, and there is no plugin yet
+                    // to clean up (nor any descendant). SIGKILL ends it as
+                    // soon as the kernel lets it (a lookup on a hung mount
+                    // may hold it longer, even so).
+                    tracing::debug!(
+                        id = self.id,
+                        "timed out before it could start ({stuck}); sending SIGKILL"
+                    );
+                    self.phase = Phase::Killing;
+                    self.signal(Signal::KILL);
+                    return;
+                }
                 self.phase = Phase::Terminating;
                 tracing::debug!(id = self.id, "timed out; sending SIGTERM");
                 self.signal(Signal::TERM);
@@ -907,6 +927,20 @@ impl Lifecycle {
         match self.kill {
             Some(KillReason::Timeout) => {
                 let sig = self.last_signal.unwrap_or(Signal::TERM);
+                if let Some(stuck) = &self.never_started {
+                    return (
+                        Outcome::TimedOut {
+                            timeout_ms: self.timeout.as_millis() as u64,
+                            signal: sig.as_raw(),
+                            escalated: false,
+                        },
+                        self.timeout_state,
+                        format!(
+                            "Check timed out after {} before it could start its program: {stuck}; killed by SIGKILL",
+                            human(self.timeout)
+                        ),
+                    );
+                }
                 // Say what the signal did: a plugin may have been exiting
                 // on its own as the deadline fell (or trap TERM and exit).
                 let sent = if !self.escalated {

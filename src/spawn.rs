@@ -18,7 +18,7 @@ use std::collections::BinaryHeap;
 use std::ffi::CString;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A child that now exists: its pid, pidfd and the read ends of its output pipes.
 #[derive(Debug)]
@@ -103,6 +103,21 @@ pub(crate) fn block_all_signals_on_this_thread() -> std::io::Result<()> {
     }
 }
 
+/// How long a child may take from `clone` to `execve` before the loop
+/// stops waiting for it: it then no longer counts against the launches in
+/// flight (`engine::MAX_LAUNCHING`), and the low slot pair it holds is no
+/// longer waited for (`Launcher::has_slots`). A healthy child execs within
+/// microseconds, or a few milliseconds when it waits for a CPU on a
+/// saturated machine; a slow but working network file system answers a
+/// lookup in well under a second. One that takes longer is stuck (a hung
+/// NFS or FUSE mount in its working directory, its program's path or its
+/// PATH: the lookup waits until the server answers, in a sleep that even
+/// SIGKILL may not end), and another client's check must not wait behind
+/// it for longer than this. It keeps its stack and strings until the
+/// kernel lets go; that is bounded all the same, as every launch is a
+/// running check: never more than `max_running` of them.
+pub(crate) const STUCK_LAUNCH: Duration = Duration::from_secs(1);
+
 /// A stack for a child between `clone` and `execve`, with a guard page below it.
 pub(crate) struct ChildStack {
     base: *mut libc::c_void,
@@ -185,6 +200,8 @@ struct Pool {
     slots: Vec<Option<(OwnedFd, OwnedFd)>>,
     /// Free pairs, lowest first.
     free: BinaryHeap<Reverse<usize>>,
+    /// When each pair was lent to a child (`None`: free or given up).
+    lent_at: Vec<Option<Instant>>,
     /// This process: a child whose parent is no longer it must not go on.
     parent: libc::pid_t,
     /// The RLIMIT_NOFILE (soft, hard) checks get instead of the executor's
@@ -223,6 +240,7 @@ impl Launcher {
                 stacks: Vec::new(),
                 devnull,
                 free: (0..slots.len()).map(Reverse).collect(),
+                lent_at: vec![None; slots.len()],
                 slots,
                 parent: rustix::process::getpid().as_raw_nonzero().get(),
                 nofile: nofile_for_checks(),
@@ -230,13 +248,20 @@ impl Launcher {
         })
     }
 
-    /// A low slot pair is free, or none is left to wait for. A child
-    /// launched without one copies every descriptor below its pipes'
-    /// numbers (three per running check) and closes them again; better to
-    /// wait for a launching child to let go of its pair.
-    pub fn has_slots(&self) -> bool {
+    /// A low slot pair is free, or none is worth waiting for: every pair
+    /// is given up, or lent to a child that has held it for `STUCK_LAUNCH`
+    /// (stuck before it took its own descriptor table; it may never let
+    /// go). A child launched without a pair copies every descriptor below
+    /// its pipes' numbers (three per running check) and closes them again;
+    /// better to wait for a launching child to let go of its pair, but not
+    /// for a stuck one.
+    pub fn has_slots(&self, now: Instant) -> bool {
         let pool = self.pool.borrow();
-        !pool.free.is_empty() || pool.slots.iter().all(Option::is_none)
+        !pool.free.is_empty()
+            || pool.lent_at.iter().zip(&pool.slots).all(|(lent, slot)| {
+                slot.is_none()
+                    || lent.is_some_and(|t| now.saturating_duration_since(t) >= STUCK_LAUNCH)
+            })
     }
 }
 
@@ -271,6 +296,7 @@ impl Pool {
         let (a, b) = self.slots[i].as_mut()?;
         let flags = rustix::io::DupFlags::CLOEXEC;
         if rustix::io::dup3(out_w, a, flags).is_ok() && rustix::io::dup3(err_w, b, flags).is_ok() {
+            self.lent_at[i] = Some(Instant::now());
             return Some((i, a.as_raw_fd(), b.as_raw_fd()));
         }
         self.return_slots(i);
@@ -279,6 +305,7 @@ impl Pool {
 
     /// Put /dev/null back into pair `i` (closing the write ends it held).
     fn return_slots(&mut self, i: usize) {
+        self.lent_at[i] = None;
         let Some((a, b)) = self.slots[i].as_mut() else {
             return;
         };
@@ -382,6 +409,16 @@ impl Launch {
             return None;
         }
         Some(self.finish())
+    }
+
+    /// Where the child is stuck, if it has neither exec'd nor exited yet
+    /// (for the result of a check that timed out before it could start).
+    pub fn stuck(&self) -> Option<String> {
+        if self.finished || self.args.ctid.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let step = ChildStep::from_u8(self.args.step.load(Ordering::Acquire));
+        Some(step.stuck(&self.strings.cmd))
     }
 
     /// The child was reaped: it uses nothing of ours, whatever `ctid` says
@@ -741,7 +778,9 @@ struct ChildArgs {
     nofile: [u64; 2],
     /// Set by the child when a step failed (it then exits 127).
     errno: AtomicI32,
-    /// Which step failed (a `ChildStep`), set before `errno`.
+    /// The step the child is at (a `ChildStep`): set as it begins each
+    /// one, so that a child stuck in one can be told where; if `errno` is
+    /// set, the step that failed (set before `errno`).
     step: AtomicU8,
     /// Set by the child once it has its own session and descriptor table.
     detached: AtomicU8,
@@ -802,6 +841,26 @@ impl ChildStep {
             4 => ChildStep::Exec,
             5 => ChildStep::Interpreter,
             _ => ChildStep::Clone,
+        }
+    }
+
+    /// Where a child that has not exec'd is stuck, at this step.
+    fn stuck(self, cmd: &Prepared) -> String {
+        match self {
+            ChildStep::Clone => "it never got to run (no CPU, or memory for it)".to_string(),
+            ChildStep::Setsid | ChildStep::Stdio => {
+                "stuck setting up its session and standard streams".to_string()
+            }
+            ChildStep::Chdir => format!(
+                "stuck changing to its working directory {} (a hung mount?)",
+                cmd.cwd
+                    .as_deref()
+                    .map_or("?".into(), |c| c.to_string_lossy())
+            ),
+            ChildStep::Exec | ChildStep::Interpreter => format!(
+                "stuck looking up or loading {} (a hung mount in its path or PATH?)",
+                cmd.program()
+            ),
         }
     }
 
@@ -875,6 +934,8 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     if rawsys::getppid() != args.parent as isize {
         rawsys::exit(127);
     }
+    let at = |step: ChildStep| args.step.store(step as u8, Ordering::Release);
+    at(ChildStep::Setsid);
     let r = rawsys::setsid();
     if !ok(r) {
         child_fail(args, ChildStep::Setsid, r);
@@ -882,6 +943,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // A private table holding only what lies below the highest fd we need
     // (the rest of the executor's table is never copied); if this kernel
     // cannot (before 5.9), a full private copy.
+    at(ChildStep::Stdio);
     let highest = args.stdin.max(args.stdout).max(args.stderr) as u32;
     let mut r = rawsys::close_range(highest + 1, u32::MAX, libc::CLOSE_RANGE_UNSHARE);
     if !ok(r) {
@@ -911,6 +973,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         }
     }
     if !args.cwd.is_null() {
+        at(ChildStep::Chdir);
         // SAFETY: a NUL-terminated string that `Launch` keeps alive.
         let r = unsafe { rawsys::chdir(args.cwd) };
         if !ok(r) {
@@ -925,6 +988,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         // fails anyway, the check runs with the raised one.
         rawsys::set_rlimit(libc::RLIMIT_NOFILE, &args.nofile);
     }
+    at(ChildStep::Exec);
     rawsys::unblock_all_signals();
     // The first candidate that exists and may be run wins; a later one is
     // tried after "not there" or "not allowed", and "not allowed" is what is
