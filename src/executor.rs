@@ -399,26 +399,9 @@ impl Executor {
     /// SIGKILL every running check and its group, reap all, answer all, and
     /// join the loop. Idempotent.
     pub fn shutdown(&self) {
-        let _ = self.tx.send(Request::Shutdown);
-        self.shared.waker.wake();
-        let mut guard = self.loop_thread.lock().unwrap_or_else(|p| p.into_inner());
-        // Called from a result callback (on the loop thread itself): the loop
-        // stops by itself once everything is answered; joining would deadlock.
-        if guard
-            .as_ref()
-            .is_some_and(|h| h.thread().id() == std::thread::current().id())
-        {
-            return;
-        }
-        if let Some(h) = guard.take()
-            && h.join().is_err()
-        {
-            tracing::error!("executor loop thread panicked");
-        }
+        self.stop(None);
     }
-}
 
-impl Executor {
     /// [`shutdown`](Executor::shutdown), waiting at most `timeout` for the
     /// loop to kill and reap everything; true if it did. Past it, the loop
     /// is left to finish by itself (detached: dropping the executor no
@@ -426,23 +409,32 @@ impl Executor {
     /// hang on a check it cannot kill: one it may not signal (EPERM), or
     /// one stuck in the kernel (D state on a hung mount).
     pub fn shutdown_within(&self, timeout: Duration) -> bool {
+        self.stop(Some(Instant::now() + timeout))
+    }
+
+    /// Ask the loop to stop and join it, giving up (detaching it) at `end`;
+    /// true if it was joined (or already was).
+    fn stop(&self, end: Option<Instant>) -> bool {
         let _ = self.tx.send(Request::Shutdown);
         self.shared.waker.wake();
-        let end = Instant::now() + timeout;
         let mut guard = self.loop_thread.lock().unwrap_or_else(|p| p.into_inner());
         let Some(h) = guard.as_ref() else {
             return true;
         };
+        // Called from a result callback (on the loop thread itself): the loop
+        // stops by itself once everything is answered; joining would deadlock.
         if h.thread().id() == std::thread::current().id() {
             return false;
         }
-        while !h.is_finished() {
-            if Instant::now() >= end {
-                // Dropping the handle detaches the thread.
-                drop(guard.take());
-                return false;
+        if let Some(end) = end {
+            while !h.is_finished() {
+                if Instant::now() >= end {
+                    // Dropping the handle detaches the thread.
+                    drop(guard.take());
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(5));
             }
-            std::thread::sleep(Duration::from_millis(5));
         }
         if let Some(h) = guard.take()
             && h.join().is_err()
