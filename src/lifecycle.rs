@@ -45,8 +45,21 @@ const WALK_LIMIT: usize = 16;
 /// sized for) and signals.
 const MAX_DESCENDANTS: usize = 4;
 
+/// What a result says of a check whose signals were refused (EPERM).
+const REFUSED: &str = "it could not be signalled (not permitted: it runs as another user, \
+                       as through sudo or a setuid program)";
+
 /// How often what could not be watched is polled instead.
 const RETRY_POLL: Duration = Duration::from_millis(10);
+
+/// Warn that `what` failed and its fd is polled instead, once per check
+/// (`said`): the poll retries every `RETRY_POLL`, and each retry may fail
+/// again.
+fn say_polling(said: &mut bool, id: u64, what: &str, e: &dyn std::fmt::Display) {
+    if !std::mem::replace(said, true) {
+        tracing::warn!(id, "{what}: {e}; polling instead");
+    }
+}
 
 /// What a token's fd is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +181,15 @@ pub(crate) struct Ctx<'a> {
     pub scratch: &'a mut [u8],
     /// The time this loop turn started.
     pub now: Instant,
+}
+
+impl Ctx<'_> {
+    /// Poll check (`slot`, `generation`) in `RETRY_POLL`: for what could
+    /// not be watched, or a `waitid` that failed.
+    fn poll_soon(&mut self, slot: usize, generation: u32) {
+        self.timers
+            .push(self.now + RETRY_POLL, slot, generation, TimerKind::Retry);
+    }
 }
 
 /// Why the executor signalled a check.
@@ -422,9 +444,7 @@ impl Lifecycle {
                 Ok(()) => self.pidfd_armed = true,
                 Err(e) => {
                     failed = true;
-                    if !std::mem::replace(&mut self.said_polling, true) {
-                        tracing::warn!(id = self.id, "cannot watch pidfd: {e}; polling instead");
-                    }
+                    say_polling(&mut self.said_polling, self.id, "cannot watch pidfd", &e);
                 }
             }
         }
@@ -441,23 +461,18 @@ impl Lifecycle {
                     Ok(()) => stream.armed = true,
                     Err(e) => {
                         failed = true;
-                        if !std::mem::replace(&mut self.said_polling, true) {
-                            tracing::warn!(
-                                id = self.id,
-                                "cannot watch output pipe: {e}; polling instead"
-                            );
-                        }
+                        say_polling(
+                            &mut self.said_polling,
+                            self.id,
+                            "cannot watch output pipe",
+                            &e,
+                        );
                     }
                 }
             }
         }
         if failed {
-            ctx.timers.push(
-                ctx.now + RETRY_POLL,
-                self.slot,
-                self.generation,
-                TimerKind::Retry,
-            );
+            ctx.poll_soon(self.slot, self.generation);
         }
     }
 
@@ -469,15 +484,13 @@ impl Lifecycle {
             Source::Stdout => self.stdout.armed = false,
             Source::Stderr => self.stderr.armed = false,
         }
-        if !std::mem::replace(&mut self.said_polling, true) {
-            tracing::warn!(id = self.id, ?source, "watch failed; polling instead");
-        }
-        ctx.timers.push(
-            ctx.now + RETRY_POLL,
-            self.slot,
-            self.generation,
-            TimerKind::Retry,
+        say_polling(
+            &mut self.said_polling,
+            self.id,
+            "an io_uring poll failed",
+            &format_args!("{source:?}"),
         );
+        ctx.poll_soon(self.slot, self.generation);
     }
 
     /// A watched fd fired.
@@ -767,12 +780,7 @@ impl Lifecycle {
             }
             Err(e) => {
                 tracing::warn!(id = self.id, "waitid failed: {e}; retrying");
-                ctx.timers.push(
-                    ctx.now + RETRY_POLL,
-                    self.slot,
-                    self.generation,
-                    TimerKind::Retry,
-                );
+                ctx.poll_soon(self.slot, self.generation);
             }
         }
     }
@@ -825,18 +833,13 @@ impl Lifecycle {
                 {
                     Ok(()) => stream.armed = true,
                     Err(e) => {
-                        if !std::mem::replace(&mut self.said_polling, true) {
-                            tracing::warn!(
-                                id = self.id,
-                                "cannot re-watch output pipe: {e}; polling instead"
-                            );
-                        }
-                        ctx.timers.push(
-                            ctx.now + RETRY_POLL,
-                            self.slot,
-                            self.generation,
-                            TimerKind::Retry,
+                        say_polling(
+                            &mut self.said_polling,
+                            self.id,
+                            "cannot re-watch output pipe",
+                            &e,
                         );
+                        ctx.poll_soon(self.slot, self.generation);
                     }
                 }
             }
@@ -903,12 +906,11 @@ impl Lifecycle {
     }
 
     /// For a cancel or a shutdown: that the kill was refused, if it was.
-    fn refused_note(&self) -> &'static str {
+    fn refused_note(&self) -> String {
         if self.refused {
-            "; it could not be signalled (not permitted: it runs as another user, \
-             as through sudo or a setuid program) and ended by itself"
+            format!("; {REFUSED} and ended by itself")
         } else {
-            ""
+            String::new()
         }
     }
 
@@ -962,10 +964,7 @@ impl Lifecycle {
                             }
                             None => "ended".to_string(),
                         };
-                        format!(
-                            "it could not be signalled (not permitted: it runs as another user, \
-                             as through sudo or a setuid program) and {end} by itself"
-                        )
+                        format!("{REFUSED} and {end} by itself")
                     }
                     Some(ExitStatus::Signaled {
                         signal: libc::SIGKILL,
