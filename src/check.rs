@@ -230,7 +230,14 @@ impl Check {
             vars.retain(|(ek, _)| *ek != k.as_os_str());
             vars.push((k, v));
         }
-        let path = path_of(vars.iter().copied());
+        // Split again only if this check's PATH is not the inherited one
+        // (a Nagios job sets its macros in `env`, rarely PATH).
+        let own_path = self.env.iter().any(|(k, _)| k.as_bytes() == b"PATH");
+        let path = if self.env_policy == EnvPolicy::Inherit && !own_path {
+            inherited.path.clone()
+        } else {
+            path_of(vars.iter().copied())
+        };
         let envp = vars
             .iter()
             .map(|(k, v)| cstring(&env_entry(k, v), "environment variable"))
@@ -391,6 +398,16 @@ mod tests {
             .unwrap();
         assert_eq!(p.envp.len(), 1);
         assert_eq!(p.path.value(), crate::spawn::DEFAULT_PATH);
+        // The inherited PATH, split once, is shared by a check that sets
+        // other variables; one that sets PATH gets its own.
+        let env = InheritedEnv::new(inherited.clone());
+        let p = Check::argv(["x"]).env("A", "2").prepare_with(&env).unwrap();
+        assert!(Arc::ptr_eq(&p.path, &env.path));
+        let p = Check::argv(["x"])
+            .env("PATH", "/usr/bin")
+            .prepare_with(&env)
+            .unwrap();
+        assert_eq!(p.path.value(), b"/usr/bin");
         assert!(matches!(
             Check::argv(["x"]).env("A=B", "1").prepare(&inherited),
             Err(CheckError::BadEnvName(_))
