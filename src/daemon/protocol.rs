@@ -262,47 +262,39 @@ pub struct SubmitRequest {
 fn env_each_once<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<BTreeMap<String, String>>, D::Error> {
-    /// Reads `env`'s object, refusing a repeated name.
-    struct Env;
-    impl<'de> serde::de::Visitor<'de> for Env {
-        type Value = BTreeMap<String, String>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("an object of variable names to string values")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut env = BTreeMap::new();
-            while let Some((name, value)) = map.next_entry::<String, String>()? {
-                if env.contains_key(&name) {
-                    return Err(serde::de::Error::custom(format!(
-                        "variable {name:?} given twice"
-                    )));
-                }
-                env.insert(name, value);
+    Ok(Option::<EnvVars>::deserialize(d)?.map(|e| e.0))
+}
+
+/// `env`'s object, each name once.
+struct EnvVars(BTreeMap<String, String>);
+
+impl<'de> Deserialize<'de> for EnvVars {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// Reads `env`'s object, refusing a repeated name.
+        struct Vars;
+        impl<'de> serde::de::Visitor<'de> for Vars {
+            type Value = EnvVars;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of variable names to string values")
             }
-            Ok(env)
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<EnvVars, A::Error> {
+                let mut env = BTreeMap::new();
+                while let Some((name, value)) = map.next_entry::<String, String>()? {
+                    if env.contains_key(&name) {
+                        return Err(serde::de::Error::custom(format!(
+                            "variable {name:?} given twice"
+                        )));
+                    }
+                    env.insert(name, value);
+                }
+                Ok(EnvVars(env))
+            }
         }
+        d.deserialize_map(Vars)
     }
-    /// `Env`, or `null` for none.
-    struct EnvOrNull;
-    impl<'de> serde::de::Visitor<'de> for EnvOrNull {
-        type Value = Option<BTreeMap<String, String>>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("an object of variable names to string values")
-        }
-        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D2: serde::Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
-            d.deserialize_map(Env).map(Some)
-        }
-    }
-    d.deserialize_option(EnvOrNull)
 }
 
 /// `{"op":"cancel","id":...}`: kill a check of this connection that is still in flight.
