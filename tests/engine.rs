@@ -56,14 +56,9 @@ fn a_crash_is_unknown_with_the_signal_named() {
 
 #[test]
 fn spawn_failures_are_results_with_clear_messages() {
-    // Files are made under the test lock: other tests count this
-    // process's descriptors under it, and an open file would be theirs.
-    let setup = serial();
     let dir = tempdir();
     let not_exec = dir.join("not-executable");
-    std::fs::write(&not_exec, "#!/bin/sh\necho hi\n").unwrap();
-    std::fs::set_permissions(&not_exec, std::fs::Permissions::from_mode(0o644)).unwrap();
-    drop(setup);
+    plugin_file(&not_exec, "#!/bin/sh\necho hi\n", 0o644);
     each_backend(executor, |exec, _| {
         let r = run(exec, Check::argv(["/nonexistent/check_nothing", "-H", "x"]));
         match &r.outcome {
@@ -112,34 +107,25 @@ fn spawn_failures_are_results_with_clear_messages() {
 
 #[test]
 fn a_bare_program_name_is_searched_in_the_checks_path_like_execvp() {
-    // Files are made under the test lock: other tests count this
-    // process's descriptors under it, and an open file would be theirs.
-    let setup = serial();
     // The search happens in the child (no file system access on the loop):
     // a directory or a non-executable file of that name is passed over, and
     // "permission denied" is what is left if nothing ran.
     let dir = tempdir().join("path-search");
     let (first, second) = (dir.join("a"), dir.join("b"));
     std::fs::create_dir_all(first.join("pidring-probe")).unwrap(); // a directory
-    std::fs::create_dir_all(&second).unwrap();
-    let script = second.join("pidring-probe");
-    std::fs::write(&script, "#!/bin/sh\necho found-in-b\n").unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    plugin_file(
+        &second.join("pidring-probe"),
+        "#!/bin/sh\necho found-in-b\n",
+        0o755,
+    );
     let denied = dir.join("c");
-    std::fs::create_dir_all(&denied).unwrap();
-    std::fs::write(denied.join("pidring-probe"), "#!/bin/sh\n").unwrap();
-    std::fs::set_permissions(
-        denied.join("pidring-probe"),
-        std::fs::Permissions::from_mode(0o644),
-    )
-    .unwrap();
+    plugin_file(&denied.join("pidring-probe"), "#!/bin/sh\n", 0o644);
     let path = |dirs: &[&std::path::Path]| {
         dirs.iter()
             .map(|d| d.display().to_string())
             .collect::<Vec<_>>()
             .join(":")
     };
-    drop(setup);
     each_backend(executor, |exec, _| {
         let r = run(
             exec,
@@ -167,19 +153,14 @@ fn a_bare_program_name_is_searched_in_the_checks_path_like_execvp() {
 
 #[test]
 fn a_path_is_searched_once_per_directory_and_within_a_bound() {
-    // Files are made under the test lock: other tests count this
-    // process's descriptors under it, and an open file would be theirs.
-    let setup = serial();
     // A PATH of a million `:` names one directory (the current one), not a
     // million candidates: the loop used to build a string for each entry
     // (~300 MB for a 1 MiB PATH and a 250-byte name) and the child to try
     // each. More different directories than are searched is refused, and
     // says why, rather than searched in part.
     let bin = tempdir().join("path-bound");
-    std::fs::create_dir_all(&bin).unwrap();
     let script = bin.join("pidring-bound-probe");
-    std::fs::write(&script, "#!/bin/sh\necho found\n").unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    plugin_file(&script, "#!/bin/sh\necho found\n", 0o755);
     let bin = bin.display().to_string();
     let missing = |n: usize| -> Vec<String> {
         (0..n)
@@ -187,7 +168,6 @@ fn a_path_is_searched_once_per_directory_and_within_a_bound() {
             .collect()
     };
     let probe = |path: String| Check::argv(["pidring-bound-probe"]).env("PATH", path);
-    drop(setup);
     each_backend(executor, |exec, _| {
         // Many empty entries and a directory named 1000 times: found. (A
         // variable over 128 KiB could not be passed to the program.)
@@ -268,21 +248,17 @@ fn an_argument_list_too_long_is_said_once() {
 
 #[test]
 fn scripts_without_a_shebang_run_under_sh_like_execvp_and_a_missing_interpreter_is_named() {
-    // Files are made under the test lock: other tests count this
-    // process's descriptors under it, and an open file would be theirs.
-    let setup = serial();
     // Nagios starts plugins with execvp, which hands a file the kernel
     // will not execute (ENOEXEC) to /bin/sh.
     let dir = tempdir().join("shebangs");
-    std::fs::create_dir_all(&dir).unwrap();
     let bare = dir.join("check_bare");
-    std::fs::write(&bare, "echo \"OK - ran by sh with $# args: $1\"\nexit 1\n").unwrap();
+    plugin_file(
+        &bare,
+        "echo \"OK - ran by sh with $# args: $1\"\nexit 1\n",
+        0o755,
+    );
     let bad = dir.join("check_bad_interpreter");
-    std::fs::write(&bad, "#!/nonexistent/interpreter\necho hi\n").unwrap();
-    for f in [&bare, &bad] {
-        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    drop(setup);
+    plugin_file(&bad, "#!/nonexistent/interpreter\necho hi\n", 0o755);
     each_backend(executor, |exec, _| {
         let r = run(exec, Check::argv([bare.to_str().unwrap(), "x"]));
         assert_eq!(r.outcome, Outcome::Exited { code: 1 }, "{}", r.reason);
@@ -1037,6 +1013,16 @@ fn metrics_count_what_happened() {
         let (_, total) = h.iter().find(|(s, _)| *s == pidring::Stage::Total).unwrap();
         assert_eq!(total.len(), 3);
     });
+}
+
+/// Write a plugin file (and its directory) with `mode`, under the test
+/// lock: other tests count this process's descriptors under it, and the
+/// file open meanwhile would be theirs ("fd leak: 7 fds before, 6 after").
+fn plugin_file(path: &std::path::Path, text: &str, mode: u32) {
+    let _lock = serial();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 fn tempdir() -> std::path::PathBuf {
