@@ -482,11 +482,19 @@ fn checks_whose_descriptors_cannot_be_watched_are_polled_not_killed() {
             "said once: {log}"
         );
     }
-    // Nothing watched at all: the timeout is enforced all the same.
+    // Nothing watched at all: the timeout is enforced all the same, and
+    // the group is swept before the reap (invariant 3 on the polling path).
+    let dir = tempfile::tempdir().unwrap();
+    let sid_file = dir.path().join("sid");
+    // A member that ignores SIGTERM outlives the leader: only the sweep ends it.
+    let script = format!(
+        "echo $$ > {}; (trap '' TERM; exec sleep 300) & exec sleep 300",
+        sid_file.display()
+    );
     let t0 = std::time::Instant::now();
     let (out, log) = run(
         first_pipe.min(pidfd)..u32::MAX,
-        &["--timeout", "1s", "--", "/bin/sleep", "30"],
+        &["--timeout", "1s", "--", "/bin/sh", "-c", &script],
     );
     assert_eq!(out.status.code(), Some(3), "{log}");
     assert!(
@@ -494,6 +502,16 @@ fn checks_whose_descriptors_cannot_be_watched_are_polled_not_killed() {
         "{log}"
     );
     assert!(t0.elapsed() < Duration::from_secs(20), "{log}");
+    let sid: i32 = std::fs::read_to_string(&sid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_sessions_end(
+        &[sid].into(),
+        Duration::from_secs(10),
+        "the polled check's group",
+    );
 }
 
 /// A check the executor may not signal (EPERM: a plugin run through sudo,
