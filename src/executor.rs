@@ -260,6 +260,11 @@ impl Executor {
         Ok(Pending { id, rx })
     }
 
+    /// Most checks running at once (the builder's `max_running`).
+    pub fn max_running(&self) -> usize {
+        self.shared.max_running
+    }
+
     /// Submit a check; `deliver` is called exactly once with its result, on
     /// the executor's loop thread — it must not block (send it on a channel).
     pub fn submit_with<F>(&self, check: Check, deliver: F) -> Result<CheckId, SubmitError>

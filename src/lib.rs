@@ -28,6 +28,7 @@ pub mod daemon;
 mod engine;
 pub mod error;
 pub mod executor;
+pub mod gearman;
 mod lifecycle;
 pub mod metrics;
 pub mod nagios;

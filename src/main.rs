@@ -24,6 +24,9 @@ enum Command {
     /// Serve a Nagios 4 core's checks as an external worker on its
     /// query-handler socket, until SIGTERM.
     NagiosWorker(cli::nagios_worker::NagiosWorkerArgs),
+    /// Serve mod_gearman's gearmand queues as a drop-in mod_gearman worker,
+    /// until SIGTERM.
+    GearmanWorker(cli::gearman_worker::GearmanWorkerArgs),
 }
 
 /// The exit code of a command line that cannot be used: UNKNOWN, as for
@@ -48,5 +51,6 @@ fn main() -> ExitCode {
         Command::Run(args) => cli::run::main(args),
         Command::Daemon(cmd) => cli::daemon::main(cmd),
         Command::NagiosWorker(args) => cli::nagios_worker::main(args),
+        Command::GearmanWorker(args) => cli::gearman_worker::main(args),
     }
 }

@@ -72,3 +72,32 @@ pub fn wait_signal(set: &libc::sigset_t) -> i32 {
         }
     }
 }
+
+/// Wait for a stop signal in `set`; the ignored ones (SIGHUP, SIGUSR1, …) are logged and waited past.
+pub fn wait_stop_signal(set: &libc::sigset_t) -> i32 {
+    loop {
+        match wait_signal(set) {
+            sig if pidring::daemon::IGNORED_SIGNALS.contains(&sig) => {
+                let name = pidring::result::signal_name(sig);
+                tracing::info!("{name} ignored (stop with SIGTERM)");
+            }
+            sig => return sig,
+        }
+    }
+}
+
+/// The executor of a worker service (`nagios-worker`, `gearman-worker`): a
+/// child subreaper, since it runs checks and nothing else.
+pub fn service_executor(
+    backend: pidring::BackendKind,
+    max_running: usize,
+    realtime_kills: bool,
+) -> Result<std::sync::Arc<pidring::Executor>, pidring::ExecutorError> {
+    pidring::Executor::builder()
+        .backend(backend)
+        .max_running(max_running)
+        .realtime_kills(realtime_kills)
+        .reap_orphans(true)
+        .build()
+        .map(std::sync::Arc::new)
+}

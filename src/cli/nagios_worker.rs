@@ -1,14 +1,12 @@
 //! `pidring nagios-worker`: serve a Nagios 4 core's checks as an external worker.
 
 use clap::Args;
+use pidring::BackendKind;
 use pidring::nagios::{self, NagiosWorkerConfig};
-use pidring::{BackendKind, Executor};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use super::common::{block_signals, wait_signal};
-use pidring::daemon::IGNORED_SIGNALS;
+use super::common::{block_signals, service_executor, wait_stop_signal};
 
 /// Arguments of `pidring nagios-worker`.
 #[derive(Args, Debug)]
@@ -64,14 +62,8 @@ pub fn main(args: NagiosWorkerArgs) -> ExitCode {
     if let Err(e) = config.validate() {
         return fail(&e);
     }
-    let exec = match Executor::builder()
-        .backend(args.backend)
-        .max_running(args.max_running)
-        .realtime_kills(args.realtime_kills)
-        .reap_orphans(true)
-        .build()
-    {
-        Ok(e) => Arc::new(e),
+    let exec = match service_executor(args.backend, args.max_running, args.realtime_kills) {
+        Ok(e) => e,
         Err(e) => return fail(&e.to_string()),
     };
     let workers = match nagios::spawn_workers(&config, exec.clone()) {
@@ -84,15 +76,7 @@ pub fn main(args: NagiosWorkerArgs) -> ExitCode {
         general = config.general_connections(),
         "pidring nagios-worker running; stop with SIGTERM"
     );
-    let sig = loop {
-        match wait_signal(&stop_signals) {
-            sig if IGNORED_SIGNALS.contains(&sig) => {
-                let name = pidring::result::signal_name(sig);
-                tracing::info!("{name} ignored (stop with SIGTERM)");
-            }
-            sig => break sig,
-        }
-    };
+    let sig = wait_stop_signal(&stop_signals);
     tracing::info!(
         signal = sig,
         "stopping: killing and answering jobs in flight"

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: invariant probes read from /proc.
 #![allow(dead_code)]
 
+pub mod gearman;
 pub mod seccomp;
 
 use pidring::{BackendKind, Check, CheckResult, Executor};

@@ -1,0 +1,100 @@
+//! `pidring gearman-worker`: a mod_gearman worker that runs its jobs through pidring.
+
+use clap::Args;
+use pidring::BackendKind;
+use pidring::gearman::{self, GearmanConfig};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use super::common::{block_signals, service_executor, wait_stop_signal};
+
+/// Arguments of `pidring gearman-worker`.
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Any other mod_gearman worker option is given as --KEY=VALUE, e.g. \
+--services=yes --hostgroups=web,db --encryption=no --key=SECRET --keyfile=/etc/mod-gearman/secret.key \
+--identifier=NAME --job_timeout=60 --max-age=120 --timeout_return=3 --load_limit1=20 \
+--restrict_path=/usr/lib/nagios/plugins --max-worker=200 --dupserver=HOST:PORT. \
+With no queue option, host, service, eventhandler and notification are served."
+)]
+pub struct GearmanWorkerArgs {
+    /// A mod_gearman worker.cfg to read (repeatable; a directory reads its *.cfg and *.conf).
+    #[arg(long = "config", value_name = "FILE")]
+    configs: Vec<PathBuf>,
+    /// A gearmand server, host:port (repeatable; one connection each).
+    #[arg(long = "server", value_name = "HOST:PORT")]
+    servers: Vec<String>,
+    /// Event backend: auto, io_uring or epoll.
+    #[arg(long, default_value = "auto")]
+    backend: BackendKind,
+    /// Most checks running at once (jobs in flight are bounded by max-worker, or this).
+    #[arg(long, default_value_t = 1024)]
+    max_running: usize,
+    /// Take SCHED_FIFO on the executor's loop while a kill is near: true or false.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    realtime_kills: bool,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+    /// mod_gearman options, --KEY=VALUE (see below).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "--KEY=VALUE"
+    )]
+    options: Vec<String>,
+}
+
+/// The worker's settings from files, then --server, then the other options, in order.
+fn config(args: &GearmanWorkerArgs) -> Result<GearmanConfig, String> {
+    let mut c = GearmanConfig::default();
+    for f in &args.configs {
+        c.read_path(f)?;
+    }
+    for s in &args.servers {
+        c.apply("server", s)?;
+    }
+    c.apply_args(&args.options)?;
+    c.validate()?;
+    Ok(c)
+}
+
+/// Run until SIGTERM, SIGINT or SIGQUIT.
+pub fn main(args: GearmanWorkerArgs) -> ExitCode {
+    super::logging::init("info", args.log_json);
+    let stop_signals = match block_signals(&pidring::daemon::taken_signals()) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("cannot block the stop signals: {e}")),
+    };
+    let config = match config(&args) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let exec = match service_executor(args.backend, args.max_running, args.realtime_kills) {
+        Ok(e) => e,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let workers = match gearman::spawn_workers(&config, exec.clone()) {
+        Ok(w) => w,
+        Err(e) => return fail(&e.to_string()),
+    };
+    tracing::info!("pidring gearman-worker running; stop with SIGTERM");
+    let sig = wait_stop_signal(&stop_signals);
+    tracing::info!(
+        signal = sig,
+        "stopping: taking no new jobs; finishing those in flight"
+    );
+    let stats = workers.stop();
+    exec.shutdown();
+    tracing::info!(
+        stats = %serde_json::to_string(&stats).unwrap_or_default(),
+        "stopped\n{}",
+        exec.metrics().render_table()
+    );
+    ExitCode::SUCCESS
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("pidring gearman-worker: {msg}");
+    ExitCode::from(2)
+}

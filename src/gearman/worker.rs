@@ -1,0 +1,856 @@
+//! The gearman worker: one connection (and one thread) per gearmand server
+//! that keeps up to `max-worker` jobs of all its queues in flight through
+//! the shared [`Executor`].
+//!
+//! Flow control: a GRAB_JOB is sent only while a running slot is free (the
+//! slots are shared by every server's connection), a NO_JOB is followed by
+//! PRE_SLEEP and the connection waits for gearmand's NOOP. A job's result
+//! is queued to its `result_queue` as a background job, and only then is
+//! the job completed (WORK_COMPLETE on the same connection, after the
+//! submit): a worker that dies before that leaves the job to gearmand,
+//! which hands it to another worker.
+
+use super::checks::{self, NotRun};
+use super::config::GearmanConfig;
+use super::job::{Answer, Crypt, Job};
+use super::packet::{self, Decoder, Kind, Packet};
+use crate::executor::{CheckId, Executor};
+use crate::result::CheckResult;
+use crate::waker::Waker;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use rustix::event::{PollFd, PollFlags};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long a stop lets jobs in flight finish before killing them.
+pub const STOP_DRAIN: Duration = Duration::from_secs(10);
+/// How long a killed job may take to be reaped and answered at a stop.
+const STOP_KILL_WAIT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// GRAB_JOBs outstanding on one connection at once (fewer round trips under load).
+const GRAB_PIPELINE: usize = 4;
+/// A sleeping connection asks again after this long even without a NOOP.
+const SLEEP_RECHECK: Duration = Duration::from_secs(5);
+/// How often the load limits are read.
+const LOAD_RECHECK: Duration = Duration::from_secs(1);
+/// A connection whose socket accepts nothing for this long is dropped.
+const WRITE_STALL: Duration = Duration::from_secs(30);
+
+/// Why the workers could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GearmanError {
+    /// The configuration cannot work.
+    #[error("invalid gearman worker config: {0}")]
+    Config(String),
+    /// A thread or descriptor could not be had.
+    #[error("cannot start the gearman worker: {0}")]
+    Setup(#[source] std::io::Error),
+}
+
+/// Counters of one queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct QueueCounters {
+    /// Jobs taken from gearmand.
+    pub grabbed: u64,
+    /// Jobs run and answered.
+    pub done: u64,
+    /// Jobs not run because they were older than `max-age` (answered so).
+    pub too_old: u64,
+    /// Jobs whose data did not decrypt or parse (never run; WORK_FAIL).
+    pub undecryptable: u64,
+    /// Jobs left to gearmand to hand to another worker (connection lost, or
+    /// taken while stopping); their checks here were killed.
+    pub requeued: u64,
+}
+
+/// A gearmand connection's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ServerState {
+    /// Connected and registered right now.
+    pub connected: bool,
+    /// Successful connects (first and re-).
+    pub connects: u64,
+    /// Connections lost.
+    pub disconnects: u64,
+    /// What went wrong last, if anything.
+    pub last_error: Option<String>,
+    /// Grabbing is paused by a load limit.
+    pub load_paused: bool,
+}
+
+/// Counters over all connections, readable while they run.
+#[derive(Debug, Default)]
+struct Stats {
+    queues: Mutex<BTreeMap<String, QueueCounters>>,
+    servers: Mutex<BTreeMap<String, ServerState>>,
+    results_sent: AtomicU64,
+    dup_sent: AtomicU64,
+    dup_dropped: AtomicU64,
+}
+
+/// A copy of the gearman worker's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct GearmanStatsSnapshot {
+    /// Per queue.
+    pub queues: BTreeMap<String, QueueCounters>,
+    /// Per gearmand server.
+    pub servers: BTreeMap<String, ServerState>,
+    /// Jobs holding a running slot now.
+    pub in_flight: usize,
+    /// Results queued to a result queue.
+    pub results_sent: u64,
+    /// Results copied to a dupserver.
+    pub dup_sent: u64,
+    /// Results a dupserver could not take in time (backlog full).
+    pub dup_dropped: u64,
+}
+
+impl Stats {
+    fn queue(&self, q: &str, f: impl FnOnce(&mut QueueCounters)) {
+        let mut m = lock(&self.queues);
+        f(m.entry(q.to_string()).or_default());
+    }
+
+    fn server(&self, s: &str, f: impl FnOnce(&mut ServerState)) {
+        let mut m = lock(&self.servers);
+        f(m.entry(s.to_string()).or_default());
+    }
+}
+
+/// Running slots shared by every connection: a GRAB_JOB takes one, a
+/// NO_JOB or a finished job gives it back.
+#[derive(Debug)]
+struct Slots {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl Slots {
+    fn take(&self) -> bool {
+        self.used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn give(&self) {
+        self.used.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The running worker; [`GearmanWorkers::stop`] (or drop) ends it.
+#[derive(Debug)]
+pub struct GearmanWorkers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    stats: Arc<Stats>,
+    slots: Arc<Slots>,
+    dup: Option<super::dup::DupServers>,
+}
+
+impl GearmanWorkers {
+    /// Counters over all connections.
+    pub fn stats(&self) -> GearmanStatsSnapshot {
+        GearmanStatsSnapshot {
+            queues: lock(&self.stats.queues).clone(),
+            servers: lock(&self.stats.servers).clone(),
+            in_flight: self.slots.used.load(Ordering::Relaxed),
+            results_sent: self.stats.results_sent.load(Ordering::Relaxed),
+            dup_sent: self.stats.dup_sent.load(Ordering::Relaxed),
+            dup_dropped: self.stats.dup_dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stop grabbing, let jobs in flight finish for [`STOP_DRAIN`], kill and
+    /// answer the rest, close the connections; returns the final counters.
+    pub fn stop(mut self) -> GearmanStatsSnapshot {
+        self.stop_and_join();
+        self.stats()
+    }
+
+    fn stop_and_join(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a gearman connection thread panicked");
+            }
+        }
+        if let Some(d) = self.dup.take() {
+            d.stop();
+        }
+    }
+}
+
+impl Drop for GearmanWorkers {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// Start one connection per server, each on its own thread; they connect
+/// (and keep reconnecting with backoff) in the background.
+pub fn spawn_workers(
+    config: &GearmanConfig,
+    exec: Arc<Executor>,
+) -> Result<GearmanWorkers, GearmanError> {
+    config.validate().map_err(GearmanError::Config)?;
+    let crypt = config.crypt().map_err(GearmanError::Config)?;
+    let cfg = Arc::new(config.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(Stats::default());
+    let limit = config.max_jobs.unwrap_or_else(|| exec.max_running());
+    let slots = Arc::new(Slots {
+        limit: limit.max(1),
+        used: AtomicUsize::new(0),
+    });
+    let dup = if config.dupserver.is_empty() {
+        None
+    } else {
+        Some(
+            super::dup::DupServers::start(
+                &config.dupserver_addrs(),
+                config.dupserver_backlog_queue_size,
+                stats_dup(&stats),
+            )
+            .map_err(GearmanError::Setup)?,
+        )
+    };
+    let mut workers = GearmanWorkers {
+        stop: stop.clone(),
+        threads: Vec::new(),
+        stats: stats.clone(),
+        slots: slots.clone(),
+        dup,
+    };
+    let queues = config.queues();
+    for addr in config.server_addrs() {
+        stats.server(&addr, |_| {});
+        let waker = Arc::new(Waker::new().map_err(GearmanError::Setup)?);
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let conn = Conn {
+            addr: addr.clone(),
+            cfg: cfg.clone(),
+            crypt: crypt.clone(),
+            queues: queues.clone(),
+            exec: exec.clone(),
+            stop: stop.clone(),
+            stats: stats.clone(),
+            slots: slots.clone(),
+            dup: workers.dup.as_ref().map(|d| d.sender()),
+            waker,
+            done_tx,
+            done_rx,
+            inflight: HashMap::new(),
+            session: 0,
+            load: LoadGate::new(&cfg),
+        };
+        let t = std::thread::Builder::new()
+            .name("pidring-gearman".into())
+            .spawn(move || conn.run())
+            .map_err(GearmanError::Setup)?; // `workers` drops: started threads stop
+        workers.threads.push(t);
+    }
+    tracing::info!(
+        servers = ?config.server_addrs(),
+        queues = ?queues,
+        max_in_flight = limit,
+        encryption = crypt.encrypts(),
+        identifier = %config.identifier,
+        "gearman worker started"
+    );
+    Ok(workers)
+}
+
+fn stats_dup(stats: &Arc<Stats>) -> super::dup::DupCounters {
+    let (s1, s2) = (stats.clone(), stats.clone());
+    super::dup::DupCounters {
+        sent: Box::new(move || {
+            s1.dup_sent.fetch_add(1, Ordering::Relaxed);
+        }),
+        dropped: Box::new(move || {
+            s2.dup_dropped.fetch_add(1, Ordering::Relaxed);
+        }),
+    }
+}
+
+/// A job's result, from the executor's loop to its connection.
+struct Done {
+    id: CheckId,
+    result: Box<CheckResult>,
+}
+
+/// A job running here.
+struct Running {
+    handle: Vec<u8>,
+    session: u64,
+    queue: String,
+    job: Job,
+    /// Its connection ended: gearmand has it back, the check was killed,
+    /// and its result goes nowhere.
+    abandoned: bool,
+}
+
+/// What a reply on the connection answers, in the order they were sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Grab,
+    Created,
+}
+
+/// One connection to gearmand.
+struct Session {
+    stream: TcpStream,
+    id: u64,
+    out: Vec<u8>,
+    decoder: Decoder,
+    expect: VecDeque<Expect>,
+    grabbing: usize,
+    /// A NO_JOB came since the last job: grab no more until a NOOP.
+    empty: bool,
+    /// PRE_SLEEP sent, waiting for NOOP.
+    sleeping: Option<Instant>,
+    /// Since when the socket refused our bytes.
+    stalled: Option<Instant>,
+}
+
+enum End {
+    Stopped,
+    Broken(String),
+}
+
+/// The load limits (`load_limit1/5/15`), read at most once a second.
+struct LoadGate {
+    limits: [f64; 3],
+    checked: Option<Instant>,
+    over: bool,
+}
+
+impl LoadGate {
+    fn new(cfg: &GearmanConfig) -> LoadGate {
+        LoadGate {
+            limits: [cfg.load_limit1, cfg.load_limit5, cfg.load_limit15],
+            checked: None,
+            over: false,
+        }
+    }
+
+    /// Whether a limit is exceeded now; `Some(changed)` tells when that flipped.
+    fn exceeded(&mut self, addr: &str) -> bool {
+        if self.limits.iter().all(|&l| l <= 0.0) {
+            return false;
+        }
+        if self.checked.is_some_and(|t| t.elapsed() < LOAD_RECHECK) {
+            return self.over;
+        }
+        self.checked = Some(Instant::now());
+        let Some(load) = read_loadavg() else {
+            return false;
+        };
+        let over = load
+            .iter()
+            .zip(self.limits)
+            .any(|(&l, limit)| limit > 0.0 && l > limit);
+        if over != self.over {
+            if over {
+                tracing::warn!(server = %addr, load = ?load, limits = ?self.limits, "load limit exceeded: taking no new jobs");
+            } else {
+                tracing::info!(server = %addr, load = ?load, "load back under the limits: taking jobs again");
+            }
+        }
+        self.over = over;
+        over
+    }
+}
+
+fn read_loadavg() -> Option<[f64; 3]> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut it = s.split_whitespace().map(|x| x.parse::<f64>().ok());
+    Some([it.next()??, it.next()??, it.next()??])
+}
+
+struct Conn {
+    addr: String,
+    cfg: Arc<GearmanConfig>,
+    crypt: Crypt,
+    queues: Vec<String>,
+    exec: Arc<Executor>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<Stats>,
+    slots: Arc<Slots>,
+    dup: Option<Sender<Vec<u8>>>,
+    waker: Arc<Waker>,
+    done_tx: Sender<Done>,
+    done_rx: Receiver<Done>,
+    inflight: HashMap<CheckId, Running>,
+    session: u64,
+    load: LoadGate,
+}
+
+impl Conn {
+    fn run(mut self) {
+        let mut backoff = BACKOFF_FIRST;
+        let mut failures = 0u32;
+        while !self.stop.load(Ordering::SeqCst) {
+            match self.connect() {
+                Ok(mut s) => {
+                    failures = 0;
+                    backoff = BACKOFF_FIRST;
+                    self.stats.server(&self.addr, |st| {
+                        st.connected = true;
+                        st.connects += 1;
+                    });
+                    tracing::info!(server = %self.addr, queues = ?self.queues, "connected to gearmand");
+                    let end = self.serve(&mut s);
+                    self.stats.server(&self.addr, |st| {
+                        st.connected = false;
+                        st.load_paused = false;
+                        if let End::Broken(why) = &end {
+                            st.disconnects += 1;
+                            st.last_error = Some(why.clone());
+                        }
+                    });
+                    let _ = s.stream.shutdown(std::net::Shutdown::Both);
+                    match end {
+                        End::Stopped => {
+                            self.abandon("the worker stopped");
+                            self.wait_abandoned();
+                            return;
+                        }
+                        End::Broken(why) => {
+                            tracing::warn!(server = %self.addr, "connection to gearmand lost: {why}; reconnecting");
+                            self.abandon("the connection to gearmand was lost");
+                        }
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    let msg = e.to_string();
+                    self.stats
+                        .server(&self.addr, |st| st.last_error = Some(msg.clone()));
+                    if failures <= 3 {
+                        tracing::debug!(server = %self.addr, "cannot connect to gearmand yet: {e}");
+                    } else {
+                        tracing::warn!(server = %self.addr, retry_in = ?backoff, "cannot connect to gearmand: {e}");
+                    }
+                }
+            }
+            self.idle(backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+        self.abandon("the worker stopped");
+        self.wait_abandoned();
+    }
+
+    /// Wait `d` (unless stopped), collecting results of abandoned jobs meanwhile.
+    fn idle(&mut self, d: Duration) {
+        let end = Instant::now() + d;
+        while !self.stop.load(Ordering::SeqCst) && Instant::now() < end {
+            if let Ok(done) = self.done_rx.recv_timeout(Duration::from_millis(50)) {
+                self.finish(None, done);
+            }
+        }
+    }
+
+    fn connect(&mut self) -> std::io::Result<Session> {
+        let addrs: Vec<_> = self.addr.to_socket_addrs()?.collect();
+        let mut last = std::io::Error::new(ErrorKind::NotFound, "no address");
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+                Ok(stream) => {
+                    stream.set_nodelay(true)?;
+                    stream.set_nonblocking(true)?;
+                    self.session += 1;
+                    let mut s = Session {
+                        stream,
+                        id: self.session,
+                        out: Vec::with_capacity(64 * 1024),
+                        decoder: Decoder::new(),
+                        expect: VecDeque::new(),
+                        grabbing: 0,
+                        empty: false,
+                        sleeping: None,
+                        stalled: None,
+                    };
+                    let id = format!("pidring@{}", self.cfg.identifier);
+                    packet::encode_into(
+                        packet::REQ,
+                        Kind::SetClientId,
+                        &[id.as_bytes()],
+                        &mut s.out,
+                    );
+                    for q in &self.queues {
+                        packet::encode_into(packet::REQ, Kind::CanDo, &[q.as_bytes()], &mut s.out);
+                    }
+                    return Ok(s);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn serve(&mut self, s: &mut Session) -> End {
+        let mut stop_at: Option<Instant> = None;
+        let mut killed = false;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if self.stop.load(Ordering::SeqCst) && stop_at.is_none() {
+                stop_at = Some(Instant::now());
+                let n = self.live_jobs();
+                if n > 0 {
+                    tracing::info!(server = %self.addr, jobs = n, "stopping: taking no new jobs, letting {n} in flight finish for up to {STOP_DRAIN:?}");
+                }
+            }
+            while let Ok(done) = self.done_rx.try_recv() {
+                self.finish(Some(s), done);
+            }
+            if let Some(t) = stop_at {
+                if self.live_jobs() == 0 && s.out.is_empty() {
+                    return End::Stopped;
+                }
+                if !killed && t.elapsed() >= STOP_DRAIN {
+                    killed = true;
+                    tracing::warn!(server = %self.addr, jobs = self.live_jobs(), "stopping: killing jobs still running after {STOP_DRAIN:?}; they are answered as killed");
+                    for id in self.inflight.keys() {
+                        self.exec.cancel(*id);
+                    }
+                }
+                if t.elapsed() >= STOP_DRAIN + STOP_KILL_WAIT {
+                    tracing::error!(server = %self.addr, jobs = self.live_jobs(), "stopping: killed jobs were not answered in time; closing anyway");
+                    return End::Stopped;
+                }
+            } else {
+                self.grab(s);
+            }
+            if let Err(e) = flush(s) {
+                return End::Broken(e);
+            }
+            let waker_fd = self.waker.fd();
+            let mut fds = [
+                PollFd::new(
+                    &s.stream,
+                    if s.out.is_empty() {
+                        PollFlags::IN
+                    } else {
+                        PollFlags::IN | PollFlags::OUT
+                    },
+                ),
+                PollFd::new(&waker_fd, PollFlags::IN),
+            ];
+            let timeout = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: 250_000_000,
+            };
+            match rustix::event::poll(&mut fds, Some(&timeout)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return End::Broken(format!("poll: {e}")),
+            }
+            let sock = fds[0].revents();
+            if fds[1].revents().contains(PollFlags::IN) {
+                self.waker.reset();
+            }
+            if sock.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR) {
+                loop {
+                    match s.stream.read(&mut buf) {
+                        Ok(0) => return End::Broken("gearmand closed the connection".into()),
+                        Ok(n) => s.decoder.feed(&buf[..n]),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(e) => return End::Broken(format!("read: {e}")),
+                    }
+                }
+                loop {
+                    match s.decoder.next_packet() {
+                        Ok(Some(p)) => {
+                            if let Err(e) = self.on_packet(s, p, stop_at.is_some()) {
+                                return End::Broken(e);
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => return End::Broken(format!("protocol: {e}")),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Jobs of this connection still running (abandoned ones don't count).
+    fn live_jobs(&self) -> usize {
+        self.inflight.values().filter(|r| !r.abandoned).count()
+    }
+
+    /// Send GRAB_JOBs while a slot is free, the queue is not known empty and the load allows.
+    fn grab(&mut self, s: &mut Session) {
+        if let Some(since) = s.sleeping {
+            if since.elapsed() < SLEEP_RECHECK {
+                return;
+            }
+            // No NOOP for a while: ask again (a lost wake-up costs seconds, not forever).
+            s.sleeping = None;
+        }
+        let paused = self.load.exceeded(&self.addr);
+        self.stats.server(&self.addr, |st| st.load_paused = paused);
+        if paused {
+            return;
+        }
+        while !s.empty && s.grabbing < GRAB_PIPELINE && self.slots.take() {
+            packet::encode_into(packet::REQ, Kind::GrabJob, &[], &mut s.out);
+            s.expect.push_back(Expect::Grab);
+            s.grabbing += 1;
+        }
+        if s.empty && s.grabbing == 0 {
+            packet::encode_into(packet::REQ, Kind::PreSleep, &[], &mut s.out);
+            s.sleeping = Some(Instant::now());
+            s.empty = false;
+        }
+    }
+
+    fn on_packet(&mut self, s: &mut Session, p: Packet, stopping: bool) -> Result<(), String> {
+        match p.kind {
+            Kind::Noop => {
+                s.sleeping = None;
+                s.empty = false;
+            }
+            Kind::NoJob => {
+                self.expect(s, Expect::Grab, &p)?;
+                s.grabbing -= 1;
+                self.slots.give();
+                s.empty = true;
+            }
+            Kind::JobAssign => {
+                self.expect(s, Expect::Grab, &p)?;
+                s.grabbing -= 1;
+                s.empty = false;
+                let [handle, func, data]: [Vec<u8>; 3] = p
+                    .args
+                    .try_into()
+                    .map_err(|_| "JOB_ASSIGN arity".to_string())?;
+                let queue = String::from_utf8_lossy(&func).into_owned();
+                self.stats.queue(&queue, |c| c.grabbed += 1);
+                if stopping {
+                    // Not run, not completed: closing hands it back to gearmand.
+                    self.slots.give();
+                    self.stats.queue(&queue, |c| c.requeued += 1);
+                    return Ok(());
+                }
+                self.start(s, handle, queue, &data);
+            }
+            Kind::JobCreated => {
+                self.expect(s, Expect::Created, &p)?;
+            }
+            Kind::Error => {
+                let what = s.expect.pop_front();
+                tracing::warn!(server = %self.addr, code = %p.text(0), "gearmand error: {} (answering {what:?})", p.text(1));
+                if what == Some(Expect::Grab) {
+                    s.grabbing -= 1;
+                    self.slots.give();
+                }
+            }
+            other => {
+                tracing::debug!(server = %self.addr, "ignoring {other:?} from gearmand");
+            }
+        }
+        Ok(())
+    }
+
+    /// The reply `p` must answer the oldest request of kind `want`.
+    fn expect(&self, s: &mut Session, want: Expect, p: &Packet) -> Result<(), String> {
+        match s.expect.pop_front() {
+            Some(got) if got == want => Ok(()),
+            got => Err(format!(
+                "gearmand sent {:?} while {got:?} was expected",
+                p.kind
+            )),
+        }
+    }
+
+    /// A job came: decrypt, parse, check its age and command, run it.
+    fn start(&mut self, s: &mut Session, handle: Vec<u8>, queue: String, data: &[u8]) {
+        let job = match self.crypt.open(data).and_then(|t| Job::parse(&t)) {
+            Ok(j) => j,
+            Err(e) => {
+                self.stats.queue(&queue, |c| c.undecryptable += 1);
+                tracing::warn!(server = %self.addr, queue = %queue, handle = %String::from_utf8_lossy(&handle), bytes = data.len(), "job discarded, not run: {e}");
+                packet::encode_into(packet::REQ, Kind::WorkFail, &[&handle], &mut s.out);
+                self.slots.give();
+                return;
+            }
+        };
+        let check = match checks::job_check(&job, &self.cfg, checks::now_secs()) {
+            Ok(c) => c,
+            Err(why) => {
+                match &why {
+                    NotRun::TooOld { age } => {
+                        self.stats.queue(&queue, |c| c.too_old += 1);
+                        tracing::info!(server = %self.addr, queue = %queue, host = %job.host_name, service = %job.service_description, "discarded a job {age:.0} s old (max-age {} s)", self.cfg.max_age);
+                    }
+                    NotRun::Refused(msg) => {
+                        self.stats.queue(&queue, |c| c.done += 1);
+                        tracing::warn!(server = %self.addr, queue = %queue, host = %job.host_name, service = %job.service_description, "job not run: {msg}");
+                    }
+                }
+                let answer = checks::not_run_answer(&job, &self.cfg, &why);
+                self.answer(Some(&mut *s), &job, &answer);
+                packet::encode_into(packet::REQ, Kind::WorkComplete, &[&handle, b""], &mut s.out);
+                self.slots.give();
+                return;
+            }
+        };
+        let tx = self.done_tx.clone();
+        let waker = self.waker.clone();
+        let submitted = self.exec.submit_with(check, move |result| {
+            let id = result.id;
+            let _ = tx.send(Done {
+                id,
+                result: Box::new(result),
+            });
+            waker.wake();
+        });
+        match submitted {
+            Ok(id) => {
+                self.inflight.insert(
+                    id,
+                    Running {
+                        handle,
+                        session: s.id,
+                        queue,
+                        job,
+                        abandoned: false,
+                    },
+                );
+            }
+            Err(e) => {
+                self.stats.queue(&queue, |c| c.done += 1);
+                tracing::warn!(server = %self.addr, queue = %queue, "job not run: {e}");
+                let answer = checks::not_run_answer(
+                    &job,
+                    &self.cfg,
+                    &NotRun::Refused(format!("pidring: {e}")),
+                );
+                self.answer(Some(&mut *s), &job, &answer);
+                packet::encode_into(packet::REQ, Kind::WorkComplete, &[&handle, b""], &mut s.out);
+                self.slots.give();
+            }
+        }
+    }
+
+    /// A check ended: queue its result, complete its job, free its slot.
+    fn finish(&mut self, s: Option<&mut Session>, done: Done) {
+        let Some(run) = self.inflight.remove(&done.id) else {
+            return;
+        };
+        self.slots.give();
+        if run.abandoned {
+            return;
+        }
+        let Some(s) = s.filter(|s| s.id == run.session) else {
+            return;
+        };
+        let answer = checks::result_answer(&run.job, &self.cfg, &done.result);
+        self.stats.queue(&run.queue, |c| c.done += 1);
+        self.answer(Some(&mut *s), &run.job, &answer);
+        packet::encode_into(
+            packet::REQ,
+            Kind::WorkComplete,
+            &[&run.handle, b""],
+            &mut s.out,
+        );
+    }
+
+    /// Queue a job's answer to its result queue (and a copy to the dupservers).
+    fn answer(&self, s: Option<&mut Session>, job: &Job, answer: &Answer) {
+        if !job.wants_result() {
+            return;
+        }
+        if let Some(s) = s {
+            let sealed = self.crypt.seal(answer.to_text().as_bytes());
+            packet::encode_into(
+                packet::REQ,
+                Kind::SubmitJobBg,
+                &[job.result_queue.as_bytes(), b"", &sealed],
+                &mut s.out,
+            );
+            s.expect.push_back(Expect::Created);
+            self.stats.results_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(dup) = &self.dup {
+            let mut copy = answer.clone();
+            if self.cfg.dup_results_are_passive {
+                copy.kind = "passive";
+            }
+            let sealed = self.crypt.seal(copy.to_text().as_bytes());
+            let mut pkt = Vec::new();
+            packet::encode_into(
+                packet::REQ,
+                Kind::SubmitJobBg,
+                &[job.result_queue.as_bytes(), b"", &sealed],
+                &mut pkt,
+            );
+            if let Err(TrySendError::Full(_)) = dup.try_send(pkt) {
+                self.stats.dup_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The connection ended: its jobs belong to gearmand again (it hands
+    /// them to another worker), so their checks here are killed and their
+    /// results dropped when they come.
+    fn abandon(&mut self, why: &str) {
+        let mut n = 0;
+        for (id, run) in self.inflight.iter_mut().filter(|(_, r)| !r.abandoned) {
+            run.abandoned = true;
+            self.exec.cancel(*id);
+            self.stats.queue(&run.queue, |c| c.requeued += 1);
+            n += 1;
+        }
+        if n > 0 {
+            tracing::warn!(server = %self.addr, jobs = n, "{why} with {n} jobs in flight: killed them; gearmand hands them to another worker");
+        }
+    }
+
+    /// Wait (bounded) until every killed job has been reaped.
+    fn wait_abandoned(&mut self) {
+        let end = Instant::now() + STOP_KILL_WAIT;
+        while !self.inflight.is_empty() && Instant::now() < end {
+            if let Ok(done) = self.done_rx.recv_timeout(Duration::from_millis(50)) {
+                self.finish(None, done);
+            }
+        }
+    }
+}
+
+/// Write what the socket takes now; an error if it took nothing for [`WRITE_STALL`].
+fn flush(s: &mut Session) -> Result<(), String> {
+    while !s.out.is_empty() {
+        match s.stream.write(&s.out) {
+            Ok(0) => return Err("write: connection closed".into()),
+            Ok(n) => {
+                s.out.drain(..n);
+                s.stalled = None;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                let since = *s.stalled.get_or_insert_with(Instant::now);
+                if since.elapsed() > WRITE_STALL {
+                    return Err(format!("gearmand took no bytes for {WRITE_STALL:?}"));
+                }
+                return Ok(());
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("write: {e}")),
+        }
+    }
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

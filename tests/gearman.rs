@@ -1,0 +1,684 @@
+//! `pidring gearman-worker` against a real gearmand (Debian's
+//! gearman-job-server): jobs in mod_gearman's format in, results on the
+//! result queue out, flow control, and the faults (a worker SIGKILLed mid-flight,
+//! gearmand restarted under a running worker).
+
+mod common;
+
+use common::gearman::{self as gm, Gearmand};
+use pidring::gearman::{Answer, Crypt, Job};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pidring");
+const RESULTS: &str = "check_results";
+
+/// A `pidring gearman-worker` process.
+struct Worker {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Worker {
+    fn start(dir: &Path, name: &str, gearmand: &Gearmand, extra: &[&str]) -> Worker {
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(BIN)
+            .arg("gearman-worker")
+            .arg("--server")
+            .arg(gearmand.addr())
+            .arg(format!("--identifier={name}"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
+            .spawn()
+            .expect("start pidring gearman-worker");
+        Worker { child, log }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own unreaped child.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// SIGTERM, and the exit status within `limit`.
+    fn stop(mut self, limit: Duration) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < end,
+                "the worker did not stop within {limit:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+            + &std::fs::read_to_string(self.log.with_extension("err")).unwrap_or_default()
+    }
+
+    /// Wait until the worker's log shows `needle`.
+    fn wait_log(&self, needle: &str, limit: Duration) {
+        let end = Instant::now() + limit;
+        while !self.log_text().contains(needle) {
+            assert!(
+                Instant::now() < end,
+                "no {needle:?} in the worker's log within {limit:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+fn job(kind: &str, host: &str, service: &str, timeout: u64, command: &str) -> Job {
+    Job {
+        kind: kind.into(),
+        result_queue: RESULTS.into(),
+        host_name: host.into(),
+        service_description: service.into(),
+        core_time: now(),
+        core_time_text: format!("{:.6}", now()),
+        timeout,
+        command_line: command.into(),
+        ..Job::default()
+    }
+}
+
+fn seal(c: &Crypt, j: &Job) -> Vec<u8> {
+    c.seal(j.to_text().as_bytes())
+}
+
+/// Results from the queue, opened and parsed, keyed by host_name.
+fn results(g: &Gearmand, c: &Crypt, n: usize, limit: Duration) -> HashMap<String, Vec<Answer>> {
+    let mut by_host: HashMap<String, Vec<Answer>> = HashMap::new();
+    for data in gm::collect(g.port, RESULTS, n, limit) {
+        let text = c.open(&data).expect("a result that opens");
+        let a = Answer::parse(&text)
+            .unwrap_or_else(|| panic!("not a result: {:?}", String::from_utf8_lossy(&text)));
+        by_host.entry(a.host_name.clone()).or_default().push(a);
+    }
+    by_host
+}
+
+/// Wait until gearmand says at least `n` jobs of `queue` run.
+fn wait_running(g: &Gearmand, queue: &str, n: u64) {
+    let end = Instant::now() + Duration::from_secs(30);
+    while g.status().get(queue).map(|s| s.1).unwrap_or(0) < n {
+        assert!(
+            Instant::now() < end,
+            "{n} jobs of {queue} never ran at once: {:?}",
+            g.status()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Processes whose command line mentions `marker`.
+fn pids_with(marker: &str) -> Vec<i32> {
+    common::all_pids()
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(marker))
+                .unwrap_or(false)
+                && !matches!(common::stat(*p), Some(('Z', ..)))
+        })
+        .collect()
+}
+
+fn every_outcome(encrypted: bool) {
+    let test = if encrypted {
+        "every_outcome_encrypted"
+    } else {
+        "every_outcome_plain"
+    };
+    let Some(bin) = gm::gearmand_binary(test) else {
+        return;
+    };
+    let _serial = common::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let g = Gearmand::start(&bin, &[]);
+    let (crypt, crypt_args): (Crypt, Vec<String>) = if encrypted {
+        let keyfile = dir.path().join("secret.key");
+        std::fs::write(&keyfile, "pidring-test-secret-0123456789abcdef\n").unwrap();
+        (
+            Crypt::with_secret(b"pidring-test-secret-0123456789ab"),
+            vec![
+                "--encryption=yes".into(),
+                format!("--keyfile={}", keyfile.display()),
+            ],
+        )
+    } else {
+        (Crypt::plain(), vec!["--encryption=no".into()])
+    };
+    let mut extra: Vec<&str> = crypt_args.iter().map(String::as_str).collect();
+    extra.extend(["--max-age=60", "--timeout_return=2"]);
+    let w = Worker::start(dir.path(), "w1", &g, &extra);
+    w.wait_log("connected to gearmand", Duration::from_secs(20));
+    let marker = dir.path().join("eventhandler-ran");
+    let never = dir.path().join("undecryptable-ran");
+    let dummy = "/usr/lib/nagios/plugins/check_dummy";
+    let have_dummy = Path::new(dummy).exists();
+    let state = |code: u8, text: &str| format!("/bin/sh -c 'echo \"{text}\"; exit {code}'");
+    let mut jobs = vec![
+        (
+            "service",
+            job("service", "ok", "svc", 10, &state(0, "all good|t=1s;2;3")),
+        ),
+        (
+            "service",
+            job(
+                "service",
+                "warning",
+                "svc",
+                10,
+                &state(1, "a bit much|load=5"),
+            ),
+        ),
+        (
+            "service",
+            job("service", "critical", "svc", 10, &state(2, "down")),
+        ),
+        (
+            "service",
+            job("service", "unknown", "svc", 10, &state(3, "no idea")),
+        ),
+        ("host", job("host", "timeout", "", 1, "/bin/sleep 30")),
+        (
+            "service",
+            job(
+                "service",
+                "missing",
+                "svc",
+                10,
+                "/nonexistent/check_nothing -w 1",
+            ),
+        ),
+        (
+            "service",
+            job(
+                "service",
+                "multiline",
+                "svc",
+                10,
+                "/bin/sh -c 'printf \"DISK OK - free|/=10MB;;;0\\nline two\\nline three|/home=5MB\\n\"'",
+            ),
+        ),
+        (
+            "service",
+            job(
+                "service",
+                "exit7",
+                "svc",
+                10,
+                "/bin/sh -c 'echo odd; exit 7'",
+            ),
+        ),
+        (
+            "service",
+            Job {
+                core_time: now() - 3600.0,
+                core_time_text: format!("{:.6}", now() - 3600.0),
+                ..job(
+                    "service",
+                    "too-old",
+                    "svc",
+                    10,
+                    &format!("/bin/touch {}", never.display()),
+                )
+            },
+        ),
+    ];
+    if have_dummy {
+        jobs.push((
+            "service",
+            job(
+                "service",
+                "check_dummy",
+                "svc",
+                10,
+                &format!("{dummy} 1 'from a real plugin'"),
+            ),
+        ));
+    }
+    for (queue, j) in &jobs {
+        gm::submit_bg(g.port, queue, &seal(&crypt, j));
+    }
+    // An event handler has no result queue: it runs, and nothing is answered.
+    let mut eh = job(
+        "eventhandler",
+        "eh",
+        "",
+        10,
+        &format!("/bin/touch {}", marker.display()),
+    );
+    eh.result_queue.clear();
+    gm::submit_bg(g.port, "eventhandler", &seal(&crypt, &eh));
+    // Jobs that do not open: sealed with another key (or garbage), never run.
+    let wrong = Crypt::with_secret(b"another key entirely");
+    let bad = job(
+        "service",
+        "bad",
+        "svc",
+        10,
+        &format!("/bin/touch {}", never.display()),
+    );
+    let bad_data = if encrypted {
+        seal(&wrong, &bad)
+    } else {
+        b"%%% not base64 %%%".to_vec()
+    };
+    gm::submit_bg(g.port, "service", &bad_data);
+    // One job from a client nobody here wrote: gearman-tools' `gearman`.
+    let cli_job = job(
+        "service",
+        "from-gearman-cli",
+        "svc",
+        10,
+        &state(0, "via gearman"),
+    );
+    let cli = Command::new("gearman")
+        .args(["-p", &g.port.to_string(), "-f", "service", "-b"])
+        .arg(String::from_utf8(seal(&crypt, &cli_job)).unwrap())
+        .status();
+    let cli_ran = match cli {
+        Ok(st) => {
+            assert!(st.success(), "gearman -b failed: {st}");
+            true
+        }
+        Err(e) => {
+            assert!(
+                std::env::var_os("PIDRING_REQUIRE_GEARMAN").is_none(),
+                "gearman (gearman-tools) missing: {e}"
+            );
+            eprintln!("SKIP part of {test}: the gearman command-line tool is missing: {e}");
+            false
+        }
+    };
+    let want = jobs.len() + usize::from(cli_ran);
+    let got = results(&g, &crypt, want, Duration::from_secs(60));
+    // Nothing more comes (no second answer to any job) within a moment.
+    let extra_results = results(&g, &crypt, 1, Duration::from_secs(2));
+    assert!(
+        extra_results.is_empty(),
+        "answered more than once: {extra_results:?}"
+    );
+    let one = |h: &str| -> &Answer {
+        let v = got
+            .get(h)
+            .unwrap_or_else(|| panic!("no result for {h}: got {:?}\n{}", got.keys(), w.log_text()));
+        assert_eq!(v.len(), 1, "{h} answered {} times", v.len());
+        &v[0]
+    };
+    for (_, j) in &jobs {
+        let a = one(&j.host_name);
+        assert_eq!(a.kind, "active");
+        assert_eq!(a.service_description, j.service_description, "{a:?}");
+        assert_eq!(a.core_start_time, j.core_time_text, "{a:?}");
+        assert_eq!(a.source, "Mod-Gearman Worker @ w1");
+        assert!(a.start_time > 1e9 && a.finish_time >= a.start_time, "{a:?}");
+    }
+    assert_eq!(
+        (one("ok").return_code, one("ok").output.as_str()),
+        (0, "all good|t=1s;2;3")
+    );
+    assert_eq!(one("warning").return_code, 1);
+    assert_eq!(one("warning").output, "a bit much|load=5");
+    assert_eq!(one("critical").return_code, 2);
+    assert_eq!(one("unknown").return_code, 3);
+    let t = one("timeout");
+    assert_eq!(
+        (t.return_code, t.output.as_str()),
+        (2, "(Host Check Timed Out On Worker: w1)")
+    );
+    assert!(
+        (1.0..5.0).contains(&(t.finish_time - t.start_time)),
+        "{t:?}"
+    );
+    let m = one("missing");
+    assert_eq!(m.return_code, 3);
+    assert!(
+        m.output
+            .contains("Make sure the plugin you're trying to run actually exists"),
+        "{m:?}"
+    );
+    assert_eq!(
+        one("multiline").output,
+        "DISK OK - free|/=10MB;;;0\nline two\nline three|/home=5MB"
+    );
+    assert_eq!(one("multiline").return_code, 0);
+    assert_eq!(one("exit7").return_code, 3);
+    assert!(
+        one("exit7")
+            .output
+            .starts_with("CRITICAL: Return code of 7 is out of bounds.")
+    );
+    let old = one("too-old");
+    assert_eq!(
+        (old.return_code, old.output.as_str()),
+        (3, "Could not start check in time (worker: w1)")
+    );
+    if have_dummy {
+        assert_eq!(one("check_dummy").output, "WARNING: from a real plugin");
+        assert_eq!(one("check_dummy").return_code, 1);
+    }
+    if cli_ran {
+        assert_eq!(one("from-gearman-cli").output, "via gearman");
+    }
+    assert!(
+        !got.contains_key("bad"),
+        "an undecryptable job was answered"
+    );
+    assert!(!got.contains_key("eh"), "an event handler was answered");
+    let end = Instant::now() + Duration::from_secs(20);
+    while !marker.exists() {
+        assert!(
+            Instant::now() < end,
+            "the event handler did not run:\n{}",
+            w.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!never.exists(), "an undecryptable or too-old job ran");
+    let log = w.log_text();
+    assert!(log.contains("job discarded, not run"), "{log}");
+    let st = w.stop(Duration::from_secs(30));
+    assert!(st.success(), "{st}");
+    assert!(
+        log.contains("connected to gearmand"),
+        "the worker never said it connected"
+    );
+    g.stop();
+}
+
+#[test]
+fn every_outcome_is_answered_once_with_every_field_encrypted() {
+    every_outcome(true);
+}
+
+#[test]
+fn every_outcome_is_answered_once_with_every_field_plain() {
+    every_outcome(false);
+}
+
+/// Two workers share 500 `sleep 2` jobs; one is SIGKILLed while it runs
+/// some: gearmand hands its jobs to the other, and every job is answered.
+#[test]
+fn a_worker_killed_mid_flight_loses_no_job() {
+    let Some(bin) = gm::gearmand_binary("a_worker_killed_mid_flight_loses_no_job") else {
+        return;
+    };
+    let _serial = common::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let g = Gearmand::start(&bin, &[]);
+    let marker = format!("pidring-gm-kill-{}", std::process::id());
+    let opts = ["--encryption=no", "--services=yes", "--max-worker=200"];
+    let a = Worker::start(dir.path(), "a", &g, &opts);
+    let b = Worker::start(dir.path(), "b", &g, &opts);
+    a.wait_log("connected to gearmand", Duration::from_secs(20));
+    b.wait_log("connected to gearmand", Duration::from_secs(20));
+    let crypt = Crypt::plain();
+    let jobs: Vec<Vec<u8>> = (0..500)
+        .map(|i| {
+            seal(
+                &crypt,
+                &job(
+                    "service",
+                    &format!("h{i}"),
+                    "s",
+                    30,
+                    &format!("/bin/sh -c 'sleep 2' {marker}"),
+                ),
+            )
+        })
+        .collect();
+    gm::submit_many(g.port, "service", &jobs);
+    // Kill `a` once both run jobs.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let running = g.status().get("service").map(|s| s.1).unwrap_or(0);
+        if running >= 300 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the workers never ran 300 jobs at once: {:?}",
+            g.status()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    a.signal(libc::SIGKILL);
+    let got = results(&g, &crypt, 500, Duration::from_secs(90));
+    let missing: Vec<String> = (0..500)
+        .map(|i| format!("h{i}"))
+        .filter(|h| !got.contains_key(h))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} jobs lost: {:?}\n{}",
+        missing.len(),
+        &missing[..missing.len().min(10)],
+        b.log_text()
+    );
+    let twice: Vec<&String> = got
+        .iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|(h, _)| h)
+        .collect();
+    eprintln!(
+        "a_worker_killed_mid_flight: 500 jobs, 500 answered, {} answered twice",
+        twice.len()
+    );
+    assert!(twice.is_empty(), "answered twice: {twice:?}");
+    assert!(
+        got.values().flatten().all(|a| a.return_code == 0),
+        "a job failed"
+    );
+    // The killed worker's checks died with it (PR_SET_PDEATHSIG), none runs on.
+    let end = Instant::now() + Duration::from_secs(20);
+    while !pids_with(&marker).is_empty() {
+        assert!(
+            Instant::now() < end,
+            "checks of the killed worker run on: {:?}",
+            pids_with(&marker)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(b.stop(Duration::from_secs(30)).success());
+    g.stop();
+}
+
+/// gearmand restarts under a running worker: it reconnects and runs the next jobs.
+#[test]
+fn a_worker_reconnects_when_gearmand_restarts() {
+    let Some(bin) = gm::gearmand_binary("a_worker_reconnects_when_gearmand_restarts") else {
+        return;
+    };
+    let _serial = common::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let g = Gearmand::start(&bin, &[]);
+    let port = g.port;
+    let w = Worker::start(dir.path(), "w", &g, &["--encryption=no", "--hosts=yes"]);
+    w.wait_log("connected to gearmand", Duration::from_secs(20));
+    let crypt = Crypt::plain();
+    gm::submit_bg(
+        port,
+        "host",
+        &seal(&crypt, &job("host", "before", "", 10, "/bin/true")),
+    );
+    assert!(results(&g, &crypt, 1, Duration::from_secs(30)).contains_key("before"));
+    g.stop();
+    w.wait_log("connection to gearmand lost", Duration::from_secs(20));
+    let g = Gearmand::start_on(&bin, port, &[]);
+    let end = Instant::now() + Duration::from_secs(30);
+    while g.status().get("host").map(|s| s.2).unwrap_or(0) == 0 {
+        assert!(
+            Instant::now() < end,
+            "the worker did not register again:\n{}",
+            w.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    gm::submit_bg(
+        port,
+        "host",
+        &seal(&crypt, &job("host", "after", "", 10, "/bin/true")),
+    );
+    let got = results(&g, &crypt, 1, Duration::from_secs(30));
+    assert_eq!(
+        got.get("after").map(Vec::len),
+        Some(1),
+        "{got:?}\n{}",
+        w.log_text()
+    );
+    assert!(w.stop(Duration::from_secs(30)).success());
+}
+
+/// `max-worker=3`: never more than 3 jobs taken at once, on one connection,
+/// by a process whose thread count does not grow with its jobs.
+#[test]
+fn jobs_in_flight_are_bounded_by_max_worker_without_a_thread_per_job() {
+    let Some(bin) = gm::gearmand_binary("jobs_in_flight_are_bounded") else {
+        return;
+    };
+    let _serial = common::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let g = Gearmand::start(&bin, &[]);
+    let w = Worker::start(
+        dir.path(),
+        "w",
+        &g,
+        &["--encryption=no", "--services=yes", "--max-worker=3"],
+    );
+    w.wait_log("connected to gearmand", Duration::from_secs(20));
+    let crypt = Crypt::plain();
+    let jobs: Vec<Vec<u8>> = (0..12)
+        .map(|i| {
+            seal(
+                &crypt,
+                &job("service", &format!("h{i}"), "s", 30, "/bin/sleep 0.5"),
+            )
+        })
+        .collect();
+    gm::submit_many(g.port, "service", &jobs);
+    let collector = {
+        let port = g.port;
+        std::thread::spawn(move || gm::collect(port, RESULTS, 12, Duration::from_secs(60)))
+    };
+    let mut most = 0;
+    while !collector.is_finished() {
+        let running = g.status().get("service").map(|s| s.1).unwrap_or(0);
+        most = most.max(running);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(collector.join().unwrap().len(), 12);
+    assert!(
+        (2..=3).contains(&most),
+        "jobs running at once: {most} (max-worker=3)"
+    );
+    // 200 jobs at once, a handful of threads.
+    let w2 = Worker::start(dir.path(), "w2", &g, &["--encryption=no", "--services=yes"]);
+    w2.wait_log("connected to gearmand", Duration::from_secs(20));
+    assert!(w.stop(Duration::from_secs(30)).success());
+    let jobs: Vec<Vec<u8>> = (0..200)
+        .map(|i| {
+            seal(
+                &crypt,
+                &job("service", &format!("t{i}"), "s", 30, "/bin/sleep 3"),
+            )
+        })
+        .collect();
+    gm::submit_many(g.port, "service", &jobs);
+    let end = Instant::now() + Duration::from_secs(30);
+    while g.status().get("service").map(|s| s.1).unwrap_or(0) < 200 {
+        assert!(
+            Instant::now() < end,
+            "200 jobs never ran at once: {:?}",
+            g.status()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let threads = std::fs::read_dir(format!("/proc/{}/task", w2.pid()))
+        .unwrap()
+        .count();
+    assert!(threads < 16, "{threads} threads for 200 jobs in flight");
+    assert_eq!(results(&g, &crypt, 200, Duration::from_secs(60)).len(), 200);
+    assert!(w2.stop(Duration::from_secs(30)).success());
+}
+
+/// SIGTERM: no new jobs are taken, the one running finishes and is answered,
+/// and the worker exits 0.
+#[test]
+fn sigterm_finishes_the_jobs_in_flight_and_answers_them() {
+    let Some(bin) = gm::gearmand_binary("sigterm_finishes_the_jobs_in_flight") else {
+        return;
+    };
+    let _serial = common::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let g = Gearmand::start(&bin, &[]);
+    let w = Worker::start(dir.path(), "w", &g, &["--encryption=no", "--services=yes"]);
+    w.wait_log("connected to gearmand", Duration::from_secs(20));
+    let crypt = Crypt::plain();
+    gm::submit_bg(
+        g.port,
+        "service",
+        &seal(
+            &crypt,
+            &job(
+                "service",
+                "slow",
+                "s",
+                30,
+                "/bin/sh -c 'sleep 1; echo finished'",
+            ),
+        ),
+    );
+    wait_running(&g, "service", 1);
+    w.signal(libc::SIGTERM);
+    w.wait_log("letting 1 in flight finish", Duration::from_secs(20));
+    // Queued after the SIGTERM: left for another worker.
+    gm::submit_bg(
+        g.port,
+        "service",
+        &seal(&crypt, &job("service", "later", "s", 30, "/bin/true")),
+    );
+    let got = results(&g, &crypt, 1, Duration::from_secs(30));
+    assert_eq!(
+        got.get("slow").map(|v| v[0].output.as_str()),
+        Some("finished"),
+        "{got:?}"
+    );
+    assert!(w.stop(Duration::from_secs(30)).success());
+    assert_eq!(
+        g.status().get("service").map(|s| s.0),
+        Some(1),
+        "the later job was not left queued"
+    );
+}
