@@ -83,6 +83,32 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Start a worker and wait until it is connected.
+    fn ready(dir: &Path, name: &str, gearmand: &Gearmand, extra: &[&str]) -> Worker {
+        let w = Worker::start(dir, name, gearmand, extra);
+        w.wait_log("connected to gearmand", Duration::from_secs(20));
+        w
+    }
+}
+
+/// What every test here starts from: the test lock, a directory, gearmand's
+/// binary and a running gearmand; `None` (said loudly) without gearmand.
+fn setup(
+    test: &str,
+) -> Option<(
+    std::sync::MutexGuard<'static, ()>,
+    tempfile::TempDir,
+    PathBuf,
+    Gearmand,
+)> {
+    let bin = gm::gearmand_binary(test)?;
+    let serial = common::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let g = Gearmand::start(&bin, &[]);
+    Some((serial, dir, bin, g))
+}
+
 impl Drop for Worker {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -180,8 +206,7 @@ fn every_outcome(encrypted: bool) {
     };
     let mut extra: Vec<&str> = crypt_args.iter().map(String::as_str).collect();
     extra.extend(["--max-age=60", "--timeout_return=2"]);
-    let w = Worker::start(dir.path(), "w1", &g, &extra);
-    w.wait_log("connected to gearmand", Duration::from_secs(20));
+    let w = Worker::ready(dir.path(), "w1", &g, &extra);
     let marker = dir.path().join("eventhandler-ran");
     let never = dir.path().join("undecryptable-ran");
     let dummy = "/usr/lib/nagios/plugins/check_dummy";
@@ -432,12 +457,9 @@ fn every_outcome_is_answered_once_with_every_field_plain() {
 /// some: gearmand hands its jobs to the other, and every job is answered.
 #[test]
 fn a_worker_killed_mid_flight_loses_no_job() {
-    let Some(bin) = gm::gearmand_binary("a_worker_killed_mid_flight_loses_no_job") else {
+    let Some((_serial, dir, _, g)) = setup("a_worker_killed_mid_flight_loses_no_job") else {
         return;
     };
-    let _serial = common::serial();
-    let dir = tempfile::tempdir().unwrap();
-    let g = Gearmand::start(&bin, &[]);
     let marker = format!("pidring-gm-kill-{}", std::process::id());
     let opts = ["--encryption=no", "--services=yes", "--max-worker=200"];
     let a = Worker::start(dir.path(), "a", &g, &opts);
@@ -518,15 +540,11 @@ fn a_worker_killed_mid_flight_loses_no_job() {
 /// gearmand restarts under a running worker: it reconnects and runs the next jobs.
 #[test]
 fn a_worker_reconnects_when_gearmand_restarts() {
-    let Some(bin) = gm::gearmand_binary("a_worker_reconnects_when_gearmand_restarts") else {
+    let Some((_serial, dir, bin, g)) = setup("a_worker_reconnects_when_gearmand_restarts") else {
         return;
     };
-    let _serial = common::serial();
-    let dir = tempfile::tempdir().unwrap();
-    let g = Gearmand::start(&bin, &[]);
     let port = g.port;
-    let w = Worker::start(dir.path(), "w", &g, &["--encryption=no", "--hosts=yes"]);
-    w.wait_log("connected to gearmand", Duration::from_secs(20));
+    let w = Worker::ready(dir.path(), "w", &g, &["--encryption=no", "--hosts=yes"]);
     let crypt = Crypt::plain();
     gm::submit_bg(
         port,
@@ -565,19 +583,15 @@ fn a_worker_reconnects_when_gearmand_restarts() {
 /// by a process whose thread count does not grow with its jobs.
 #[test]
 fn jobs_in_flight_are_bounded_by_max_worker_without_a_thread_per_job() {
-    let Some(bin) = gm::gearmand_binary("jobs_in_flight_are_bounded") else {
+    let Some((_serial, dir, _, g)) = setup("jobs_in_flight_are_bounded") else {
         return;
     };
-    let _serial = common::serial();
-    let dir = tempfile::tempdir().unwrap();
-    let g = Gearmand::start(&bin, &[]);
-    let w = Worker::start(
+    let w = Worker::ready(
         dir.path(),
         "w",
         &g,
         &["--encryption=no", "--services=yes", "--max-worker=3"],
     );
-    w.wait_log("connected to gearmand", Duration::from_secs(20));
     let crypt = Crypt::plain();
     let jobs: Vec<Vec<u8>> = (0..12)
         .map(|i| {
@@ -604,8 +618,7 @@ fn jobs_in_flight_are_bounded_by_max_worker_without_a_thread_per_job() {
         "jobs running at once: {most} (max-worker=3)"
     );
     // 200 jobs at once, a handful of threads.
-    let w2 = Worker::start(dir.path(), "w2", &g, &["--encryption=no", "--services=yes"]);
-    w2.wait_log("connected to gearmand", Duration::from_secs(20));
+    let w2 = Worker::ready(dir.path(), "w2", &g, &["--encryption=no", "--services=yes"]);
     assert!(w.stop(Duration::from_secs(30)).success());
     let jobs: Vec<Vec<u8>> = (0..200)
         .map(|i| {
@@ -637,14 +650,10 @@ fn jobs_in_flight_are_bounded_by_max_worker_without_a_thread_per_job() {
 /// and the worker exits 0.
 #[test]
 fn sigterm_finishes_the_jobs_in_flight_and_answers_them() {
-    let Some(bin) = gm::gearmand_binary("sigterm_finishes_the_jobs_in_flight") else {
+    let Some((_serial, dir, _, g)) = setup("sigterm_finishes_the_jobs_in_flight") else {
         return;
     };
-    let _serial = common::serial();
-    let dir = tempfile::tempdir().unwrap();
-    let g = Gearmand::start(&bin, &[]);
-    let w = Worker::start(dir.path(), "w", &g, &["--encryption=no", "--services=yes"]);
-    w.wait_log("connected to gearmand", Duration::from_secs(20));
+    let w = Worker::ready(dir.path(), "w", &g, &["--encryption=no", "--services=yes"]);
     let crypt = Crypt::plain();
     gm::submit_bg(
         g.port,
@@ -681,4 +690,101 @@ fn sigterm_finishes_the_jobs_in_flight_and_answers_them() {
         Some(1),
         "the later job was not left queued"
     );
+}
+
+/// The daemon's `[gearman]` section serves the queues through the daemon's
+/// executor; `stats` and `/metrics` count the jobs per queue.
+#[test]
+fn the_daemon_serves_gearman_queues_and_counts_them() {
+    let Some((_serial, dir, _, g)) = setup("the_daemon_serves_gearman_queues") else {
+        return;
+    };
+    let sock = dir.path().join("d.sock");
+    let metrics_port = gm::free_port();
+    let cfg = dir.path().join("pidring.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "metrics = \"127.0.0.1:{metrics_port}\"\n[gearman]\nserver = [\"{}\"]\nencryption = false\nservices = true\nidentifier = \"daemon1\"\n",
+            g.addr()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("daemon.log");
+    let child = Command::new(BIN)
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--config")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let d = Worker { child, log };
+    d.wait_log("connected to gearmand", Duration::from_secs(20));
+    let crypt = Crypt::plain();
+    gm::submit_bg(
+        g.port,
+        "service",
+        &seal(
+            &crypt,
+            &job(
+                "service",
+                "via-daemon",
+                "s",
+                10,
+                "/bin/echo OK from the daemon",
+            ),
+        ),
+    );
+    gm::submit_bg(g.port, "service", b"not base64 at all %%%");
+    let got = results(&g, &crypt, 1, Duration::from_secs(30));
+    let a = &got.get("via-daemon").expect("a result")[0];
+    assert_eq!(
+        (a.return_code, a.output.as_str(), a.source.as_str()),
+        (0, "OK from the daemon", "Mod-Gearman Worker @ daemon1")
+    );
+    // The undecryptable one is counted once it was taken.
+    let stats = || -> serde_json::Value {
+        let out = Command::new(BIN)
+            .args(["stats", "--json", "--socket"])
+            .arg(&sock)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut v = stats();
+    while v["gearman"]["queues"]["service"]["undecryptable"] != 1 {
+        assert!(Instant::now() < end, "stats never counted the bad job: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+        v = stats();
+    }
+    let s = v.to_string();
+    assert_eq!(v["gearman"]["queues"]["service"]["done"], 1, "{s}");
+    assert_eq!(v["gearman"]["queues"]["service"]["grabbed"], 2, "{s}");
+    assert_eq!(v["gearman"]["servers"][g.addr()]["connected"], true, "{s}");
+    let mut http = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+    use std::io::{Read as _, Write as _};
+    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    http.read_to_string(&mut body).unwrap();
+    assert!(
+        body.contains("pidring_gearman_jobs_total{queue=\"service\",outcome=\"done\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("pidring_gearman_jobs_total{queue=\"service\",outcome=\"undecryptable\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!(
+            "pidring_gearman_server_connected{{server=\"{}\"}} 1",
+            g.addr()
+        )),
+        "{body}"
+    );
+    assert!(d.stop(Duration::from_secs(30)).success());
 }

@@ -200,7 +200,13 @@ pub fn stats(args: StatsArgs) -> ExitCode {
         print_json(&response);
         return ExitCode::SUCCESS;
     }
-    let Response::Stats { engine, daemon, .. } = response else {
+    let Response::Stats {
+        engine,
+        daemon,
+        gearman,
+        ..
+    } = response
+    else {
         return unexpected("stats", &response);
     };
     let mut out = String::new();
@@ -245,6 +251,34 @@ pub fn stats(args: StatsArgs) -> ExitCode {
     }
     for (code, v) in daemon.errors_by_code.iter().filter(|(_, v)| **v > 0) {
         out.push_str(&format!("    {code:<20} {v:>10}\n"));
+    }
+    if let Some(g) = gearman {
+        out.push_str(&format!(
+            "\ngearman   in flight {}   results sent {}   dup sent {}   dup dropped {}\n",
+            g.in_flight, g.results_sent, g.dup_sent, g.dup_dropped
+        ));
+        for (server, st) in &g.servers {
+            out.push_str(&format!(
+                "  {server:<22} {}   connects {}   lost {}{}\n",
+                if st.connected { "connected" } else { "DOWN" },
+                st.connects,
+                st.disconnects,
+                if st.load_paused {
+                    "   paused by load limit"
+                } else {
+                    ""
+                }
+            ));
+        }
+        out.push_str(
+            "  queue                     grabbed       done    too old  undecrypt   requeued\n",
+        );
+        for (q, c) in &g.queues {
+            out.push_str(&format!(
+                "  {q:<22} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+                c.grabbed, c.done, c.too_old, c.undecryptable, c.requeued
+            ));
+        }
     }
     if let Some(addr) = &daemon.metrics_address {
         out.push_str(&format!("\nPrometheus metrics: http://{addr}/metrics\n"));

@@ -71,6 +71,9 @@ pub struct DaemonConfig {
     /// Also serve a Nagios 4 core as an external worker (`[nagios]` section),
     /// through the same executor: its jobs show in the same stats.
     pub nagios: Option<crate::nagios::NagiosWorkerConfig>,
+    /// Also serve mod_gearman queues on gearmand (`[gearman]` section, with
+    /// mod_gearman's worker.cfg keys), through the same executor.
+    pub gearman: Option<crate::gearman::GearmanConfig>,
 }
 
 impl Default for DaemonConfig {
@@ -96,6 +99,7 @@ impl Default for DaemonConfig {
             max_clients: 1024,
             client_write_timeout: Duration::from_secs(30),
             nagios: None,
+            gearman: None,
         }
     }
 }
@@ -155,6 +159,9 @@ impl DaemonConfig {
         }
         if let Some(n) = &self.nagios {
             n.validate().map_err(|e| format!("[nagios]: {e}"))?;
+        }
+        if let Some(g) = &self.gearman {
+            g.validate().map_err(|e| format!("[gearman]: {e}"))?;
         }
         Ok(())
     }

@@ -134,6 +134,9 @@ pub enum DaemonError {
     /// The Nagios worker connections could not start.
     #[error(transparent)]
     Nagios(#[from] crate::nagios::NagiosError),
+    /// The gearman worker could not start.
+    #[error(transparent)]
+    Gearman(#[from] crate::gearman::GearmanError),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),

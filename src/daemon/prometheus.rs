@@ -150,7 +150,10 @@ fn scrape(mut stream: TcpStream, daemon: &Daemon) -> io::Result<()> {
     let path = path.split('?').next().unwrap_or("");
     match path {
         "/metrics" => {
-            let body = render(&daemon.exec.metrics(), &daemon.stats.snapshot());
+            let mut body = render(&daemon.exec.metrics(), &daemon.stats.snapshot());
+            if let Some(g) = &daemon.gearman {
+                render_gearman(&mut body, &g.snapshot());
+            }
             let body = if method == "HEAD" { "" } else { body.as_str() };
             respond(
                 &mut stream,
@@ -379,6 +382,94 @@ pub fn render(engine: &MetricsSnapshot, daemon: &DaemonCounters) -> String {
     );
     let _ = writeln!(out, "pidring_connections_open {}", d.connections_open);
     out
+}
+
+/// The `[gearman]` worker's metrics: jobs per queue and outcome, connection state.
+pub fn render_gearman(out: &mut String, g: &crate::gearman::GearmanStatsSnapshot) {
+    family(
+        out,
+        "pidring_gearman_jobs_total",
+        "counter",
+        "mod_gearman jobs by queue and what became of them (grabbed, done, too_old, undecryptable, requeued).",
+    );
+    for (q, c) in &g.queues {
+        for (what, v) in [
+            ("grabbed", c.grabbed),
+            ("done", c.done),
+            ("too_old", c.too_old),
+            ("undecryptable", c.undecryptable),
+            ("requeued", c.requeued),
+        ] {
+            let _ = writeln!(
+                out,
+                "pidring_gearman_jobs_total{{queue=\"{}\",outcome=\"{what}\"}} {v}",
+                label(q)
+            );
+        }
+    }
+    type PerServer = fn(&crate::gearman::worker::ServerState) -> u64;
+    let per_server: [(&str, &str, &str, PerServer); 3] = [
+        (
+            "pidring_gearman_server_connected",
+            "gauge",
+            "1 while the connection to this gearmand is up.",
+            |st| u64::from(st.connected),
+        ),
+        (
+            "pidring_gearman_server_connects_total",
+            "counter",
+            "Connections made to this gearmand (first and re-).",
+            |st| st.connects,
+        ),
+        (
+            "pidring_gearman_load_paused",
+            "gauge",
+            "1 while a load limit keeps this connection from taking jobs.",
+            |st| u64::from(st.load_paused),
+        ),
+    ];
+    for (name, kind, help, value) in per_server {
+        family(out, name, kind, help);
+        for (s, st) in &g.servers {
+            let _ = writeln!(out, "{name}{{server=\"{}\"}} {}", label(s), value(st));
+        }
+    }
+    for (name, kind, help, v) in [
+        (
+            "pidring_gearman_jobs_in_flight",
+            "gauge",
+            "mod_gearman jobs holding a running slot.",
+            g.in_flight as u64,
+        ),
+        (
+            "pidring_gearman_results_sent_total",
+            "counter",
+            "Results queued to a result queue.",
+            g.results_sent,
+        ),
+        (
+            "pidring_gearman_dup_sent_total",
+            "counter",
+            "Result copies accepted by a dupserver.",
+            g.dup_sent,
+        ),
+        (
+            "pidring_gearman_dup_dropped_total",
+            "counter",
+            "Result copies dropped (dupserver backlog full or down).",
+            g.dup_dropped,
+        ),
+    ] {
+        family(out, name, kind, help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+}
+
+/// A label value with `\`, `"` and newlines escaped.
+fn label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {

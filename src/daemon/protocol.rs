@@ -489,6 +489,9 @@ pub enum Response {
         engine: Box<MetricsSnapshot>,
         /// The daemon's own counters.
         daemon: DaemonCounters,
+        /// The `[gearman]` worker's counters, when it runs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gearman: Option<Box<crate::gearman::GearmanStatsSnapshot>>,
     },
     /// The answer to `ping`.
     Pong {

@@ -99,6 +99,8 @@ pub(crate) struct Daemon {
     pub(crate) exec: Arc<Executor>,
     pub(crate) config: DaemonConfig,
     pub(crate) stats: Arc<Stats>,
+    /// The `[gearman]` worker's counters, when it runs.
+    pub(crate) gearman: Option<crate::gearman::GearmanStatsHandle>,
     /// The bytes all connections together may hold (`max_total_bytes`).
     pub(crate) budget: Arc<SharedBudget>,
 }
@@ -149,6 +151,7 @@ impl Daemon {
             id,
             engine: Box::new(self.exec.metrics()),
             daemon: self.stats.snapshot(),
+            gearman: self.gearman.as_ref().map(|g| Box::new(g.snapshot())),
         }
     }
 }
@@ -605,12 +608,17 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         Some(n) => Some(crate::nagios::spawn_workers(n, exec.clone())?),
         None => None,
     };
+    let gearman = match &config.gearman {
+        Some(g) => Some(crate::gearman::spawn_workers(g, exec.clone())?),
+        None => None,
+    };
     let stats = Arc::new(Stats::default());
     let daemon = Arc::new(Daemon {
         exec,
         budget: Arc::new(SharedBudget::new(config.max_total_bytes)),
         config,
         stats: stats.clone(),
+        gearman: gearman.as_ref().map(|g| g.stats_handle()),
     });
     if let Some(addr) = daemon.config.metrics {
         let bound = prometheus::serve(addr, daemon.clone())
@@ -667,8 +675,11 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         }
     }
 
-    // 1. Stop accepting, and let no other daemon's socket be removed later.
+    // 1. Stop accepting (gearman jobs too), and let no other daemon's socket be removed later.
     stats.shutting_down.store(true, Ordering::SeqCst);
+    if let Some(g) = &gearman {
+        g.begin_stop();
+    }
     drop(listener);
     socket_guard.remove();
 
@@ -711,6 +722,11 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     if let Some(workers) = nagios {
         let s = workers.stop();
         tracing::info!(?s, "nagios worker connections stopped");
+    }
+    // The gearman connections answer (and complete) what finished, kill the rest.
+    if let Some(workers) = gearman {
+        let s = workers.stop();
+        tracing::info!(stats = %serde_json::to_string(&s).unwrap_or_default(), "gearman worker connections stopped");
     }
     // 3. Kill, sweep and reap what is left; every accepted check is answered.
     //    In subreaper mode the executor's shutdown also kills and reaps every

@@ -12,4 +12,6 @@ pub mod worker;
 
 pub use config::GearmanConfig;
 pub use job::{Answer, Crypt, Job, JobError};
-pub use worker::{GearmanError, GearmanStatsSnapshot, GearmanWorkers, spawn_workers};
+pub use worker::{
+    GearmanError, GearmanStatsHandle, GearmanStatsSnapshot, GearmanWorkers, spawn_workers,
+};

@@ -19,7 +19,7 @@ use crate::result::CheckResult;
 use crate::waker::Waker;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use rustix::event::{PollFd, PollFlags};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -56,7 +56,7 @@ pub enum GearmanError {
 }
 
 /// Counters of one queue.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueCounters {
     /// Jobs taken from gearmand.
     pub grabbed: u64,
@@ -72,7 +72,7 @@ pub struct QueueCounters {
 }
 
 /// A gearmand connection's state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerState {
     /// Connected and registered right now.
     pub connected: bool,
@@ -97,7 +97,7 @@ struct Stats {
 }
 
 /// A copy of the gearman worker's counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GearmanStatsSnapshot {
     /// Per queue.
     pub queues: BTreeMap<String, QueueCounters>,
@@ -157,9 +157,16 @@ pub struct GearmanWorkers {
     dup: Option<super::dup::DupServers>,
 }
 
-impl GearmanWorkers {
-    /// Counters over all connections.
-    pub fn stats(&self) -> GearmanStatsSnapshot {
+/// Reads the worker's counters from anywhere (the daemon's `stats` and `/metrics`).
+#[derive(Debug, Clone)]
+pub struct GearmanStatsHandle {
+    stats: Arc<Stats>,
+    slots: Arc<Slots>,
+}
+
+impl GearmanStatsHandle {
+    /// A copy of the counters now.
+    pub fn snapshot(&self) -> GearmanStatsSnapshot {
         GearmanStatsSnapshot {
             queues: lock(&self.stats.queues).clone(),
             servers: lock(&self.stats.servers).clone(),
@@ -168,6 +175,26 @@ impl GearmanWorkers {
             dup_sent: self.stats.dup_sent.load(Ordering::Relaxed),
             dup_dropped: self.stats.dup_dropped.load(Ordering::Relaxed),
         }
+    }
+}
+
+impl GearmanWorkers {
+    /// Counters over all connections.
+    pub fn stats(&self) -> GearmanStatsSnapshot {
+        self.stats_handle().snapshot()
+    }
+
+    /// A handle that reads the counters, also after the workers are gone.
+    pub fn stats_handle(&self) -> GearmanStatsHandle {
+        GearmanStatsHandle {
+            stats: self.stats.clone(),
+            slots: self.slots.clone(),
+        }
+    }
+
+    /// Stop taking jobs now; [`GearmanWorkers::stop`] then waits for those in flight.
+    pub fn begin_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
     }
 
     /// Stop grabbing, let jobs in flight finish for [`STOP_DRAIN`], kill and
