@@ -788,3 +788,42 @@ fn the_daemon_serves_gearman_queues_and_counts_them() {
     );
     assert!(d.stop(Duration::from_secs(30)).success());
 }
+
+/// A load limit below the machine's load keeps the worker from taking jobs.
+#[test]
+fn a_load_limit_pauses_grabbing() {
+    let Some((_serial, dir, _, g)) = setup("a_load_limit_pauses_grabbing") else {
+        return;
+    };
+    let load1: f64 = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    if load1 <= 0.001 {
+        eprintln!(
+            "SKIP a_load_limit_pauses_grabbing: the 1-minute load is {load1}, no limit can be below it"
+        );
+        return;
+    }
+    let w = Worker::ready(
+        dir.path(),
+        "w",
+        &g,
+        &["--encryption=no", "--services=yes", "--load_limit1=0.001"],
+    );
+    w.wait_log("load limit exceeded", Duration::from_secs(20));
+    let crypt = Crypt::plain();
+    gm::submit_bg(
+        g.port,
+        "service",
+        &seal(&crypt, &job("service", "held", "s", 10, "/bin/true")),
+    );
+    // Given 3 s (three load checks), the job stays queued, untaken.
+    let got = results(&g, &crypt, 1, Duration::from_secs(3));
+    assert!(
+        got.is_empty(),
+        "a job was taken over the load limit: {got:?}"
+    );
+    assert_eq!(g.status().get("service").map(|s| (s.0, s.1)), Some((1, 0)));
+    assert!(w.stop(Duration::from_secs(30)).success());
+}

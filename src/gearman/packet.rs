@@ -13,7 +13,7 @@ pub const RES: [u8; 4] = *b"\0RES";
 pub const HEADER: usize = 12;
 /// Largest packet accepted from a server. mod_gearman jobs and results are
 /// a few KiB; a bigger length is a broken or hostile peer.
-pub const MAX_PACKET: usize = 64 << 20;
+pub const MAX_PACKET: usize = 16 << 20;
 
 /// Packet types this crate sends or reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
