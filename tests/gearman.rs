@@ -153,6 +153,16 @@ fn results(g: &Gearmand, c: &Crypt, n: usize, limit: Duration) -> HashMap<String
     by_host
 }
 
+/// `GET /metrics` from a local Prometheus endpoint.
+fn scrape(port: u16) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut http = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    http.read_to_string(&mut body).unwrap();
+    body
+}
+
 /// Wait until gearmand says at least `n` jobs of `queue` run.
 fn wait_running(g: &Gearmand, queue: &str, n: u64) {
     let end = Instant::now() + Duration::from_secs(30);
@@ -206,6 +216,9 @@ fn every_outcome(encrypted: bool) {
     };
     let mut extra: Vec<&str> = crypt_args.iter().map(String::as_str).collect();
     extra.extend(["--max-age=60", "--timeout_return=2"]);
+    let metrics_port = gm::free_port();
+    let metrics_opt = format!("--prometheus_server=127.0.0.1:{metrics_port}");
+    extra.push(&metrics_opt);
     let w = Worker::ready(dir.path(), "w1", &g, &extra);
     let marker = dir.path().join("eventhandler-ran");
     let never = dir.path().join("undecryptable-ran");
@@ -434,6 +447,16 @@ fn every_outcome(encrypted: bool) {
     assert!(!never.exists(), "an undecryptable or too-old job ran");
     let log = w.log_text();
     assert!(log.contains("job discarded, not run"), "{log}");
+    let body = scrape(metrics_port);
+    assert!(
+        body.contains("pidring_gearman_jobs_total{queue=\"service\",outcome=\"undecryptable\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("pidring_gearman_jobs_total{queue=\"service\",outcome=\"too_old\"} 1"),
+        "{body}"
+    );
+    assert!(body.contains("pidring_checks_completed_total "), "{body}");
     let st = w.stop(Duration::from_secs(30));
     assert!(st.success(), "{st}");
     assert!(
@@ -766,11 +789,7 @@ fn the_daemon_serves_gearman_queues_and_counts_them() {
     assert_eq!(v["gearman"]["queues"]["service"]["done"], 1, "{s}");
     assert_eq!(v["gearman"]["queues"]["service"]["grabbed"], 2, "{s}");
     assert_eq!(v["gearman"]["servers"][g.addr()]["connected"], true, "{s}");
-    let mut http = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
-    use std::io::{Read as _, Write as _};
-    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut body = String::new();
-    http.read_to_string(&mut body).unwrap();
+    let body = scrape(metrics_port);
     assert!(
         body.contains("pidring_gearman_jobs_total{queue=\"service\",outcome=\"done\"} 1"),
         "{body}"
@@ -825,5 +844,54 @@ fn a_load_limit_pauses_grabbing() {
         "a job was taken over the load limit: {got:?}"
     );
     assert_eq!(g.status().get("service").map(|s| (s.0, s.1)), Some((1, 0)));
+    assert!(w.stop(Duration::from_secs(30)).success());
+}
+
+/// `dupserver`: every result also goes to a second gearmand, as `type=passive`.
+#[test]
+fn results_are_copied_to_the_dupserver_as_passive() {
+    let Some((_serial, dir, bin, g)) = setup("results_are_copied_to_the_dupserver") else {
+        return;
+    };
+    let dup = Gearmand::start(&bin, &[]);
+    let dup_opt = format!("--dupserver={}", dup.addr());
+    let w = Worker::ready(
+        dir.path(),
+        "w",
+        &g,
+        &["--encryption=no", "--services=yes", &dup_opt],
+    );
+    let crypt = Crypt::plain();
+    for i in 0..5 {
+        gm::submit_bg(
+            g.port,
+            "service",
+            &seal(
+                &crypt,
+                &job("service", &format!("d{i}"), "s", 10, "/bin/echo copied"),
+            ),
+        );
+    }
+    let main = results(&g, &crypt, 5, Duration::from_secs(30));
+    let copies = results(&dup, &crypt, 5, Duration::from_secs(30));
+    assert_eq!(main.len(), 5, "{main:?}");
+    assert_eq!(copies.len(), 5, "{copies:?}\n{}", w.log_text());
+    for (h, v) in &copies {
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].kind, "passive", "{h}");
+        assert_eq!(v[0].output, "copied");
+        assert_eq!(main[h][0].kind, "active");
+    }
+    // A dupserver that goes away never holds up the real results.
+    dup.stop();
+    gm::submit_bg(
+        g.port,
+        "service",
+        &seal(
+            &crypt,
+            &job("service", "after-dup-died", "s", 10, "/bin/true"),
+        ),
+    );
+    assert!(results(&g, &crypt, 1, Duration::from_secs(30)).contains_key("after-dup-died"));
     assert!(w.stop(Duration::from_secs(30)).success());
 }

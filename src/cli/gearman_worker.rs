@@ -14,7 +14,8 @@ use super::common::{block_signals, service_executor, wait_stop_signal};
     after_help = "Any other mod_gearman worker option is given as --KEY=VALUE, e.g. \
 --services=yes --hostgroups=web,db --encryption=no --key=SECRET --keyfile=/etc/mod-gearman/secret.key \
 --identifier=NAME --job_timeout=60 --max-age=120 --timeout_return=3 --load_limit1=20 \
---restrict_path=/usr/lib/nagios/plugins --max-worker=200 --dupserver=HOST:PORT. \
+--restrict_path=/usr/lib/nagios/plugins --max-worker=200 --dupserver=HOST:PORT \
+--prometheus_server=127.0.0.1:9050. \
 With no queue option, host, service, eventhandler and notification are served."
 )]
 pub struct GearmanWorkerArgs {
@@ -78,6 +79,25 @@ pub fn main(args: GearmanWorkerArgs) -> ExitCode {
         Ok(w) => w,
         Err(e) => return fail(&e.to_string()),
     };
+    if let Some(addr) = config
+        .prometheus_server
+        .as_deref()
+        .and_then(|a| a.parse().ok())
+    {
+        let stats = workers.stats_handle();
+        let e = exec.clone();
+        let render: pidring::daemon::prometheus::Renderer = std::sync::Arc::new(move || {
+            let mut body = pidring::daemon::prometheus::render_engine(&e.metrics());
+            pidring::daemon::prometheus::render_gearman(&mut body, &stats.snapshot());
+            body
+        });
+        match pidring::daemon::prometheus::serve_with(addr, render) {
+            Ok(bound) => {
+                tracing::info!(address = %bound, "serving Prometheus metrics at http://{bound}/metrics")
+            }
+            Err(e) => return fail(&format!("cannot serve metrics on {addr}: {e}")),
+        }
+    }
     tracing::info!("pidring gearman-worker running; stop with SIGTERM");
     let sig = wait_stop_signal(&stop_signals);
     tracing::info!(

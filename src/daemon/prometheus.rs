@@ -25,6 +25,24 @@ const MAX_CONNECTIONS: usize = 16;
 
 /// Bind `addr` and serve `/metrics` on a background thread; returns the bound address.
 pub(crate) fn serve(addr: SocketAddr, daemon: Arc<Daemon>) -> io::Result<SocketAddr> {
+    serve_with(
+        addr,
+        Arc::new(move || {
+            let mut body = render(&daemon.exec.metrics(), &daemon.stats.snapshot());
+            if let Some(g) = &daemon.gearman {
+                render_gearman(&mut body, &g.snapshot());
+            }
+            body
+        }),
+    )
+}
+
+/// What `/metrics` answers: the exposition text, rendered at each scrape.
+pub type Renderer = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Serve `render`'s text at `http://addr/metrics` on a thread of its own
+/// (a few scrapes at once, each bounded in time); returns the bound address.
+pub fn serve_with(addr: SocketAddr, daemon: Renderer) -> io::Result<SocketAddr> {
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, "the metrics endpoint is not on loopback: anyone who can reach it can read the metrics");
     }
@@ -57,7 +75,7 @@ impl Drop for Slot {
 }
 
 /// Serve `stream` on a thread of its own, or refuse it if all slots are taken.
-fn accept(stream: TcpStream, daemon: &Arc<Daemon>, open: &Arc<AtomicUsize>) {
+fn accept(stream: TcpStream, daemon: &Renderer, open: &Arc<AtomicUsize>) {
     // Only this thread takes slots: a check then an add cannot overshoot.
     if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
         tracing::debug!(
@@ -106,7 +124,7 @@ fn refuse(mut stream: TcpStream) {
     }
 }
 
-fn scrape(mut stream: TcpStream, daemon: &Daemon) -> io::Result<()> {
+fn scrape(mut stream: TcpStream, render: &Renderer) -> io::Result<()> {
     stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
     stream.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
     let mut head = Vec::with_capacity(512);
@@ -150,10 +168,7 @@ fn scrape(mut stream: TcpStream, daemon: &Daemon) -> io::Result<()> {
     let path = path.split('?').next().unwrap_or("");
     match path {
         "/metrics" => {
-            let mut body = render(&daemon.exec.metrics(), &daemon.stats.snapshot());
-            if let Some(g) = &daemon.gearman {
-                render_gearman(&mut body, &g.snapshot());
-            }
+            let body = render();
             let body = if method == "HEAD" { "" } else { body.as_str() };
             respond(
                 &mut stream,
@@ -189,6 +204,13 @@ fn respond(stream: &mut TcpStream, status: &str, ctype: &str, body: &str) -> io:
 
 /// Render every metric as Prometheus text exposition.
 pub fn render(engine: &MetricsSnapshot, daemon: &DaemonCounters) -> String {
+    let mut out = render_engine(engine);
+    render_daemon(&mut out, daemon);
+    out
+}
+
+/// The engine's metrics: stage latencies, check counters, backend.
+pub fn render_engine(engine: &MetricsSnapshot) -> String {
     let mut out = String::with_capacity(8 * 1024);
     let secs = |us: u64| us as f64 / 1e6;
 
@@ -331,8 +353,11 @@ pub fn render(engine: &MetricsSnapshot, daemon: &DaemonCounters) -> String {
         "pidring_realtime_kills {}",
         u8::from(engine.realtime_kills)
     );
+    out
+}
 
-    let d = daemon;
+/// The daemon's own counters: clients, requests, errors.
+fn render_daemon(out: &mut String, d: &DaemonCounters) {
     let daemon_counters: [(&str, &str, u64); 6] = [
         (
             "pidring_connections_total",
@@ -362,11 +387,11 @@ pub fn render(engine: &MetricsSnapshot, daemon: &DaemonCounters) -> String {
         ),
     ];
     for (name, help, v) in daemon_counters {
-        family(&mut out, name, "counter", help);
+        family(out, name, "counter", help);
         let _ = writeln!(out, "{name} {v}");
     }
     family(
-        &mut out,
+        out,
         "pidring_request_errors_total",
         "counter",
         "Error responses by code.",
@@ -375,13 +400,12 @@ pub fn render(engine: &MetricsSnapshot, daemon: &DaemonCounters) -> String {
         let _ = writeln!(out, "pidring_request_errors_total{{code=\"{code}\"}} {v}");
     }
     family(
-        &mut out,
+        out,
         "pidring_connections_open",
         "gauge",
         "Client connections open now.",
     );
     let _ = writeln!(out, "pidring_connections_open {}", d.connections_open);
-    out
 }
 
 /// The `[gearman]` worker's metrics: jobs per queue and outcome, connection state.

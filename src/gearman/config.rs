@@ -63,6 +63,9 @@ pub struct GearmanConfig {
     /// Most jobs in flight over all servers (`max-worker=`; `None`: the executor's max_running).
     #[serde(rename = "max-worker", alias = "max_worker", alias = "max_jobs")]
     pub max_jobs: Option<usize>,
+    /// `gearman-worker` serves Prometheus metrics here (`host:port`; the
+    /// daemon uses its own `metrics` address instead).
+    pub prometheus_server: Option<String>,
 }
 
 impl Default for GearmanConfig {
@@ -92,6 +95,7 @@ impl Default for GearmanConfig {
             dupserver_backlog_queue_size: 1000,
             worker_name_in_result: "off".into(),
             max_jobs: None,
+            prometheus_server: None,
         }
     }
 }
@@ -128,7 +132,6 @@ const IGNORED: &[&str] = &[
     "p1_file",
     "workaround_rc_25",
     "gearman_connection_timeout",
-    "prometheus_server",
     "internal_negate",
     "internal_check_dummy",
     "internal_check_nsc_web",
@@ -209,6 +212,9 @@ impl GearmanConfig {
             }
             "worker_name_in_result" => self.worker_name_in_result = value.to_string(),
             "max-worker" | "max_worker" => self.max_jobs = Some(number(value)? as usize),
+            "prometheus_server" => {
+                self.prometheus_server = Some(value.to_string()).filter(|v| !v.is_empty())
+            }
             "config" => self.read_path(Path::new(value))?,
             k if IGNORED.contains(&k) => return Ok(Applied::Ignored),
             _ => return Err(format!("unknown option {key:?}")),
@@ -383,6 +389,11 @@ impl GearmanConfig {
             if !p.starts_with('/') {
                 return Err(format!("restrict_path={p}: must be an absolute directory"));
             }
+        }
+        if let Some(p) = &self.prometheus_server {
+            p.parse::<std::net::SocketAddr>().map_err(|_| {
+                format!("prometheus_server={p}: expected an address such as 127.0.0.1:9050")
+            })?;
         }
         self.crypt().map(|_| ())
     }
