@@ -669,7 +669,8 @@ fn jobs_in_flight_are_bounded_by_max_worker_without_a_thread_per_job() {
     assert!(w2.stop(Duration::from_secs(30)).success());
 }
 
-/// SIGTERM: no new jobs are taken, the one running finishes and is answered,
+/// SIGTERM: no new jobs are taken, a job that ends within the drain is
+/// answered with its result, one that does not is killed and answered so,
 /// and the worker exits 0.
 #[test]
 fn sigterm_finishes_the_jobs_in_flight_and_answers_them() {
@@ -692,22 +693,37 @@ fn sigterm_finishes_the_jobs_in_flight_and_answers_them() {
             ),
         ),
     );
-    wait_running(&g, "service", 1);
+    gm::submit_bg(
+        g.port,
+        "service",
+        &seal(&crypt, &job("service", "stuck", "s", 300, "/bin/sleep 100")),
+    );
+    wait_running(&g, "service", 2);
+    let stopped_at = Instant::now();
     w.signal(libc::SIGTERM);
-    w.wait_log("letting 1 in flight finish", Duration::from_secs(20));
+    w.wait_log("letting 2 in flight finish", Duration::from_secs(20));
     // Queued after the SIGTERM: left for another worker.
     gm::submit_bg(
         g.port,
         "service",
         &seal(&crypt, &job("service", "later", "s", 30, "/bin/true")),
     );
-    let got = results(&g, &crypt, 1, Duration::from_secs(30));
+    // The short one finishes; the long one is killed after the 10 s drain and answered so.
+    let got = results(&g, &crypt, 2, Duration::from_secs(40));
     assert_eq!(
         got.get("slow").map(|v| v[0].output.as_str()),
         Some("finished"),
         "{got:?}"
     );
+    let stuck = &got.get("stuck").expect("the long job was not answered")[0];
+    assert_eq!(stuck.return_code, 3);
+    assert!(stuck.output.contains("shutting down"), "{stuck:?}");
     assert!(w.stop(Duration::from_secs(30)).success());
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(25),
+        "the stop took {:?}",
+        stopped_at.elapsed()
+    );
     assert_eq!(
         g.status().get("service").map(|s| s.0),
         Some(1),

@@ -541,7 +541,10 @@ impl Conn {
                 self.finish(Some(s), done);
             }
             if let Some(t) = stop_at {
-                if self.live_jobs() == 0 && s.out.is_empty() {
+                // Done once every answer is written and gearmand has replied
+                // to every request: closing with its replies unread would
+                // send a reset, which may cost it our last bytes.
+                if self.live_jobs() == 0 && s.out.is_empty() && s.expect.is_empty() {
                     return End::Stopped;
                 }
                 if !killed && t.elapsed() >= STOP_DRAIN {
