@@ -911,3 +911,37 @@ fn results_are_copied_to_the_dupserver_as_passive() {
     assert!(results(&g, &crypt, 1, Duration::from_secs(30)).contains_key("after-dup-died"));
     assert!(w.stop(Duration::from_secs(30)).success());
 }
+
+/// A "server" that answers garbage (an HTTP server on the wrong port, a
+/// length of 4 GiB) gets a reconnect, not a crash or an allocation of its size.
+#[test]
+fn a_server_speaking_garbage_is_dropped_and_retried() {
+    let _serial = common::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let log = dir.path().join("w.log");
+    let child = Command::new(BIN)
+        .args(["gearman-worker", "--server", &addr, "--encryption=no"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let w = Worker { child, log };
+    use std::io::Write as _;
+    for garbage in [
+        b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec(),
+        b"\0RES\0\0\0\x0b\xff\xff\xff\xf0".to_vec(),
+        b"\0RES\0\0\0\x0a\0\0\0\0".to_vec(), // NO_JOB nobody asked for... or did
+    ] {
+        let (mut s, _) = listener.accept().unwrap();
+        let _ = s.write_all(&garbage);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    w.wait_log("bad packet magic", Duration::from_secs(20));
+    w.wait_log("larger than", Duration::from_secs(20));
+    // Still alive and still trying.
+    let (_s, _) = listener.accept().unwrap();
+    assert!(w.stop(Duration::from_secs(30)).success());
+}

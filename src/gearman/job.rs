@@ -393,4 +393,38 @@ mod tests {
         assert_eq!(back.output, "WARNING - load|l=5\nline two\nline three|x=1");
         assert_eq!(back.return_code, 1);
     }
+
+    /// Mutated sealed jobs, with and without the key, open to an error or to
+    /// some job: never a panic.
+    #[test]
+    fn mutated_jobs_never_panic() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let job = Job {
+            kind: "service".into(),
+            host_name: "h".into(),
+            command_line: "/bin/true".into(),
+            ..Job::default()
+        };
+        for c in [Crypt::plain(), Crypt::with_secret(b"k")] {
+            let sealed = c.seal(job.to_text().as_bytes());
+            for _ in 0..5_000 {
+                let mut b = sealed.clone();
+                for _ in 0..(1 + next() % 3) {
+                    let i = (next() as usize) % b.len();
+                    b[i] = next() as u8;
+                }
+                b.truncate((next() as usize) % (b.len() + 1));
+                if let Ok(text) = c.open(&b) {
+                    let _ = Job::parse(&text);
+                    let _ = Answer::parse(&text);
+                }
+            }
+        }
+    }
 }

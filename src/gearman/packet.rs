@@ -279,4 +279,38 @@ mod tests {
             Err(PacketError::Arguments(Kind::JobAssign))
         );
     }
+
+    /// Random and mutated byte streams never panic the decoder, and every
+    /// packet it yields has its type's number of arguments.
+    #[test]
+    fn random_bytes_are_packets_or_errors_never_panics() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let valid = response(Kind::JobAssign, &[b"H:1", b"service", b"data"]);
+        for round in 0..20_000 {
+            let mut bytes = if round % 2 == 0 {
+                valid.clone()
+            } else {
+                (0..(next() % 64)).map(|_| next() as u8).collect()
+            };
+            for _ in 0..(next() % 4) {
+                if !bytes.is_empty() {
+                    let i = (next() as usize) % bytes.len();
+                    bytes[i] = next() as u8;
+                }
+            }
+            let mut d = Decoder::new();
+            let cut = (next() as usize) % (bytes.len() + 1);
+            d.feed(&bytes[..cut]);
+            d.feed(&bytes[cut..]);
+            while let Ok(Some(p)) = d.next_packet() {
+                assert_eq!(p.args.len(), p.kind.arity());
+            }
+        }
+    }
 }

@@ -541,10 +541,14 @@ impl Conn {
                 self.finish(Some(s), done);
             }
             if let Some(t) = stop_at {
-                // Done once every answer is written and gearmand has replied
-                // to every request: closing with its replies unread would
-                // send a reset, which may cost it our last bytes.
-                if self.live_jobs() == 0 && s.out.is_empty() && s.expect.is_empty() {
+                // Done once every answer is written and gearmand has taken
+                // every result: closing with its replies unread would send a
+                // reset, which may cost it our last bytes. (A GRAB_JOB still
+                // unanswered is not waited for: closing hands its job back.)
+                if self.live_jobs() == 0
+                    && s.out.is_empty()
+                    && !s.expect.contains(&Expect::Created)
+                {
                     return End::Stopped;
                 }
                 if !killed && t.elapsed() >= STOP_DRAIN {
