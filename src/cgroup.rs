@@ -78,6 +78,15 @@ impl std::str::FromStr for Containment {
     }
 }
 
+/// In a configuration file: `"auto"`, `"off"` or an absolute path.
+impl<'de> Deserialize<'de> for Containment {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// Which containment is in force (in stats and Prometheus).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ContainmentStatus {
@@ -341,8 +350,9 @@ pub(crate) struct Pool {
     next_linger_poll: Instant,
     /// Leaves asked of the helper, not received yet.
     in_flight: usize,
-    /// Most leaves in use plus ready.
-    want: usize,
+    /// Leaves kept ready ahead (and most made beyond `max_running`).
+    spare: usize,
+    max_running: usize,
     jobs: Option<crossbeam_channel::Sender<Job>>,
     made: crossbeam_channel::Receiver<Leaf>,
     helper: Option<std::thread::JoinHandle<()>>,
@@ -450,8 +460,8 @@ impl Pool {
             _lock: lock,
         };
         let names = std::sync::Arc::new(AtomicU64::new(0));
-        let mut test_leaf =
-            make_leaf(checks.as_fd(), &names).map_err(|e| why("cannot create a leaf in", &e))?;
+        let mut test_leaf = make_leaf(checks.as_fd(), &names, Entry::CloneInto)
+            .map_err(|e| why("cannot create a leaf in", &e))?;
         if open_at(test_leaf.dir(), "cgroup.kill", OFlags::WRONLY).is_err() {
             return Err(format!(
                 "{} has no cgroup.kill (Linux 5.14 or later needed)",
@@ -478,15 +488,11 @@ impl Pool {
         // The test child was there: the leaf is not reused (it was not
         // killed, but nothing is gained by trusting it).
         retire(checks.as_fd(), test_leaf);
-        let want = max_running.saturating_add(SPARE.min(max_running));
-        let initial = SPARE.min(max_running).max(1);
-        let mut ready = Vec::with_capacity(initial);
-        for _ in 0..initial {
-            let mut leaf = make_leaf(checks.as_fd(), &names)
+        let spare = SPARE.min(max_running).max(1);
+        let mut ready = Vec::with_capacity(spare);
+        for _ in 0..spare {
+            let leaf = make_leaf(checks.as_fd(), &names, entry)
                 .map_err(|e| why("cannot create a leaf in", &e))?;
-            if entry == Entry::Write {
-                leaf.procs = open_at(leaf.dir(), "cgroup.procs", OFlags::WRONLY).ok();
-            }
             ready.push(leaf);
         }
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
@@ -505,7 +511,8 @@ impl Pool {
             lingering: Vec::new(),
             next_linger_poll: Instant::now() + LINGER_POLL,
             in_flight: 0,
-            want,
+            spare,
+            max_running,
             jobs: Some(jobs_tx),
             made: made_rx,
             helper: Some(helper),
@@ -562,14 +569,15 @@ impl Pool {
     /// for the helper, which is asked for more here).
     pub fn has_leaf(&mut self, in_use: usize, now: Instant) -> bool {
         self.collect(now);
-        let have = in_use + self.ready.len() + self.lingering.len() + self.in_flight;
-        if self.ready.len() + self.in_flight < SPARE.min(self.want) && have < self.want + SPARE {
-            let n = SPARE.min(self.want);
-            if let Some(jobs) = &self.jobs
-                && jobs.send(Job::Make(n)).is_ok()
-            {
-                self.in_flight += n;
-            }
+        let coming = self.ready.len() + self.in_flight;
+        let have = in_use + coming + self.lingering.len();
+        let room = (self.max_running + self.spare).saturating_sub(have);
+        let n = self.spare.saturating_sub(coming).min(room);
+        if n > 0
+            && let Some(jobs) = &self.jobs
+            && jobs.send(Job::Make(n)).is_ok()
+        {
+            self.in_flight += n;
         }
         !self.ready.is_empty()
     }
@@ -636,12 +644,8 @@ fn helper(
         match job {
             Job::Make(n) => {
                 for _ in 0..n {
-                    match make_leaf(checks.as_fd(), names) {
-                        Ok(mut leaf) => {
-                            if entry == Entry::Write {
-                                leaf.procs =
-                                    open_at(leaf.dir(), "cgroup.procs", OFlags::WRONLY).ok();
-                            }
+                    match make_leaf(checks.as_fd(), names, entry) {
+                        Ok(leaf) => {
                             if made.send(leaf).is_err() {
                                 return;
                             }
@@ -659,7 +663,7 @@ fn helper(
 }
 
 /// Make leaf `checks/<n>` and open what the hot path needs.
-fn make_leaf(checks: BorrowedFd<'_>, names: &AtomicU64) -> rustix::io::Result<Leaf> {
+fn make_leaf(checks: BorrowedFd<'_>, names: &AtomicU64, entry: Entry) -> rustix::io::Result<Leaf> {
     let mut name;
     loop {
         name = names.fetch_add(1, Ordering::Relaxed);
@@ -669,7 +673,10 @@ fn make_leaf(checks: BorrowedFd<'_>, names: &AtomicU64) -> rustix::io::Result<Le
             Err(e) => return Err(e),
         }
     }
-    let leaf = Leaf::open(checks, name)?;
+    let mut leaf = Leaf::open(checks, name)?;
+    if entry == Entry::Write {
+        leaf.procs = Some(open_at(leaf.dir(), "cgroup.procs", OFlags::WRONLY)?);
+    }
     // The first poll of a kernfs file fires at once, until it was read.
     let _ = leaf.populated();
     Ok(leaf)

@@ -1016,11 +1016,24 @@ impl Lifecycle {
 
     /// For a cancel or a shutdown: that the kill was refused, if it was.
     fn refused_note(&self) -> String {
-        if self.refused {
-            format!("; {REFUSED} and ended by itself")
-        } else {
-            String::new()
+        match (self.refused, self.killed_by_cgroup()) {
+            (true, true) => format!("; {REFUSED}, and was killed through its cgroup"),
+            (true, false) => format!("; {REFUSED} and ended by itself"),
+            _ => String::new(),
         }
+    }
+
+    /// Whether the leader died of SIGKILL after its leaf's `cgroup.kill`
+    /// was written (the one kill that reaches a process we may not signal).
+    fn killed_by_cgroup(&self) -> bool {
+        self.leaf.as_ref().is_some_and(Leaf::killed)
+            && matches!(
+                self.exit,
+                Some(ExitStatus::Signaled {
+                    signal: libc::SIGKILL,
+                    ..
+                })
+            )
     }
 
     /// Outcome, Nagios state and the reason text.
@@ -1065,6 +1078,12 @@ impl Lifecycle {
                     )
                 };
                 let how = match self.exit {
+                    _ if self.refused && self.killed_by_cgroup() => {
+                        format!(
+                            "{REFUSED}, and was killed through its cgroup (cgroup.kill) after {} grace",
+                            human(self.grace)
+                        )
+                    }
                     _ if self.refused => {
                         let end = match self.exit {
                             Some(ExitStatus::Exited { code }) => format!("exited with code {code}"),

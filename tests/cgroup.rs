@@ -46,9 +46,7 @@ fn escapees_are_gone_when_the_result_is_delivered() {
             for then_exit in [true, false] {
                 let m = marker();
                 let r = run(exec, escaping(escape, then_exit, &m));
-                let left = alive_with(&m);
-                cleanup(&m);
-                let _ = std::fs::remove_file(&Escape::env(&m)[1].1);
+                let left = survivors(&m);
                 let what = format!("{backend} {escape:?} exit={then_exit}");
                 assert_eq!(r.stdout.text(), "started\n", "{what}: {r:?}");
                 if then_exit {
@@ -88,9 +86,7 @@ fn a_check_that_opts_out_leaves_its_service_until_shutdown() {
             "{backend}: the service was killed"
         );
         assert!(exec.shutdown_within(Duration::from_secs(30)));
-        let left = alive_with(&m);
-        cleanup(&m);
-        let _ = std::fs::remove_file(&Escape::env(&m)[1].1);
+        let left = survivors(&m);
         assert!(left.is_empty(), "{backend}: alive after shutdown: {left:?}");
     });
 }
@@ -117,9 +113,7 @@ fn cancel_and_shutdown_kill_the_whole_leaf() {
         }));
         exec.cancel(p.id());
         let r = p.wait_timeout(Duration::from_secs(30)).unwrap();
-        let left = alive_with(&m);
-        cleanup(&m);
-        let _ = std::fs::remove_file(&ready);
+        let left = survivors(&m);
         assert_eq!(r.outcome, Outcome::Cancelled, "{backend}: {r:?}");
         assert!(left.is_empty(), "{backend}: alive after cancel: {left:?}");
     });

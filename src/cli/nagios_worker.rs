@@ -34,6 +34,12 @@ pub struct NagiosWorkerArgs {
     /// Event backend: auto, io_uring or epoll.
     #[arg(long, default_value = "auto")]
     backend: BackendKind,
+    /// Containment: a cgroup v2 leaf per check. auto (the delegated own
+    /// cgroup under systemd, else as root a fresh one under the cgroup2
+    /// mount, else the process-group fallback), off, or a cgroup2 path
+    /// owned by this process alone.
+    #[arg(long, value_name = "auto|off|PATH", default_value = "auto")]
+    cgroup: pidring::cgroup::Containment,
     /// Take SCHED_FIFO on the executor's loop while a kill is near, so a
     /// saturated machine cannot make it late: true or false.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
@@ -66,6 +72,7 @@ pub fn main(args: NagiosWorkerArgs) -> ExitCode {
     }
     let exec = match Executor::builder()
         .backend(args.backend)
+        .cgroup(args.cgroup.clone())
         .max_running(args.max_running)
         .realtime_kills(args.realtime_kills)
         .reap_orphans(true)

@@ -594,6 +594,7 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         .max_running(config.max_running)
         .queue_limit(config.queue_limit)
         .backend(config.backend)
+        .cgroup(config.cgroup.clone())
         .realtime_kills(config.realtime_kills)
         .reap_orphans(true)
         .build()?;

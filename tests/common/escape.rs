@@ -84,15 +84,39 @@ impl Escape {
 /// Live processes whose environment carries `marker` (zombies have none).
 pub fn alive_with(marker: &str) -> Vec<i32> {
     let needle = format!("{MARK}={marker}");
-    super::all_pids()
-        .into_iter()
-        .filter(|&p| p != std::process::id() as i32)
+    let me = std::process::id() as i32;
+    let pids: Vec<i32> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.into_iter()
+        .filter(|&p| p != me)
         .filter(|&p| {
             std::fs::read(format!("/proc/{p}/environ"))
                 .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
         })
-        .filter(|&p| !matches!(super::stat(p), Some(('Z' | 'X', ..)) | None))
+        .filter(|&p| {
+            // Not a zombie (dead, waiting for its parent).
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                let state = s
+                    .rfind(')')
+                    .and_then(|i| s[i + 1..].split_whitespace().next());
+                !matches!(state, Some("Z" | "X") | None)
+            })
+        })
         .collect()
+}
+
+/// What is left alive of `marker`'s checks; then kill it (so that a failed
+/// test leaves nothing either) and remove the ready file.
+pub fn survivors(marker: &str) -> Vec<i32> {
+    let left = alive_with(marker);
+    cleanup(marker);
+    let _ = std::fs::remove_file(&Escape::env(marker)[1].1);
+    left
 }
 
 /// Kill what a failed test left (only our marked processes).
