@@ -40,10 +40,13 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 /// `CLONE_INTO_CGROUP` (Linux 5.7).
 pub(crate) const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// Leaves kept made ahead, beyond those in use (at most `max_running`).
-const SPARE: usize = 32;
+const SPARE: usize = 16;
 /// How long the helper waits for a killed leaf to empty before it gives up
 /// removing it (a process stuck in an uninterruptible sleep).
 const RETIRE_WAIT: Duration = Duration::from_secs(30);
+/// Age past which another executor's unlocked subtree is stale whatever
+/// its pid says (see `recover_stale`).
+const STALE_AFTER: Duration = Duration::from_secs(10);
 /// How often leaves a check left populated on purpose are looked at.
 const LINGER_POLL: Duration = Duration::from_secs(1);
 
@@ -209,8 +212,6 @@ pub(crate) struct Leaf {
     dir: OwnedFd,
     /// `cgroup.events`: read for `populated`, polled (POLLPRI) for changes.
     events: OwnedFd,
-    /// `cpu.stat`.
-    cpu: OwnedFd,
     /// `cgroup.procs`, for a child that moves itself (see `Entry::Write`).
     procs: Option<OwnedFd>,
     /// Its `cgroup.kill` was written: never used again.
@@ -230,7 +231,6 @@ impl Leaf {
         Ok(Leaf {
             name,
             events: open_at(dir.as_fd(), "cgroup.events", OFlags::RDONLY)?,
-            cpu: open_at(dir.as_fd(), "cpu.stat", OFlags::RDONLY)?,
             dir,
             procs: None,
             killed: false,
@@ -300,20 +300,24 @@ impl Leaf {
         self.killed
     }
 
+    /// `cpu.stat` (opened each time: a descriptor per pooled leaf fewer,
+    /// for one `openat` per check).
     fn read_cpu(&self) -> Cpu {
         let mut buf = [0u8; 512];
-        pread_all(self.cpu.as_fd(), &mut buf)
-            .map(Cpu::parse)
+        open_at(self.dir.as_fd(), "cpu.stat", OFlags::RDONLY)
+            .and_then(|fd| pread_all(fd.as_fd(), &mut buf).map(Cpu::parse))
             .unwrap_or_default()
     }
 
-    /// The usage since it was handed out.
-    pub fn usage(&self, escapees: u32, left_running: bool) -> CgroupUsage {
+    /// The usage since it was handed out (and the start of the next
+    /// check's, if it is reused).
+    pub fn usage(&mut self, escapees: u32, left_running: bool) -> CgroupUsage {
         let now = self.read_cpu();
+        let base = std::mem::replace(&mut self.cpu_base, now);
         CgroupUsage {
-            cpu_us: now.usage.saturating_sub(self.cpu_base.usage),
-            user_us: now.user.saturating_sub(self.cpu_base.user),
-            system_us: now.system.saturating_sub(self.cpu_base.system),
+            cpu_us: now.usage.saturating_sub(base.usage),
+            user_us: now.user.saturating_sub(base.user),
+            system_us: now.system.saturating_sub(base.system),
             escapees,
             left_running,
         }
@@ -572,8 +576,11 @@ impl Pool {
         let coming = self.ready.len() + self.in_flight;
         let have = in_use + coming + self.lingering.len();
         let room = (self.max_running + self.spare).saturating_sub(have);
+        // Refill below half the spare, not at each take: a steady load
+        // then reuses the same leaves (and holds the same descriptors).
         let n = self.spare.saturating_sub(coming).min(room);
-        if n > 0
+        if coming < self.spare.div_ceil(2)
+            && n > 0
             && let Some(jobs) = &self.jobs
             && jobs.send(Job::Make(n)).is_ok()
         {
@@ -587,16 +594,23 @@ impl Pool {
         self.ready.pop()
     }
 
+    /// Have the helper remove `leaf` (once empty).
+    fn retire(&mut self, leaf: Leaf) {
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send(Job::Retire(leaf));
+        }
+    }
+
     /// A check is done with its leaf.
-    pub fn give_back(&mut self, mut leaf: Leaf) {
+    pub fn give_back(&mut self, leaf: Leaf) {
         if leaf.killed {
-            if let Some(jobs) = &self.jobs {
-                let _ = jobs.send(Job::Retire(leaf));
-            }
+            self.retire(leaf);
         } else if leaf.populated() {
             self.lingering.push(leaf);
+        } else if self.ready.len() >= 2 * self.spare {
+            // After a burst: give back what only a burst needs.
+            self.retire(leaf);
         } else {
-            leaf.cpu_base = leaf.read_cpu();
             self.ready.push(leaf);
         }
     }
@@ -745,7 +759,15 @@ fn recover_stale(mount: &Path) {
         else {
             continue;
         };
-        if Path::new(&format!("/proc/{pid}")).exists() {
+        // Its lock is what says whether an owner lives; its pid only
+        // guards the moment between an owner's mkdir and its flock (a pid
+        // from another PID namespace, such as 1, may name anyone here:
+        // past a few seconds, the lock alone decides).
+        let young = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < STALE_AFTER));
+        if young && Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
         let path = entry.path();

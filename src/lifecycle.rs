@@ -1003,14 +1003,13 @@ impl Lifecycle {
             plugin,
             timings,
             rusage: self.rusage,
-            cgroup: self
-                .leaf
-                .as_ref()
-                .filter(|_| self.started.is_some())
-                .map(|leaf| {
+            cgroup: match (self.leaf.as_mut(), self.started) {
+                (Some(leaf), Some(_)) => {
                     let left = self.leaf_wait || (self.escapees > 0 && !leaf.killed());
-                    leaf.usage(self.escapees, left)
-                }),
+                    Some(leaf.usage(self.escapees, left))
+                }
+                _ => None,
+            },
         }
     }
 

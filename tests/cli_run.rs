@@ -557,8 +557,23 @@ fn run_marked(
     test: &str,
 ) -> Option<(std::process::Output, serde_json::Value, Vec<i32>)> {
     use common::escape::*;
-    let out = cmd.envs(Escape::env(mark)).output().unwrap();
+    let child = cmd
+        .envs(Escape::env(mark))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
     let left = survivors(mark);
+    // Its subtree (`Containment::Auto` as root) is gone with it.
+    for mount in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        let subtree = format!("{mount}/pidring.{pid}.0");
+        assert!(
+            !std::path::Path::new(&subtree).exists(),
+            "{subtree} left behind"
+        );
+    }
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     let r: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}\n{log}", String::from_utf8_lossy(&out.stdout)));

@@ -119,6 +119,9 @@ pub fn main(args: RunArgs) -> ExitCode {
     }
     let result = pending.wait();
     finished.store(true, Ordering::SeqCst);
+    // The signal thread holds a handle too: stop the executor here, so
+    // that it removes its cgroup subtree before the process exits.
+    exec.shutdown();
     let code = super::common::print_result(&result, args.json);
     match stopped_by.load(Ordering::SeqCst) {
         // Not a cancel's result: the check ended first, the signal came late.
