@@ -98,13 +98,17 @@ pub struct ContainmentStatus {
     pub mode: String,
     /// The subtree's path (`cgroup`), or why not (`fallback`).
     pub detail: String,
+    /// The controllers enabled in the checks' leaves (of `memory` and
+    /// `pids`): what their results' peaks and OOM counts come from.
+    #[serde(default)]
+    pub controllers: Vec<String>,
 }
 
 impl ContainmentStatus {
     fn off() -> Self {
         ContainmentStatus {
             mode: "off".into(),
-            detail: String::new(),
+            ..Default::default()
         }
     }
 }
@@ -125,6 +129,17 @@ pub struct CgroupUsage {
     /// The leaf was still populated when the result was delivered (the
     /// check opted out of the kill, or a process would not die in time).
     pub left_running: bool,
+    /// Most memory the check's processes used at once (`memory.peak`;
+    /// only with the memory controller on).
+    #[serde(default)]
+    pub memory_peak_bytes: Option<u64>,
+    /// Most processes the check had at once (`pids.peak`; pids controller).
+    #[serde(default)]
+    pub pids_peak: Option<u64>,
+    /// Processes of the check the OOM killer killed (`memory.events`
+    /// oom_kill; memory controller).
+    #[serde(default)]
+    pub oom_kills: Option<u64>,
 }
 
 /// The cgroup2 mount, found as systemd does: /sys/fs/cgroup if it is one
@@ -212,6 +227,14 @@ pub(crate) struct Leaf {
     dir: OwnedFd,
     /// `cgroup.events`: read for `populated`, polled (POLLPRI) for changes.
     events: OwnedFd,
+    /// `cpu.stat` (kept open: opening and closing a kernfs file per check
+    /// cost more than reading it).
+    cpu: OwnedFd,
+    /// The memory and pids controllers are on: read the peaks.
+    peaks: bool,
+    /// Processes were left running in it on purpose (`kill_group_on_exit`
+    /// off): not reused until empty.
+    left: bool,
     /// `cgroup.procs`, for a child that moves itself (see `Entry::Write`).
     procs: Option<OwnedFd>,
     /// Its `cgroup.kill` was written: never used again.
@@ -231,6 +254,9 @@ impl Leaf {
         Ok(Leaf {
             name,
             events: open_at(dir.as_fd(), "cgroup.events", OFlags::RDONLY)?,
+            cpu: open_at(dir.as_fd(), "cpu.stat", OFlags::RDONLY)?,
+            left: false,
+            peaks: false,
             dir,
             procs: None,
             killed: false,
@@ -300,13 +326,29 @@ impl Leaf {
         self.killed
     }
 
-    /// `cpu.stat` (opened each time: a descriptor per pooled leaf fewer,
-    /// for one `openat` per check).
+    /// `cpu.stat`.
     fn read_cpu(&self) -> Cpu {
         let mut buf = [0u8; 512];
-        open_at(self.dir.as_fd(), "cpu.stat", OFlags::RDONLY)
-            .and_then(|fd| pread_all(fd.as_fd(), &mut buf).map(Cpu::parse))
+        pread_all(self.cpu.as_fd(), &mut buf)
+            .map(Cpu::parse)
             .unwrap_or_default()
+    }
+
+    /// Processes are left running in it on purpose (`kill_group_on_exit`
+    /// off): the pool reuses it only once it is empty.
+    pub fn leave_running(&mut self) {
+        self.left = true;
+    }
+
+    /// Read the leaf's file `name` and `parse` it, if the controllers
+    /// that make the peaks are on (`None`: off, or no such file).
+    fn peaks_file<T>(&self, name: &str, parse: impl FnOnce(&[u8]) -> Option<T>) -> Option<T> {
+        if !self.peaks {
+            return None;
+        }
+        let mut buf = [0u8; 512];
+        let fd = open_at(self.dir.as_fd(), name, OFlags::RDONLY).ok()?;
+        parse(pread_all(fd.as_fd(), &mut buf).ok()?)
     }
 
     /// The usage since it was handed out (and the start of the next
@@ -320,6 +362,13 @@ impl Leaf {
             system_us: now.system.saturating_sub(base.system),
             escapees,
             left_running,
+            memory_peak_bytes: self.peaks_file("memory.peak", |t| {
+                std::str::from_utf8(t).ok()?.trim().parse().ok()
+            }),
+            pids_peak: self.peaks_file("pids.peak", |t| {
+                std::str::from_utf8(t).ok()?.trim().parse().ok()
+            }),
+            oom_kills: self.peaks_file("memory.events", |t| keyed(t, "oom_kill")),
         }
     }
 }
@@ -357,6 +406,9 @@ pub(crate) struct Pool {
     /// Leaves kept ready ahead (and most made beyond `max_running`).
     spare: usize,
     max_running: usize,
+    /// Leaves are not reused (their `memory.peak`/`pids.peak` would
+    /// carry the last check's).
+    single_use: bool,
     jobs: Option<crossbeam_channel::Sender<Job>>,
     made: crossbeam_channel::Receiver<Leaf>,
     helper: Option<std::thread::JoinHandle<()>>,
@@ -448,6 +500,9 @@ impl Pool {
         }
         let checks = open_at(lock.as_fd(), "checks", OFlags::RDONLY | OFlags::DIRECTORY)
             .map_err(|e| why("cannot open checks/ in", &e))?;
+        let controllers = enable_controllers(lock.as_fd(), checks.as_fd());
+        // Peaks count from a leaf's creation: with them, a leaf serves one check.
+        let single_use = controllers.iter().any(|c| c == "memory" || c == "pids");
         let found = recover(checks.as_fd());
         if found > 0 {
             tracing::warn!(
@@ -508,6 +563,7 @@ impl Pool {
         let status = ContainmentStatus {
             mode: "cgroup".into(),
             detail: base.display().to_string(),
+            controllers: controllers.clone(),
         };
         tracing::info!(subtree = %base.display(), delegated = delegated_mode, entry = ?entry, "containment: one cgroup per check");
         Ok(Some(Pool {
@@ -517,6 +573,7 @@ impl Pool {
             in_flight: 0,
             spare,
             max_running,
+            single_use,
             jobs: Some(jobs_tx),
             made: made_rx,
             helper: Some(helper),
@@ -544,6 +601,7 @@ impl Pool {
             Err(why) => ContainmentStatus {
                 mode: "fallback".into(),
                 detail: why.clone(),
+                controllers: Vec::new(),
             },
         }
     }
@@ -562,6 +620,7 @@ impl Pool {
                     i += 1;
                 } else {
                     let mut leaf = self.lingering.swap_remove(i);
+                    leaf.left = false;
                     leaf.cpu_base = leaf.read_cpu();
                     self.ready.push(leaf);
                 }
@@ -591,7 +650,9 @@ impl Pool {
 
     /// A leaf for the next check (`has_leaf` said there is one).
     pub fn take(&mut self) -> Option<Leaf> {
-        self.ready.pop()
+        let mut leaf = self.ready.pop()?;
+        leaf.peaks = self.single_use;
+        Some(leaf)
     }
 
     /// Have the helper remove `leaf` (once empty).
@@ -603,9 +664,11 @@ impl Pool {
 
     /// A check is done with its leaf.
     pub fn give_back(&mut self, leaf: Leaf) {
-        if leaf.killed {
+        if leaf.killed || self.single_use {
             self.retire(leaf);
-        } else if leaf.populated() {
+        } else if leaf.left {
+            // One read here, not one per clean leaf: a leaf that was empty
+            // when its leader exited stays empty.
             self.lingering.push(leaf);
         } else if self.ready.len() >= 2 * self.spare {
             // After a burst: give back what only a burst needs.
@@ -674,6 +737,36 @@ fn helper(
             Job::Retire(leaf) => retire(checks.as_fd(), leaf),
         }
     }
+}
+
+/// Enable what of `memory` and `pids` the base offers in its subtree and
+/// in `checks/` (for the leaves' peaks and OOM counts); the names enabled.
+/// Not `cpu`: `cpu.stat` works without it, and with it every check would
+/// be a scheduling group of its own.
+fn enable_controllers(base: BorrowedFd<'_>, checks: BorrowedFd<'_>) -> Vec<String> {
+    let mut buf = [0u8; 512];
+    let offered = open_at(base, "cgroup.controllers", OFlags::RDONLY)
+        .and_then(|fd| pread_all(fd.as_fd(), &mut buf).map(|t| t.to_vec()))
+        .unwrap_or_default();
+    let offered = String::from_utf8_lossy(&offered).into_owned();
+    let mut on = Vec::new();
+    for name in ["memory", "pids"] {
+        if !offered.split_whitespace().any(|c| c == name) {
+            continue;
+        }
+        let change = format!("+{name}");
+        let ok = [base, checks].iter().all(|dir| {
+            open_at(*dir, "cgroup.subtree_control", OFlags::WRONLY)
+                .and_then(|fd| rustix::io::write(&fd, change.as_bytes()))
+                .is_ok()
+        });
+        if ok {
+            on.push(name.to_string());
+        } else {
+            tracing::warn!("cannot enable the {name} controller for the checks' cgroups");
+        }
+    }
+    on
 }
 
 /// Make leaf `checks/<n>` and open what the hot path needs.

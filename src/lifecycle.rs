@@ -845,6 +845,7 @@ impl Lifecycle {
             if self.kill.is_some() || self.kill_group_on_exit {
                 leaf.kill();
             } else {
+                leaf.leave_running();
                 tracing::debug!(
                     id = self.id,
                     escapees = self.escapees,

@@ -333,8 +333,8 @@ impl Pool {
 }
 
 /// Grow this process's descriptor table now to hold what `max_running`
-/// checks use (three descriptors each, five with a cgroup leaf: its
-/// directory and `cgroup.events`) and room for the rest, within the
+/// checks use (three descriptors each, six with a cgroup leaf: its
+/// directory, `cgroup.events` and `cpu.stat`) and room for the rest, within the
 /// soft RLIMIT_NOFILE. The kernel grows a table that other threads or
 /// children share only after an RCU grace period (`expand_fdtable` calls
 /// `synchronize_rcu`): milliseconds in which the loop, the thread that
@@ -347,7 +347,7 @@ pub(crate) fn presize_fd_table(any: BorrowedFd<'_>, max_running: usize) {
         .unwrap_or(u64::MAX)
         .min(i32::MAX as u64);
     let want = (max_running as u64)
-        .saturating_mul(5)
+        .saturating_mul(6)
         .saturating_add(1024)
         .min(limit);
     // Allocating descriptor `want - 1` makes the table hold `want`; it is

@@ -169,3 +169,39 @@ fn an_unusable_cgroup_falls_back_and_says_so() {
         },
     );
 }
+
+/// Where the memory and pids controllers are on, a result has the peaks of
+/// the check's processes together (a leaf then serves one check).
+#[test]
+fn peaks_are_reported_where_the_controllers_are_on() {
+    each_backend(contained, |exec, backend| {
+        let s = exec.containment();
+        if !cgroup_or_skip("peaks_are_reported", &s.mode, &s.detail) {
+            return;
+        }
+        let has = |c: &str| s.controllers.iter().any(|x| x == c);
+        if !has("memory") || !has("pids") {
+            assert!(
+                !require_cgroup(),
+                "controllers {:?}: memory and pids needed, PIDRING_REQUIRE_CGROUP=1",
+                s.controllers
+            );
+            eprintln!(
+                "SKIP peaks_are_reported: the checks' cgroups have controllers {:?} \
+                 (memory/pids bound to cgroup v1 here?)",
+                s.controllers
+            );
+            return;
+        }
+        let r = run(exec, sh("sleep 0.2 & sleep 0.2 & sleep 0.2 & wait"));
+        let u = r.cgroup.expect("usage");
+        assert!(u.pids_peak >= Some(4), "{backend}: {u:?}");
+        assert!(u.memory_peak_bytes > Some(0), "{backend}: {u:?}");
+        assert_eq!(u.oom_kills, Some(0), "{backend}: {u:?}");
+        let again = run(exec, sh("exit 0")).cgroup.expect("usage");
+        assert!(
+            again.pids_peak < Some(4),
+            "{backend}: a leaf was reused: {again:?}"
+        );
+    });
+}

@@ -1413,6 +1413,9 @@ fn build_check(config: &DaemonConfig, req: &SubmitRequest, id: &ClientId) -> Res
     if let Some(cwd) = &req.cwd {
         check = check.cwd(cwd);
     }
+    if let Some(yes) = req.kill_group_on_exit {
+        check = check.kill_group_on_exit(yes);
+    }
     if let Some(state) = req.timeout_state {
         check = check.timeout_state(state);
     }
