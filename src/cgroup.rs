@@ -98,8 +98,8 @@ pub struct ContainmentStatus {
     pub mode: String,
     /// The subtree's path (`cgroup`), or why not (`fallback`).
     pub detail: String,
-    /// The controllers enabled in the checks' leaves (of `memory` and
-    /// `pids`): what their results' peaks and OOM counts come from.
+    /// The controllers enabled in the checks' leaves (of `memory`, `pids`
+    /// and `cpu`): what their peaks, OOM counts and caps need.
     #[serde(default)]
     pub controllers: Vec<String>,
 }
@@ -110,6 +110,69 @@ impl ContainmentStatus {
             mode: "off".into(),
             ..Default::default()
         }
+    }
+}
+
+/// Limits on one check's processes together, enforced by its cgroup leaf
+/// (see [`crate::Check::memory_max`]). A cap the host cannot enforce (no
+/// containment, or its controller not available) is refused at submit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Caps {
+    /// `memory.max`, bytes.
+    pub memory_max: Option<u64>,
+    /// `pids.max`: most processes (and threads) at once.
+    pub pids_max: Option<u64>,
+    /// `cpu.max`: (quota, period) in microseconds.
+    pub cpu_max: Option<(u64, u64)>,
+}
+
+impl Caps {
+    /// Whether no cap is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Caps::default()
+    }
+
+    /// The files to write and their values, with the controller each needs.
+    fn writes(&self) -> Vec<(&'static str, &'static str, String)> {
+        let mut w = Vec::new();
+        if let Some(m) = self.memory_max {
+            w.push(("memory", "memory.max", m.to_string()));
+        }
+        if let Some(p) = self.pids_max {
+            w.push(("pids", "pids.max", p.to_string()));
+        }
+        if let Some((q, p)) = self.cpu_max {
+            w.push(("cpu", "cpu.max", format!("{q} {p}")));
+        }
+        w
+    }
+
+    /// Why `status` cannot enforce these caps (`None`: it can).
+    pub fn unenforceable(&self, status: &ContainmentStatus) -> Option<String> {
+        let missing: Vec<&str> = self
+            .writes()
+            .into_iter()
+            .filter(|(c, ..)| status.mode != "cgroup" || !status.controllers.iter().any(|x| x == c))
+            .map(|(_, file, _)| file)
+            .collect();
+        if missing.is_empty() {
+            return None;
+        }
+        Some(if status.mode == "cgroup" {
+            format!(
+                "{} cannot be enforced: the checks' cgroups have the controllers {:?} \
+                 (the host must offer memory/pids/cpu on cgroup v2 to the executor's subtree)",
+                missing.join(", "),
+                status.controllers
+            )
+        } else {
+            format!(
+                "{} cannot be enforced: containment is {} ({})",
+                missing.join(", "),
+                status.mode,
+                status.detail
+            )
+        })
     }
 }
 
@@ -232,6 +295,8 @@ pub(crate) struct Leaf {
     cpu: OwnedFd,
     /// The memory and pids controllers are on: read the peaks.
     peaks: bool,
+    /// Caps were written into it: not reused.
+    capped: bool,
     /// Processes were left running in it on purpose (`kill_group_on_exit`
     /// off): not reused until empty.
     left: bool,
@@ -257,6 +322,7 @@ impl Leaf {
             cpu: open_at(dir.as_fd(), "cpu.stat", OFlags::RDONLY)?,
             left: false,
             peaks: false,
+            capped: false,
             dir,
             procs: None,
             killed: false,
@@ -319,6 +385,19 @@ impl Leaf {
         if let Err(e) = r {
             tracing::warn!(leaf = self.name, "cannot write cgroup.kill: {e}");
         }
+    }
+
+    /// Write `caps` into the leaf before its check's child is created in
+    /// it (an empty leaf: each write completes at once). The leaf then
+    /// serves this check only.
+    pub fn apply(&mut self, caps: &Caps) -> Result<(), String> {
+        self.capped = true;
+        for (_, file, value) in caps.writes() {
+            open_at(self.dir.as_fd(), file, OFlags::WRONLY)
+                .and_then(|fd| rustix::io::write(&fd, value.as_bytes()))
+                .map_err(|e| format!("cannot set {file} to {value}: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Whether its `cgroup.kill` was written.
@@ -664,16 +743,17 @@ impl Pool {
 
     /// A check is done with its leaf.
     pub fn give_back(&mut self, leaf: Leaf) {
-        if leaf.killed || self.single_use {
+        if leaf.killed || leaf.capped || self.single_use {
             self.retire(leaf);
         } else if leaf.left {
             // One read here, not one per clean leaf: a leaf that was empty
             // when its leader exited stays empty.
             self.lingering.push(leaf);
-        } else if self.ready.len() >= 2 * self.spare {
-            // After a burst: give back what only a burst needs.
-            self.retire(leaf);
         } else {
+            // Kept, however many: a turn ends many checks before the next
+            // admits as many (retiring past a watermark made every burst
+            // an rmdir and a mkdir per check). At most `max_running` +
+            // `spare` leaves exist (see `has_leaf`).
             self.ready.push(leaf);
         }
     }
@@ -739,10 +819,10 @@ fn helper(
     }
 }
 
-/// Enable what of `memory` and `pids` the base offers in its subtree and
-/// in `checks/` (for the leaves' peaks and OOM counts); the names enabled.
-/// Not `cpu`: `cpu.stat` works without it, and with it every check would
-/// be a scheduling group of its own.
+/// Enable what of `memory`, `pids` and `cpu` the base offers in its
+/// subtree and in `checks/` (for the leaves' peaks, OOM counts and caps);
+/// the names enabled. With `cpu` every check is a scheduling group of its
+/// own (equal weights).
 fn enable_controllers(base: BorrowedFd<'_>, checks: BorrowedFd<'_>) -> Vec<String> {
     let mut buf = [0u8; 512];
     let offered = open_at(base, "cgroup.controllers", OFlags::RDONLY)
@@ -750,7 +830,7 @@ fn enable_controllers(base: BorrowedFd<'_>, checks: BorrowedFd<'_>) -> Vec<Strin
         .unwrap_or_default();
     let offered = String::from_utf8_lossy(&offered).into_owned();
     let mut on = Vec::new();
-    for name in ["memory", "pids"] {
+    for name in ["memory", "pids", "cpu"] {
         if !offered.split_whitespace().any(|c| c == name) {
             continue;
         }

@@ -561,9 +561,21 @@ impl Engine {
             ));
             self.by_id.insert(id, slot);
             let picked = Instant::now();
-            let leaf = self.cgroups.as_mut().and_then(|p| p.take());
+            let mut leaf = self.cgroups.as_mut().and_then(|p| p.take());
             let entry = self.cgroups.as_ref().map(|p| p.entry());
-            match spawn::launch(prepared, &self.launcher, leaf.as_ref().zip(entry)) {
+            // Caps go into the (empty) leaf before the child is created in it.
+            let capped = match (&mut leaf, check.caps.is_empty()) {
+                (Some(leaf), false) => leaf.apply(&check.caps),
+                _ => Ok(()),
+            };
+            let launched = match capped {
+                Ok(()) => spawn::launch(prepared, &self.launcher, leaf.as_ref().zip(entry)),
+                Err(message) => Err(spawn::SpawnFailure {
+                    errno: None,
+                    message: format!("{message} for {}", prepared.program()),
+                }),
+            };
+            match launched {
                 Ok((child, launch)) => {
                     self.launching.push_back((slot, generation, picked));
                     self.with_check(slot, generation, now, |c, ctx| {

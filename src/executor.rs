@@ -302,6 +302,12 @@ impl Executor {
                 return Err(e.into());
             }
         };
+        if !check.caps.is_empty()
+            && let Some(why) = check.caps.unenforceable(&self.containment())
+        {
+            self.count_rejected();
+            return Err(crate::error::CheckError::Cap(why).into());
+        }
         // Reserve a place first, then look at `closed`: the loop sets `closed`
         // and then waits for `outstanding` to reach zero, so either it sees
         // this reservation and waits for the message, or we see `closed`.

@@ -205,3 +205,66 @@ fn peaks_are_reported_where_the_controllers_are_on() {
         );
     });
 }
+
+/// Caps: where the host cannot enforce one (no containment, or its
+/// controller is not there), the check is refused with a reason, never
+/// run uncapped; where it can, the cap holds.
+#[test]
+fn caps_are_enforced_or_refused_never_ignored() {
+    use pidring::{CheckError, SubmitError};
+    let refused = |exec: &Executor, check: Check, file: &str| match exec.submit(check) {
+        Err(SubmitError::Invalid(CheckError::Cap(why))) => {
+            assert!(why.contains(file), "{why}");
+        }
+        other => panic!("a cap on {file} was not refused: {other:?}"),
+    };
+    // Off: nothing can be capped.
+    let off = Executor::builder().build().unwrap();
+    refused(&off, sh("true").memory_max(1 << 26), "memory.max");
+    refused(&off, sh("true").pids_max(8), "pids.max");
+    drop(off);
+    let bad = sh("true").cpu_max(Duration::from_micros(10), Duration::from_millis(100));
+    each_backend(contained, |exec, backend| {
+        assert!(matches!(
+            exec.submit(bad.clone()),
+            Err(SubmitError::Invalid(CheckError::Cap(_)))
+        ));
+        let s = exec.containment();
+        if !cgroup_or_skip("caps_are_enforced_or_refused", &s.mode, &s.detail) {
+            return;
+        }
+        let has = |c: &str| s.controllers.iter().any(|x| x == c);
+        for (controller, check, file) in [
+            ("memory", sh("true").memory_max(1 << 26), "memory.max"),
+            (
+                "cpu",
+                sh("true").cpu_max(Duration::from_millis(50), Duration::from_millis(100)),
+                "cpu.max",
+            ),
+        ] {
+            if !has(controller) {
+                refused(exec, check, file);
+            }
+        }
+        if !has("pids") {
+            refused(exec, sh("true").pids_max(8), "pids.max");
+            assert!(
+                !require_cgroup(),
+                "no pids controller and PIDRING_REQUIRE_CGROUP=1"
+            );
+            eprintln!(
+                "SKIP caps_are_enforced: no pids controller for the checks' cgroups ({:?})",
+                s.controllers
+            );
+            return;
+        }
+        // 4 processes at most: the shell and three sleeps; the rest fail to fork.
+        let r = run(
+            exec,
+            sh("for i in 1 2 3 4 5 6 7 8; do sleep 1 & done 2>/dev/null; wait; echo done")
+                .pids_max(4),
+        );
+        let u = r.cgroup.expect("usage");
+        assert!(u.pids_peak <= Some(4), "{backend}: {u:?}");
+    });
+}

@@ -505,6 +505,51 @@ fn a_crashed_daemons_leftovers_are_killed_at_the_next_start(backend: &str) {
     assert!(!Path::new(&subtree).exists(), "{subtree} left behind");
 }
 
+/// A cap the host cannot enforce is a `bad_request` on a submit, and a
+/// configured default one stops the daemon at start, with the reason.
+fn caps_that_cannot_be_enforced_are_refused(backend: &str) {
+    let d = Daemon::start(backend, &[], None);
+    let s = d.stats();
+    let has_memory = s["engine"]["containment"]["controllers"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|x| x == "memory"));
+    if has_memory {
+        eprintln!("SKIP caps_that_cannot_be_enforced: this host has the memory controller");
+        return;
+    }
+    let mut c = d.client();
+    c.send(&json!({"op": "submit", "id": 1, "argv": ["/bin/true"], "memory_max": "64MiB"}));
+    let r = c.recv();
+    assert_eq!(r["code"], "bad_request", "{r}");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap()
+            .contains("memory.max cannot be enforced"),
+        "{r}"
+    );
+    drop(c);
+    drop(d);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("pidring.sock");
+    let mut d = Daemon::spawn_on(
+        Command::new(BIN),
+        dir,
+        socket,
+        backend,
+        &[],
+        Some("memory_max = \"64MiB\"\n"),
+    );
+    let st = d.wait_exit(PATIENCE);
+    assert!(!st.success(), "{}", d.log());
+    assert!(
+        d.log()
+            .contains("default caps: memory.max cannot be enforced"),
+        "{}",
+        d.log()
+    );
+}
+
 /// Run each scenario on both backends.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
@@ -514,6 +559,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    caps_that_cannot_be_enforced_are_refused,
     escapees_are_gone_when_the_daemon_answers,
     a_crashed_daemons_leftovers_are_killed_at_the_next_start,
     concurrent_clients_pipelining,

@@ -42,6 +42,13 @@ pub struct DaemonConfig {
     /// fallback, logged once), `"off"`, or a cgroup2 path this daemon owns
     /// alone (leaves a crashed predecessor left there are killed at start).
     pub cgroup: crate::cgroup::Containment,
+    /// Default `memory_max` of a submit that gives none (none: uncapped).
+    /// A cap the host cannot enforce stops the daemon at start.
+    pub memory_max: Option<super::protocol::WireSize>,
+    /// Default `pids_max` of a submit that gives none.
+    pub pids_max: Option<u64>,
+    /// Default `cpu_max` (CPUs, e.g. 0.5) of a submit that gives none.
+    pub cpu_max: Option<f64>,
     /// Run the executor's loop under `SCHED_FIFO` while a kill is near, so
     /// a saturated machine does not make it late (see
     /// `ExecutorBuilder::realtime_kills`; refused without `CAP_SYS_NICE`,
@@ -93,6 +100,9 @@ impl Default for DaemonConfig {
             max_output_cap: 1024 * 1024,
             backend: BackendKind::Auto,
             cgroup: crate::cgroup::Containment::Auto,
+            memory_max: None,
+            pids_max: None,
+            cpu_max: None,
             realtime_kills: true,
             metrics: None,
             drain_timeout: Duration::from_secs(10),
