@@ -54,6 +54,7 @@ pub struct Check {
     pub(crate) kill_group_on_exit: bool,
     pub(crate) timeout_state: State,
     pub(crate) tag: Option<String>,
+    pub(crate) caps: crate::cgroup::Caps,
 }
 
 impl Check {
@@ -75,6 +76,7 @@ impl Check {
             kill_group_on_exit: true,
             timeout_state: State::Unknown,
             tag: None,
+            caps: Default::default(),
         }
     }
 
@@ -151,6 +153,29 @@ impl Check {
         self
     }
 
+    /// Most memory the check's processes may use together (`memory.max`
+    /// of its cgroup leaf; past it the kernel reclaims, then OOM-kills in
+    /// the leaf, counted in the result). Needs containment with the memory
+    /// controller: else `submit` refuses the check.
+    pub fn memory_max(mut self, bytes: u64) -> Check {
+        self.caps.memory_max = Some(bytes);
+        self
+    }
+
+    /// Most processes (and threads) the check may have at once
+    /// (`pids.max`; a fork past it fails with EAGAIN). Needs the pids controller.
+    pub fn pids_max(mut self, n: u64) -> Check {
+        self.caps.pids_max = Some(n);
+        self
+    }
+
+    /// CPU time the check's processes may use together: `quota` per
+    /// `period` (`cpu.max`; 50 ms per 100 ms is half a CPU). Needs the cpu controller.
+    pub fn cpu_max(mut self, quota: Duration, period: Duration) -> Check {
+        self.caps.cpu_max = Some((quota.as_micros() as u64, period.as_micros() as u64));
+        self
+    }
+
     /// An opaque label echoed back in the result.
     pub fn tag(mut self, tag: impl Into<String>) -> Check {
         self.tag = Some(tag.into());
@@ -160,6 +185,11 @@ impl Check {
     /// The argument vector that will be executed.
     pub fn args(&self) -> &[OsString] {
         &self.argv
+    }
+
+    /// The caps set on this check.
+    pub fn get_caps(&self) -> &crate::cgroup::Caps {
+        &self.caps
     }
 
     /// The timeout set on this check.
@@ -182,6 +212,13 @@ impl Check {
     pub(crate) fn prepare_with(&self, inherited: &InheritedEnv) -> Result<Prepared, CheckError> {
         if self.argv.is_empty() || self.argv[0].is_empty() {
             return Err(CheckError::EmptyArgv);
+        }
+        if let Some((quota, period)) = self.caps.cpu_max
+            && (!(1000..=1_000_000).contains(&period) || quota < 1000)
+        {
+            return Err(CheckError::Cap(format!(
+                "cpu_max {quota}us per {period}us is out of range: the period must be 1ms to 1s, the quota at least 1ms"
+            )));
         }
         if self.timeout < MIN_TIMEOUT {
             return Err(CheckError::TimeoutTooShort);

@@ -73,6 +73,8 @@ pub(crate) struct Config {
     pub reap_orphans: bool,
     /// Realtime priority while a kill is near (see `priority`).
     pub realtime_kills: bool,
+    /// Where checks are contained (see `cgroup`).
+    pub containment: crate::cgroup::Containment,
 }
 
 /// A message to the loop.
@@ -153,6 +155,22 @@ pub(crate) fn start(
                 }));
                 return;
             }
+            // Signals are blocked here: the self-test creates a child.
+            let pool = crate::cgroup::Pool::setup(&config.containment, shared.max_running);
+            let status = crate::cgroup::Pool::status_of(&pool);
+            if let Err(why) = &pool {
+                tracing::warn!(
+                    "containment: no cgroup per check ({why}); checks are confined by their \
+                     process group, the descendant walk at a kill{}",
+                    if config.reap_orphans {
+                        " and the subreaper"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            *shared.containment.lock().unwrap_or_else(|p| p.into_inner()) = status;
+            let cgroups = pool.ok().flatten();
             // On this thread: the policy is per thread. Probed now, so that
             // the executor's metrics say from the start whether it is on.
             let priority = LoopPriority::new(config.realtime_kills);
@@ -185,6 +203,7 @@ pub(crate) fn start(
                 priority,
                 unrecorded: Vec::new(),
                 unrecorded_orphans: 0,
+                cgroups,
             };
             engine.run();
             if engine.reap_orphans {
@@ -253,6 +272,9 @@ struct Engine {
     // its child not yet exec'd gives back what it borrowed from here.
     /// Stacks and low descriptor slots lent to children until they exec.
     launcher: spawn::Launcher,
+    /// The cgroup leaves checks run in (containment on); dropped after
+    /// `checks`, it removes them.
+    cgroups: Option<crate::cgroup::Pool>,
 }
 
 impl Engine {
@@ -288,7 +310,7 @@ impl Engine {
                 let poll = self.next_stuck_poll.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(poll, |t| t.min(poll)));
             }
-            if !self.may_launch(now) && !self.queue.is_empty() {
+            if !self.queue.is_empty() && !self.may_launch(now) {
                 // Admission waits for a child to exec or to let go of its
                 // slots, which wakes nothing.
                 timeout = Some(timeout.map_or(LAUNCH_POLL, |t| t.min(LAUNCH_POLL)));
@@ -497,8 +519,16 @@ impl Engine {
 
     /// Another child may be created now: few enough are between clone and
     /// exec (stuck ones aside), and a low slot pair is free for its pipes.
-    fn may_launch(&self, now: Instant) -> bool {
-        self.launching.len() < MAX_LAUNCHING && self.launcher.has_slots(now)
+    /// With containment, a cgroup leaf must be ready too (the helper
+    /// thread makes them; the loop never waits on mkdir).
+    fn may_launch(&mut self, now: Instant) -> bool {
+        let in_use = self.checks.len();
+        self.launching.len() < MAX_LAUNCHING
+            && self.launcher.has_slots(now)
+            && self
+                .cgroups
+                .as_mut()
+                .is_none_or(|p| p.has_leaf(in_use, now))
     }
 
     /// Move queued checks into free running slots, oldest first.
@@ -531,14 +561,31 @@ impl Engine {
             ));
             self.by_id.insert(id, slot);
             let picked = Instant::now();
-            match spawn::launch(prepared, &self.launcher) {
+            let mut leaf = self.cgroups.as_mut().and_then(|p| p.take());
+            let entry = self.cgroups.as_ref().map(|p| p.entry());
+            // Caps go into the (empty) leaf before the child is created in it.
+            let capped = match (&mut leaf, check.caps.is_empty()) {
+                (Some(leaf), false) => leaf.apply(&check.caps),
+                _ => Ok(()),
+            };
+            let launched = match capped {
+                Ok(()) => spawn::launch(prepared, &self.launcher, leaf.as_ref().zip(entry)),
+                Err(message) => Err(spawn::SpawnFailure {
+                    errno: None,
+                    message: format!("{message} for {}", prepared.program()),
+                }),
+            };
+            match launched {
                 Ok((child, launch)) => {
                     self.launching.push_back((slot, generation, picked));
                     self.with_check(slot, generation, now, |c, ctx| {
-                        c.started(child, Some(launch), picked, ctx)
+                        c.started(child, Some(launch), leaf, picked, ctx)
                     });
                 }
                 Err(failure) => {
+                    if let (Some(leaf), Some(pool)) = (leaf, self.cgroups.as_mut()) {
+                        pool.give_back(leaf);
+                    }
                     let mut c = self.checks.remove(slot);
                     self.by_id.remove(&id);
                     tracing::debug!(id, "spawn failed: {}", failure.message);
@@ -597,7 +644,10 @@ impl Engine {
 
     fn finish(&mut self, check: Lifecycle) {
         // Stamp delivery at the moment it happens, not at the turn's start.
-        let (result, deliver) = check.finish(Instant::now());
+        let (result, deliver, leaf) = check.finish(Instant::now());
+        if let (Some(leaf), Some(pool)) = (leaf, self.cgroups.as_mut()) {
+            pool.give_back(leaf);
+        }
         self.deliver(result, deliver);
         self.shared
             .running
@@ -794,5 +844,6 @@ pub(crate) fn unstarted_result(sub: &Submission, outcome: Outcome, reason: &str)
             ..Timings::default()
         },
         rusage: None,
+        cgroup: None,
     }
 }

@@ -27,6 +27,11 @@ pub enum CheckError {
     /// The Nagios command line could not be split.
     #[error("bad command line: {0}")]
     CommandLine(CommandLineError),
+    /// A cap (`memory_max`, `pids_max`, `cpu_max`) this executor cannot
+    /// enforce (no cgroup containment, or no such controller), or out of
+    /// the kernel's range: the check is not run uncapped.
+    #[error("{0}")]
+    Cap(String),
 }
 
 /// Why the executor did not accept a check. A rejected check gets no result.

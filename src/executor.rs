@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     pub backend: Mutex<BackendKind>,
     /// The loop may take `SCHED_FIFO` near kills (asked for and permitted).
     pub realtime_kills: AtomicBool,
+    /// Which containment is in force (set by the loop at start).
+    pub containment: Mutex<crate::cgroup::ContainmentStatus>,
 }
 
 /// Configures and starts an [`Executor`].
@@ -53,6 +55,7 @@ pub struct ExecutorBuilder {
     reap_orphans: bool,
     raise_nofile: bool,
     realtime_kills: bool,
+    containment: crate::cgroup::Containment,
 }
 
 impl Default for ExecutorBuilder {
@@ -64,6 +67,7 @@ impl Default for ExecutorBuilder {
             reap_orphans: false,
             raise_nofile: true,
             realtime_kills: false,
+            containment: crate::cgroup::Containment::Off,
         }
     }
 }
@@ -116,6 +120,20 @@ impl ExecutorBuilder {
         self
     }
 
+    /// Contain each check in a cgroup v2 leaf of its own (default
+    /// [`Containment::Off`](crate::cgroup::Containment::Off)): every process
+    /// it starts, whatever session or group it moves to, is killed with it
+    /// (`cgroup.kill`) at a timeout, cancel or shutdown, and after a normal
+    /// exit when `kill_group_on_exit` (the default); its result waits
+    /// until the leaf is empty and reports the leaf's CPU time. Where
+    /// cgroups are unusable the executor falls back to the process-group
+    /// sweep and descendant walk, logs why once, and says so in
+    /// [`Executor::containment`] and the metrics.
+    pub fn cgroup(mut self, containment: crate::cgroup::Containment) -> Self {
+        self.containment = containment;
+        self
+    }
+
     /// Start the loop thread.
     pub fn build(self) -> Result<Executor, ExecutorError> {
         // First, before any descriptor of ours could take fd 0, 1 or 2.
@@ -139,12 +157,14 @@ impl ExecutorBuilder {
             queue_limit: self.queue_limit,
             backend: Mutex::new(self.backend),
             realtime_kills: AtomicBool::new(false),
+            containment: Mutex::new(Default::default()),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
         let config = engine::Config {
             backend: self.backend,
             reap_orphans: self.reap_orphans,
             realtime_kills: self.realtime_kills,
+            containment: self.containment,
         };
         let (loop_thread, backend) = engine::start(config, shared.clone(), rx)?;
         tracing::info!(backend = %backend, max_running = self.max_running, queue_limit = self.queue_limit, "executor started");
@@ -236,6 +256,15 @@ impl std::fmt::Debug for Executor {
 }
 
 impl Executor {
+    /// Which containment is in force (see [`ExecutorBuilder::cgroup`]).
+    pub fn containment(&self) -> crate::cgroup::ContainmentStatus {
+        self.shared
+            .containment
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// An executor with default settings.
     pub fn new() -> Result<Executor, ExecutorError> {
         Executor::builder().build()
@@ -278,6 +307,12 @@ impl Executor {
                 return Err(e.into());
             }
         };
+        if !check.caps.is_empty()
+            && let Some(why) = check.caps.unenforceable(&self.containment())
+        {
+            self.count_rejected();
+            return Err(crate::error::CheckError::Cap(why).into());
+        }
         // Reserve a place first, then look at `closed`: the loop sets `closed`
         // and then waits for `outstanding` to reach zero, so either it sees
         // this reservation and waits for the message, or we see `closed`.
@@ -397,6 +432,7 @@ impl Executor {
         let mut snap = m.snapshot(self.running(), self.queued(), self.backend.as_str());
         snap.counters.submitted = self.shared.submitted.load(Ordering::Relaxed);
         snap.realtime_kills = self.shared.realtime_kills.load(Ordering::Relaxed);
+        snap.containment = self.containment();
         snap
     }
 

@@ -22,6 +22,7 @@
 //! ```
 
 pub mod backend;
+pub mod cgroup;
 pub mod check;
 pub mod cmdline;
 pub mod daemon;

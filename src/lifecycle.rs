@@ -25,6 +25,7 @@
 //! - deadlines come from the timer alone, never from output or EOF.
 
 use crate::backend::Backend;
+use crate::cgroup::Leaf;
 use crate::check::Check;
 use crate::executor::Deliver;
 use crate::result::{CheckResult, ExitStatus, Outcome, Output, Rusage, Timings, signal_name};
@@ -70,6 +71,8 @@ pub(crate) enum Source {
     Stdout = 1,
     /// The stderr pipe.
     Stderr = 2,
+    /// The check's cgroup leaf's `cgroup.events` (POLLPRI).
+    Cgroup = 3,
 }
 
 /// Pack (slot, generation, source) into a backend token.
@@ -84,6 +87,7 @@ pub(crate) fn untoken(token: u64) -> (usize, u32, Option<Source>) {
         0 => Some(Source::Pidfd),
         1 => Some(Source::Stdout),
         2 => Some(Source::Stderr),
+        3 => Some(Source::Cgroup),
         _ => None,
     };
     (
@@ -282,6 +286,16 @@ pub(crate) struct Lifecycle {
     /// Timed out before its child exec'd: where the child was stuck (see
     /// `spawn::Launch::stuck`).
     never_started: Option<String>,
+    /// The check's cgroup leaf (containment on); every process it starts
+    /// is in it, and dies by its `cgroup.kill`.
+    leaf: Option<Leaf>,
+    /// A watch on the leaf's `cgroup.events` is pending.
+    leaf_armed: bool,
+    /// The leaf was killed: the result waits until it is empty (bounded
+    /// by the drain).
+    leaf_wait: bool,
+    /// Processes in the leaf when the leader exited.
+    escapees: u32,
     /// The child while it may not have exec'd yet (see `spawn::Launch`).
     /// Declared last: it must drop after `Drop` has killed and reaped the child.
     launch: Option<Launch>,
@@ -338,6 +352,10 @@ impl Lifecycle {
             output_cut: false,
             exit_pending: false,
             never_started: None,
+            leaf: None,
+            leaf_armed: false,
+            leaf_wait: false,
+            escapees: 0,
             launch: None,
         }
     }
@@ -368,10 +386,12 @@ impl Lifecycle {
         &mut self,
         child: Child,
         launch: Option<Launch>,
+        leaf: Option<Leaf>,
         picked: Instant,
         ctx: &mut Ctx<'_>,
     ) {
         self.dispatched = picked;
+        self.leaf = leaf;
         self.launch = launch;
         self.pid = Some(child.pid);
         self.started = Some(child.started);
@@ -483,6 +503,7 @@ impl Lifecycle {
             Source::Pidfd => self.pidfd_armed = false,
             Source::Stdout => self.stdout.armed = false,
             Source::Stderr => self.stderr.armed = false,
+            Source::Cgroup => self.leaf_armed = false,
         }
         say_polling(
             &mut self.said_polling,
@@ -501,6 +522,70 @@ impl Lifecycle {
                 self.leader_ready(ctx);
             }
             Source::Stdout | Source::Stderr => self.read_stream(source, ctx),
+            Source::Cgroup => {
+                self.leaf_armed = false;
+                self.watch_leaf(ctx);
+                self.maybe_done();
+            }
+        }
+    }
+
+    /// Draining, and nothing left to wait for (output closed, leaf empty): done.
+    fn maybe_done(&mut self) {
+        if self.phase == Phase::Draining
+            && self.stdout.fd.is_none()
+            && self.stderr.fd.is_none()
+            && !self.leaf_wait
+        {
+            self.phase = Phase::Done;
+        }
+    }
+
+    /// While the killed leaf is not empty, watch its `cgroup.events`
+    /// (a read first: the change notification comes 10–20 ms late, the
+    /// kernel rate-limits them, and a read that says empty is the answer).
+    fn watch_leaf(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(leaf) = &self.leaf else {
+            self.leaf_wait = false;
+            return;
+        };
+        if !self.leaf_wait || self.leaf_armed {
+            return;
+        }
+        if !leaf.populated() {
+            self.leaf_wait = false;
+            return;
+        }
+        let t = token(self.slot, self.generation, Source::Cgroup);
+        match ctx.backend.watch_pri(leaf.events(), t, true) {
+            Ok(()) => self.leaf_armed = true,
+            Err(e) => {
+                say_polling(
+                    &mut self.said_polling,
+                    self.id,
+                    "cannot watch cgroup.events",
+                    &e,
+                );
+                ctx.poll_soon(self.slot, self.generation);
+            }
+        }
+    }
+
+    /// The leader is reaped: wait for what is still open (output) or alive
+    /// (a killed leaf's processes), bounded by the drain; else done.
+    fn after_reap(&mut self, ctx: &mut Ctx<'_>) {
+        self.leaf_wait = self.leaf.as_ref().is_some_and(Leaf::killed);
+        self.watch_leaf(ctx);
+        if self.stdout.fd.is_some() || self.stderr.fd.is_some() || self.leaf_wait {
+            self.phase = Phase::Draining;
+            ctx.timers.push(
+                ctx.now + self.drain,
+                self.slot,
+                self.generation,
+                TimerKind::Drain,
+            );
+        } else {
+            self.phase = Phase::Done;
         }
     }
 
@@ -508,11 +593,23 @@ impl Lifecycle {
     /// left the group. Only while unreaped.
     fn signal(&mut self, sig: Signal) {
         // The walk first: once signalled, the leader may be gone within
-        // microseconds, and its children re-parented out of reach.
-        self.find_descendants();
+        // microseconds, and its children re-parented out of reach. Not in
+        // a cgroup leaf: its kill reaches every process, wherever it went.
+        if self.leaf.is_none() {
+            self.find_descendants();
+        }
         self.signal_leader(sig);
         self.signal_group(sig);
         self.signal_descendants(sig);
+        if sig == Signal::KILL
+            && self.pidfd.is_some()
+            && let Some(leaf) = &mut self.leaf
+            && !leaf.killed()
+        {
+            // Who is there besides the (live, unreaped) leader.
+            self.escapees = leaf.count_procs().saturating_sub(1);
+            leaf.kill();
+        }
     }
 
     /// Find the leader's descendants outside its group (while the leader
@@ -665,6 +762,11 @@ impl Lifecycle {
                             .unwatch(fd.as_fd(), token(self.slot, self.generation, source));
                     }
                 }
+                if let (Some(leaf), true) = (&self.leaf, self.leaf_armed) {
+                    let t = token(self.slot, self.generation, Source::Cgroup);
+                    ctx.backend.unwatch(leaf.events(), t);
+                    self.leaf_armed = false;
+                }
                 self.phase = Phase::Done;
             }
             TimerKind::Retry => {
@@ -688,6 +790,10 @@ impl Lifecycle {
                     if stream.fd.is_some() && !stream.armed {
                         self.read_stream(source, ctx);
                     }
+                }
+                if self.leaf_wait && !self.leaf_armed {
+                    self.watch_leaf(ctx);
+                    self.maybe_done();
                 }
             }
         }
@@ -729,6 +835,24 @@ impl Lifecycle {
         for d in self.descendants.drain(..) {
             let _ = spawn::signal_leader(d.pidfd.as_fd(), Signal::KILL);
         }
+        // And everything in the leaf (one pread when it holds only the
+        // zombie leader): what is still there outlived the leader.
+        if let Some(leaf) = &mut self.leaf
+            && !leaf.killed()
+            && leaf.populated()
+        {
+            self.escapees = leaf.count_procs();
+            if self.kill.is_some() || self.kill_group_on_exit {
+                leaf.kill();
+            } else {
+                leaf.leave_running();
+                tracing::debug!(
+                    id = self.id,
+                    escapees = self.escapees,
+                    "processes outlive the check; left running (kill_group_on_exit off)"
+                );
+            }
+        }
         match spawn::reap(pidfd.as_fd()) {
             Ok(Reap::Reaped(status, rusage)) => {
                 self.exit = Some(status);
@@ -740,17 +864,7 @@ impl Lifecycle {
                 {
                     self.exec_failed(failure);
                 }
-                if self.stdout.fd.is_some() || self.stderr.fd.is_some() {
-                    self.phase = Phase::Draining;
-                    ctx.timers.push(
-                        ctx.now + self.drain,
-                        self.slot,
-                        self.generation,
-                        TimerKind::Drain,
-                    );
-                } else {
-                    self.phase = Phase::Done;
-                }
+                self.after_reap(ctx);
             }
             Ok(Reap::NotYet) => {
                 // Woken early: not exited after all. Watch again.
@@ -766,17 +880,7 @@ impl Lifecycle {
                 );
                 self.pidfd = None;
                 self.reaped_at = Some(Instant::now());
-                self.phase = if self.stdout.fd.is_some() || self.stderr.fd.is_some() {
-                    ctx.timers.push(
-                        ctx.now + self.drain,
-                        self.slot,
-                        self.generation,
-                        TimerKind::Drain,
-                    );
-                    Phase::Draining
-                } else {
-                    Phase::Done
-                };
+                self.after_reap(ctx);
             }
             Err(e) => {
                 tracing::warn!(id = self.id, "waitid failed: {e}; retrying");
@@ -819,10 +923,7 @@ impl Lifecycle {
         let _ = drained;
         if eof {
             stream.fd = None;
-            if self.phase == Phase::Draining && self.stdout.fd.is_none() && self.stderr.fd.is_none()
-            {
-                self.phase = Phase::Done;
-            }
+            self.maybe_done();
         } else {
             // Drained (EAGAIN) or out of budget: either way, wait for more.
             let fd = stream.fd.as_ref().map(|f| f.as_fd());
@@ -846,10 +947,11 @@ impl Lifecycle {
         }
     }
 
-    /// Build the one result and hand back the callback that delivers it.
-    pub fn finish(mut self, now: Instant) -> (CheckResult, Deliver) {
+    /// Build the one result and hand back the callback that delivers it,
+    /// and the cgroup leaf, if it had one, for the pool.
+    pub fn finish(mut self, now: Instant) -> (CheckResult, Deliver, Option<Leaf>) {
         let deliver = self.deliver.take().expect("a lifecycle is finished once");
-        (self.build_result(now), deliver)
+        (self.build_result(now), deliver, self.leaf.take())
     }
 
     /// The result, from what is known now (takes the captured output).
@@ -902,16 +1004,36 @@ impl Lifecycle {
             plugin,
             timings,
             rusage: self.rusage,
+            cgroup: match (self.leaf.as_mut(), self.started) {
+                (Some(leaf), Some(_)) => {
+                    let left = self.leaf_wait || (self.escapees > 0 && !leaf.killed());
+                    Some(leaf.usage(self.escapees, left))
+                }
+                _ => None,
+            },
         }
     }
 
     /// For a cancel or a shutdown: that the kill was refused, if it was.
     fn refused_note(&self) -> String {
-        if self.refused {
-            format!("; {REFUSED} and ended by itself")
-        } else {
-            String::new()
+        match (self.refused, self.killed_by_cgroup()) {
+            (true, true) => format!("; {REFUSED}, and was killed through its cgroup"),
+            (true, false) => format!("; {REFUSED} and ended by itself"),
+            _ => String::new(),
         }
+    }
+
+    /// Whether the leader died of SIGKILL after its leaf's `cgroup.kill`
+    /// was written (the one kill that reaches a process we may not signal).
+    fn killed_by_cgroup(&self) -> bool {
+        self.leaf.as_ref().is_some_and(Leaf::killed)
+            && matches!(
+                self.exit,
+                Some(ExitStatus::Signaled {
+                    signal: libc::SIGKILL,
+                    ..
+                })
+            )
     }
 
     /// Outcome, Nagios state and the reason text.
@@ -956,6 +1078,12 @@ impl Lifecycle {
                     )
                 };
                 let how = match self.exit {
+                    _ if self.refused && self.killed_by_cgroup() => {
+                        format!(
+                            "{REFUSED}, and was killed through its cgroup (cgroup.kill) after {} grace",
+                            human(self.grace)
+                        )
+                    }
                     _ if self.refused => {
                         let end = match self.exit {
                             Some(ExitStatus::Exited { code }) => format!("exited with code {code}"),
@@ -1064,6 +1192,9 @@ impl Drop for Lifecycle {
         if let (Some(pidfd), Some(pid)) = (self.pidfd.take(), self.pid) {
             let _ = spawn::signal_leader(pidfd.as_fd(), Signal::KILL);
             let _ = spawn::signal_group_of_unreaped_leader(pid, Signal::KILL);
+            if let Some(leaf) = &mut self.leaf {
+                leaf.kill();
+            }
             // Blocking, but only on this abnormal path: SIGKILL was just sent.
             let _ = rustix::process::waitid(
                 rustix::process::WaitId::PidFd(pidfd.as_fd()),

@@ -108,6 +108,10 @@ pub struct Counters {
     /// (subreaper mode): escaped with setsid, or group members that outlived
     /// their leader's reap (killed by the sweep, collected here).
     pub orphans_reaped: u64,
+    /// Processes found alive in a check's cgroup leaf when its leader
+    /// exited (killed with the leaf, unless the check opted out).
+    #[serde(default)]
+    pub cgroup_escapees: u64,
 }
 
 /// The executor's live metrics (owned by the loop, behind a mutex).
@@ -157,6 +161,7 @@ impl Metrics {
         if s.output_cut {
             c.output_cut += 1;
         }
+        c.cgroup_escapees += u64::from(s.escapees);
         for (stage, d) in Stage::ALL.iter().zip(s.stages) {
             if let Some(d) = d {
                 self.record(*stage, d);
@@ -174,6 +179,7 @@ impl Metrics {
         MetricsSnapshot {
             backend: backend.to_string(),
             realtime_kills: false,
+            containment: Default::default(),
             running,
             queued,
             counters: self.counters,
@@ -259,6 +265,7 @@ impl Percentiles {
 pub(crate) struct ResultSummary {
     outcome: OutcomeKind,
     output_cut: bool,
+    escapees: u32,
     /// Per stage, in `Stage::ALL` order.
     stages: [Option<Duration>; Stage::ALL.len()],
 }
@@ -294,6 +301,7 @@ impl ResultSummary {
         ResultSummary {
             outcome,
             output_cut: r.output_cut,
+            escapees: r.cgroup.map_or(0, |c| c.escapees),
             stages,
         }
     }
@@ -308,6 +316,9 @@ pub struct MetricsSnapshot {
     /// permitted: see `ExecutorBuilder::realtime_kills`).
     #[serde(default)]
     pub realtime_kills: bool,
+    /// Which containment is in force (see `ExecutorBuilder::cgroup`).
+    #[serde(default)]
+    pub containment: crate::cgroup::ContainmentStatus,
     /// Checks running now (spawning, running, or draining).
     pub running: usize,
     /// Checks waiting for a running slot.

@@ -232,3 +232,118 @@ pub(crate) fn exit(code: i32) -> ! {
         unsafe { syscall4(libc::SYS_exit_group, code as usize, 0, 0, 0) };
     }
 }
+
+/// The kernel's `struct clone_args` (`CLONE_ARGS_SIZE_VER2`: up to `cgroup`).
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct CloneArgs {
+    pub flags: u64,
+    /// Where the kernel stores the pidfd (`CLONE_PIDFD`).
+    pub pidfd: u64,
+    /// Cleared (and futex-woken) at the child's exec or exit (`CLONE_CHILD_CLEARTID`).
+    pub child_tid: u64,
+    pub parent_tid: u64,
+    /// Signal to the parent at exit (`SIGCHLD`: `waitid` sees it as a normal child).
+    pub exit_signal: u64,
+    /// Lowest address of the child's stack.
+    pub stack: u64,
+    pub stack_size: u64,
+    pub tls: u64,
+    pub set_tid: u64,
+    pub set_tid_size: u64,
+    /// A cgroup v2 directory fd the child starts in (`CLONE_INTO_CGROUP`).
+    pub cgroup: u64,
+}
+
+/// `clone3(args)`, with the child running `f(arg)` on the stack `args`
+/// names and then `exit_group` with its return value (the child never
+/// returns here). In the parent: the child's pid, or `-errno`.
+///
+/// # Safety
+/// As for `clone(2)` with `f` and a stack: `args` names a stack nothing
+/// else uses while the child runs on it, and `f` may run in this
+/// process's memory (`CLONE_VM`) with raw system calls only.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn clone3(
+    args: &CloneArgs,
+    f: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    arg: *mut libc::c_void,
+) -> isize {
+    let ret: isize;
+    // SAFETY: in the parent only rax (the result), rcx and r11 change. The
+    // child starts on its own stack (the kernel sets rsp to its top,
+    // 16-byte aligned; the call leaves it as a function entry expects),
+    // with r12/r13 as the parent had them, and exits without returning.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r13",
+            "call r12",
+            "mov edi, eax",
+            "mov eax, 231",
+            "syscall",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 as isize => ret,
+            in("rdi") args as *const CloneArgs as usize,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") f as usize,
+            in("r13") arg as usize,
+            lateout("rcx") _,
+            lateout("r11") _,
+        );
+    }
+    ret
+}
+
+/// `clone3(args)`, with the child running `f(arg)` (see the x86_64 version).
+///
+/// # Safety
+/// As for the x86_64 version.
+#[cfg(target_arch = "aarch64")]
+pub(crate) unsafe fn clone3(
+    args: &CloneArgs,
+    f: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    arg: *mut libc::c_void,
+) -> isize {
+    let ret: isize;
+    // SAFETY: in the parent only x0 (the result) changes. The child starts
+    // on its own stack with x20/x21 as the parent had them, and exits
+    // (exit_group is 94) without returning.
+    unsafe {
+        core::arch::asm!(
+            "svc 0",
+            "cbnz x0, 2f",
+            "mov x29, xzr",
+            "mov x0, x21",
+            "blr x20",
+            "mov x8, 94",
+            "svc 0",
+            "brk #0",
+            "2:",
+            in("x8") libc::SYS_clone3 as usize,
+            inlateout("x0") args as *const CloneArgs as usize => ret,
+            in("x1") std::mem::size_of::<CloneArgs>(),
+            in("x20") f as usize,
+            in("x21") arg as usize,
+        );
+    }
+    ret
+}
+
+/// `write(fd, buf, len)`.
+pub(crate) fn write(fd: i32, buf: &[u8]) -> isize {
+    // SAFETY: a live buffer of `buf.len()` bytes.
+    unsafe {
+        syscall4(
+            libc::SYS_write,
+            fd as usize,
+            buf.as_ptr() as usize,
+            buf.len(),
+            0,
+        )
+    }
+}

@@ -208,6 +208,10 @@ pub struct CheckResult {
     pub timings: Timings,
     /// Resource usage from the reap.
     pub rusage: Option<Rusage>,
+    /// The usage of the check's cgroup leaf: every process it started
+    /// (`None`: it ran without containment, or never ran).
+    #[serde(default)]
+    pub cgroup: Option<crate::cgroup::CgroupUsage>,
 }
 
 impl CheckResult {

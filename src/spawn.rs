@@ -162,6 +162,15 @@ impl ChildStack {
         Ok(ChildStack { base, len })
     }
 
+    /// The stack above the guard page: lowest address and size (`clone3`'s form).
+    fn usable(&self) -> (*mut libc::c_void, usize) {
+        // SAFETY: `SIZE` below the end is within our own mapping (above the guard page).
+        (
+            unsafe { self.top().cast::<u8>().sub(Self::SIZE).cast() },
+            Self::SIZE,
+        )
+    }
+
     /// The initial stack pointer (stacks grow down; 16-byte aligned).
     fn top(&self) -> *mut libc::c_void {
         // SAFETY: one past the end of our own mapping; `len` is page-aligned.
@@ -324,7 +333,8 @@ impl Pool {
 }
 
 /// Grow this process's descriptor table now to hold what `max_running`
-/// checks use (three descriptors each) and room for the rest, within the
+/// checks use (three descriptors each, six with a cgroup leaf: its
+/// directory, `cgroup.events` and `cpu.stat`) and room for the rest, within the
 /// soft RLIMIT_NOFILE. The kernel grows a table that other threads or
 /// children share only after an RCU grace period (`expand_fdtable` calls
 /// `synchronize_rcu`): milliseconds in which the loop, the thread that
@@ -337,7 +347,7 @@ pub(crate) fn presize_fd_table(any: BorrowedFd<'_>, max_running: usize) {
         .unwrap_or(u64::MAX)
         .min(i32::MAX as u64);
     let want = (max_running as u64)
-        .saturating_mul(3)
+        .saturating_mul(6)
         .saturating_add(1024)
         .min(limit);
     // Allocating descriptor `want - 1` makes the table hold `want`; it is
@@ -511,7 +521,16 @@ impl Drop for Launch {
 /// `ChildArgs` and exits 127; the loop reports it when it reaps the child.
 /// CLONE_PIDFD creates the pidfd with the child: out of fds, `clone` fails,
 /// and a child without a pidfd cannot exist.
-pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launch), SpawnFailure> {
+///
+/// With a cgroup `leaf`, the child is created in it: `clone3` with
+/// `CLONE_INTO_CGROUP` (the same flags otherwise), or, where the self-test
+/// found that unusable (`cgroup::Entry::Write`), the child writes itself
+/// into the leaf's `cgroup.procs` as its very first step.
+pub(crate) fn launch(
+    cmd: Prepared,
+    launcher: &Launcher,
+    leaf: Option<(&crate::cgroup::Leaf, crate::cgroup::Entry)>,
+) -> Result<(Child, Launch), SpawnFailure> {
     let program = cmd.program();
     let (path, path_len, dirs, ndirs) = match search_for(&cmd)? {
         Some((path, dirs)) => (path.as_ptr(), path.len(), dirs.as_ptr(), dirs.len()),
@@ -560,6 +579,10 @@ pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launc
         parent,
         restore_nofile: nofile.is_some(),
         nofile: nofile.unwrap_or_default(),
+        procs: match leaf {
+            Some((leaf, crate::cgroup::Entry::Write)) => leaf.procs().map_or(-1, |f| f.as_raw_fd()),
+            _ => -1,
+        },
         errno: AtomicI32::new(0),
         step: AtomicU8::new(0),
         detached: AtomicU8::new(0),
@@ -585,25 +608,53 @@ pub(crate) fn launch(cmd: Prepared, launcher: &Launcher) -> Result<(Child, Launc
         | libc::CLONE_PIDFD
         | libc::CLONE_CHILD_CLEARTID
         | libc::SIGCHLD;
-    let top = launch.stack.as_ref().expect("just set").top();
-    // SAFETY: the child runs `child_main` on `launch.stack`, used by nothing
-    // else until the kernel clears `args.ctid` (at the child's execve or
-    // exit); `launch` keeps the stack, `args` and every string it points
-    // into alive until then (its Drop waits for that). The child reads
-    // `args` and writes only its atomic flags; it uses raw system calls,
-    // never libc's errno. Every signal is blocked on the calling (loop)
-    // thread, hence in the child until it has reset the dispositions. The
-    // kernel writes the pidfd into `pidfd` and clears `args.ctid`.
-    let pid = unsafe {
-        libc::clone(
-            child_main,
-            top,
-            flags,
-            (&*launch.args as *const ChildArgs).cast_mut().cast(),
-            &mut pidfd as *mut libc::c_int,
-            std::ptr::null_mut::<libc::c_void>(),
-            launch.args.ctid.as_ptr(),
-        )
+    let into = match leaf {
+        Some((leaf, crate::cgroup::Entry::CloneInto)) => Some(leaf.dir().as_raw_fd()),
+        _ => None,
+    };
+    let arg = (&*launch.args as *const ChildArgs).cast_mut().cast();
+    let pid = if let Some(cgroup) = into {
+        let (base, len) = launch.stack.as_ref().expect("just set").usable();
+        let args = rawsys::CloneArgs {
+            flags: (flags & !libc::SIGCHLD) as u64 | crate::cgroup::CLONE_INTO_CGROUP,
+            pidfd: &mut pidfd as *mut libc::c_int as u64,
+            child_tid: launch.args.ctid.as_ptr() as u64,
+            exit_signal: libc::SIGCHLD as u64,
+            stack: base as u64,
+            stack_size: len as u64,
+            cgroup: cgroup as u64,
+            ..Default::default()
+        };
+        // SAFETY: as for `clone` below; `clone3` takes the stack as its
+        // lowest address and size.
+        match unsafe { rawsys::clone3(&args, child_main, arg) } {
+            r if r < 0 => {
+                let e = Errno::from_raw_os_error((-r) as i32);
+                return Err(ChildStep::Clone.failure(&launch.strings.cmd, e));
+            }
+            r => r as libc::pid_t,
+        }
+    } else {
+        // SAFETY: the child runs `child_main` on `launch.stack`, used by nothing
+        // else until the kernel clears `args.ctid` (at the child's execve or
+        // exit); `launch` keeps the stack, `args` and every string it points
+        // into alive until then (its Drop waits for that). The child reads
+        // `args` and writes only its atomic flags; it uses raw system calls,
+        // never libc's errno. Every signal is blocked on the calling (loop)
+        // thread, hence in the child until it has reset the dispositions. The
+        // kernel writes the pidfd into `pidfd` and clears `args.ctid`.
+        let top = launch.stack.as_ref().expect("just set").top();
+        unsafe {
+            libc::clone(
+                child_main,
+                top,
+                flags,
+                arg,
+                &mut pidfd as *mut libc::c_int,
+                std::ptr::null_mut::<libc::c_void>(),
+                launch.args.ctid.as_ptr(),
+            )
+        }
     };
     if pid < 0 {
         let e = io_errno(&std::io::Error::last_os_error());
@@ -776,6 +827,9 @@ struct ChildArgs {
     /// Set RLIMIT_NOFILE to `nofile` (soft, hard) before exec.
     restore_nofile: bool,
     nofile: [u64; 2],
+    /// The leaf's `cgroup.procs` to write "0" into first (-1: none, or
+    /// born in the leaf).
+    procs: libc::c_int,
     /// Set by the child when a step failed (it then exits 127).
     errno: AtomicI32,
     /// The step the child is at (a `ChildStep`): set as it begins each
@@ -807,6 +861,7 @@ impl ChildArgs {
             parent: 0,
             restore_nofile: false,
             nofile: [0; 2],
+            procs: -1,
             errno: AtomicI32::new(0),
             step: AtomicU8::new(0),
             detached: AtomicU8::new(0),
@@ -830,6 +885,8 @@ enum ChildStep {
     Exec = 4,
     /// `execve` found the program, not its `#!` interpreter or ELF loader.
     Interpreter = 5,
+    /// Moving into the check's cgroup (`cgroup.procs`).
+    Cgroup = 6,
 }
 
 impl ChildStep {
@@ -840,6 +897,7 @@ impl ChildStep {
             3 => ChildStep::Chdir,
             4 => ChildStep::Exec,
             5 => ChildStep::Interpreter,
+            6 => ChildStep::Cgroup,
             _ => ChildStep::Clone,
         }
     }
@@ -848,7 +906,7 @@ impl ChildStep {
     fn stuck(self, cmd: &Prepared) -> String {
         match self {
             ChildStep::Clone => "it never got to run (no CPU, or memory for it)".to_string(),
-            ChildStep::Setsid | ChildStep::Stdio => {
+            ChildStep::Setsid | ChildStep::Stdio | ChildStep::Cgroup => {
                 "stuck setting up its session and standard streams".to_string()
             }
             ChildStep::Chdir => format!(
@@ -870,6 +928,7 @@ impl ChildStep {
         let what = match self {
             ChildStep::Clone => "cannot create a process for",
             ChildStep::Setsid => "cannot start a session for",
+            ChildStep::Cgroup => "cannot put into its cgroup the process for",
             ChildStep::Stdio => "cannot set up the standard streams of",
             ChildStep::Chdir => {
                 return SpawnFailure {
@@ -904,6 +963,13 @@ impl ChildStep {
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `ChildArgs` that `Launch` keeps alive until we exec or exit.
     let args = unsafe { &*(arg as *const ChildArgs) };
+    if args.procs >= 0 {
+        // Into the check's cgroup before anything else (not born there).
+        let r = rawsys::write(args.procs, b"0");
+        if r < 0 {
+            child_fail(args, ChildStep::Cgroup, r);
+        }
+    }
     // A handler the application installed must not run here (in the
     // parent's memory) once signals are unblocked: back to default.
     // Ignored signals stay ignored across execve, so the ones a check must

@@ -124,6 +124,7 @@ async fn run_one(job: &Job, policy: &Policy, naive: bool, start: Instant) -> Rec
     let mut cmd = tokio::process::Command::new(&job.spec.argv[0]);
     cmd.args(&job.spec.argv[1..])
         .env(&policy.marker.0, &policy.marker.1)
+        .env(crate::strict::SEQ_VAR, job.spec.seq.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

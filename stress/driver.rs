@@ -51,6 +51,11 @@ pub trait Driver {
     fn metrics(&self) -> Option<MetricsSnapshot>;
     /// Stop the executor; every outstanding check gets its result first.
     fn shutdown(self: Box<Self>);
+    /// Which containment is in force (`cgroup`, `fallback`, `off`), if
+    /// this driver can tell.
+    fn containment(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The `pidring` library in this process.
@@ -75,6 +80,7 @@ impl InProcess {
             .queue_limit(policy.queue_limit)
             .realtime_kills(policy.realtime_kills)
             .reap_orphans(true)
+            .cgroup(pidring::cgroup::Containment::Auto)
             .build()
             .map_err(|e| format!("cannot start the executor: {e}"))?;
         Ok(InProcess {
@@ -96,7 +102,8 @@ impl Driver for InProcess {
         let check = Check::argv(&spec.argv)
             .timeout(self.policy.timeout)
             .grace(self.policy.grace)
-            .env(&self.policy.marker.0, &self.policy.marker.1);
+            .env(&self.policy.marker.0, &self.policy.marker.1)
+            .env(crate::strict::SEQ_VAR, spec.seq.to_string());
         let tx = self.tx.clone();
         let seq = spec.seq;
         let start = self.start;
@@ -123,5 +130,9 @@ impl Driver for InProcess {
 
     fn shutdown(self: Box<Self>) {
         self.exec.shutdown();
+    }
+
+    fn containment(&self) -> Option<String> {
+        Some(self.exec.containment().mode)
     }
 }

@@ -13,6 +13,7 @@ mod progress;
 mod record;
 mod report;
 mod socket;
+mod strict;
 
 use behaviour::{Behaviour, LONGEST_LIFE_MS, Mix};
 use clap::{Parser, ValueEnum};
@@ -273,12 +274,17 @@ struct Ledger {
     total_hist: Option<hdrhistogram::Histogram<u64>>,
     per_behaviour: BTreeMap<Behaviour, u64>,
     load_1m: Vec<f64>,
+    /// The strict orphan watch (see `strict`).
+    strict: Option<strict::Strict>,
 }
 
 impl Ledger {
     fn take(&mut self, ev: Event) {
         match ev {
             Event::Result(r) => {
+                if let Some(s) = &self.strict {
+                    s.delivered(r.seq);
+                }
                 *self.results.entry(r.seq).or_insert(0) += 1;
                 if r.ending.timed_out() {
                     self.timeouts += 1;
@@ -406,6 +412,7 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
     // Submit by the profile, collecting results as they come.
     let mut ledger = Ledger {
         total_hist: Some(report::histogram()),
+        strict: Some(strict::Strict::start(marker_kv.clone())),
         ..Ledger::default()
     };
     let mut progress = progress::Progress::new();
@@ -619,6 +626,33 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
             pidring::metrics::fmt_us(opts.kill_bound.as_micros() as u64)
         ),
     ));
+    // With a cgroup per check: nothing of a check alive once its result
+    // was delivered, watched all through the run.
+    let (scans, strict_found) = ledger
+        .strict
+        .take()
+        .map(strict::Strict::finish)
+        .unwrap_or_default();
+    let contained = drv.containment();
+    if contained.as_deref() == Some("cgroup") {
+        verdicts.push(Verdict::new(
+            "no process of a check alive once its result is delivered (cgroup per check)",
+            strict_found.is_empty(),
+            format!(
+                "{} scan(s) of /proc during the run; {} process(es) alive after their check's result: {:?} (pid, check)",
+                scans,
+                strict_found.len(),
+                &strict_found[..strict_found.len().min(8)]
+            ),
+        ));
+    } else {
+        eprintln!(
+            "pidring-stress: containment {}: the strict orphan invariant is not checked, only that escapees end",
+            contained
+                .as_deref()
+                .unwrap_or("unknown (not reported through this driver)")
+        );
+    }
     // Escaped grandchildren live at most LONGEST_LIFE_MS after their check.
     let orphan_bound = Duration::from_millis(LONGEST_LIFE_MS + 5_000);
     let orphans = invariants::wait_until_empty(orphan_bound, || {

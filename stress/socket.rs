@@ -167,7 +167,10 @@ pub fn request_line(spec: &Spec, policy: &Policy) -> String {
         "argv": spec.argv,
         "timeout": format!("{}ms", policy.timeout.as_millis()),
         "grace": format!("{}ms", policy.grace.as_millis()),
-        "env": { policy.marker.0.clone(): policy.marker.1.clone() },
+        "env": {
+            policy.marker.0.clone(): policy.marker.1.clone(),
+            crate::strict::SEQ_VAR: spec.seq.to_string(),
+        },
     })
     .to_string()
 }

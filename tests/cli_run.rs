@@ -522,7 +522,8 @@ fn a_check_that_may_not_be_signalled_is_not_reported_killed() {
     use std::os::unix::process::CommandExt;
     for backend in ["io_uring", "epoll"] {
         let mut cmd = pidring();
-        cmd.args(["run", "--backend", backend, "--json"])
+        // Without containment: with it, the cgroup kills it (see below).
+        cmd.args(["run", "--backend", backend, "--json", "--cgroup", "off"])
             .args(["--timeout", "300ms", "--grace", "300ms", "--"])
             .args(["/bin/sh", "-c", "sleep 1.5; echo done"]);
         // SAFETY: refuse_signals only calls prctl(2), which is async-signal-safe.
@@ -544,5 +545,109 @@ fn a_check_that_may_not_be_signalled_is_not_reported_killed() {
         assert!(!reason.contains("ignored SIGTERM"), "{backend}: {reason}");
         assert_eq!(r["stdout"]["data"], "done\n", "{backend}: {r}");
         assert!(log.contains("not permitted to signal the check"), "{log}");
+    }
+}
+
+/// Run `cmd` (a `pidring run --json …`) with marker `mark`'s environment: its
+/// output, its JSON result and what is left alive of it when it returned.
+/// `None` (after a SKIP line) if the check ran without containment.
+fn run_marked(
+    cmd: &mut Command,
+    mark: &str,
+    test: &str,
+) -> Option<(std::process::Output, serde_json::Value, Vec<i32>)> {
+    use common::escape::*;
+    let child = cmd
+        .envs(Escape::env(mark))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let left = survivors(mark);
+    // Its subtree (`Containment::Auto` as root) is gone with it.
+    for mount in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        let subtree = format!("{mount}/pidring.{pid}.0");
+        assert!(
+            !std::path::Path::new(&subtree).exists(),
+            "{subtree} left behind"
+        );
+    }
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{log}", String::from_utf8_lossy(&out.stdout)));
+    let mode = if r["cgroup"].is_null() {
+        "fallback"
+    } else {
+        "cgroup"
+    };
+    cgroup_or_skip(test, mode, &log).then_some((out, r, left))
+}
+
+/// The same check with containment: the executor still may not signal it,
+/// but `cgroup.kill` is no signal call of ours, and kills it and what it
+/// started (the kernel sends the SIGKILL) at the end of the grace.
+#[test]
+fn a_check_that_may_not_be_signalled_dies_by_its_cgroup() {
+    use common::escape::*;
+    use std::os::unix::process::CommandExt;
+    for backend in ["io_uring", "epoll"] {
+        let m = marker();
+        let mut cmd = pidring();
+        cmd.args(["run", "--backend", backend, "--json", "--cgroup", "auto"])
+            .args(["--timeout", "300ms", "--grace", "300ms", "--"])
+            .args(["/bin/sh", "-c", &Escape::SetsidDoubleFork.script(false)]);
+        // SAFETY: refuse_signals only calls prctl(2), which is async-signal-safe.
+        unsafe { cmd.pre_exec(refuse_signals) };
+        let t0 = std::time::Instant::now();
+        let test = "a_check_that_may_not_be_signalled_dies_by_its_cgroup";
+        let Some((_, r, left)) = run_marked(&mut cmd, &m, test) else {
+            return;
+        };
+        assert_eq!(r["outcome"]["kind"], "timed_out", "{backend}: {r}");
+        let reason = r["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("it could not be signalled")
+                && reason.contains("killed through its cgroup"),
+            "{backend}: {reason}"
+        );
+        assert!(
+            left.is_empty(),
+            "{backend}: alive after the result: {left:?}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(20), "{backend}");
+    }
+}
+
+/// Escapees of all three kinds are gone when `pidring run` returns, after
+/// a timeout and after a normal exit.
+#[test]
+fn run_leaves_nothing_behind_however_it_escaped() {
+    use common::escape::*;
+    for backend in ["io_uring", "epoll"] {
+        for escape in ESCAPES {
+            for then_exit in [true, false] {
+                let m = marker();
+                let timeout = if then_exit { "20s" } else { "1s" };
+                let mut cmd = pidring();
+                cmd.args(["run", "--backend", backend, "--json", "--timeout", timeout])
+                    .args(["--grace", "200ms", "--", "/bin/sh", "-c"])
+                    .arg(escape.script(then_exit));
+                let test = "run_leaves_nothing_behind_however_it_escaped";
+                let Some((out, r, left)) = run_marked(&mut cmd, &m, test) else {
+                    return;
+                };
+                let what = format!("{backend} {escape:?} exit={then_exit}");
+                let code = if then_exit { 0 } else { 3 };
+                assert_eq!(out.status.code(), Some(code), "{what}: {r}");
+                assert_eq!(r["stdout"]["data"], "started\n", "{what}: {r}");
+                assert!(
+                    left.is_empty(),
+                    "{what}: alive after `pidring run` returned: {left:?}"
+                );
+                assert!(r["cgroup"]["escapees"].as_u64() >= Some(1), "{what}: {r}");
+            }
+        }
     }
 }

@@ -1,6 +1,9 @@
 //! End-to-end tests of `pidring daemon`: the real binary on a temporary
 //! socket, driven over the socket. Every scenario runs on both backends.
 
+#[path = "common/escape.rs"]
+#[allow(dead_code)]
+mod escape;
 #[path = "common/seccomp.rs"]
 mod seccomp;
 
@@ -384,6 +387,169 @@ fn pid_space_runs_out(backend: &str) {
     assert_eq!(counter(&s, "spawn_failed"), refused as u64, "{s:#}");
 }
 
+/// The containment a daemon reports, or `None` after a SKIP line.
+fn contained_or_skip(d: &Daemon, test: &str) -> Option<()> {
+    let s = d.stats();
+    let c = &s["engine"]["containment"];
+    let (mode, detail) = (
+        c["mode"].as_str().unwrap_or("?"),
+        c["detail"].as_str().unwrap_or(""),
+    );
+    escape::cgroup_or_skip(test, mode, detail).then_some(())
+}
+
+/// Through the daemon too: escapees of all three kinds are gone when the
+/// result arrives, after a timeout and after a normal exit.
+fn escapees_are_gone_when_the_daemon_answers(backend: &str) {
+    use escape::*;
+    let d = Daemon::start(backend, &[], None);
+    if contained_or_skip(&d, "escapees_are_gone_when_the_daemon_answers").is_none() {
+        return;
+    }
+    let mut c = d.client();
+    for escape in ESCAPES {
+        for then_exit in [true, false] {
+            let m = marker();
+            let env: serde_json::Map<String, Value> = Escape::env(&m)
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect();
+            c.send(
+                &json!({"op": "submit", "id": "e", "timeout": if then_exit { 20.0 } else { 1.0 },
+                "grace": 0.2, "env": env, "argv": ["/bin/sh", "-c", escape.script(then_exit)]}),
+            );
+            let r = c.recv();
+            let left = survivors(&m);
+            let what = format!("{backend} {escape:?} exit={then_exit}");
+            assert_eq!(r["type"], "result", "{what}: {r}");
+            assert_eq!(r["result"]["stdout"]["data"], "started\n", "{what}: {r}");
+            let kind = if then_exit { "exited" } else { "timed_out" };
+            assert_eq!(r["result"]["outcome"]["kind"], kind, "{what}: {r}");
+            assert!(left.is_empty(), "{what}: alive after the answer: {left:?}");
+            assert!(
+                r["result"]["cgroup"]["escapees"].as_u64() >= Some(1),
+                "{what}: {r}"
+            );
+        }
+    }
+    let s = d.stats();
+    assert!(counter(&s, "cgroup_escapees") >= 6, "{s:#}");
+}
+
+/// A daemon killed with its checks' escapees alive in their leaves (the
+/// leaders die with it, PR_SET_PDEATHSIG; what they started does not): the
+/// next daemon on the same subtree kills them, removes the leaves, and says
+/// how many it found.
+fn a_crashed_daemons_leftovers_are_killed_at_the_next_start(backend: &str) {
+    use escape::*;
+    let Some(mount) = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .find(|p| Path::new(p).join("cgroup.subtree_control").exists())
+    else {
+        assert!(
+            !require_cgroup(),
+            "no cgroup2 mount and PIDRING_REQUIRE_CGROUP=1"
+        );
+        eprintln!("SKIP a_crashed_daemons_leftovers: no cgroup2 mount");
+        return;
+    };
+    let subtree = format!(
+        "{mount}/pidring-test-recovery.{}.{backend}",
+        std::process::id()
+    );
+    let config = format!("cgroup = \"{subtree}\"\n");
+    let mut d = Daemon::start(backend, &[], Some(&config));
+    if contained_or_skip(&d, "a_crashed_daemons_leftovers").is_none() {
+        return;
+    }
+    let m = marker();
+    let env: serde_json::Map<String, Value> = Escape::env(&m)
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+    let mut c = d.client();
+    for id in 0..2 {
+        c.send(&json!({"op": "submit", "id": id, "timeout": 60, "env": env,
+            "argv": ["/bin/sh", "-c", Escape::SetsidDoubleFork.script(false)]}));
+    }
+    let ready = Escape::env(&m)[1].1.clone();
+    let end = Instant::now() + PATIENCE;
+    while alive_with(&m).len() < 6 {
+        assert!(
+            Instant::now() < end,
+            "checks did not start: {:?}",
+            alive_with(&m)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = std::fs::remove_file(&ready);
+    d.signal(libc::SIGKILL);
+    d.wait_exit(PATIENCE);
+    // The leaders die with the daemon (PR_SET_PDEATHSIG); what they
+    // started lives on in the leaves.
+    let escaped = alive_with(&m);
+    assert!(
+        !escaped.is_empty(),
+        "nothing outlived the crash: the test tests nothing"
+    );
+    let mut d2 = Daemon::start(backend, &[], Some(&config));
+    let left = survivors(&m);
+    let log = d2.log();
+    assert!(
+        left.is_empty(),
+        "alive after the next start: {left:?}\n{log}"
+    );
+    assert!(log.contains("a previous executor left in"), "{log}");
+    d2.signal(libc::SIGTERM);
+    assert!(d2.wait_exit(PATIENCE).success(), "{}", d2.log());
+    assert!(!Path::new(&subtree).exists(), "{subtree} left behind");
+}
+
+/// A cap the host cannot enforce is a `bad_request` on a submit, and a
+/// configured default one stops the daemon at start, with the reason.
+fn caps_that_cannot_be_enforced_are_refused(backend: &str) {
+    let d = Daemon::start(backend, &[], None);
+    let s = d.stats();
+    let has_memory = s["engine"]["containment"]["controllers"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|x| x == "memory"));
+    if has_memory {
+        eprintln!("SKIP caps_that_cannot_be_enforced: this host has the memory controller");
+        return;
+    }
+    let mut c = d.client();
+    c.send(&json!({"op": "submit", "id": 1, "argv": ["/bin/true"], "memory_max": "64MiB"}));
+    let r = c.recv();
+    assert_eq!(r["code"], "bad_request", "{r}");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap()
+            .contains("memory.max cannot be enforced"),
+        "{r}"
+    );
+    drop(c);
+    drop(d);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("pidring.sock");
+    let mut d = Daemon::spawn_on(
+        Command::new(BIN),
+        dir,
+        socket,
+        backend,
+        &[],
+        Some("memory_max = \"64MiB\"\n"),
+    );
+    let st = d.wait_exit(PATIENCE);
+    assert!(!st.success(), "{}", d.log());
+    assert!(
+        d.log()
+            .contains("default caps: memory.max cannot be enforced"),
+        "{}",
+        d.log()
+    );
+}
+
 /// Run each scenario on both backends.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
@@ -393,6 +559,9 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    caps_that_cannot_be_enforced_are_refused,
+    escapees_are_gone_when_the_daemon_answers,
+    a_crashed_daemons_leftovers_are_killed_at_the_next_start,
     concurrent_clients_pipelining,
     bad_input_keeps_connection_usable,
     queue_full_then_recovery,
@@ -1821,7 +1990,10 @@ fn shutdown_does_not_wait_forever_for_a_check_it_may_not_kill() {
     let mut cmd = Command::new(BIN);
     // SAFETY: refuse_signals only calls prctl(2), which is async-signal-safe.
     unsafe { cmd.pre_exec(seccomp::refuse_signals) };
-    let mut d = Daemon::start_via(cmd, "auto", &["--drain-timeout", "1s"], None);
+    // Without containment: with it, cgroup.kill ends the check (that the
+    // cgroup kills what may not be signalled is tested in cli_run.rs).
+    let args = ["--drain-timeout", "1s", "--cgroup", "off"];
+    let mut d = Daemon::start_via(cmd, "auto", &args, None);
     let pidfile = d.dir.path().join("check.pid");
     let mut c = d.client();
     let script = format!("echo $$ > {}; exec sleep 300", pidfile.display());

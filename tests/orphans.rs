@@ -30,25 +30,14 @@ fn escaped_orphans_are_reaped_and_counted_and_leaders_keep_their_status() {
             })
             .collect();
         // Meanwhile many short checks: none may be reaped by the orphan scan.
-        let quick: Vec<_> = (0..300)
-            .map(|i| exec.submit(sh(&format!("exit {}", i % 4))).unwrap())
-            .collect();
+        let quick = submit_exit_codes(&exec, 300);
         let mut escaped = Vec::new();
         for p in pendings {
             let r = p.wait_timeout(Duration::from_secs(60)).unwrap();
             assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{backend}: {r:?}");
             escaped.push(r.stdout.text().trim().parse::<i32>().unwrap());
         }
-        for (i, p) in quick.into_iter().enumerate() {
-            let r = p.wait_timeout(Duration::from_secs(60)).unwrap();
-            assert_eq!(
-                r.outcome,
-                Outcome::Exited {
-                    code: (i % 4) as i32
-                },
-                "a leader's status was lost: {r:?}"
-            );
-        }
+        assert_exit_codes(quick, "a leader's status was lost");
         assert!(
             eventually(Duration::from_secs(20), || {
                 exec.metrics().counters.orphans_reaped >= orphans_before + n as u64

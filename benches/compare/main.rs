@@ -3,7 +3,9 @@
 //!
 //! Contenders: `raw` (tight `posix_spawn` + `waitpid` loops of `/bin/true`, one
 //! thread per core: the machine's limit), `pidring/io_uring`,
-//! `pidring/io_uring+rt` (the same with `realtime_kills`), `pidring/epoll`,
+//! `pidring/io_uring+cgroup` (the same with a cgroup v2 leaf per check,
+//! `Containment::Auto`), `pidring/io_uring+rt` (the same with
+//! `realtime_kills`), `pidring/epoll`,
 //! `tokio` (tokio::process, same in-flight limit, same timeout policy: SIGTERM
 //! to the group at the deadline, SIGKILL after the grace) and `std` (std::process
 //! with one thread per check and a watchdog thread for the same policy).
@@ -30,7 +32,7 @@
 //! contender's spawn rate (`T` is set when the contender starts).
 //!
 //! Options: `--quick` (small counts; CI), `--workloads abcd`, `--contenders
-//! raw,uring,uring-rt,epoll,tokio,std`, `--no-raise` (leave pid_max / RLIMIT_NOFILE),
+//! raw,uring,uring-cg,uring-rt,epoll,tokio,std`, `--no-raise` (leave pid_max / RLIMIT_NOFILE),
 //! `--busy-own-session` (`d`'s spinners `setsid`, as other services on a
 //! server would be, instead of sharing the contender's session and autogroup),
 //! `--rounds N` (every workload N times through every contender, in rotated
@@ -39,6 +41,7 @@
 //! `--quick` asserts nothing about speed, only that every contender completed
 //! its workload correctly and left no child behind; it exits 1 otherwise.
 
+use pidring::cgroup::Containment;
 use pidring::{BackendKind, Check, Executor, Outcome};
 use serde::{Deserialize, Serialize};
 use std::collections::{BinaryHeap, HashMap};
@@ -175,9 +178,11 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
     let mut o = Opts {
         quick: false,
         workloads: "abcd".into(),
-        contenders: ["raw", "uring", "uring-rt", "epoll", "tokio", "std"]
-            .map(String::from)
-            .to_vec(),
+        contenders: [
+            "raw", "uring", "uring-cg", "uring-rt", "epoll", "tokio", "std",
+        ]
+        .map(String::from)
+        .to_vec(),
         raise: true,
         busy_own_session: false,
         rounds: 1,
@@ -207,7 +212,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: cargo bench --bench compare -- [--quick] [--workloads abcd] \
-                     [--contenders raw,uring,uring-rt,epoll,tokio,std] [--no-raise] [--busy-own-session] \
+                     [--contenders raw,uring,uring-cg,uring-rt,epoll,tokio,std] [--no-raise] [--busy-own-session] \
                      [--rounds N]"
                         .into(),
                 );
@@ -877,6 +882,7 @@ fn judge_output(spec: &Spec, stdout: &[u8], now: u64) -> (bool, Option<u64>) {
 fn display_name(key: &str) -> String {
     match key {
         "uring" => "pidring/io_uring".into(),
+        "uring-cg" => "pidring/io_uring+cgroup".into(),
         "uring-rt" => "pidring/io_uring+rt".into(),
         "epoll" => "pidring/epoll".into(),
         other => other.into(),
@@ -887,9 +893,10 @@ fn contender_main(name: &str, spec_json: &str) {
     let spec: Spec = serde_json::from_str(spec_json).expect("spec from the harness");
     let samples_and_times = match name {
         "raw" => run_raw(&spec),
-        "uring" => run_pidring(&spec, BackendKind::IoUring, false),
-        "uring-rt" => run_pidring(&spec, BackendKind::IoUring, true),
-        "epoll" => run_pidring(&spec, BackendKind::Epoll, false),
+        "uring" => run_pidring(&spec, BackendKind::IoUring, false, Containment::Off),
+        "uring-cg" => run_pidring(&spec, BackendKind::IoUring, false, Containment::Auto),
+        "uring-rt" => run_pidring(&spec, BackendKind::IoUring, true, Containment::Off),
+        "epoll" => run_pidring(&spec, BackendKind::Epoll, false, Containment::Off),
         "tokio" => run_tokio(&spec),
         "std" => run_std(&spec),
         other => {
@@ -1067,14 +1074,28 @@ fn run_raw(spec: &Spec) -> (Vec<Sample>, Measured) {
     })
 }
 
-fn run_pidring(spec: &Spec, backend: BackendKind, realtime: bool) -> (Vec<Sample>, Measured) {
+fn run_pidring(
+    spec: &Spec,
+    backend: BackendKind,
+    realtime: bool,
+    containment: Containment,
+) -> (Vec<Sample>, Measured) {
+    let contained = containment != Containment::Off;
     let exec = Executor::builder()
+        .cgroup(containment)
         .realtime_kills(realtime)
         .max_running(spec.in_flight)
         .queue_limit(spec.n + 16)
         .backend(backend)
         .build()
         .expect("executor starts");
+    let mode = exec.containment();
+    if contained && mode.mode != "cgroup" {
+        eprintln!(
+            "pidring/io_uring+cgroup: containment is {} ({}): measuring the fallback",
+            mode.mode, mode.detail
+        );
+    }
     let check = Check::argv(&spec.argv)
         .timeout(Duration::from_millis(spec.timeout_ms))
         .grace(Duration::from_millis(spec.grace_ms));

@@ -60,10 +60,26 @@ impl Epoll {
 
     /// Arm a oneshot readability watch (ADD the first time, MOD after).
     pub fn watch(&mut self, fd: BorrowedFd<'_>, token: u64, first: bool) -> io::Result<()> {
-        let flags = epoll::EventFlags::IN | epoll::EventFlags::ONESHOT;
+        self.watch_for(fd, token, first, epoll::EventFlags::IN)
+    }
+
+    /// Arm a oneshot watch for `events` (`IN`, `PRI`).
+    pub fn watch_for(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        token: u64,
+        first: bool,
+        events: epoll::EventFlags,
+    ) -> io::Result<()> {
+        let flags = events | epoll::EventFlags::ONESHOT;
         let data = epoll::EventData::new_u64(token);
         if first {
-            epoll::add(&self.epoll, fd, data, flags)?;
+            match epoll::add(&self.epoll, fd, data, flags) {
+                // Still registered from an earlier watch (a pooled cgroup
+                // file outlives the check that watched it): re-arm it.
+                Err(rustix::io::Errno::EXIST) => epoll::modify(&self.epoll, fd, data, flags)?,
+                other => other?,
+            }
         } else {
             match epoll::modify(&self.epoll, fd, data, flags) {
                 // Never added (its first add failed, ENOSPC or ENOMEM): add it now.

@@ -126,6 +126,17 @@ impl Backend {
         }
     }
 
+    /// Watch `fd` once for an urgent condition (`POLLPRI`: a cgroup file
+    /// such as `cgroup.events` changed); else as `watch`.
+    pub fn watch_pri(&mut self, fd: BorrowedFd<'_>, token: u64, first: bool) -> io::Result<()> {
+        match self {
+            Backend::Uring(b) => b.watch_for(fd, token, libc::POLLPRI as u32),
+            Backend::Epoll(b) => {
+                b.watch_for(fd, token, first, rustix::event::epoll::EventFlags::PRI)
+            }
+        }
+    }
+
     /// Cancel a pending watch on `fd` (registered under `token`) before the fd is closed.
     pub fn unwatch(&mut self, fd: BorrowedFd<'_>, token: u64) {
         match self {

@@ -89,7 +89,12 @@ impl Uring {
 
     /// Arm a oneshot POLLIN watch.
     pub fn watch(&mut self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
-        let sqe = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+        self.watch_for(fd, token, libc::POLLIN as u32)
+    }
+
+    /// Arm a oneshot watch for `events` (`POLLIN`, `POLLPRI`).
+    pub fn watch_for(&mut self, fd: BorrowedFd<'_>, token: u64, events: u32) -> io::Result<()> {
+        let sqe = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), events)
             .build()
             .user_data(token);
         self.push(sqe)

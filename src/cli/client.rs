@@ -211,11 +211,19 @@ pub fn stats(args: StatsArgs) -> ExitCode {
     };
     let mut out = String::new();
     out.push_str(&format!(
-        "backend {}   realtime kills {}   running {}   queued {}\n\n",
+        "backend {}   realtime kills {}   running {}   queued {}\n",
         engine.backend,
         if engine.realtime_kills { "on" } else { "off" },
         engine.running,
         engine.queued
+    ));
+    out.push_str(&format!(
+        "containment {}{}\n\n",
+        engine.containment.mode,
+        match engine.containment.detail.as_str() {
+            "" => String::new(),
+            d => format!(" ({d})"),
+        }
     ));
     out.push_str(&engine.render_table());
     let c = &engine.counters;
@@ -233,6 +241,7 @@ pub fn stats(args: StatsArgs) -> ExitCode {
         ("ended by shutdown", c.shutdown),
         ("output cut", c.output_cut),
         ("orphans reaped", c.orphans_reaped),
+        ("cgroup escapees", c.cgroup_escapees),
     ] {
         out.push_str(&format!("  {name:<22} {v:>10}\n"));
     }

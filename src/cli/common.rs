@@ -90,11 +90,13 @@ pub fn wait_stop_signal(set: &libc::sigset_t) -> i32 {
 /// child subreaper, since it runs checks and nothing else.
 pub fn service_executor(
     backend: pidring::BackendKind,
+    containment: pidring::cgroup::Containment,
     max_running: usize,
     realtime_kills: bool,
 ) -> Result<std::sync::Arc<pidring::Executor>, pidring::ExecutorError> {
     pidring::Executor::builder()
         .backend(backend)
+        .cgroup(containment)
         .max_running(max_running)
         .realtime_kills(realtime_kills)
         .reap_orphans(true)

@@ -49,6 +49,9 @@ pub struct DaemonArgs {
     /// Event backend: auto, io_uring or epoll [default: auto].
     #[arg(long)]
     backend: Option<BackendKind>,
+    /// Containment: auto, off, or a cgroup2 path [default: auto].
+    #[arg(long, value_name = "auto|off|PATH")]
+    cgroup: Option<pidring::cgroup::Containment>,
     /// Take SCHED_FIFO on the executor's loop while a kill is near, so a
     /// saturated machine cannot make it late: true or false [default: true].
     #[arg(long, value_name = "BOOL")]
@@ -98,6 +101,9 @@ fn run_daemon(args: DaemonArgs) -> ExitCode {
     }
     if let Some(b) = args.backend {
         config.backend = b;
+    }
+    if let Some(c) = args.cgroup {
+        config.cgroup = c;
     }
     if let Some(r) = args.realtime_kills {
         config.realtime_kills = r;

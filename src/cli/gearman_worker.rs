@@ -28,6 +28,12 @@ pub struct GearmanWorkerArgs {
     /// Event backend: auto, io_uring or epoll.
     #[arg(long, default_value = "auto")]
     backend: BackendKind,
+    /// Containment: a cgroup v2 leaf per check: auto (the delegated own
+    /// cgroup under systemd, else as root a fresh one under the cgroup2
+    /// mount, else the process-group fallback), off, or a cgroup2 path
+    /// owned by this process alone.
+    #[arg(long, value_name = "auto|off|PATH", default_value = "auto")]
+    cgroup: pidring::cgroup::Containment,
     /// Most checks running at once (jobs in flight are bounded by max-worker, or this).
     #[arg(long, default_value_t = 1024)]
     max_running: usize,
@@ -71,7 +77,12 @@ pub fn main(args: GearmanWorkerArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
-    let exec = match service_executor(args.backend, args.max_running, args.realtime_kills) {
+    let exec = match service_executor(
+        args.backend,
+        args.cgroup.clone(),
+        args.max_running,
+        args.realtime_kills,
+    ) {
         Ok(e) => e,
         Err(e) => return fail(&e.to_string()),
     };

@@ -32,6 +32,12 @@ pub struct NagiosWorkerArgs {
     /// Event backend: auto, io_uring or epoll.
     #[arg(long, default_value = "auto")]
     backend: BackendKind,
+    /// Containment: a cgroup v2 leaf per check. auto (the delegated own
+    /// cgroup under systemd, else as root a fresh one under the cgroup2
+    /// mount, else the process-group fallback), off, or a cgroup2 path
+    /// owned by this process alone.
+    #[arg(long, value_name = "auto|off|PATH", default_value = "auto")]
+    cgroup: pidring::cgroup::Containment,
     /// Take SCHED_FIFO on the executor's loop while a kill is near, so a
     /// saturated machine cannot make it late: true or false.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
@@ -62,7 +68,12 @@ pub fn main(args: NagiosWorkerArgs) -> ExitCode {
     if let Err(e) = config.validate() {
         return fail(&e);
     }
-    let exec = match service_executor(args.backend, args.max_running, args.realtime_kills) {
+    let exec = match service_executor(
+        args.backend,
+        args.cgroup.clone(),
+        args.max_running,
+        args.realtime_kills,
+    ) {
         Ok(e) => e,
         Err(e) => return fail(&e.to_string()),
     };

@@ -27,6 +27,12 @@ pub struct RunArgs {
     /// Event backend: auto, io_uring or epoll.
     #[arg(long, default_value = "auto")]
     backend: BackendKind,
+    /// Containment: a cgroup v2 leaf per check. auto (the delegated own
+    /// cgroup under systemd, else as root a fresh one under the cgroup2
+    /// mount, else the process-group fallback), off, or a cgroup2 path
+    /// owned by this process alone.
+    #[arg(long, value_name = "auto|off|PATH", default_value = "auto")]
+    cgroup: pidring::cgroup::Containment,
     /// Take SCHED_FIFO on the executor's loop while the kill is near, so a
     /// saturated machine cannot make it late: true or false.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
@@ -71,6 +77,7 @@ pub fn main(args: RunArgs) -> ExitCode {
         .timeout_state(args.timeout_state);
     let exec = match Executor::builder()
         .backend(args.backend)
+        .cgroup(args.cgroup.clone())
         .realtime_kills(args.realtime_kills)
         .max_running(1)
         .build()
@@ -112,6 +119,9 @@ pub fn main(args: RunArgs) -> ExitCode {
     }
     let result = pending.wait();
     finished.store(true, Ordering::SeqCst);
+    // The signal thread holds a handle too: stop the executor here, so
+    // that it removes its cgroup subtree before the process exits.
+    exec.shutdown();
     let code = super::common::print_result(&result, args.json);
     match stopped_by.load(Ordering::SeqCst) {
         // Not a cancel's result: the check ended first, the signal came late.

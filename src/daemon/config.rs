@@ -36,6 +36,19 @@ pub struct DaemonConfig {
     pub max_output_cap: usize,
     /// Event backend.
     pub backend: BackendKind,
+    /// Containment: `"auto"` (a cgroup v2 leaf per check: the delegated
+    /// own cgroup under systemd `Delegate=yes`, else as root a fresh
+    /// `<cgroup2 mount>/pidring.<pid>.<n>`; else the process-group
+    /// fallback, logged once), `"off"`, or a cgroup2 path this daemon owns
+    /// alone (leaves a crashed predecessor left there are killed at start).
+    pub cgroup: crate::cgroup::Containment,
+    /// Default `memory_max` of a submit that gives none (none: uncapped).
+    /// A cap the host cannot enforce stops the daemon at start.
+    pub memory_max: Option<super::protocol::WireSize>,
+    /// Default `pids_max` of a submit that gives none.
+    pub pids_max: Option<u64>,
+    /// Default `cpu_max` (CPUs, e.g. 0.5) of a submit that gives none.
+    pub cpu_max: Option<f64>,
     /// Run the executor's loop under `SCHED_FIFO` while a kill is near, so
     /// a saturated machine does not make it late (see
     /// `ExecutorBuilder::realtime_kills`; refused without `CAP_SYS_NICE`,
@@ -89,6 +102,10 @@ impl Default for DaemonConfig {
             output_cap: crate::check::DEFAULT_OUTPUT_CAP,
             max_output_cap: 1024 * 1024,
             backend: BackendKind::Auto,
+            cgroup: crate::cgroup::Containment::Auto,
+            memory_max: None,
+            pids_max: None,
+            cpu_max: None,
             realtime_kills: true,
             metrics: None,
             drain_timeout: Duration::from_secs(10),

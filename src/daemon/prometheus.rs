@@ -261,7 +261,7 @@ pub fn render_engine(engine: &MetricsSnapshot) -> String {
     }
 
     let c = &engine.counters;
-    let counters: [(&str, &str, u64); 6] = [
+    let counters: [(&str, &str, u64); 7] = [
         (
             "pidring_checks_submitted_total",
             "Checks accepted by the engine.",
@@ -291,6 +291,11 @@ pub fn render_engine(engine: &MetricsSnapshot) -> String {
             "pidring_orphans_reaped_total",
             "Escaped descendants of checks reaped as subreaper.",
             c.orphans_reaped,
+        ),
+        (
+            "pidring_cgroup_escapees_total",
+            "Processes found in a check's cgroup leaf besides its leader when the leaf was killed or the leader exited.",
+            c.cgroup_escapees,
         ),
     ];
     for (name, help, v) in counters {
@@ -352,6 +357,17 @@ pub fn render_engine(engine: &MetricsSnapshot) -> String {
         out,
         "pidring_realtime_kills {}",
         u8::from(engine.realtime_kills)
+    );
+    family(
+        &mut out,
+        "pidring_containment_info",
+        "gauge",
+        "Which containment is in force: cgroup (a cgroup v2 leaf per check), fallback (asked for, not usable: process-group sweep and descendant walk) or off (value is always 1).",
+    );
+    let _ = writeln!(
+        out,
+        "pidring_containment_info{{mode=\"{}\"}} 1",
+        engine.containment.mode
     );
     out
 }

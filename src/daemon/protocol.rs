@@ -251,6 +251,19 @@ pub struct SubmitRequest {
     pub output_cap: Option<WireSize>,
     /// State reported on timeout (default UNKNOWN).
     pub timeout_state: Option<State>,
+    /// After a normal exit, kill what the check left (its process group,
+    /// and its cgroup leaf with containment): default true. `false` for a
+    /// check that must leave a service running (an event handler).
+    pub kill_group_on_exit: Option<bool>,
+    /// Most memory the check's processes may use together (`memory.max`
+    /// of its cgroup; default: the daemon's `memory_max`, else none).
+    pub memory_max: Option<WireSize>,
+    /// Most processes the check may have at once (`pids.max`; default:
+    /// the daemon's `pids_max`, else none).
+    pub pids_max: Option<u64>,
+    /// CPUs the check's processes may use together, e.g. 0.5 (`cpu.max`
+    /// over a 100 ms period; default: the daemon's `cpu_max`, else none).
+    pub cpu_max: Option<f64>,
     /// Any JSON, echoed back in the result exactly as written
     /// ([`parse_request`] keeps its text; `null` is no tags).
     #[serde(skip)]
@@ -761,11 +774,15 @@ mod tests {
         let r = parse_request(
             r#"{"op":"submit","id":7,"argv":["/bin/echo","x"],"timeout":"2s","grace":1.5,
                 "env":{"A":"1"},"env_clear":true,"cwd":"/","output_cap":"4k",
-                "timeout_state":"CRITICAL","tags":{"host":"a"}}"#,
+                "timeout_state":"CRITICAL","kill_group_on_exit":false,"memory_max":"64MiB",
+                "pids_max":32,"cpu_max":0.5,"tags":{"host":"a"}}"#,
         )
         .unwrap();
         let Request::Submit(s) = r else { panic!() };
         assert_eq!(s.id, Some(ClientId::Num(7.into())));
+        assert_eq!(s.kill_group_on_exit, Some(false));
+        assert_eq!(s.memory_max, Some(WireSize(64 << 20)));
+        assert_eq!((s.pids_max, s.cpu_max), (Some(32), Some(0.5)));
         assert_eq!(s.timeout, Some(WireDuration(Duration::from_secs(2))));
         assert_eq!(s.grace, Some(WireDuration(Duration::from_millis(1500))));
         assert_eq!(s.output_cap, Some(WireSize(4096)));

@@ -597,10 +597,23 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         .max_running(config.max_running)
         .queue_limit(config.queue_limit)
         .backend(config.backend)
+        .cgroup(config.cgroup.clone())
         .realtime_kills(config.realtime_kills)
         .reap_orphans(true)
         .build()?;
     let exec = Arc::new(exec);
+    // Default caps the host cannot enforce: a clear error, not silence.
+    let defaults = with_caps(
+        Check::argv(["/bin/true"]),
+        config.memory_max.map(|w| w.0 as u64),
+        config.pids_max,
+        config.cpu_max,
+    );
+    if let Some(why) = defaults.get_caps().unenforceable(&exec.containment()) {
+        return Err(DaemonError::Invalid(format!(
+            "the configured default caps: {why}"
+        )));
+    }
     // After the executor raised RLIMIT_NOFILE: what is left for clients.
     let mut config = config;
     fit_clients_to_descriptors(&mut config);
@@ -1428,10 +1441,34 @@ fn build_check(config: &DaemonConfig, req: &SubmitRequest, id: &ClientId) -> Res
     if let Some(cwd) = &req.cwd {
         check = check.cwd(cwd);
     }
+    if let Some(yes) = req.kill_group_on_exit {
+        check = check.kill_group_on_exit(yes);
+    }
     if let Some(state) = req.timeout_state {
         check = check.timeout_state(state);
     }
-    Ok(check)
+    let memory = req.memory_max.or(config.memory_max).map(|w| w.0 as u64);
+    Ok(with_caps(
+        check,
+        memory,
+        req.pids_max.or(config.pids_max),
+        req.cpu_max.or(config.cpu_max),
+    ))
+}
+
+/// `check` with these caps (`cpu`: CPUs, over a 100 ms period).
+fn with_caps(mut check: Check, memory: Option<u64>, pids: Option<u64>, cpu: Option<f64>) -> Check {
+    if let Some(m) = memory {
+        check = check.memory_max(m);
+    }
+    if let Some(p) = pids {
+        check = check.pids_max(p);
+    }
+    if let Some(c) = cpu {
+        let period = Duration::from_millis(100);
+        check = check.cpu_max(period.mul_f64(c.clamp(0.0, 1e6)), period);
+    }
+    check
 }
 
 #[cfg(test)]

@@ -323,6 +323,7 @@ mod tests {
                 ..Default::default()
             },
             rusage: None,
+            cgroup: None,
         }
     }
 

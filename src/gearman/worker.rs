@@ -545,9 +545,7 @@ impl Conn {
                 // every result: closing with its replies unread would send a
                 // reset, which may cost it our last bytes. (A GRAB_JOB still
                 // unanswered is not waited for: closing hands its job back.)
-                if self.live_jobs() == 0
-                    && s.out.is_empty()
-                    && !s.expect.contains(&Expect::Created)
+                if self.live_jobs() == 0 && s.out.is_empty() && !s.expect.contains(&Expect::Created)
                 {
                     return End::Stopped;
                 }

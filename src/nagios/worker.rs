@@ -798,6 +798,7 @@ mod tests {
                 ..Default::default()
             },
             rusage: None,
+            cgroup: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: invariant probes read from /proc.
 #![allow(dead_code)]
 
+pub mod escape;
 pub mod gearman;
 pub mod seccomp;
 
@@ -103,19 +104,7 @@ pub fn assert_clean(fds_before: usize) {
     assert!(z.is_empty(), "zombie children left: {z:?}");
     let fds = fd_count();
     if fds != fds_before {
-        let list: Vec<String> = std::fs::read_dir("/proc/self/fd")
-            .map(|d| {
-                d.flatten()
-                    .map(|e| {
-                        format!(
-                            "{:?}->{:?}",
-                            e.file_name(),
-                            std::fs::read_link(e.path()).ok()
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let list = fd_list();
         panic!("fd leak: {fds_before} fds before, {fds} after: {list:?}");
     }
 }
@@ -128,12 +117,33 @@ pub fn each_backend(
     let _guard = serial();
     for backend in BACKENDS {
         let before = fd_count();
+        let before_list = fd_list();
         let exec = build(backend);
         assert_eq!(exec.backend(), backend);
         body(&exec, backend);
         drop(exec);
+        if fd_count() != before {
+            eprintln!("fds before: {before_list:?}");
+        }
         assert_clean(before);
     }
+}
+
+/// This process's fds and what they are.
+pub fn fd_list() -> Vec<String> {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    format!(
+                        "{:?}->{:?}",
+                        e.file_name(),
+                        std::fs::read_link(e.path()).ok()
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Once `exec` is idle, `count()` comes back to `idle` (within 10 s): the
@@ -167,4 +177,24 @@ pub fn run(exec: &Executor, check: Check) -> CheckResult {
         .expect("accepted")
         .wait_timeout(Duration::from_secs(60))
         .expect("a result within 60s")
+}
+
+/// Submit `n` checks that exit 0, 1, 2, 3, 0, … in turn.
+pub fn submit_exit_codes(exec: &Executor, n: usize) -> Vec<pidring::Pending> {
+    (0..n)
+        .map(|i| exec.submit(sh(&format!("exit {}", i % 4))).unwrap())
+        .collect()
+}
+
+/// Each of `submit_exit_codes`'s checks exited by itself with its code.
+pub fn assert_exit_codes(pendings: Vec<pidring::Pending>, what: &str) {
+    for (i, p) in pendings.into_iter().enumerate() {
+        let r = p.wait_timeout(Duration::from_secs(60)).unwrap();
+        let code = (i % 4) as i32;
+        assert_eq!(
+            r.outcome,
+            pidring::Outcome::Exited { code },
+            "{what}: check {i}: {r:?}"
+        );
+    }
 }

@@ -1,0 +1,270 @@
+//! Containment: one cgroup v2 leaf per check. Every process a check starts
+//! is gone when its result is delivered, whichever way it escaped its
+//! process group, after a timeout and after a normal exit; a killed leaf is
+//! never reused; a check the executor may not signal still dies.
+
+mod common;
+
+use common::escape::*;
+use common::*;
+use pidring::cgroup::Containment;
+use pidring::{BackendKind, Check, Executor, Outcome};
+use std::time::Duration;
+
+fn contained(backend: BackendKind) -> Executor {
+    Executor::builder()
+        .backend(backend)
+        .max_running(256)
+        .cgroup(Containment::Auto)
+        .build()
+        .expect("executor")
+}
+
+/// The check for `escape`, marked with `marker`.
+fn escaping(escape: Escape, then_exit: bool, marker: &str) -> Check {
+    let mut c = sh(&escape.script(then_exit))
+        .timeout(Duration::from_millis(if then_exit { 20_000 } else { 1500 }))
+        .grace(Duration::from_millis(200));
+    for (k, v) in Escape::env(marker) {
+        c = c.env(k, v);
+    }
+    c
+}
+
+#[test]
+fn escapees_are_gone_when_the_result_is_delivered() {
+    each_backend(contained, |exec, backend| {
+        let s = exec.containment();
+        if !cgroup_or_skip(
+            "escapees_are_gone_when_the_result_is_delivered",
+            &s.mode,
+            &s.detail,
+        ) {
+            return;
+        }
+        for escape in ESCAPES {
+            for then_exit in [true, false] {
+                let m = marker();
+                let r = run(exec, escaping(escape, then_exit, &m));
+                let left = survivors(&m);
+                let what = format!("{backend} {escape:?} exit={then_exit}");
+                assert_eq!(r.stdout.text(), "started\n", "{what}: {r:?}");
+                if then_exit {
+                    assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{what}: {r:?}");
+                } else {
+                    assert!(r.timed_out(), "{what}: {r:?}");
+                }
+                assert!(left.is_empty(), "{what}: alive after the result: {left:?}");
+                let usage = r.cgroup.expect("a contained check reports its cgroup");
+                assert!(usage.escapees >= 1, "{what}: {usage:?}");
+                assert!(!usage.left_running, "{what}: {usage:?}");
+                assert!(usage.cpu_us > 0, "{what}: {usage:?}");
+            }
+        }
+    });
+}
+
+/// A check that opts out of the kill (an event handler that starts a
+/// service) leaves its processes running; shutdown kills them.
+#[test]
+fn a_check_that_opts_out_leaves_its_service_until_shutdown() {
+    each_backend(contained, |exec, backend| {
+        let s = exec.containment();
+        if !cgroup_or_skip("a_check_that_opts_out", &s.mode, &s.detail) {
+            return;
+        }
+        let m = marker();
+        let r = run(
+            exec,
+            escaping(Escape::SetsidDoubleFork, true, &m).kill_group_on_exit(false),
+        );
+        assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{backend}: {r:?}");
+        let usage = r.cgroup.expect("usage");
+        assert!(usage.left_running && usage.escapees >= 1, "{usage:?}");
+        assert!(
+            !alive_with(&m).is_empty(),
+            "{backend}: the service was killed"
+        );
+        assert!(exec.shutdown_within(Duration::from_secs(30)));
+        let left = survivors(&m);
+        assert!(left.is_empty(), "{backend}: alive after shutdown: {left:?}");
+    });
+}
+
+/// Cancel and shutdown kill the whole leaf too.
+#[test]
+fn cancel_and_shutdown_kill_the_whole_leaf() {
+    each_backend(contained, |exec, backend| {
+        let s = exec.containment();
+        if !cgroup_or_skip(
+            "cancel_and_shutdown_kill_the_whole_leaf",
+            &s.mode,
+            &s.detail,
+        ) {
+            return;
+        }
+        let m = marker();
+        let ready = Escape::env(&m)[1].1.clone();
+        let p = exec
+            .submit(escaping(Escape::SetsidDoubleFork, false, &m).timeout(Duration::from_secs(60)))
+            .unwrap();
+        assert!(eventually(Duration::from_secs(20), || {
+            std::path::Path::new(&ready).exists()
+        }));
+        exec.cancel(p.id());
+        let r = p.wait_timeout(Duration::from_secs(30)).unwrap();
+        let left = survivors(&m);
+        assert_eq!(r.outcome, Outcome::Cancelled, "{backend}: {r:?}");
+        assert!(left.is_empty(), "{backend}: alive after cancel: {left:?}");
+    });
+}
+
+/// Linux 6.18 SIGKILLs a child cloned into a leaf whose cgroup.kill was
+/// written: ordinary checks after many killed ones must all live.
+#[test]
+fn ordinary_checks_after_many_killed_ones_all_exit_normally() {
+    each_backend(contained, |exec, backend| {
+        let s = exec.containment();
+        if !cgroup_or_skip("ordinary_checks_after_many_killed_ones", &s.mode, &s.detail) {
+            return;
+        }
+        let killed: Vec<_> = (0..60)
+            .map(|_| {
+                exec.submit(sh("sleep 30").timeout(Duration::from_millis(50)))
+                    .unwrap()
+            })
+            .collect();
+        for p in killed {
+            let r = p.wait_timeout(Duration::from_secs(60)).unwrap();
+            assert!(r.timed_out(), "{backend}: {r:?}");
+        }
+        let quick = submit_exit_codes(exec, 300);
+        assert_exit_codes(quick, &format!("{backend}: after killed leaves"));
+    });
+}
+
+/// Containment asked for where it cannot be had: the checks still run,
+/// confined by the group sweep, and the executor says which mode is in force.
+#[test]
+fn an_unusable_cgroup_falls_back_and_says_so() {
+    // Not a cgroup2 file system: nothing is created there.
+    let path = std::env::temp_dir().join(format!("pidring-not-a-cgroup-{}", std::process::id()));
+    each_backend(
+        |backend| {
+            Executor::builder()
+                .backend(backend)
+                .cgroup(Containment::Path(path.clone()))
+                .build()
+                .unwrap()
+        },
+        |exec, backend| {
+            let s = exec.containment();
+            assert_eq!(s.mode, "fallback", "{s:?}");
+            assert!(s.detail.contains("not on a cgroup2"), "{s:?}");
+            assert_eq!(exec.metrics().containment.mode, "fallback");
+            let r = run(exec, sh("echo hi"));
+            assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{backend}: {r:?}");
+            assert!(r.cgroup.is_none());
+            assert!(!path.exists(), "created {}", path.display());
+        },
+    );
+}
+
+/// Where the memory and pids controllers are on, a result has the peaks of
+/// the check's processes together (a leaf then serves one check).
+#[test]
+fn peaks_are_reported_where_the_controllers_are_on() {
+    each_backend(contained, |exec, backend| {
+        let s = exec.containment();
+        if !cgroup_or_skip("peaks_are_reported", &s.mode, &s.detail) {
+            return;
+        }
+        let has = |c: &str| s.controllers.iter().any(|x| x == c);
+        if !has("memory") || !has("pids") {
+            assert!(
+                !require_cgroup(),
+                "controllers {:?}: memory and pids needed, PIDRING_REQUIRE_CGROUP=1",
+                s.controllers
+            );
+            eprintln!(
+                "SKIP peaks_are_reported: the checks' cgroups have controllers {:?} \
+                 (memory/pids bound to cgroup v1 here?)",
+                s.controllers
+            );
+            return;
+        }
+        let r = run(exec, sh("sleep 0.2 & sleep 0.2 & sleep 0.2 & wait"));
+        let u = r.cgroup.expect("usage");
+        assert!(u.pids_peak >= Some(4), "{backend}: {u:?}");
+        assert!(u.memory_peak_bytes > Some(0), "{backend}: {u:?}");
+        assert_eq!(u.oom_kills, Some(0), "{backend}: {u:?}");
+        let again = run(exec, sh("exit 0")).cgroup.expect("usage");
+        assert!(
+            again.pids_peak < Some(4),
+            "{backend}: a leaf was reused: {again:?}"
+        );
+    });
+}
+
+/// Caps: where the host cannot enforce one (no containment, or its
+/// controller is not there), the check is refused with a reason, never
+/// run uncapped; where it can, the cap holds.
+#[test]
+fn caps_are_enforced_or_refused_never_ignored() {
+    use pidring::{CheckError, SubmitError};
+    let refused = |exec: &Executor, check: Check, file: &str| match exec.submit(check) {
+        Err(SubmitError::Invalid(CheckError::Cap(why))) => {
+            assert!(why.contains(file), "{why}");
+        }
+        other => panic!("a cap on {file} was not refused: {other:?}"),
+    };
+    // Off: nothing can be capped.
+    let off = Executor::builder().build().unwrap();
+    refused(&off, sh("true").memory_max(1 << 26), "memory.max");
+    refused(&off, sh("true").pids_max(8), "pids.max");
+    drop(off);
+    let bad = sh("true").cpu_max(Duration::from_micros(10), Duration::from_millis(100));
+    each_backend(contained, |exec, backend| {
+        assert!(matches!(
+            exec.submit(bad.clone()),
+            Err(SubmitError::Invalid(CheckError::Cap(_)))
+        ));
+        let s = exec.containment();
+        if !cgroup_or_skip("caps_are_enforced_or_refused", &s.mode, &s.detail) {
+            return;
+        }
+        let has = |c: &str| s.controllers.iter().any(|x| x == c);
+        for (controller, check, file) in [
+            ("memory", sh("true").memory_max(1 << 26), "memory.max"),
+            (
+                "cpu",
+                sh("true").cpu_max(Duration::from_millis(50), Duration::from_millis(100)),
+                "cpu.max",
+            ),
+        ] {
+            if !has(controller) {
+                refused(exec, check, file);
+            }
+        }
+        if !has("pids") {
+            refused(exec, sh("true").pids_max(8), "pids.max");
+            assert!(
+                !require_cgroup(),
+                "no pids controller and PIDRING_REQUIRE_CGROUP=1"
+            );
+            eprintln!(
+                "SKIP caps_are_enforced: no pids controller for the checks' cgroups ({:?})",
+                s.controllers
+            );
+            return;
+        }
+        // 4 processes at most: the shell and three sleeps; the rest fail to fork.
+        let r = run(
+            exec,
+            sh("for i in 1 2 3 4 5 6 7 8; do sleep 1 & done 2>/dev/null; wait; echo done")
+                .pids_max(4),
+        );
+        let u = r.cgroup.expect("usage");
+        assert!(u.pids_peak <= Some(4), "{backend}: {u:?}");
+    });
+}
