@@ -6,11 +6,15 @@ use crate::check::Check;
 use crate::engine::{self, Request, Submission};
 use crate::error::{ExecutorError, SubmitError};
 use crate::metrics::{Metrics, MetricsSnapshot, Stage};
+use crate::oneshot::{self, Lost};
 use crate::result::CheckResult;
 use crate::waker::Waker;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -280,12 +284,10 @@ impl Executor {
         self.backend
     }
 
-    /// Submit a check; wait for its result with [`Pending::wait`].
+    /// Submit a check; wait for its result with [`Pending::wait`], or `.await` it.
     pub fn submit(&self, check: Check) -> Result<Pending, SubmitError> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let id = self.submit_with(check, move |r| {
-            let _ = tx.send(r);
-        })?;
+        let (tx, rx) = oneshot::channel();
+        let id = self.submit_with(check, move |r| tx.send(r))?;
         Ok(Pending { id, rx })
     }
 
@@ -492,11 +494,17 @@ impl Drop for Executor {
     }
 }
 
-/// A submitted check's future result.
+/// A submitted check's future result: block on it ([`wait`](Pending::wait)),
+/// or `.await` it from any async runtime (the loop wakes the task).
+///
+/// Dropping it is harmless: the check still runs and its result is dropped.
+/// Polling it after it returned `Ready`, or after
+/// [`try_result`](Pending::try_result) or [`wait_timeout`](Pending::wait_timeout)
+/// took the result, panics (as does `wait` then).
 #[derive(Debug)]
 pub struct Pending {
     id: CheckId,
-    rx: Receiver<CheckResult>,
+    rx: oneshot::Receiver<CheckResult>,
 }
 
 impl Pending {
@@ -507,19 +515,41 @@ impl Pending {
 
     /// Block until the result arrives.
     pub fn wait(self) -> CheckResult {
-        self.rx
-            .recv()
-            .expect("pidring executor loop died without answering a check (this is a bug)")
+        match self.rx.recv_until(None) {
+            Some(got) => got.unwrap_or_else(|lost| no_result(lost)),
+            None => unreachable!("waiting without a deadline"),
+        }
     }
 
     /// Block up to `timeout` for the result.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<CheckResult> {
-        self.rx.recv_timeout(timeout).ok()
+        self.rx.recv_until(Some(Instant::now() + timeout))?.ok()
     }
 
     /// The result if it is already there.
     pub fn try_result(&self) -> Option<CheckResult> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv()?.ok()
+    }
+}
+
+impl Future for Pending {
+    type Output = CheckResult;
+
+    /// Ready with the result once the loop delivered it; panics if it was taken already.
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CheckResult> {
+        self.rx
+            .poll_recv(cx)
+            .map(|got| got.unwrap_or_else(|lost| no_result(lost)))
+    }
+}
+
+/// Why a `Pending` asked for its result has none: both are the caller's or the loop's bug.
+fn no_result(lost: Lost) -> ! {
+    match lost {
+        Lost::Taken => panic!("this check's result was already taken from its Pending"),
+        Lost::Abandoned => {
+            panic!("pidring executor loop died without answering a check (this is a bug)")
+        }
     }
 }
 

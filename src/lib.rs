@@ -33,6 +33,7 @@ pub mod gearman;
 mod lifecycle;
 pub mod metrics;
 pub mod nagios;
+mod oneshot;
 pub mod plugin;
 mod priority;
 mod rawsys;
