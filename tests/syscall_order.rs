@@ -8,6 +8,9 @@
 //! - the group is swept (`kill(-pid, SIGKILL)`) *before* the reaping
 //!   `waitid(P_PIDFD)`, after a timeout and after a normal exit;
 //! - nothing of the check is signalled after that `waitid`.
+//!
+//! They run `--cgroup off`: the order of these calls is the process-group
+//! path's, which stays the path on hosts without usable cgroups.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,7 +47,11 @@ fn trace(name: &str, backend: &str, args: &[&str]) -> Option<Trace> {
         .arg("-o")
         .arg(dir.join("t"))
         .arg(env!("CARGO_BIN_EXE_pidring"))
-        .args(["run", "--backend", backend])
+        // The process-group path (the fallback where cgroups are unusable):
+        // with containment, the cgroup's start-up self-test child is reaped
+        // first, and escapees die by cgroup.kill, not pidfd_send_signal
+        // (tests/cgroup.rs covers that path).
+        .args(["run", "--cgroup", "off", "--backend", backend])
         .args(args)
         .output()
         .unwrap();
