@@ -13,7 +13,7 @@
 //!     └─────────────────────────────────▶  Done ──▶ one CheckResult
 //! ```
 //!
-//! The invariants this file keeps (see DESIGN.md):
+//! The invariants this file keeps (see docs/DESIGN.md):
 //! - the leader is signalled only through its pidfd, and the group only while
 //!   `pidfd` is `Some` — i.e. the leader is unreaped and pins the group id;
 //! - the reap is never skipped: a signal's result never decides anything;
