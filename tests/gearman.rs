@@ -945,3 +945,81 @@ fn a_server_speaking_garbage_is_dropped_and_retried() {
     let (_s, _) = listener.accept().unwrap();
     assert!(w.stop(Duration::from_secs(30)).success());
 }
+
+/// The Nagios bridge's own guarantees: a job whose result never comes is
+/// answered as timed out; a result for no waiting job is dropped and
+/// counted; with gearmand unreachable a job is answered at once as failed.
+#[test]
+fn the_nagios_bridge_answers_every_job_once_even_without_a_result() {
+    use pidring::nagios::distribute::Distribute;
+    use std::sync::atomic::Ordering;
+    let Some((_serial, _dir, _, g)) = setup("the_nagios_bridge_answers_every_job") else {
+        return;
+    };
+    let d =
+        Distribute::start_with_margin(&g.addr(), Crypt::plain(), Duration::from_secs(1)).unwrap();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let submit = |d: &Distribute, host: &str| {
+        let tx = tx.clone();
+        let j = Job {
+            kind: "service".into(),
+            host_name: host.into(),
+            service_description: "s".into(),
+            timeout: 1,
+            command_line: "/bin/true".into(),
+            ..Job::default()
+        };
+        d.submit(
+            j,
+            Duration::from_secs(1),
+            Box::new(move |r| tx.send(r).unwrap()),
+        )
+    };
+    // No gearman-worker runs: nothing answers the job, the deadline does.
+    std::thread::sleep(Duration::from_millis(300)); // let it connect (else: answered as failed)
+    let started = Instant::now();
+    let id = submit(&d, "nobody-runs-this");
+    let r = rx.recv_timeout(Duration::from_secs(20)).expect("answered");
+    assert_eq!(r.id, id);
+    assert!(
+        matches!(&r.outcome, pidring::Outcome::SpawnFailed { errno: Some(e), message } if *e == libc::ETIME && message.contains("no result from gearmand")),
+        "{r:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "answered before timeout + margin"
+    );
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "answered twice"
+    );
+    // A result nobody waits for.
+    let a = Answer {
+        kind: "active",
+        host_name: "stranger".into(),
+        output: "x".into(),
+        ..Answer::default()
+    };
+    gm::submit_bg(
+        g.port,
+        &pidring::nagios::distribute::result_queue(),
+        &Crypt::plain().seal(a.to_text().as_bytes()),
+    );
+    let end = Instant::now() + Duration::from_secs(20);
+    while d.stats.late_dropped.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < end, "the stray result was not taken");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(d.stats.timed_out.load(Ordering::Relaxed), 1);
+    drop(d);
+    // gearmand unreachable: answered at once, as failed.
+    let port = g.port;
+    g.stop();
+    let d = Distribute::start(&format!("127.0.0.1:{port}"), Crypt::plain()).unwrap();
+    submit(&d, "unreachable");
+    let r = rx.recv_timeout(Duration::from_secs(10)).expect("answered");
+    assert!(
+        matches!(&r.outcome, pidring::Outcome::SpawnFailed { errno: Some(e), .. } if *e == libc::ENOTCONN),
+        "{r:?}"
+    );
+}

@@ -5,7 +5,9 @@
 //!
 //! Skips (loudly) only when /usr/sbin/nagios4 is not installed.
 
-use std::collections::HashMap;
+mod common;
+
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -687,4 +689,146 @@ fn e2e(mode: Mode) {
     }
 
     stop_cleanly(procs);
+}
+
+/// Every service has a result since `since` from one of the gearman
+/// workers `pids` (the plugins print their parent's pid); returns the
+/// workers seen.
+fn all_fresh_from_workers(status: &Path, pids: &[u32], since: u64) -> Result<HashSet<u32>, String> {
+    let svcs = services(status);
+    let mut seen = HashSet::new();
+    let mut stale = Vec::new();
+    let worker_of = |out: &str, prefix: &str| -> Option<u32> {
+        let rest = out.strip_prefix(prefix)?;
+        let pid: u32 = rest
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()?;
+        pids.contains(&pid).then_some(pid)
+    };
+    for (name, r) in latest_results(&svcs)? {
+        let (last, state, out) = (r.last_check, r.state, r.output);
+        let from = if last < since {
+            None
+        } else {
+            match name {
+                "crit" if state == "2" => worker_of(out, "CRITICAL via pidring "),
+                "slow" => out.contains("Check Timed Out On Worker: w").then_some(0),
+                n if n.starts_with("probe") && state == "0" => worker_of(out, "OK via pidring "),
+                _ => out
+                    .rsplit_once(" via ")
+                    .and_then(|(_, pid)| pid.parse::<u32>().ok())
+                    .filter(|p| pids.contains(p)),
+            }
+        };
+        match from {
+            Some(pid) => {
+                seen.insert(pid);
+            }
+            None => stale.push(format!(
+                "{name}: last_check={last} state={state} output={out:?}"
+            )),
+        }
+    }
+    seen.remove(&0);
+    if stale.is_empty() {
+        Ok(seen)
+    } else {
+        stale.sort();
+        Err(format!(
+            "{} services not yet fresh from the gearman workers since {since}, e.g. {:?}",
+            stale.len(),
+            &stale[..stale.len().min(3)]
+        ))
+    }
+}
+
+/// A Nagios 4 core spreads its checks through gearmand: `nagios-worker
+/// --gearman` puts every job into gearmand, two `pidring gearman-worker`s
+/// run them, and status.dat shows fresh results from both (a CRITICAL and
+/// a timeout among them), before and after a SIGHUP of the core.
+#[test]
+fn nagios_core_distributes_its_checks_through_gearmand_to_two_workers() {
+    let Some(gearmand) = common::gearman::gearmand_binary("nagios_core_distributes_its_checks")
+    else {
+        return;
+    };
+    let Some((mut procs, started)) = start_core("gearman") else {
+        return;
+    };
+    let dir = procs.dir.clone();
+    let (log, status) = (dir.join("nagios.log"), dir.join("status.dat"));
+    let g = common::gearman::Gearmand::start(&gearmand, &[]);
+    let bin = env!("CARGO_BIN_EXE_pidring");
+    fs::write(
+        dir.join("empty.cfg"),
+        "# worker.cfg read as mod_gearman's\n",
+    )
+    .unwrap();
+    let mut workers = Vec::new();
+    for name in ["w1", "w2"] {
+        // The test directory on the command line: Procs' drop kills them too.
+        workers.push(
+            Command::new(bin)
+                .args([
+                    "gearman-worker",
+                    "--server",
+                    &g.addr(),
+                    "--encryption=no",
+                    "--services=yes",
+                    "--hosts=yes",
+                ])
+                .arg(format!("--identifier={name}"))
+                .arg(format!("--config={}", dir.join("empty.cfg").display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(dir.join(format!("{name}.log"))).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let pids: Vec<u32> = workers.iter().map(|w| w.id()).collect();
+    let mut cmd = Command::new(bin);
+    cmd.args(["nagios-worker", "--qh-socket"])
+        .arg(dir.join("nagios.qh"))
+        .args(["--plugin", "check_dummy", "--plugin"])
+        .arg(dir.join("probe"))
+        .args(["--gearman", &g.addr()]);
+    let bridge = spawn_pidring(&mut procs, cmd);
+
+    let since = wait_for("pidring to register both plugins", || {
+        registered_after(&log, started)
+    });
+    wait_for("fresh results from both gearman workers", || {
+        let seen = all_fresh_from_workers(&status, &pids, since)?;
+        if seen.len() == 2 {
+            Ok(())
+        } else {
+            Err(format!("results only from {seen:?} of {pids:?}"))
+        }
+    });
+
+    let hup_at = now();
+    Procs::signal(procs.nagios.as_ref().unwrap(), libc::SIGHUP);
+    let since = wait_for("the bridge to register again after SIGHUP", || {
+        registered_after(&log, hup_at)
+    });
+    wait_for(
+        "fresh results from both gearman workers after the restart",
+        || {
+            let seen = all_fresh_from_workers(&status, &pids, since)?;
+            if seen.len() == 2 {
+                Ok(())
+            } else {
+                Err(format!("results only from {seen:?} of {pids:?}"))
+            }
+        },
+    );
+    no_lingering_zombies(bridge);
+    for mut w in workers {
+        Procs::stop(&mut w, Duration::from_secs(20));
+    }
+    stop_cleanly(procs);
+    g.stop();
 }

@@ -45,6 +45,16 @@ pub struct NagiosWorkerArgs {
     /// Most checks running at once; the rest wait in FIFO order.
     #[arg(long, default_value_t = 1024)]
     max_running: usize,
+    /// Run nothing here: put every job into this gearmand (host:port) as a
+    /// mod_gearman job, for `pidring gearman-worker`s on any hosts to run.
+    #[arg(long, value_name = "HOST:PORT")]
+    gearman: Option<String>,
+    /// With --gearman: the mod_gearman secret (jobs and results encrypted; default plain).
+    #[arg(long, value_name = "SECRET")]
+    gearman_key: Option<String>,
+    /// With --gearman: a file whose first line is the secret.
+    #[arg(long, value_name = "FILE")]
+    gearman_keyfile: Option<PathBuf>,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -64,6 +74,9 @@ pub fn main(args: NagiosWorkerArgs) -> ExitCode {
         connections: args.connections,
         name: args.name,
         max_jobs: args.max_jobs,
+        gearman: args.gearman,
+        gearman_key: args.gearman_key,
+        gearman_keyfile: args.gearman_keyfile,
     };
     if let Err(e) = config.validate() {
         return fail(&e);

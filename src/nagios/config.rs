@@ -23,6 +23,13 @@ pub struct NagiosWorkerConfig {
     pub name: String,
     /// Most jobs the core may hand one connection at once.
     pub max_jobs: usize,
+    /// Run nothing here: put every job into this gearmand (`host:port`) as
+    /// a mod_gearman job, for `pidring gearman-worker`s to run.
+    pub gearman: Option<String>,
+    /// With `gearman`: the mod_gearman secret (jobs and results encrypted).
+    pub gearman_key: Option<String>,
+    /// With `gearman`: a file whose first line is the secret.
+    pub gearman_keyfile: Option<PathBuf>,
 }
 
 impl Default for NagiosWorkerConfig {
@@ -33,11 +40,25 @@ impl Default for NagiosWorkerConfig {
             connections: None,
             name: "pidring".to_string(),
             max_jobs: 4096,
+            gearman: None,
+            gearman_key: None,
+            gearman_keyfile: None,
         }
     }
 }
 
 impl NagiosWorkerConfig {
+    /// How jobs for gearmand are sealed: encrypted when a key or keyfile is given, else plain.
+    pub fn gearman_crypt(&self) -> Result<crate::gearman::Crypt, String> {
+        let g = crate::gearman::GearmanConfig {
+            encryption: self.gearman_key.is_some() || self.gearman_keyfile.is_some(),
+            key: self.gearman_key.clone(),
+            keyfile: self.gearman_keyfile.clone(),
+            ..crate::gearman::GearmanConfig::default()
+        };
+        g.crypt()
+    }
+
     /// The general connections this config asks for.
     pub fn general_connections(&self) -> usize {
         self.connections
@@ -60,6 +81,9 @@ impl NagiosWorkerConfig {
                     "plugin {p:?}: give the command's first word (a name or path without spaces or ';')"
                 ));
             }
+        }
+        if self.gearman.is_some() {
+            self.gearman_crypt()?;
         }
         if self.name.contains([';', '\0', '\n']) {
             return Err(format!("name {:?} must not contain ';' or NUL", self.name));

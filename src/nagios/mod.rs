@@ -4,6 +4,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod distribute;
 pub mod worker;
 
 pub use config::NagiosWorkerConfig;

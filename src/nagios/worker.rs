@@ -192,6 +192,15 @@ pub fn spawn_workers(
     }
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(WorkerStats::default());
+    let dist = match &config.gearman {
+        Some(server) => {
+            let crypt = config.gearman_crypt().map_err(NagiosError::Config)?;
+            Some(Arc::new(
+                super::distribute::Distribute::start(server, crypt).map_err(NagiosError::Thread)?,
+            ))
+        }
+        None => None,
+    };
     let mut workers = NagiosWorkers {
         stop: stop.clone(),
         threads: Vec::new(),
@@ -201,6 +210,7 @@ pub fn spawn_workers(
         let ctx = ConnCtx {
             spec,
             exec: exec.clone(),
+            dist: dist.clone(),
             stop: stop.clone(),
             stats: stats.clone(),
         };
@@ -256,6 +266,8 @@ pub fn register(socket: &Path, request: &[u8]) -> Result<(UnixStream, Vec<u8>), 
 struct ConnCtx {
     spec: ConnSpec,
     exec: Arc<Executor>,
+    /// Jobs go to gearmand instead of `exec` (`--gearman`).
+    dist: Option<Arc<super::distribute::Distribute>>,
     stop: Arc<AtomicBool>,
     stats: Arc<WorkerStats>,
 }
@@ -408,7 +420,7 @@ impl ConnCtx {
             "{why} with jobs in flight: killing them (their results have no one to go to)"
         );
         for &id in &ids {
-            self.exec.cancel(id);
+            self.cancel(id);
         }
         let Some(rx) = rx else { return };
         let end = Instant::now() + STOP_DRAIN;
@@ -473,7 +485,7 @@ impl ConnCtx {
             tracing::info!(conn = %self.spec.label, jobs = ids.len(), "stopping: killing jobs in flight");
         }
         for id in ids {
-            self.exec.cancel(id);
+            self.cancel(id);
         }
         let end = Instant::now() + STOP_DRAIN;
         while !lock(&s.inflight).is_empty() && s.alive.load(Ordering::SeqCst) {
@@ -498,6 +510,43 @@ impl ConnCtx {
         let echo = echo_pairs(&msg);
         let tx = s.tx.clone();
         let mut inflight = lock(&s.inflight);
+        if let Some(dist) = &self.dist {
+            let job = crate::gearman::Job {
+                kind: if msg.get("service_description").is_some() {
+                    "service"
+                } else {
+                    "host"
+                }
+                .into(),
+                // The core's worker jobs may not name their host: the
+                // job id then does (results are matched on it, and the
+                // mod_gearman result format needs a host).
+                host_name: msg
+                    .get("host_name")
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("job-{}", msg.get("job_id").unwrap_or_default())),
+                service_description: msg
+                    .get("service_description")
+                    .unwrap_or_default()
+                    .to_string(),
+                timeout: check.get_timeout().as_secs().max(1),
+                command_line: msg.get("command").unwrap_or_default().to_string(),
+                ..crate::gearman::Job::default()
+            };
+            let id = dist.submit(
+                job,
+                check.get_timeout(),
+                Box::new(move |result| {
+                    let _ = tx.send(Answer::Done {
+                        echo,
+                        result: Box::new(result),
+                    });
+                }),
+            );
+            inflight.insert(id);
+            return;
+        }
         let submitted = self.exec.submit_with(check, move |result| {
             let _ = tx.send(Answer::Done {
                 echo,
@@ -517,6 +566,14 @@ impl ConnCtx {
                 };
                 self.refuse(s, &msg, code, format!("pidring: {e}"));
             }
+        }
+    }
+
+    /// Kill a job in flight: the executor's check, or the job waiting on gearmand.
+    fn cancel(&self, id: CheckId) {
+        match &self.dist {
+            Some(d) => d.cancel(id),
+            None => self.exec.cancel(id),
         }
     }
 
