@@ -2,25 +2,17 @@
 //! kill is near (`ExecutorBuilder::realtime_kills`).
 //!
 //! Why: on a machine whose cores are saturated by busy processes, a woken
-//! ordinary thread can wait for a CPU until the next scheduler tick (4 ms at
-//! `CONFIG_HZ=250`, more under load), so a deadline is enforced late: the
-//! incident pidring answers. A `SCHED_FIFO` thread preempts every ordinary
-//! one the moment it wakes. The loop takes it only while a timer is due
-//! soon (a deadline, a grace end): realtime on every wake would make it
-//! preempt the children it just created after each exit, which costs
-//! throughput (measured 0.80× the raw spawn limit against 0.92–0.96×).
-//! And within a budget: while realtime the loop also reaps and reads output,
-//! and a stream of deadlines next to plugins flooding output could keep it
-//! busy at realtime priority for seconds, starving every ordinary thread on
-//! its CPU (the daemon's client threads among them). So its CPU time while
-//! realtime is metered (`CLOCK_THREAD_CPUTIME_ID`): past 30 % of a CPU on
-//! average (with a 50 ms burst), it stays ordinary until the budget refills
-//! by half a burst. (Kills in (d) use about 10 %; with 300 plugins flooding
-//! output next to deadlines 15 ms apart, another client's ping took up to
-//! 43 ms instead of 340–590 ms without the budget, 11 ms without realtime.)
-//! (Going ordinary right after each turn's signals was tried: the loop was
-//! then preempted before it could raise itself again, and kill lateness p99
-//! went back to 2.5–11.6 ms.)
+//! ordinary thread can wait for a CPU until the next scheduler tick, so a
+//! deadline is enforced late: the incident pidring answers. A `SCHED_FIFO`
+//! thread preempts every ordinary one the moment it wakes. The loop takes it
+//! only while a timer is due soon: realtime on every wake would make it
+//! preempt, after each exit, the children it just created, which costs
+//! throughput. And only within a CPU budget (`CLOCK_THREAD_CPUTIME_ID`): a
+//! stream of deadlines next to plugins flooding output could otherwise keep
+//! it busy at realtime priority for seconds, starving every ordinary thread
+//! on its CPU. Dropping back to ordinary right after each turn's signals
+//! does not work: the loop is then preempted before it can raise itself
+//! again. (Measurements: docs/PERFORMANCE.md.)
 //! `SCHED_RESET_ON_FORK` keeps checks out of it: a child created while the
 //! loop is realtime starts as `SCHED_OTHER` at nice 0 — which is why the
 //! loop takes it only when it is itself `SCHED_OTHER` at nice 0 or below:

@@ -37,7 +37,7 @@ pub struct DaemonArgs {
     /// Socket path [default: /run/pidring/pidring.sock as root, else $XDG_RUNTIME_DIR/pidring.sock].
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// TOML configuration file (see README "Daemon").
+    /// TOML configuration file (see docs/DAEMON.md).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Checks running at once [default: 1024].
