@@ -17,8 +17,8 @@
 //! in rotated order, then the median and range), `--quick` (500 jobs, one
 //! round; checks correctness only and exits 1 if a job was not answered OK).
 
-use pidring::gearman::packet::{self, Decoder, Kind};
-use pidring::gearman::{Answer, Crypt, Job};
+use pidring_service::gearman::packet::{self, Decoder, Kind};
+use pidring_service::gearman::{Answer, Crypt, Job};
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

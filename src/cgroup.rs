@@ -30,7 +30,6 @@ use crate::rawsys;
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
-use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -82,16 +81,18 @@ impl std::str::FromStr for Containment {
 }
 
 /// In a configuration file: `"auto"`, `"off"` or an absolute path.
-impl<'de> Deserialize<'de> for Containment {
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for Containment {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
+        <String as serde::Deserialize>::deserialize(d)?
             .parse()
             .map_err(serde::de::Error::custom)
     }
 }
 
 /// Which containment is in force (in stats and Prometheus).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ContainmentStatus {
     /// `cgroup` (a leaf per check), `fallback` (asked for, not usable:
     /// group sweep and descendant walk) or `off` (not asked for).
@@ -100,7 +101,7 @@ pub struct ContainmentStatus {
     pub detail: String,
     /// The controllers enabled in the checks' leaves (of `memory`, `pids`
     /// and `cpu`): what their peaks, OOM counts and caps need.
-    #[serde(default)]
+    #[cfg_attr(feature = "serde", serde(default))]
     pub controllers: Vec<String>,
 }
 
@@ -116,7 +117,8 @@ impl ContainmentStatus {
 /// Limits on one check's processes together, enforced by its cgroup leaf
 /// (see [`crate::Check::memory_max`]). A cap the host cannot enforce (no
 /// containment, or its controller not available) is refused at submit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Caps {
     /// `memory.max`, bytes.
     pub memory_max: Option<u64>,
@@ -177,7 +179,8 @@ impl Caps {
 }
 
 /// What the usage of one check's leaf was (in its result).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct CgroupUsage {
     /// CPU time of every process of the check (`cpu.stat` usage_usec).
     pub cpu_us: u64,
@@ -194,14 +197,14 @@ pub struct CgroupUsage {
     pub left_running: bool,
     /// Most memory the check's processes used at once (`memory.peak`;
     /// only with the memory controller on).
-    #[serde(default)]
+    #[cfg_attr(feature = "serde", serde(default))]
     pub memory_peak_bytes: Option<u64>,
     /// Most processes the check had at once (`pids.peak`; pids controller).
-    #[serde(default)]
+    #[cfg_attr(feature = "serde", serde(default))]
     pub pids_peak: Option<u64>,
     /// Processes of the check the OOM killer killed (`memory.events`
     /// oom_kill; memory controller).
-    #[serde(default)]
+    #[cfg_attr(feature = "serde", serde(default))]
     pub oom_kills: Option<u64>,
 }
 

@@ -193,6 +193,16 @@ impl Check {
     }
 
     /// The timeout set on this check.
+    /// The variables this check adds to (or sets in) its environment.
+    pub fn get_env(&self) -> &[(OsString, OsString)] {
+        &self.env
+    }
+
+    /// The output cap per stream, in bytes.
+    pub fn get_output_cap(&self) -> usize {
+        self.output_cap
+    }
+
     pub fn get_timeout(&self) -> Duration {
         self.timeout
     }

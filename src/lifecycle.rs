@@ -1224,11 +1224,7 @@ fn append_capped(out: &mut Output, data: &[u8], cap: usize) {
 }
 
 /// Microseconds since the Unix epoch.
-pub(crate) fn unix_us(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
+pub(crate) use crate::result::unix_us;
 
 /// A duration for people: `10s`, `1.5s`, `250ms`.
 pub(crate) fn human(d: Duration) -> String {

@@ -2,12 +2,12 @@
 
 use crate::result::{CheckResult, Outcome};
 use hdrhistogram::Histogram;
-use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// A timed stage of a check's life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Stage {
     /// Submission → admitted into a running slot.
     QueueWait,
@@ -80,7 +80,8 @@ impl Stage {
 }
 
 /// Counters of what the executor did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Counters {
     /// Checks accepted.
     pub submitted: u64,
@@ -110,7 +111,7 @@ pub struct Counters {
     pub orphans_reaped: u64,
     /// Processes found alive in a check's cgroup leaf when its leader
     /// exited (killed with the leaf, unless the check opted out).
-    #[serde(default)]
+    #[cfg_attr(feature = "serde", serde(default))]
     pub cgroup_escapees: u64,
 }
 
@@ -204,12 +205,13 @@ impl Metrics {
 }
 
 /// Percentiles of one stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct StageSnapshot {
     /// Which stage.
     pub stage: Stage,
     /// Its latency distribution (flattened into the stage's JSON object).
-    #[serde(flatten)]
+    #[cfg_attr(feature = "serde", serde(flatten))]
     pub latency: Percentiles,
 }
 
@@ -224,7 +226,8 @@ impl StageSnapshot {
 }
 
 /// Summary of a latency histogram, in microseconds.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Percentiles {
     /// Values recorded.
     pub count: u64,
@@ -239,7 +242,7 @@ pub struct Percentiles {
     /// Largest value.
     pub max_us: u64,
     /// Mean (absent from summaries written before it was kept).
-    #[serde(default)]
+    #[cfg_attr(feature = "serde", serde(default))]
     pub mean_us: f64,
 }
 
@@ -308,16 +311,17 @@ impl ResultSummary {
 }
 
 /// A point-in-time copy of the executor's metrics.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct MetricsSnapshot {
     /// The backend in use (`io_uring` or `epoll`).
     pub backend: String,
     /// Whether the loop takes `SCHED_FIFO` near kills (asked for, and
     /// permitted: see `ExecutorBuilder::realtime_kills`).
-    #[serde(default)]
+    #[cfg_attr(feature = "serde", serde(default))]
     pub realtime_kills: bool,
     /// Which containment is in force (see `ExecutorBuilder::cgroup`).
-    #[serde(default)]
+    #[cfg_attr(feature = "serde", serde(default))]
     pub containment: crate::cgroup::ContainmentStatus,
     /// Checks running now (spawning, running, or draining).
     pub running: usize,

@@ -26,7 +26,8 @@ pub const MAX_PERFDATA: usize = 512;
 pub const MAX_PERFDATA_ERRORS: usize = 32;
 
 /// A plugin's output, parsed.
-#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PluginOutput {
     /// First line before any `|`, trailing whitespace removed.
     pub text: String,
@@ -38,12 +39,13 @@ pub struct PluginOutput {
     pub perfdata_errors: Vec<String>,
     /// Perfdata items (readable or not) past [`MAX_PERFDATA`] or
     /// [`MAX_PERFDATA_ERRORS`]: counted, not kept.
-    #[serde(default)]
+    #[cfg_attr(feature = "serde", serde(default))]
     pub perfdata_dropped: usize,
 }
 
 /// One performance data item.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PerfData {
     /// Label with any quoting removed (`''` already turned into `'`).
     pub label: String,
@@ -623,8 +625,11 @@ mod tests {
             16_000 + 1_000 + 10 - MAX_PERFDATA - MAX_PERFDATA_ERRORS
         );
         assert!(out.perfdata.iter().all(|p| p.label == "a"));
-        let json = serde_json::to_string(&out).expect("serializes");
-        assert!(json.len() < 64 * 1024, "JSON of {} bytes", json.len());
+        #[cfg(feature = "serde")]
+        {
+            let json = serde_json::to_string(&out).expect("serializes");
+            assert!(json.len() < 64 * 1024, "JSON of {} bytes", json.len());
+        }
         // Under the bounds nothing is dropped, and the public parser is unbounded.
         assert_eq!(PluginOutput::parse(b"OK | a=1 x").perfdata_dropped, 0);
         let (all, _) = parse_perfdata(&"a=1 ".repeat(2 * MAX_PERFDATA));

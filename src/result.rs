@@ -2,12 +2,12 @@
 
 use crate::plugin::PluginOutput;
 use crate::state::State;
-use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// How a reaped process ended, as `waitid` reported it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(tag = "kind", rename_all = "snake_case"))]
 pub enum ExitStatus {
     /// `exit(code)`.
     Exited {
@@ -37,8 +37,9 @@ impl ExitStatus {
 }
 
 /// How the check ended, from the executor's point of view.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(tag = "kind", rename_all = "snake_case"))]
 pub enum Outcome {
     /// The plugin exited by itself.
     Exited {
@@ -75,10 +76,11 @@ pub enum Outcome {
 }
 
 /// One captured output stream, capped.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Output {
     /// The bytes kept (at most the cap), as text (invalid UTF-8 replaced).
-    #[serde(with = "lossy")]
+    #[cfg_attr(feature = "serde", serde(with = "lossy"))]
     pub data: Vec<u8>,
     /// Whether bytes were dropped because the cap was reached.
     pub truncated: bool,
@@ -93,6 +95,7 @@ impl Output {
     }
 }
 
+#[cfg(feature = "serde")]
 mod lossy {
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -106,7 +109,8 @@ mod lossy {
 }
 
 /// Resource usage of the reaped leader (and its reaped descendants), from `waitid`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Rusage {
     /// User CPU time, microseconds.
     pub user_us: u64,
@@ -117,7 +121,8 @@ pub struct Rusage {
 }
 
 /// When each stage of the check happened, relative to its submission.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Timings {
     /// Wall-clock time of submission, microseconds since the Unix epoch.
     pub submitted_unix_us: u64,
@@ -126,28 +131,29 @@ pub struct Timings {
     /// Wall-clock time the leader was seen exited, microseconds since the Unix epoch (0 if never).
     pub exited_unix_us: u64,
     /// Submission → admitted into a running slot.
-    #[serde(with = "micros")]
+    #[cfg_attr(feature = "serde", serde(with = "micros"))]
     pub queue_wait: Duration,
     /// The spawn call itself (pipes, clone + exec, pidfd).
-    #[serde(with = "micros")]
+    #[cfg_attr(feature = "serde", serde(with = "micros"))]
     pub spawn: Duration,
     /// Child existed → leader seen exited.
-    #[serde(with = "micros")]
+    #[cfg_attr(feature = "serde", serde(with = "micros"))]
     pub run: Duration,
     /// Deadline → first signal sent (only when the check timed out).
-    #[serde(with = "opt_micros")]
+    #[cfg_attr(feature = "serde", serde(with = "opt_micros"))]
     pub kill_lateness: Option<Duration>,
     /// Leader seen exited → reaped.
-    #[serde(with = "micros")]
+    #[cfg_attr(feature = "serde", serde(with = "micros"))]
     pub exit_to_reaped: Duration,
     /// Leader seen exited → result delivered.
-    #[serde(with = "micros")]
+    #[cfg_attr(feature = "serde", serde(with = "micros"))]
     pub exit_to_delivered: Duration,
     /// Submission → result delivered.
-    #[serde(with = "micros")]
+    #[cfg_attr(feature = "serde", serde(with = "micros"))]
     pub total: Duration,
 }
 
+#[cfg(feature = "serde")]
 mod micros {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
@@ -161,6 +167,7 @@ mod micros {
     }
 }
 
+#[cfg(feature = "serde")]
 mod opt_micros {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
@@ -178,7 +185,8 @@ mod opt_micros {
 }
 
 /// Everything known about one finished check. Exactly one per accepted check.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct CheckResult {
     /// The id the executor gave the check at submission.
     pub id: u64,
@@ -210,7 +218,7 @@ pub struct CheckResult {
     pub rusage: Option<Rusage>,
     /// The usage of the check's cgroup leaf: every process it started
     /// (`None`: it ran without containment, or never ran).
-    #[serde(default)]
+    #[cfg_attr(feature = "serde", serde(default))]
     pub cgroup: Option<crate::cgroup::CgroupUsage>,
 }
 
@@ -256,6 +264,13 @@ pub fn signal_name(sig: i32) -> String {
     name.to_string()
 }
 
+/// Microseconds since the Unix epoch, as results give wall-clock times (0 before it).
+pub fn unix_us(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +296,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "serde")]
     #[test]
     fn output_serializes_as_text() {
         let o = Output {

@@ -1,11 +1,11 @@
 //! The Nagios service state a check ends in.
 
-use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Nagios/Icinga check state: exit code 0..=3, anything else is `Unknown`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "UPPERCASE"))]
 pub enum State {
     /// Exit code 0.
     Ok,

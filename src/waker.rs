@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Wakes the event loop from any thread; coalesces bursts into one write.
 #[derive(Debug)]
-pub(crate) struct Waker {
+pub struct Waker {
     fd: OwnedFd,
     pending: AtomicBool,
 }

@@ -4,9 +4,11 @@
 //! gearmand restarted under a running worker).
 
 mod common;
+#[path = "common/gearman.rs"]
+mod gearmand;
 
-use common::gearman::{self as gm, Gearmand};
-use pidring::gearman::{Answer, Crypt, Job};
+use gearmand::{self as gm, Gearmand};
+use pidring_service::gearman::{Answer, Crypt, Job};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -951,7 +953,7 @@ fn a_server_speaking_garbage_is_dropped_and_retried() {
 /// counted; with gearmand unreachable a job is answered at once as failed.
 #[test]
 fn the_nagios_bridge_answers_every_job_once_even_without_a_result() {
-    use pidring::nagios::distribute::Distribute;
+    use pidring_service::nagios::distribute::Distribute;
     use std::sync::atomic::Ordering;
     let Some((_serial, _dir, _, g)) = setup("the_nagios_bridge_answers_every_job") else {
         return;
@@ -1002,7 +1004,7 @@ fn the_nagios_bridge_answers_every_job_once_even_without_a_result() {
     };
     gm::submit_bg(
         g.port,
-        &pidring::nagios::distribute::result_queue(),
+        &pidring_service::nagios::distribute::result_queue(),
         &Crypt::plain().seal(a.to_text().as_bytes()),
     );
     let end = Instant::now() + Duration::from_secs(20);

@@ -6,6 +6,8 @@
 //! Skips (loudly) only when /usr/sbin/nagios4 is not installed.
 
 mod common;
+#[path = "common/gearman.rs"]
+mod gearmand;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -750,8 +752,7 @@ fn all_fresh_from_workers(status: &Path, pids: &[u32], since: u64) -> Result<Has
 /// a timeout among them), before and after a SIGHUP of the core.
 #[test]
 fn nagios_core_distributes_its_checks_through_gearmand_to_two_workers() {
-    let Some(gearmand) = common::gearman::gearmand_binary("nagios_core_distributes_its_checks")
-    else {
+    let Some(gearmand) = gearmand::gearmand_binary("nagios_core_distributes_its_checks") else {
         return;
     };
     let Some((mut procs, started)) = start_core("gearman") else {
@@ -759,7 +760,7 @@ fn nagios_core_distributes_its_checks_through_gearmand_to_two_workers() {
     };
     let dir = procs.dir.clone();
     let (log, status) = (dir.join("nagios.log"), dir.join("status.dat"));
-    let g = common::gearman::Gearmand::start(&gearmand, &[]);
+    let g = gearmand::Gearmand::start(&gearmand, &[]);
     let bin = env!("CARGO_BIN_EXE_pidring");
     fs::write(
         dir.join("empty.cfg"),

@@ -25,8 +25,9 @@ use std::time::Duration;
 pub(crate) const WATCH_FAILED: u64 = 0x80;
 
 /// Which backend to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum BackendKind {
     /// io_uring if it can be set up and has the opcodes we need, else epoll.
     /// The environment variable `PIDRING_BACKEND` (`io_uring` or `epoll`) overrides it.

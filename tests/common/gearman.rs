@@ -3,7 +3,7 @@
 //! built on pidring's own packet codec.
 #![allow(dead_code)]
 
-use pidring::gearman::packet::{self, Decoder, Kind};
+use pidring_service::gearman::packet::{self, Decoder, Kind};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 pub mod escape;
-pub mod gearman;
 pub mod seccomp;
 
 use pidring::{BackendKind, Check, CheckResult, Executor};

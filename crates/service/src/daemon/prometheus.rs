@@ -8,7 +8,7 @@
 
 use super::protocol::DaemonCounters;
 use super::server::Daemon;
-use crate::metrics::MetricsSnapshot;
+use pidring::metrics::MetricsSnapshot;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

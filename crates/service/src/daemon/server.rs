@@ -22,10 +22,10 @@ use super::protocol::{
     self, ClientId, DaemonCounters, ErrorCode, Request, RequestError, Response, SubmitRequest,
 };
 use super::{DaemonError, prometheus};
-use crate::check::Check;
-use crate::error::SubmitError;
-use crate::executor::{CheckId, Executor};
 use crossbeam_channel::{Receiver, Sender};
+use pidring::check::Check;
+use pidring::error::SubmitError;
+use pidring::executor::{CheckId, Executor};
 use rustix::event::{PollFd, PollFlags};
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, ErrorKind, Write};
@@ -316,7 +316,7 @@ impl Conn {
         &self,
         id: ClientId,
         tags: Option<Box<serde_json::value::RawValue>>,
-        result: crate::CheckResult,
+        result: pidring::CheckResult,
         reserved: usize,
     ) {
         self.in_flight
@@ -665,7 +665,7 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         conns.retain(|(_, h)| !h.is_finished());
         for (sig, flag) in &ignored {
             if flag.swap(false, Ordering::Relaxed) {
-                let name = crate::result::signal_name(*sig);
+                let name = pidring::result::signal_name(*sig);
                 tracing::info!("{name} ignored (stop with SIGTERM)");
             }
         }
@@ -1346,7 +1346,7 @@ fn submit(
     // Held until the result is written (or dropped); taken before the id is
     // in flight, so a submit waiting here cannot be cancelled half-made.
     // The line's `answer` bytes count towards it; the rest is taken now.
-    let reserved = check_bytes(line_len, check.output_cap).max(answer);
+    let reserved = check_bytes(line_len, check.get_output_cap()).max(answer);
     if !conn.acquire_bytes(reserved - answer) {
         // The connection closed while waiting: this error goes nowhere.
         return Err(err(ErrorCode::ShuttingDown, "connection closed".into()));

@@ -1,7 +1,7 @@
 //! Daemon configuration: built-in defaults, a TOML file, and command-line overrides.
 
 use super::DaemonError;
-use crate::backend::BackendKind;
+use pidring::backend::BackendKind;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -41,7 +41,7 @@ pub struct DaemonConfig {
     /// `<cgroup2 mount>/pidring.<pid>.<n>`; else the process-group
     /// fallback, logged once), `"off"`, or a cgroup2 path this daemon owns
     /// alone (leaves a crashed predecessor left there are killed at start).
-    pub cgroup: crate::cgroup::Containment,
+    pub cgroup: pidring::cgroup::Containment,
     /// Default `memory_max` of a submit that gives none (none: uncapped).
     /// A cap the host cannot enforce stops the daemon at start.
     pub memory_max: Option<super::protocol::WireSize>,
@@ -97,12 +97,12 @@ impl Default for DaemonConfig {
             socket_group: None,
             max_running: 1024,
             queue_limit: 100_000,
-            timeout: crate::check::DEFAULT_TIMEOUT,
-            grace: crate::check::DEFAULT_GRACE,
-            output_cap: crate::check::DEFAULT_OUTPUT_CAP,
+            timeout: pidring::check::DEFAULT_TIMEOUT,
+            grace: pidring::check::DEFAULT_GRACE,
+            output_cap: pidring::check::DEFAULT_OUTPUT_CAP,
             max_output_cap: 1024 * 1024,
             backend: BackendKind::Auto,
-            cgroup: crate::cgroup::Containment::Auto,
+            cgroup: pidring::cgroup::Containment::Auto,
             memory_max: None,
             pids_max: None,
             cpu_max: None,
@@ -145,7 +145,7 @@ impl DaemonConfig {
         if self.max_running == 0 {
             return Err("max_running must be at least 1".into());
         }
-        if self.timeout < crate::check::MIN_TIMEOUT {
+        if self.timeout < pidring::check::MIN_TIMEOUT {
             return Err("timeout must be at least 1ms".into());
         }
         if self.max_line_bytes < 64 {

@@ -66,7 +66,7 @@ pub const IGNORED_SIGNALS: [i32; 11] = [
     libc::SIGXFSZ,
 ];
 
-use crate::error::ExecutorError;
+use pidring::error::ExecutorError;
 use std::io;
 use std::path::PathBuf;
 use thiserror::Error;

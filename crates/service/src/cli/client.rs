@@ -2,7 +2,7 @@
 
 use clap::Args;
 use pidring::State;
-use pidring::daemon::protocol::{ClientId, Response};
+use pidring_service::daemon::protocol::{ClientId, Response};
 use serde_json::json;
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
@@ -63,7 +63,7 @@ struct Session {
 
 impl Session {
     fn connect(socket: Option<PathBuf>) -> Result<Session, String> {
-        let path = socket.unwrap_or_else(pidring::daemon::default_socket_path);
+        let path = socket.unwrap_or_else(pidring_service::daemon::default_socket_path);
         let stream = UnixStream::connect(&path).map_err(|e| connect_error(&path, &e))?;
         let reader = BufReader::new(
             stream

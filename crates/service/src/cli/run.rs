@@ -54,7 +54,7 @@ pub fn main(args: RunArgs) -> ExitCode {
     // group swept), reaped and reported first; left to their default action
     // they would kill `run` alone, and the check, in its own session, would
     // run on unsupervised.
-    let stop_signals = match block_signals(&pidring::daemon::taken_signals()) {
+    let stop_signals = match block_signals(&pidring_service::daemon::taken_signals()) {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot block the stop signals: {e}")),
     };

@@ -2,7 +2,7 @@
 
 use clap::Args;
 use pidring::BackendKind;
-use pidring::nagios::{self, NagiosWorkerConfig};
+use pidring_service::nagios::{self, NagiosWorkerConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -64,7 +64,7 @@ pub struct NagiosWorkerArgs {
 /// closed terminal must not kill the worker under its checks).
 pub fn main(args: NagiosWorkerArgs) -> ExitCode {
     super::logging::init("info", args.log_json);
-    let stop_signals = match block_signals(&pidring::daemon::taken_signals()) {
+    let stop_signals = match block_signals(&pidring_service::daemon::taken_signals()) {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot block the stop signals: {e}")),
     };

@@ -58,7 +58,7 @@ fn write_result(out: &mut impl Write, result: &CheckResult, json: bool) -> std::
 /// that one thread takes them with [`wait_signal`] instead of the default
 /// action killing the process under its checks. Call before any thread exists.
 pub fn block_signals(signals: &[i32]) -> std::io::Result<libc::sigset_t> {
-    pidring::daemon::change_signal_mask(libc::SIG_BLOCK, signals)
+    pidring_service::daemon::change_signal_mask(libc::SIG_BLOCK, signals)
 }
 
 /// Wait for one of the signals in `set` (blocked by [`block_signals`]).
@@ -77,7 +77,7 @@ pub fn wait_signal(set: &libc::sigset_t) -> i32 {
 pub fn wait_stop_signal(set: &libc::sigset_t) -> i32 {
     loop {
         match wait_signal(set) {
-            sig if pidring::daemon::IGNORED_SIGNALS.contains(&sig) => {
+            sig if pidring_service::daemon::IGNORED_SIGNALS.contains(&sig) => {
                 let name = pidring::result::signal_name(sig);
                 tracing::info!("{name} ignored (stop with SIGTERM)");
             }

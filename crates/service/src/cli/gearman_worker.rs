@@ -2,7 +2,7 @@
 
 use clap::Args;
 use pidring::BackendKind;
-use pidring::gearman::{self, GearmanConfig};
+use pidring_service::gearman::{self, GearmanConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -69,7 +69,7 @@ fn config(args: &GearmanWorkerArgs) -> Result<GearmanConfig, String> {
 /// Run until SIGTERM, SIGINT or SIGQUIT.
 pub fn main(args: GearmanWorkerArgs) -> ExitCode {
     super::logging::init("info", args.log_json);
-    let stop_signals = match block_signals(&pidring::daemon::taken_signals()) {
+    let stop_signals = match block_signals(&pidring_service::daemon::taken_signals()) {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot block the stop signals: {e}")),
     };
@@ -97,12 +97,13 @@ pub fn main(args: GearmanWorkerArgs) -> ExitCode {
     {
         let stats = workers.stats_handle();
         let e = exec.clone();
-        let render: pidring::daemon::prometheus::Renderer = std::sync::Arc::new(move || {
-            let mut body = pidring::daemon::prometheus::render_engine(&e.metrics());
-            pidring::daemon::prometheus::render_gearman(&mut body, &stats.snapshot());
-            body
-        });
-        match pidring::daemon::prometheus::serve_with(addr, render) {
+        let render: pidring_service::daemon::prometheus::Renderer =
+            std::sync::Arc::new(move || {
+                let mut body = pidring_service::daemon::prometheus::render_engine(&e.metrics());
+                pidring_service::daemon::prometheus::render_gearman(&mut body, &stats.snapshot());
+                body
+            });
+        match pidring_service::daemon::prometheus::serve_with(addr, render) {
             Ok(bound) => {
                 tracing::info!(address = %bound, "serving Prometheus metrics at http://{bound}/metrics")
             }

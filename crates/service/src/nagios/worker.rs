@@ -8,10 +8,10 @@
 
 use super::codec::{self, Decoder, Message};
 use super::config::NagiosWorkerConfig;
-use crate::executor::{CheckId, Executor};
-use crate::result::{CheckResult, Outcome, signal_name};
-use crate::{Check, State, SubmitError};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use pidring::executor::{CheckId, Executor};
+use pidring::result::{CheckResult, Outcome, signal_name};
+use pidring::{Check, State, SubmitError};
 use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -584,7 +584,7 @@ impl ConnCtx {
             echo: echo_pairs(msg),
             code,
             message,
-            at_us: crate::lifecycle::unix_us(std::time::SystemTime::now()),
+            at_us: pidring::result::unix_us(std::time::SystemTime::now()),
         });
     }
 }
@@ -760,7 +760,7 @@ pub fn response_pairs(echo: &[(String, String)], r: &CheckResult) -> Vec<(String
     let stop_us = if r.timings.exited_unix_us > 0 {
         r.timings.exited_unix_us
     } else {
-        crate::lifecycle::unix_us(std::time::SystemTime::now()).max(start_us)
+        pidring::result::unix_us(std::time::SystemTime::now()).max(start_us)
     };
     let mut wait_status = r.exit.map(|e| e.wait_status());
     let mut outerr = r.stderr.data.clone();
@@ -828,7 +828,7 @@ pub fn refusal_pairs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::result::{ExitStatus, Output, Timings};
+    use pidring::result::{ExitStatus, Output, Timings};
     use std::os::unix::net::UnixListener;
 
     fn result(outcome: Outcome, exit: Option<ExitStatus>, stdout: &[u8]) -> CheckResult {
@@ -1003,15 +1003,19 @@ mod tests {
         ]);
         let c = job_check(&m).unwrap();
         assert_eq!(c.args(), ["/bin/echo", "a b", "c"]);
-        assert_eq!(c.timeout, Duration::from_secs(7));
-        assert!(c.env.iter().any(|(k, v)| k == "NAGIOS_B" && v == "x=y"));
-        assert_eq!(c.env.len(), 2);
+        assert_eq!(c.get_timeout(), Duration::from_secs(7));
+        assert!(
+            c.get_env()
+                .iter()
+                .any(|(k, v)| k == "NAGIOS_B" && v == "x=y")
+        );
+        assert_eq!(c.get_env().len(), 2);
         let c = job_check(&job(&[("command", "x"), ("timeout", "0")])).unwrap();
-        assert_eq!(c.timeout, DEFAULT_JOB_TIMEOUT);
+        assert_eq!(c.get_timeout(), DEFAULT_JOB_TIMEOUT);
         // The core sends whole seconds; anything else is no timeout of 0 s.
         for odd in ["1e-9", "0.0001", "-1", ""] {
             let c = job_check(&job(&[("command", "x"), ("timeout", odd)])).unwrap();
-            assert_eq!(c.timeout, DEFAULT_JOB_TIMEOUT, "{odd}");
+            assert_eq!(c.get_timeout(), DEFAULT_JOB_TIMEOUT, "{odd}");
         }
         assert_eq!(
             job_check(&job(&[("job_id", "1")])).unwrap_err().0,

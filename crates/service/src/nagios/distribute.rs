@@ -11,10 +11,10 @@
 
 use crate::gearman::job::{Answer, Crypt, Job};
 use crate::gearman::packet::{self, Decoder, Kind};
-use crate::result::{CheckResult, ExitStatus, Outcome, Output, Timings};
-use crate::waker::Waker;
-use crate::{PluginOutput, State};
 use crossbeam_channel::{Receiver, Sender};
+use pidring::result::{CheckResult, ExitStatus, Outcome, Output, Timings};
+use pidring::waker::Waker;
+use pidring::{PluginOutput, State};
 use rustix::event::{PollFd, PollFlags};
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
@@ -216,7 +216,7 @@ fn result(
         stderr: Output::default(),
         output_cut: false,
         timings: Timings {
-            submitted_unix_us: crate::lifecycle::unix_us(p.submitted),
+            submitted_unix_us: pidring::result::unix_us(p.submitted),
             started_unix_us: us(start),
             exited_unix_us: us(finish),
             run: Duration::from_secs_f64((finish - start).max(0.0)),

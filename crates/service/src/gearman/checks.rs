@@ -4,9 +4,9 @@
 
 use super::config::GearmanConfig;
 use super::job::{Answer, Job};
-use crate::cmdline::{self, CommandLine};
-use crate::result::{CheckResult, Outcome, signal_name};
-use crate::{Check, State};
+use pidring::cmdline::{self, CommandLine};
+use pidring::result::{CheckResult, Outcome, signal_name};
+use pidring::{Check, State};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -269,7 +269,7 @@ fn trim_output(data: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::result::{Output, Timings};
+    use pidring::result::{Output, Timings};
 
     fn cfg() -> GearmanConfig {
         GearmanConfig {

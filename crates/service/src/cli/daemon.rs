@@ -3,7 +3,7 @@
 use super::client;
 use clap::{Args, Subcommand, ValueEnum};
 use pidring::BackendKind;
-use pidring::daemon::DaemonConfig;
+use pidring_service::daemon::DaemonConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,7 +63,7 @@ pub struct DaemonArgs {
     #[arg(long, value_parser = pidring::units::parse_duration)]
     drain_timeout: Option<Duration>,
     /// Socket permission bits in octal [default: 0600].
-    #[arg(long, value_parser = pidring::daemon::config::parse_mode)]
+    #[arg(long, value_parser = pidring_service::daemon::config::parse_mode)]
     socket_mode: Option<u32>,
     /// Log format (filter with RUST_LOG, default "info").
     #[arg(long, value_enum, default_value = "human")]
@@ -117,7 +117,7 @@ fn run_daemon(args: DaemonArgs) -> ExitCode {
     if let Some(m) = args.socket_mode {
         config.socket_mode = m;
     }
-    match pidring::daemon::run(config) {
+    match pidring_service::daemon::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string(), json),
     }

@@ -5,9 +5,9 @@
 //! line, one JSON object per response line; answers to pipelined submits come
 //! back in completion order, matched by the client-chosen `id`.
 
-use crate::metrics::MetricsSnapshot;
-use crate::result::CheckResult;
-use crate::state::State;
+use pidring::metrics::MetricsSnapshot;
+use pidring::result::CheckResult;
+use pidring::state::State;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
@@ -191,7 +191,7 @@ impl<'de> Deserialize<'de> for WireDuration {
                     "duration {shown} seconds is out of range (0 to 1e9 seconds)"
                 )))
             }
-            Raw::Text(t) => crate::units::parse_duration(&t)
+            Raw::Text(t) => pidring::units::parse_duration(&t)
                 .map(WireDuration)
                 .map_err(serde::de::Error::custom),
         }
@@ -218,7 +218,7 @@ impl<'de> Deserialize<'de> for WireSize {
             Raw::Bytes(n) => usize::try_from(n)
                 .map(WireSize)
                 .map_err(|_| serde::de::Error::custom("size is too large")),
-            Raw::Text(t) => crate::units::parse_size(&t)
+            Raw::Text(t) => pidring::units::parse_size(&t)
                 .map(WireSize)
                 .map_err(serde::de::Error::custom),
         }

@@ -1,0 +1,1 @@
+//! Empty: the comparison harness is the `compare` bench (`main.rs`).
