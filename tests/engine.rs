@@ -446,6 +446,14 @@ fn exits_at_the_deadline_get_one_result_each_and_are_judged_consistently() {
                     escalated: false,
                     ..
                 } => {}
+                // On a loaded machine a child may not reach exec within
+                // 100 ms; it is then SIGKILLed (its signals are still
+                // blocked, SIGTERM could only wait out the grace).
+                Outcome::TimedOut {
+                    signal: libc::SIGKILL,
+                    escalated: false,
+                    ..
+                } if r.reason.contains("before it could start its program") => {}
                 o => panic!("unexpected outcome {o:?}: {}", r.reason),
             }
         }
