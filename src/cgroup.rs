@@ -284,6 +284,11 @@ impl Cpu {
     }
 }
 
+/// Descriptors a pooled leaf holds open: its directory, `cgroup.events`
+/// and `cpu.stat` (a service sizing its descriptor budget counts them per
+/// check, and for the spare leaves the pool keeps).
+pub const FDS_PER_LEAF: usize = 3;
+
 /// One check's cgroup: a leaf under `checks/`, with the files the hot path
 /// needs opened ahead.
 #[derive(Debug)]

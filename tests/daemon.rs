@@ -1307,13 +1307,13 @@ fn try_connection(d: &Daemon) -> Result<Client, Value> {
 }
 
 fn idle_connections_cannot_take_the_descriptors_checks_need(backend: &str) {
-    // RLIMIT_NOFILE 256 cannot hold max_running = 1024 checks and
+    // RLIMIT_NOFILE 512 cannot hold max_running = 1024 checks and
     // max_clients = 1024 connections: the daemon lowers max_clients (and
     // says so), so idle connections get `too_many_clients` rather than the
     // descriptors checks need, and `accept` never fails for want of them
     // (a client left unanswered in the backlog).
     let mut cmd = Command::new("prlimit");
-    cmd.args(["--nofile=256:256", "--", BIN]);
+    cmd.args(["--nofile=512:512", "--", BIN]);
     let d = Daemon::start_via(cmd, backend, &[], None);
     assert!(d.log().contains("max_clients lowered"), "{}", d.log());
     let mut held = Vec::new();

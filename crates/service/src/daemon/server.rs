@@ -616,7 +616,7 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
     // After the executor raised RLIMIT_NOFILE: what is left for clients.
     let mut config = config;
-    fit_clients_to_descriptors(&mut config);
+    fit_clients_to_descriptors(&mut config, exec.containment().mode == "cgroup");
     let nagios = match &config.nagios {
         Some(n) => Some(crate::nagios::spawn_workers(n, exec.clone())?),
         None => None,
@@ -794,9 +794,10 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
 const FDS_PER_CONNECTION: usize = 2;
 /// Descriptors a running check holds: its pidfd and two pipe read ends.
 const FDS_PER_CHECK: usize = 3;
-/// Descriptors held whatever the load: stdio, the listener, the signal
-/// pipe, the ring, the waker, /dev/null, the executor's low descriptor
-/// slots (up to 64), the metrics listener, Nagios connections, log files.
+/// The least counted as held whatever the load (stdio, the listener, the
+/// signal pipe, the ring, the waker, the executor's low descriptor slots
+/// (up to 64), spare cgroup leaves, the metrics listener, Nagios
+/// connections, log files), when /proc/self/fd cannot be read.
 const FDS_FIXED: usize = 128;
 
 /// Lower `max_clients` to what RLIMIT_NOFILE leaves next to `max_running`
@@ -804,19 +805,29 @@ const FDS_FIXED: usize = 128;
 /// connections would take the descriptors checks need (their spawns failing
 /// with EMFILE), then `accept` itself would fail and new clients hang
 /// unanswered. Lowered, a client past it gets `too_many_clients` at once.
-fn fit_clients_to_descriptors(config: &mut DaemonConfig) {
+fn fit_clients_to_descriptors(config: &mut DaemonConfig, contained: bool) {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
         .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
-    let budget = limit.saturating_sub(FDS_FIXED);
-    let for_checks = config.max_running.saturating_mul(FDS_PER_CHECK);
+    // What is open now (the executor's slots, its spare cgroup leaves…) is
+    // fixed; a few more come (metrics, Nagios connections, log files).
+    let fixed = open_descriptors().map_or(FDS_FIXED, |n| (n + 16).max(FDS_FIXED));
+    let budget = limit.saturating_sub(fixed);
+    // With containment each running check also holds its leaf's.
+    let per_check = FDS_PER_CHECK
+        + if contained {
+            pidring::cgroup::FDS_PER_LEAF
+        } else {
+            0
+        };
+    let for_checks = config.max_running.saturating_mul(per_check);
     if for_checks > budget {
         tracing::warn!(
             max_running = config.max_running,
             nofile = limit,
-            "RLIMIT_NOFILE {limit} leaves room for about {} running checks, not max_running = {} ({FDS_PER_CHECK} descriptors each): \
+            "RLIMIT_NOFILE {limit} leaves room for about {} running checks, not max_running = {} ({per_check} descriptors each): \
              checks past that fail with EMFILE; raise the limit (LimitNOFILE=) or lower max_running",
-            budget / FDS_PER_CHECK,
+            budget / per_check,
             config.max_running
         );
     }
@@ -832,6 +843,11 @@ fn fit_clients_to_descriptors(config: &mut DaemonConfig) {
         );
         config.max_clients = fit;
     }
+}
+
+/// How many descriptors this process has open (`/proc/self/fd`).
+fn open_descriptors() -> Option<usize> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count())
 }
 
 /// Empty the signal pipe; true if a signal arrived.
