@@ -5,8 +5,8 @@
 
 use crate::cmdline::{self, CommandLine};
 use crate::error::CheckError;
+use crate::nagios_state::State;
 use crate::spawn::SearchPath;
-use crate::state::State;
 use std::ffi::{CString, OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;

@@ -28,9 +28,9 @@ use crate::backend::Backend;
 use crate::cgroup::Leaf;
 use crate::check::Check;
 use crate::executor::Deliver;
+use crate::nagios_state::State;
 use crate::result::{CheckResult, ExitStatus, Outcome, Output, Rusage, Timings, signal_name};
 use crate::spawn::{self, Child, Launch, Reap, SpawnFailure};
-use crate::state::State;
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::io::Errno;
 use rustix::process::{Pid, Signal};
@@ -986,7 +986,7 @@ impl Lifecycle {
             exit_to_delivered: since(exited, Some(now)),
             total: now.saturating_duration_since(self.submitted),
         };
-        let plugin = crate::plugin::PluginOutput::parse(&self.stdout.out.data);
+        let plugin = crate::plugin_output::PluginOutput::parse(&self.stdout.out.data);
         CheckResult {
             id: self.id,
             tag: self.tag.take(),

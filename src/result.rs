@@ -1,7 +1,7 @@
 //! `CheckResult`: how a check ended, what it printed, and how long each stage took.
 
-use crate::plugin::PluginOutput;
-use crate::state::State;
+use crate::nagios_state::State;
+use crate::plugin_output::PluginOutput;
 use std::time::Duration;
 
 /// How a reaped process ended, as `waitid` reported it.

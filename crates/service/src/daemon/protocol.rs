@@ -6,8 +6,8 @@
 //! back in completion order, matched by the client-chosen `id`.
 
 use pidring::metrics::MetricsSnapshot;
+use pidring::nagios_state::State;
 use pidring::result::CheckResult;
-use pidring::state::State;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
