@@ -1046,7 +1046,7 @@ fn self_test(leaf: &Leaf, entry: Entry) -> Result<(), String> {
             "a child created in a fresh cgroup leaf did not live: {:?}",
             s.terminating_signal().map_or_else(
                 || format!("exit {:?}", s.exit_status()),
-                crate::result::signal_name
+                crate::signal::signal_name
             )
         )),
         Ok(None) => Err("waitid said nothing".into()),

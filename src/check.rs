@@ -6,7 +6,7 @@
 use crate::cmdline::{self, CommandLine};
 use crate::error::CheckError;
 use crate::nagios_state::State;
-use crate::spawn::SearchPath;
+use crate::search_path::SearchPath;
 use std::ffi::{CString, OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
@@ -444,7 +444,7 @@ mod tests {
             .prepare(&inherited)
             .unwrap();
         assert_eq!(p.envp.len(), 1);
-        assert_eq!(p.path.value(), crate::spawn::DEFAULT_PATH);
+        assert_eq!(p.path.value(), crate::search_path::DEFAULT_PATH);
         // The inherited PATH, split once, is shared by a check that sets
         // other variables; one that sets PATH gets its own.
         let env = InheritedEnv::new(inherited.clone());

@@ -10,13 +10,14 @@
 use crate::backend::{Backend, BackendKind};
 use crate::check::{Check, Prepared};
 use crate::error::ExecutorError;
-use crate::executor::{Deliver, Shared};
-use crate::lifecycle::{self, Ctx, KillReason, Lifecycle, TimerKind, Timers, unix_us};
+use crate::lifecycle::{Ctx, KillReason, Lifecycle, TimerKind, Timers, unix_us};
 use crate::metrics::ResultSummary;
 use crate::nagios_state::State;
 use crate::priority::LoopPriority;
 use crate::result::{CheckResult, Outcome, Output, Timings};
+use crate::shared::{Deliver, Shared};
 use crate::spawn;
+use crate::token::{Source, WAKER, WATCH_FAILED, untoken};
 use crossbeam_channel::{Receiver, TryRecvError};
 use rustix::process::Pid;
 use slab::Slab;
@@ -27,9 +28,6 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-/// Token of the waker's eventfd (its low byte names no `Source`, and it is
-/// not the io_uring backend's private "ignore" token, `u64::MAX`).
-const WAKER: u64 = u64::MAX - 1;
 /// Size of the one shared read buffer.
 const SCRATCH: usize = 64 * 1024;
 /// Most children created but not yet exec'd at once, among those created
@@ -326,11 +324,10 @@ impl Engine {
             // check whose exit is among this turn's events is not signalled
             // (see `Lifecycle::note_exit_pending`).
             for &token in &fired {
-                if token & crate::backend::WATCH_FAILED != 0 {
+                if token & WATCH_FAILED != 0 {
                     continue;
                 }
-                if let (slot, generation, Some(lifecycle::Source::Pidfd)) =
-                    lifecycle::untoken(token)
+                if let (slot, generation, Some(Source::Pidfd)) = untoken(token)
                     && let Some(c) = self.checks.get_mut(slot)
                     && c.generation() == generation
                 {
@@ -435,9 +432,9 @@ impl Engine {
     }
 
     fn on_ready(&mut self, token: u64, now: Instant) {
-        let (slot, generation, source) = lifecycle::untoken(token);
+        let (slot, generation, source) = untoken(token);
         let Some(source) = source else { return };
-        if token & crate::backend::WATCH_FAILED != 0 {
+        if token & WATCH_FAILED != 0 {
             self.with_check(slot, generation, now, |c, ctx| {
                 c.on_watch_failed(source, ctx)
             });

@@ -8,6 +8,7 @@ use crate::error::{ExecutorError, SubmitError};
 use crate::metrics::{Metrics, MetricsSnapshot, Stage};
 use crate::oneshot::{self, Lost};
 use crate::result::CheckResult;
+use crate::shared::Shared;
 use crate::waker::Waker;
 use crossbeam_channel::Sender;
 use std::future::Future;
@@ -20,35 +21,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// The id the executor gives each accepted check.
 pub type CheckId = u64;
-
-/// A callback that receives a check's one result, on the loop thread (keep it short).
-pub(crate) type Deliver = Box<dyn FnOnce(CheckResult) + Send>;
-
-/// State shared by the submitting side and the loop.
-pub(crate) struct Shared {
-    /// Accepted checks whose result is not delivered yet.
-    pub outstanding: AtomicUsize,
-    /// Checks holding a running slot (spawning, running or draining).
-    pub running: AtomicUsize,
-    /// Checks accepted since the start.
-    pub submitted: AtomicU64,
-    /// Set once shutdown began: nothing new is accepted.
-    pub closed: AtomicBool,
-    /// Wakes the loop.
-    pub waker: Arc<Waker>,
-    /// Histograms and counters.
-    pub metrics: Mutex<Metrics>,
-    /// Running-slot limit.
-    pub max_running: usize,
-    /// Waiting-queue limit.
-    pub queue_limit: usize,
-    /// The backend the loop uses.
-    pub backend: Mutex<BackendKind>,
-    /// The loop may take `SCHED_FIFO` near kills (asked for and permitted).
-    pub realtime_kills: AtomicBool,
-    /// Which containment is in force (set by the loop at start).
-    pub containment: Mutex<crate::cgroup::ContainmentStatus>,
-}
 
 /// Configures and starts an [`Executor`].
 #[derive(Debug, Clone)]
@@ -144,7 +116,7 @@ impl ExecutorBuilder {
         crate::spawn::ensure_std_fds();
         crate::spawn::keep_exit_statuses();
         if self.raise_nofile {
-            raise_nofile_limit();
+            crate::spawn::raise_nofile_limit();
         }
         let waker = Arc::new(Waker::new().map_err(|source| ExecutorError::Setup {
             what: "eventfd",
@@ -182,59 +154,6 @@ impl ExecutorBuilder {
             )),
             backend,
         })
-    }
-}
-
-/// The soft RLIMIT_NOFILE this process had before the first executor raised
-/// it (`None`: infinite): what checks get back, see [`original_nofile_soft`].
-static ORIGINAL_NOFILE_SOFT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-
-/// The soft RLIMIT_NOFILE checks should run with: the one this process was
-/// started with, not the executor's raised one (a plugin using `select()`
-/// breaks on descriptors past 1024, and close-every-fd loops crawl through
-/// a million). `None` until an executor raised it.
-pub(crate) fn original_nofile_soft() -> Option<Option<u64>> {
-    ORIGINAL_NOFILE_SOFT.get().copied()
-}
-
-/// Raise RLIMIT_NOFILE: to 1Mi (bounded by fs.nr_open) where allowed (root),
-/// else the soft limit to the hard one. Failure only costs headroom.
-fn raise_nofile_limit() {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let lim = getrlimit(Resource::Nofile);
-    // A second executor sees the first one's raise: keep the first view.
-    let _ = ORIGINAL_NOFILE_SOFT.set(lim.current);
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(1 << 20);
-    let want = nr_open.min(1 << 20);
-    // Never lower a limit: an infinite or larger hard limit stays as it is.
-    let wide = match lim.maximum {
-        Some(max) if max >= want => Rlimit {
-            current: Some(max.min(nr_open)),
-            maximum: Some(max),
-        },
-        Some(_) => Rlimit {
-            current: Some(want),
-            maximum: Some(want),
-        },
-        None => Rlimit {
-            current: Some(want),
-            maximum: None,
-        },
-    };
-    let soft_to_hard = Rlimit {
-        current: lim.maximum,
-        maximum: lim.maximum,
-    };
-    let raised =
-        setrlimit(Resource::Nofile, wide).or_else(|_| setrlimit(Resource::Nofile, soft_to_hard));
-    match raised {
-        Ok(()) => {
-            tracing::debug!(from = ?lim.current, to = ?getrlimit(Resource::Nofile).current, "raised RLIMIT_NOFILE")
-        }
-        Err(e) => tracing::debug!("cannot raise RLIMIT_NOFILE: {e}"),
     }
 }
 

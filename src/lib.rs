@@ -36,7 +36,11 @@ pub mod plugin_output;
 mod priority;
 mod rawsys;
 pub mod result;
+mod search_path;
+mod shared;
+pub mod signal;
 mod spawn;
+mod token;
 pub mod units;
 pub mod waker;
 

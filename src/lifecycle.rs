@@ -27,10 +27,11 @@
 use crate::backend::Backend;
 use crate::cgroup::Leaf;
 use crate::check::Check;
-use crate::executor::Deliver;
 use crate::nagios_state::State;
 use crate::result::{CheckResult, ExitStatus, Outcome, Output, Rusage, Timings, signal_name};
+use crate::shared::Deliver;
 use crate::spawn::{self, Child, Launch, Reap, SpawnFailure};
+use crate::token::{Source, token};
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::io::Errno;
 use rustix::process::{Pid, Signal};
@@ -60,41 +61,6 @@ fn say_polling(said: &mut bool, id: u64, what: &str, e: &dyn std::fmt::Display) 
     if !std::mem::replace(said, true) {
         tracing::warn!(id, "{what}: {e}; polling instead");
     }
-}
-
-/// What a token's fd is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Source {
-    /// The leader's pidfd.
-    Pidfd = 0,
-    /// The stdout pipe.
-    Stdout = 1,
-    /// The stderr pipe.
-    Stderr = 2,
-    /// The check's cgroup leaf's `cgroup.events` (POLLPRI).
-    Cgroup = 3,
-}
-
-/// Pack (slot, generation, source) into a backend token.
-pub(crate) fn token(slot: usize, generation: u32, source: Source) -> u64 {
-    debug_assert!(slot < (1 << 24));
-    ((generation as u64) << 32) | ((slot as u64) << 8) | source as u64
-}
-
-/// Unpack a backend token.
-pub(crate) fn untoken(token: u64) -> (usize, u32, Option<Source>) {
-    let source = match token & !crate::backend::WATCH_FAILED & 0xff {
-        0 => Some(Source::Pidfd),
-        1 => Some(Source::Stdout),
-        2 => Some(Source::Stderr),
-        3 => Some(Source::Cgroup),
-        _ => None,
-    };
-    (
-        ((token >> 8) & 0xff_ffff) as usize,
-        (token >> 32) as u32,
-        source,
-    )
 }
 
 /// What a timer is for.
@@ -1265,12 +1231,6 @@ mod tests {
         t.push(now + Duration::from_secs(1), 7, 1, TimerKind::Deadline);
         t.compact(1, live);
         assert_eq!(t.heap.len(), 2);
-    }
-
-    #[test]
-    fn tokens_round_trip() {
-        let t = token(123_456, 0xdead_beef, Source::Stderr);
-        assert_eq!(untoken(t), (123_456, 0xdead_beef, Some(Source::Stderr)));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use crate::check::Prepared;
 use crate::rawsys;
 use crate::result::{ExitStatus, Rusage};
+use crate::search_path::{MAX_SEARCH_DIRS, TooManyDirs};
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use rustix::io::Errno;
 use rustix::pipe::PipeFlags;
@@ -214,7 +215,7 @@ struct Pool {
     /// This process: a child whose parent is no longer it must not go on.
     parent: libc::pid_t,
     /// The RLIMIT_NOFILE (soft, hard) checks get instead of the executor's
-    /// raised one (see `executor::original_nofile_soft`); `None`: as is.
+    /// raised one (see `original_nofile_soft`); `None`: as is.
     nofile: Option<[u64; 2]>,
 }
 
@@ -277,7 +278,7 @@ impl Launcher {
 /// The RLIMIT_NOFILE (soft, hard; `u64::MAX` is infinity) a check should
 /// get, if the executor raised the soft limit above the one it started with.
 fn nofile_for_checks() -> Option<[u64; 2]> {
-    let original = crate::executor::original_nofile_soft()?.unwrap_or(u64::MAX);
+    let original = original_nofile_soft()?.unwrap_or(u64::MAX);
     let now = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     let current = now.current.unwrap_or(u64::MAX);
     (original < current).then(|| [original, now.maximum.unwrap_or(u64::MAX)])
@@ -688,84 +689,9 @@ fn io_errno(e: &std::io::Error) -> Errno {
     Errno::from_io_error(e).unwrap_or(Errno::IO)
 }
 
-/// The PATH a bare program name is looked up in when the check's
-/// environment has none (glibc's default).
-pub(crate) const DEFAULT_PATH: &[u8] =
-    b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// Most different directories of a PATH that are searched. A real PATH
-/// has a few dozen; each costs the child one failed `execve` (a few µs).
-pub(crate) const MAX_SEARCH_DIRS: usize = 1024;
-
 /// The longest bare program name looked up (`NAME_MAX`): no file has a
 /// longer one, and `execvp` refuses it too.
 const NAME_MAX: usize = 255;
-
-/// A PATH, split once into the directories a bare program name is looked
-/// for in, on the submitting thread (`Check::prepare_with`). Each
-/// directory once, in order of first appearance: an empty entry (the
-/// current directory) or a directory named again adds nothing, so a PATH
-/// of a million `:` is one directory, not a million. The child builds one
-/// candidate at a time (see `child_main`): nothing here grows with the
-/// program name.
-#[derive(Debug)]
-pub(crate) struct SearchPath {
-    value: Box<[u8]>,
-    /// `(start, len)` of each directory in `value`; `Err` when it names
-    /// more than `MAX_SEARCH_DIRS` (not searched at all: a partial search
-    /// could run a different program than the full one would).
-    dirs: Result<Box<[(usize, usize)]>, TooManyDirs>,
-}
-
-/// A PATH with more than `MAX_SEARCH_DIRS` different directories.
-#[derive(Debug, Clone, Copy)]
-struct TooManyDirs;
-
-impl SearchPath {
-    pub(crate) fn new(value: &[u8]) -> SearchPath {
-        let mut seen = std::collections::HashSet::new();
-        let mut dirs = Vec::new();
-        let mut start = 0;
-        for dir in value.split(|&b| b == b':') {
-            if seen.insert(dir) {
-                if dirs.len() == MAX_SEARCH_DIRS {
-                    return SearchPath {
-                        value: value.into(),
-                        dirs: Err(TooManyDirs),
-                    };
-                }
-                dirs.push((start, dir.len()));
-            }
-            start += dir.len() + 1;
-        }
-        SearchPath {
-            value: value.into(),
-            dirs: Ok(dirs.into()),
-        }
-    }
-
-    /// `DEFAULT_PATH`, split once.
-    pub(crate) fn default_path() -> std::sync::Arc<SearchPath> {
-        static DEFAULT: std::sync::OnceLock<std::sync::Arc<SearchPath>> =
-            std::sync::OnceLock::new();
-        DEFAULT
-            .get_or_init(|| std::sync::Arc::new(SearchPath::new(DEFAULT_PATH)))
-            .clone()
-    }
-
-    /// The PATH as given.
-    #[cfg(test)]
-    pub(crate) fn value(&self) -> &[u8] {
-        &self.value
-    }
-
-    /// The directories searched, in order (`None`: too many).
-    #[cfg(test)]
-    fn dirs(&self) -> Option<Vec<&[u8]>> {
-        let dirs = self.dirs.as_ref().ok()?;
-        Some(dirs.iter().map(|&(s, n)| &self.value[s..s + n]).collect())
-    }
-}
 
 /// A PATH's bytes and its directories in them (see `SearchPath`).
 type Dirs<'a> = (&'a [u8], &'a [(usize, usize)]);
@@ -1455,44 +1381,62 @@ pub(crate) fn open_devnull() -> std::io::Result<OwnedFd> {
     )?)
 }
 
+/// The soft RLIMIT_NOFILE this process had before the first executor raised
+/// it (`None`: infinite): what checks get back, see `original_nofile_soft`.
+static ORIGINAL_NOFILE_SOFT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+
+/// The soft RLIMIT_NOFILE checks should run with: the one this process was
+/// started with, not the executor's raised one (a plugin using `select()`
+/// breaks on descriptors past 1024, and close-every-fd loops crawl through
+/// a million). `None` until an executor raised it.
+pub(crate) fn original_nofile_soft() -> Option<Option<u64>> {
+    ORIGINAL_NOFILE_SOFT.get().copied()
+}
+
+/// Raise RLIMIT_NOFILE: to 1Mi (bounded by fs.nr_open) where allowed (root),
+/// else the soft limit to the hard one. Failure only costs headroom.
+pub(crate) fn raise_nofile_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    // A second executor sees the first one's raise: keep the first view.
+    let _ = ORIGINAL_NOFILE_SOFT.set(lim.current);
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let want = nr_open.min(1 << 20);
+    // Never lower a limit: an infinite or larger hard limit stays as it is.
+    let wide = match lim.maximum {
+        Some(max) if max >= want => Rlimit {
+            current: Some(max.min(nr_open)),
+            maximum: Some(max),
+        },
+        Some(_) => Rlimit {
+            current: Some(want),
+            maximum: Some(want),
+        },
+        None => Rlimit {
+            current: Some(want),
+            maximum: None,
+        },
+    };
+    let soft_to_hard = Rlimit {
+        current: lim.maximum,
+        maximum: lim.maximum,
+    };
+    let raised =
+        setrlimit(Resource::Nofile, wide).or_else(|_| setrlimit(Resource::Nofile, soft_to_hard));
+    match raised {
+        Ok(()) => {
+            tracing::debug!(from = ?lim.current, to = ?getrlimit(Resource::Nofile).current, "raised RLIMIT_NOFILE")
+        }
+        Err(e) => tracing::debug!("cannot raise RLIMIT_NOFILE: {e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_path_names_each_directory_once_in_order() {
-        let p = SearchPath::new(b"/a::/b:/a:::/c:");
-        assert_eq!(p.dirs().unwrap(), [&b"/a"[..], b"", b"/b", b"/c"]);
-        // A million empty entries are the current directory, once.
-        let p = SearchPath::new(":".repeat(1_000_000).as_bytes());
-        assert_eq!(p.dirs().unwrap(), [&b""[..]]);
-        assert_eq!(SearchPath::new(b"").dirs().unwrap(), [&b""[..]]);
-        assert_eq!(SearchPath::new(b"/bin").dirs().unwrap(), [&b"/bin"[..]]);
-        assert_eq!(SearchPath::default_path().dirs().unwrap().len(), 6);
-    }
-
-    #[test]
-    fn a_path_with_more_directories_than_searched_is_refused() {
-        let path = |n: usize| {
-            (0..n)
-                .map(|i| format!("/d{i}"))
-                .collect::<Vec<_>>()
-                .join(":")
-        };
-        let p = SearchPath::new(path(MAX_SEARCH_DIRS).as_bytes());
-        assert_eq!(p.dirs().unwrap().len(), MAX_SEARCH_DIRS);
-        // Repeats do not count.
-        let twice = format!("{}:{}", path(MAX_SEARCH_DIRS), path(MAX_SEARCH_DIRS));
-        assert_eq!(
-            SearchPath::new(twice.as_bytes()).dirs().unwrap().len(),
-            MAX_SEARCH_DIRS
-        );
-        assert!(
-            SearchPath::new(path(MAX_SEARCH_DIRS + 1).as_bytes())
-                .dirs()
-                .is_none()
-        );
-    }
 
     #[test]
     fn e2big_says_too_long_once() {

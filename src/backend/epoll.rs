@@ -9,8 +9,7 @@ use std::time::Duration;
 
 /// Most events taken from the kernel per `epoll_wait`.
 const BATCH: usize = 1024;
-/// The token of our own timerfd (the loop's tokens never reach it).
-const TIMER: u64 = u64::MAX;
+use crate::token::BACKEND_OWN as TIMER;
 /// A zero `Timespec`: "just look" as a timeout, "disarm" for a timer.
 const ZERO: Timespec = Timespec {
     tv_sec: 0,
@@ -60,11 +59,16 @@ impl Epoll {
 
     /// Arm a oneshot readability watch (ADD the first time, MOD after).
     pub fn watch(&mut self, fd: BorrowedFd<'_>, token: u64, first: bool) -> io::Result<()> {
-        self.watch_for(fd, token, first, epoll::EventFlags::IN)
+        self.arm(fd, token, first, epoll::EventFlags::IN)
     }
 
-    /// Arm a oneshot watch for `events` (`IN`, `PRI`).
-    pub fn watch_for(
+    /// Arm a oneshot `PRI` watch (a cgroup file changed; ADD the first time, MOD after).
+    pub fn watch_pri(&mut self, fd: BorrowedFd<'_>, token: u64, first: bool) -> io::Result<()> {
+        self.arm(fd, token, first, epoll::EventFlags::PRI)
+    }
+
+    /// ADD or MOD a oneshot registration for `events`.
+    fn arm(
         &mut self,
         fd: BorrowedFd<'_>,
         token: u64,
@@ -92,7 +96,7 @@ impl Epoll {
 
     /// Nothing to cancel: the loop holds the only reference to every watched
     /// file, so closing the fd removes it from the interest list.
-    pub fn unwatch(&mut self, _fd: BorrowedFd<'_>) {}
+    pub fn unwatch(&mut self, _fd: BorrowedFd<'_>, _token: u64) {}
 
     /// `epoll_wait` until a watch fires or `timeout` passes (never early;
     /// `Some(ZERO)`: just look).

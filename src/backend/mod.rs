@@ -1,6 +1,7 @@
 //! The event backends: the few verbs the loop needs from the kernel.
 //!
-//! Both backends offer the same oneshot-readiness API: `watch` an fd under a
+//! Both backends offer the same oneshot-readiness API, with identical
+//! signatures (`new`, `watch`, `watch_pri`, `unwatch`, `wait`): `watch` an fd under a
 //! token, `unwatch` one whose watch is still pending (before closing it), and
 //! `wait` for the tokens that fired. The loop does the reads and reaps itself
 //! with non-blocking syscalls, so no per-check buffer is ever lent to the
@@ -18,11 +19,6 @@ pub(crate) mod uring;
 use rustix::fd::BorrowedFd;
 use std::io;
 use std::time::Duration;
-
-/// Set in a token `wait` hands back when that watch could not be armed
-/// (io_uring completes a failed poll with an error): the caller must not
-/// take it for readiness. Tokens are made with this bit clear.
-pub(crate) const WATCH_FAILED: u64 = 0x80;
 
 /// Which backend to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -122,7 +118,7 @@ impl Backend {
     /// `first` says whether this fd was never watched before.
     pub fn watch(&mut self, fd: BorrowedFd<'_>, token: u64, first: bool) -> io::Result<()> {
         match self {
-            Backend::Uring(b) => b.watch(fd, token),
+            Backend::Uring(b) => b.watch(fd, token, first),
             Backend::Epoll(b) => b.watch(fd, token, first),
         }
     }
@@ -131,18 +127,16 @@ impl Backend {
     /// such as `cgroup.events` changed); else as `watch`.
     pub fn watch_pri(&mut self, fd: BorrowedFd<'_>, token: u64, first: bool) -> io::Result<()> {
         match self {
-            Backend::Uring(b) => b.watch_for(fd, token, libc::POLLPRI as u32),
-            Backend::Epoll(b) => {
-                b.watch_for(fd, token, first, rustix::event::epoll::EventFlags::PRI)
-            }
+            Backend::Uring(b) => b.watch_pri(fd, token, first),
+            Backend::Epoll(b) => b.watch_pri(fd, token, first),
         }
     }
 
     /// Cancel a pending watch on `fd` (registered under `token`) before the fd is closed.
     pub fn unwatch(&mut self, fd: BorrowedFd<'_>, token: u64) {
         match self {
-            Backend::Uring(b) => b.unwatch(token),
-            Backend::Epoll(b) => b.unwatch(fd),
+            Backend::Uring(b) => b.unwatch(fd, token),
+            Backend::Epoll(b) => b.unwatch(fd, token),
         }
     }
 

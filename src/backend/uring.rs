@@ -15,8 +15,7 @@ use std::time::Duration;
 const SQ_ENTRIES: u32 = 1024;
 /// Completion queue size (the kernel keeps overflow, FEAT_NODROP, but this avoids it).
 const CQ_ENTRIES: u32 = 16384;
-/// user_data of requests whose completions are of no interest (poll removals).
-const IGNORE: u64 = u64::MAX;
+use crate::token::{BACKEND_OWN as IGNORE, WATCH_FAILED};
 
 /// An io_uring instance.
 pub(crate) struct Uring {
@@ -87,21 +86,27 @@ impl Uring {
         }
     }
 
-    /// Arm a oneshot POLLIN watch.
-    pub fn watch(&mut self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
-        self.watch_for(fd, token, libc::POLLIN as u32)
+    /// Arm a oneshot POLLIN watch (`first` does not matter to a ring).
+    pub fn watch(&mut self, fd: BorrowedFd<'_>, token: u64, _first: bool) -> io::Result<()> {
+        self.arm(fd, token, libc::POLLIN as u32)
     }
 
-    /// Arm a oneshot watch for `events` (`POLLIN`, `POLLPRI`).
-    pub fn watch_for(&mut self, fd: BorrowedFd<'_>, token: u64, events: u32) -> io::Result<()> {
+    /// Arm a oneshot POLLPRI watch (a cgroup file changed).
+    pub fn watch_pri(&mut self, fd: BorrowedFd<'_>, token: u64, _first: bool) -> io::Result<()> {
+        self.arm(fd, token, libc::POLLPRI as u32)
+    }
+
+    /// Queue a oneshot `POLL_ADD` for `events`.
+    fn arm(&mut self, fd: BorrowedFd<'_>, token: u64, events: u32) -> io::Result<()> {
         let sqe = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), events)
             .build()
             .user_data(token);
         self.push(sqe)
     }
 
-    /// Cancel the pending watch registered under `token`.
-    pub fn unwatch(&mut self, token: u64) {
+    /// Cancel the pending watch registered under `token` (by token: the
+    /// ring does not know fds).
+    pub fn unwatch(&mut self, _fd: BorrowedFd<'_>, token: u64) {
         let sqe = opcode::PollRemove::new(token).build().user_data(IGNORE);
         if let Err(e) = self.push(sqe) {
             // The watch then fires (POLLHUP/exit) later under a stale token,
@@ -149,7 +154,7 @@ impl Uring {
             let res = cqe.result();
             if res < 0 && res != -libc::ECANCELED {
                 tracing::debug!(token, errno = -res, "io_uring: a poll failed");
-                self.backlog.push(token | super::WATCH_FAILED);
+                self.backlog.push(token | WATCH_FAILED);
             } else {
                 self.backlog.push(token);
             }
@@ -174,8 +179,8 @@ mod tests {
         let path =
             rustix::fs::open("/", rustix::fs::OFlags::PATH, rustix::fs::Mode::empty()).unwrap();
         let (r, w) = rustix::pipe::pipe().unwrap();
-        ring.watch(path.as_fd(), 7).unwrap();
-        ring.watch(r.as_fd(), 9).unwrap();
+        ring.watch(path.as_fd(), 7, true).unwrap();
+        ring.watch(r.as_fd(), 9, true).unwrap();
         rustix::io::write(&w, b"x").unwrap();
         let mut fired = Vec::new();
         let end = std::time::Instant::now() + Duration::from_secs(10);
@@ -184,6 +189,6 @@ mod tests {
                 .unwrap();
         }
         fired.sort();
-        assert_eq!(fired, [9, 7 | super::super::WATCH_FAILED]);
+        assert_eq!(fired, [9, 7 | crate::token::WATCH_FAILED]);
     }
 }
