@@ -320,6 +320,36 @@ fn cstring(bytes: &[u8], what: &'static str) -> Result<CString, CheckError> {
     CString::new(bytes).map_err(|_| CheckError::NulByte(what))
 }
 
+/// What the loop keeps of a check besides its `Prepared` form: the limits
+/// it runs under and its tag (the command itself is in `Prepared`).
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    pub timeout: Duration,
+    pub grace: Duration,
+    pub drain: Duration,
+    pub output_cap: usize,
+    pub kill_group_on_exit: bool,
+    pub timeout_state: State,
+    pub tag: Option<String>,
+    pub caps: crate::cgroup::Caps,
+}
+
+impl Check {
+    /// Its limits and tag, dropping the command (prepared by then).
+    pub(crate) fn into_limits(self) -> Limits {
+        Limits {
+            timeout: self.timeout,
+            grace: self.grace,
+            drain: self.drain,
+            output_cap: self.output_cap,
+            kill_group_on_exit: self.kill_group_on_exit,
+            timeout_state: self.timeout_state,
+            tag: self.tag,
+            caps: self.caps,
+        }
+    }
+}
+
 /// A validated check in the form `execve` takes.
 #[derive(Debug)]
 pub(crate) struct Prepared {

@@ -8,7 +8,7 @@
 //! on a channel, announced by the eventfd waker.
 
 use crate::backend::{Backend, BackendKind};
-use crate::check::{Check, Prepared};
+use crate::check::{Limits, Prepared};
 use crate::error::ExecutorError;
 use crate::lifecycle::{Ctx, KillReason, Lifecycle, TimerKind, Timers, unix_us};
 use crate::metrics::ResultSummary;
@@ -89,8 +89,8 @@ pub(crate) enum Request {
 pub(crate) struct Submission {
     /// Executor id.
     pub id: u64,
-    /// The check as submitted (limits, tag).
-    pub check: Check,
+    /// Its limits and tag.
+    pub limits: Limits,
     /// Its spawnable form.
     pub prepared: Prepared,
     /// Monotonic submission time.
@@ -175,7 +175,6 @@ pub(crate) fn start(
             shared
                 .realtime_kills
                 .store(priority.available(), Ordering::Relaxed);
-            *shared.backend.lock().unwrap_or_else(|p| p.into_inner()) = backend.kind();
             let _ = ready_tx.send(Ok(backend.kind()));
             let mut engine = Engine {
                 backend,
@@ -536,7 +535,7 @@ impl Engine {
             };
             let Submission {
                 id,
-                check,
+                limits,
                 prepared,
                 submitted,
                 submitted_wall,
@@ -550,7 +549,7 @@ impl Engine {
                 id,
                 slot,
                 generation,
-                &check,
+                &limits,
                 deliver,
                 submitted,
                 submitted_wall,
@@ -561,8 +560,8 @@ impl Engine {
             let mut leaf = self.cgroups.as_mut().and_then(|p| p.take());
             let entry = self.cgroups.as_ref().map(|p| p.entry());
             // Caps go into the (empty) leaf before the child is created in it.
-            let capped = match (&mut leaf, check.caps.is_empty()) {
-                (Some(leaf), false) => leaf.apply(&check.caps),
+            let capped = match (&mut leaf, limits.caps.is_empty()) {
+                (Some(leaf), false) => leaf.apply(&limits.caps),
                 _ => Ok(()),
             };
             let launched = match capped {
@@ -824,7 +823,7 @@ pub(crate) fn unstarted_result(sub: &Submission, outcome: Outcome, reason: &str)
     let waited = now.saturating_duration_since(sub.submitted);
     CheckResult {
         id: sub.id,
-        tag: sub.check.tag.clone(),
+        tag: sub.limits.tag.clone(),
         outcome,
         state: State::Unknown,
         reason: reason.to_string(),

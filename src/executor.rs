@@ -131,7 +131,6 @@ impl ExecutorBuilder {
             metrics: Mutex::new(Metrics::new()),
             max_running: self.max_running,
             queue_limit: self.queue_limit,
-            backend: Mutex::new(self.backend),
             realtime_kills: AtomicBool::new(false),
             containment: Mutex::new(Default::default()),
         });
@@ -262,7 +261,7 @@ impl Executor {
         self.shared.submitted.fetch_add(1, Ordering::Relaxed);
         let sub = Submission {
             id,
-            check,
+            limits: check.into_limits(),
             prepared,
             submitted: Instant::now(),
             submitted_wall: SystemTime::now(),

@@ -26,7 +26,7 @@
 
 use crate::backend::Backend;
 use crate::cgroup::Leaf;
-use crate::check::Check;
+use crate::check::Limits;
 use crate::nagios_state::State;
 use crate::result::{CheckResult, ExitStatus, Outcome, Output, Rusage, Timings, signal_name};
 use crate::shared::Deliver;
@@ -274,7 +274,7 @@ impl Lifecycle {
         id: u64,
         slot: usize,
         generation: u32,
-        check: &Check,
+        limits: &Limits,
         deliver: Deliver,
         submitted: Instant,
         submitted_wall: SystemTime,
@@ -284,14 +284,14 @@ impl Lifecycle {
             id,
             slot,
             generation,
-            tag: check.tag.clone(),
+            tag: limits.tag.clone(),
             deliver: Some(deliver),
-            timeout: check.timeout,
-            grace: check.grace,
-            drain: check.drain,
-            output_cap: check.output_cap,
-            kill_group_on_exit: check.kill_group_on_exit,
-            timeout_state: check.timeout_state,
+            timeout: limits.timeout,
+            grace: limits.grace,
+            drain: limits.drain,
+            output_cap: limits.output_cap,
+            kill_group_on_exit: limits.kill_group_on_exit,
+            timeout_state: limits.timeout_state,
             submitted,
             submitted_wall,
             dispatched: now,
@@ -866,7 +866,6 @@ impl Lifecycle {
         stream.armed = false;
         let Some(fd) = &stream.fd else { return };
         let mut eof = false;
-        let mut drained = false;
         for _ in 0..READS_PER_EVENT {
             match rustix::io::read(fd, &mut *ctx.scratch) {
                 Ok(0) => {
@@ -874,10 +873,7 @@ impl Lifecycle {
                     break;
                 }
                 Ok(n) => append_capped(&mut stream.out, &ctx.scratch[..n], cap),
-                Err(Errno::AGAIN) => {
-                    drained = true;
-                    break;
-                }
+                Err(Errno::AGAIN) => break,
                 Err(Errno::INTR) => {}
                 Err(e) => {
                     tracing::warn!(id = self.id, "reading output failed: {e}");
@@ -886,7 +882,6 @@ impl Lifecycle {
                 }
             }
         }
-        let _ = drained;
         if eof {
             stream.fd = None;
             self.maybe_done();

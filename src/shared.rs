@@ -2,7 +2,6 @@
 //! metrics both read, and the callback a result is delivered through. It
 //! sits below both (the executor creates it, the loop runs on it).
 
-use crate::backend::BackendKind;
 use crate::metrics::Metrics;
 use crate::result::CheckResult;
 use crate::waker::Waker;
@@ -30,8 +29,6 @@ pub(crate) struct Shared {
     pub max_running: usize,
     /// Waiting-queue limit.
     pub queue_limit: usize,
-    /// The backend the loop uses.
-    pub backend: Mutex<BackendKind>,
     /// The loop may take `SCHED_FIFO` near kills (asked for and permitted).
     pub realtime_kills: AtomicBool,
     /// Which containment is in force (set by the loop at start).

@@ -25,7 +25,9 @@ fn code_of(text: &str) -> String {
 fn uses(code: &str, reexports: &BTreeMap<String, String>) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for part in code.split("crate::").skip(1) {
-        let group = part.strip_prefix('{').map(|g| g.split('}').next().unwrap_or(""));
+        let group = part
+            .strip_prefix('{')
+            .map(|g| g.split('}').next().unwrap_or(""));
         for item in group.map_or(vec![part], |g| g.split(',').collect()) {
             let name: String = item
                 .trim()
