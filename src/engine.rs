@@ -10,7 +10,7 @@
 use crate::backend::{Backend, BackendKind};
 use crate::check::{Limits, Prepared};
 use crate::error::ExecutorError;
-use crate::lifecycle::{Ctx, KillReason, Lifecycle, TimerKind, Timers, unix_us};
+use crate::lifecycle::{EventCtx, KillReason, Lifecycle, TimerKind, Timers, unix_us};
 use crate::metrics::ResultSummary;
 use crate::nagios_state::State;
 use crate::priority::LoopPriority;
@@ -35,7 +35,7 @@ const SCRATCH: usize = 64 * 1024;
 /// does not create children faster than they get CPUs to exec on. Our
 /// copies of a child's pipes' write ends are held only until it has its own
 /// descriptor table, and are bounded by the low slot pairs (see
-/// `Launcher::has_slots`). On a saturated machine a child can wait
+/// `ChildLoans::has_slots`). On a saturated machine a child can wait
 /// milliseconds for a CPU to exec on, so at a few thousand spawns/s a few
 /// dozen are normally in this state.
 ///
@@ -46,7 +46,7 @@ const SCRATCH: usize = 64 * 1024;
 /// mapped, a few KiB touched) and strings until the kernel lets go; the
 /// memory stays bounded because every launch, stuck or not, is a running
 /// check: never more than `max_running` of them.
-const MAX_LAUNCHING: usize = 256;
+const MAX_PRE_EXEC: usize = 256;
 /// How often children stuck before `execve` (see `stuck`) are looked at again.
 const STUCK_POLL: Duration = Duration::from_millis(100);
 /// Most one warning about newly stuck children per this long (a hung
@@ -133,7 +133,7 @@ pub(crate) fn start(
             };
             // Made at once (while the descriptor table is small), so that its
             // low slots get low numbers.
-            let launcher = match spawn::Launcher::new(shared.max_running) {
+            let loans = match spawn::ChildLoans::new(shared.max_running) {
                 Ok(l) => l,
                 Err(source) => {
                     let _ = ready_tx.send(Err(ExecutorError::Setup {
@@ -180,8 +180,8 @@ pub(crate) fn start(
                 backend,
                 shared,
                 requests,
-                launcher,
-                launching: VecDeque::new(),
+                loans,
+                pre_exec: VecDeque::new(),
                 stuck: Vec::new(),
                 next_stuck_poll: Instant::now(),
                 stuck_warned: None,
@@ -235,11 +235,11 @@ struct Engine {
     /// Checks whose child has not exec'd (or exited) yet, and when it was
     /// created (oldest first): polled every turn, to close our copies of
     /// its pipes' write ends and give its stack back as soon as it is done
-    /// with them. Counted against `MAX_LAUNCHING`.
-    launching: VecDeque<(usize, u32, Instant)>,
+    /// with them. Counted against `MAX_PRE_EXEC`.
+    pre_exec: VecDeque<(usize, u32, Instant)>,
     /// Checks whose child has not exec'd `STUCK_LAUNCH` after it was
     /// created: polled every `STUCK_POLL`, not counted against
-    /// `MAX_LAUNCHING`.
+    /// `MAX_PRE_EXEC`.
     stuck: Vec<(usize, u32)>,
     /// When `stuck` is polled next.
     next_stuck_poll: Instant,
@@ -268,7 +268,7 @@ struct Engine {
     // Declared after `checks` (fields drop in order): a check dropped with
     // its child not yet exec'd gives back what it borrowed from here.
     /// Stacks and low descriptor slots lent to children until they exec.
-    launcher: spawn::Launcher,
+    loans: spawn::ChildLoans,
     /// The cgroup leaves checks run in (containment on); dropped after
     /// `checks`, it removes them.
     cgroups: Option<crate::cgroup::Pool>,
@@ -393,10 +393,10 @@ impl Engine {
         slot: usize,
         generation: u32,
         now: Instant,
-        f: impl FnOnce(&mut Lifecycle, &mut Ctx<'_>),
+        f: impl FnOnce(&mut Lifecycle, &mut EventCtx<'_>),
     ) {
         if let Some(mut check) = self.take_check(slot, generation) {
-            let mut ctx = Ctx {
+            let mut ctx = EventCtx {
                 backend: &mut self.backend,
                 timers: &mut self.timers,
                 scratch: &mut self.scratch,
@@ -471,7 +471,7 @@ impl Engine {
         }
     }
 
-    /// Catch up with children that had not exec'd yet (see `launching`),
+    /// Catch up with children that had not exec'd yet (see `pre_exec`),
     /// and set aside those that are stuck (see `stuck`).
     fn poll_launches(&mut self, now: Instant) {
         let checks = &mut self.checks;
@@ -479,7 +479,7 @@ impl Engine {
             Some(c) if c.generation() == generation => c.poll_launch(),
             _ => false,
         };
-        self.launching
+        self.pre_exec
             .retain(|&(slot, generation, _)| still(slot, generation));
         if !self.stuck.is_empty() && now >= self.next_stuck_poll {
             self.next_stuck_poll = now + STUCK_POLL;
@@ -487,10 +487,10 @@ impl Engine {
                 .retain(|&(slot, generation)| still(slot, generation));
         }
         let before = self.stuck.len();
-        while let Some(&(slot, generation, at)) = self.launching.front()
+        while let Some(&(slot, generation, at)) = self.pre_exec.front()
             && now.saturating_duration_since(at) >= spawn::STUCK_LAUNCH
         {
-            self.launching.pop_front();
+            self.pre_exec.pop_front();
             self.stuck.push((slot, generation));
         }
         if self.stuck.len() > before {
@@ -519,8 +519,8 @@ impl Engine {
     /// thread makes them; the loop never waits on mkdir).
     fn may_launch(&mut self, now: Instant) -> bool {
         let in_use = self.checks.len();
-        self.launching.len() < MAX_LAUNCHING
-            && self.launcher.has_slots(now)
+        self.pre_exec.len() < MAX_PRE_EXEC
+            && self.loans.has_slots(now)
             && self
                 .cgroups
                 .as_mut()
@@ -565,7 +565,7 @@ impl Engine {
                 _ => Ok(()),
             };
             let launched = match capped {
-                Ok(()) => spawn::launch(prepared, &self.launcher, leaf.as_ref().zip(entry)),
+                Ok(()) => spawn::launch(prepared, &self.loans, leaf.as_ref().zip(entry)),
                 Err(message) => Err(spawn::SpawnFailure {
                     errno: None,
                     message: format!("{message} for {}", prepared.program()),
@@ -573,7 +573,7 @@ impl Engine {
             };
             match launched {
                 Ok((child, launch)) => {
-                    self.launching.push_back((slot, generation, picked));
+                    self.pre_exec.push_back((slot, generation, picked));
                     self.with_check(slot, generation, now, |c, ctx| {
                         c.started(child, Some(launch), leaf, picked, ctx)
                     });

@@ -30,7 +30,7 @@ use crate::check::Limits;
 use crate::nagios_state::State;
 use crate::result::{CheckResult, ExitStatus, Outcome, Output, Rusage, Timings, signal_name};
 use crate::shared::Deliver;
-use crate::spawn::{self, Child, Launch, Reap, SpawnFailure};
+use crate::spawn::{self, Child, PreExecChild, Reap, SpawnFailure};
 use crate::token::{Source, token};
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::io::Errno;
@@ -142,7 +142,7 @@ impl Timers {
 }
 
 /// What the loop lends a check while it handles one event.
-pub(crate) struct Ctx<'a> {
+pub(crate) struct EventCtx<'a> {
     /// The backend, to (re-)arm and cancel watches.
     pub backend: &'a mut Backend,
     /// The loop's timers.
@@ -153,7 +153,7 @@ pub(crate) struct Ctx<'a> {
     pub now: Instant,
 }
 
-impl Ctx<'_> {
+impl EventCtx<'_> {
     /// Poll check (`slot`, `generation`) in `RETRY_POLL`: for what could
     /// not be watched, or a `waitid` that failed.
     fn poll_soon(&mut self, slot: usize, generation: u32) {
@@ -250,7 +250,7 @@ pub(crate) struct Lifecycle {
     /// The pidfd fired in this turn and is not handled yet (see `note_exit_pending`).
     exit_pending: bool,
     /// Timed out before its child exec'd: where the child was stuck (see
-    /// `spawn::Launch::stuck`).
+    /// `spawn::PreExecChild::stuck`).
     never_started: Option<String>,
     /// The check's cgroup leaf (containment on); every process it starts
     /// is in it, and dies by its `cgroup.kill`.
@@ -262,9 +262,9 @@ pub(crate) struct Lifecycle {
     leaf_wait: bool,
     /// Processes in the leaf when the leader exited.
     escapees: u32,
-    /// The child while it may not have exec'd yet (see `spawn::Launch`).
+    /// The child while it may not have exec'd yet (see `spawn::PreExecChild`).
     /// Declared last: it must drop after `Drop` has killed and reaped the child.
-    launch: Option<Launch>,
+    launch: Option<PreExecChild>,
 }
 
 impl Lifecycle {
@@ -351,10 +351,10 @@ impl Lifecycle {
     pub fn started(
         &mut self,
         child: Child,
-        launch: Option<Launch>,
+        launch: Option<PreExecChild>,
         leaf: Option<Leaf>,
         picked: Instant,
-        ctx: &mut Ctx<'_>,
+        ctx: &mut EventCtx<'_>,
     ) {
         self.dispatched = picked;
         self.leaf = leaf;
@@ -415,11 +415,11 @@ impl Lifecycle {
     /// Whether the child has its own process group yet (before that, it has
     /// no descendants, and only its pidfd is signalled).
     fn grouped(&self) -> bool {
-        self.launch.as_ref().is_none_or(Launch::grouped)
+        self.launch.as_ref().is_none_or(PreExecChild::grouped)
     }
 
     /// Arm every open, unarmed fd (after start, or to recover from a failed arm).
-    fn watch_all(&mut self, ctx: &mut Ctx<'_>, first: bool) {
+    fn watch_all(&mut self, ctx: &mut EventCtx<'_>, first: bool) {
         let mut failed = false;
         if let (Some(fd), false) = (&self.pidfd, self.pidfd_armed) {
             match ctx.backend.watch(
@@ -464,7 +464,7 @@ impl Lifecycle {
 
     /// The backend could not arm a watch on `source` (io_uring reported an
     /// error for it): poll it instead, as when arming fails at once.
-    pub fn on_watch_failed(&mut self, source: Source, ctx: &mut Ctx<'_>) {
+    pub fn on_watch_failed(&mut self, source: Source, ctx: &mut EventCtx<'_>) {
         match source {
             Source::Pidfd => self.pidfd_armed = false,
             Source::Stdout => self.stdout.armed = false,
@@ -481,7 +481,7 @@ impl Lifecycle {
     }
 
     /// A watched fd fired.
-    pub fn on_ready(&mut self, source: Source, ctx: &mut Ctx<'_>) {
+    pub fn on_ready(&mut self, source: Source, ctx: &mut EventCtx<'_>) {
         match source {
             Source::Pidfd => {
                 self.pidfd_armed = false;
@@ -510,7 +510,7 @@ impl Lifecycle {
     /// While the killed leaf is not empty, watch its `cgroup.events`
     /// (a read first: the change notification comes 10–20 ms late, the
     /// kernel rate-limits them, and a read that says empty is the answer).
-    fn watch_leaf(&mut self, ctx: &mut Ctx<'_>) {
+    fn watch_leaf(&mut self, ctx: &mut EventCtx<'_>) {
         let Some(leaf) = &self.leaf else {
             self.leaf_wait = false;
             return;
@@ -539,7 +539,7 @@ impl Lifecycle {
 
     /// The leader is reaped: wait for what is still open (output) or alive
     /// (a killed leaf's processes), bounded by the drain; else done.
-    fn after_reap(&mut self, ctx: &mut Ctx<'_>) {
+    fn after_reap(&mut self, ctx: &mut EventCtx<'_>) {
         self.leaf_wait = self.leaf.as_ref().is_some_and(Leaf::killed);
         self.watch_leaf(ctx);
         if self.stdout.fd.is_some() || self.stderr.fd.is_some() || self.leaf_wait {
@@ -668,7 +668,7 @@ impl Lifecycle {
     }
 
     /// A timer of this check fired.
-    pub fn on_timer(&mut self, kind: TimerKind, ctx: &mut Ctx<'_>) {
+    pub fn on_timer(&mut self, kind: TimerKind, ctx: &mut EventCtx<'_>) {
         if self.exit_pending && kind.signals() {
             // Looked at again next turn, after the exit (if it was one).
             ctx.timers.push(ctx.now, self.slot, self.generation, kind);
@@ -681,7 +681,7 @@ impl Lifecycle {
             TimerKind::Deadline => {
                 self.kill = Some(KillReason::Timeout);
                 self.poll_launch();
-                self.never_started = self.launch.as_ref().and_then(Launch::stuck);
+                self.never_started = self.launch.as_ref().and_then(PreExecChild::stuck);
                 if let Some(stuck) = &self.never_started {
                     // Still in our code, every signal blocked: SIGTERM could
                     // only wait out the grace, and there is no plugin yet
@@ -782,7 +782,7 @@ impl Lifecycle {
     }
 
     /// The pidfd is readable: the leader has exited. Sweep, then reap.
-    fn leader_ready(&mut self, ctx: &mut Ctx<'_>) {
+    fn leader_ready(&mut self, ctx: &mut EventCtx<'_>) {
         self.exit_pending = false;
         self.poll_launch();
         let grouped = self.grouped();
@@ -856,7 +856,7 @@ impl Lifecycle {
     }
 
     /// A pipe is readable (or hung up): read what is there into the capped buffer.
-    fn read_stream(&mut self, source: Source, ctx: &mut Ctx<'_>) {
+    fn read_stream(&mut self, source: Source, ctx: &mut EventCtx<'_>) {
         let cap = self.output_cap;
         let stream = if source == Source::Stdout {
             &mut self.stdout
@@ -917,7 +917,7 @@ impl Lifecycle {
 
     /// The result, from what is known now (takes the captured output).
     fn build_result(&mut self, now: Instant) -> CheckResult {
-        let (outcome, state, reason) = self.judge();
+        let (outcome, state, reason) = self.verdict();
         let exited = self.exited_at.or(self.reaped_at);
         let since = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
             (Some(a), Some(b)) => b.saturating_duration_since(a),
@@ -998,7 +998,7 @@ impl Lifecycle {
     }
 
     /// Outcome, Nagios state and the reason text.
-    fn judge(&self) -> (Outcome, State, String) {
+    fn verdict(&self) -> (Outcome, State, String) {
         if let Some(f) = &self.spawn_failure {
             return (
                 Outcome::SpawnFailed {

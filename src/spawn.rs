@@ -106,8 +106,8 @@ pub(crate) fn block_all_signals_on_this_thread() -> std::io::Result<()> {
 
 /// How long a child may take from `clone` to `execve` before the loop
 /// stops waiting for it: it then no longer counts against the launches in
-/// flight (`engine::MAX_LAUNCHING`), and the low slot pair it holds is no
-/// longer waited for (`Launcher::has_slots`). A healthy child execs within
+/// flight (`engine::MAX_PRE_EXEC`), and the low slot pair it holds is no
+/// longer waited for (`ChildLoans::has_slots`). A healthy child execs within
 /// microseconds, or a few milliseconds when it waits for a CPU on a
 /// saturated machine; a slow but working network file system answers a
 /// lookup in well under a second. One that takes longer is stuck (a hung
@@ -182,21 +182,21 @@ impl ChildStack {
 impl Drop for ChildStack {
     fn drop(&mut self) {
         // SAFETY: the mapping is ours; a stack is dropped only by the pool
-        // or a `Launch` once no child runs on it (see `Launch::drop`).
+        // or a `PreExecChild` once no child runs on it (see `PreExecChild::drop`).
         unsafe { libc::munmap(self.base, self.len) };
     }
 }
 
 /// What the loop lends its children until they exec: stacks to run on, and
 /// low descriptor numbers to pass their pipes' write ends in. Shared (`Rc`)
-/// by the loop and every `Launch`, which gives back what it holds when its
+/// by the loop and every `PreExecChild`, which gives back what it holds when its
 /// child is done with it; only the loop thread touches it.
 #[derive(Clone)]
-pub(crate) struct Launcher {
+pub(crate) struct ChildLoans {
     pool: Rc<RefCell<Pool>>,
 }
 
-/// The loaned resources (see `Launcher`).
+/// The loaned resources (see `ChildLoans`).
 struct Pool {
     /// Stacks no child runs on any more: a stack mapped per spawn would be
     /// unmapped per spawn, and each unmap flushes the TLB of every CPU
@@ -219,7 +219,7 @@ struct Pool {
     nofile: Option<[u64; 2]>,
 }
 
-impl Launcher {
+impl ChildLoans {
     /// Most stacks kept for reuse (more are unmapped).
     const KEEP_STACKS: usize = 64;
     /// Most pairs of low slots: at most this many children are between
@@ -237,7 +237,7 @@ impl Launcher {
     ///
     /// No more pairs than `max_running` checks could use: `pidring run`
     /// (one check) must start under a tight RLIMIT_NOFILE too.
-    pub fn new(max_running: usize) -> std::io::Result<Launcher> {
+    pub fn new(max_running: usize) -> std::io::Result<ChildLoans> {
         let devnull = open_devnull()?;
         let dup = || rustix::io::fcntl_dupfd_cloexec(&devnull, 0);
         let pairs = Self::SLOT_PAIRS.min(max_running.max(1));
@@ -245,7 +245,7 @@ impl Launcher {
         for _ in 0..pairs {
             slots.push(Some((dup()?, dup()?)));
         }
-        Ok(Launcher {
+        Ok(ChildLoans {
             pool: Rc::new(RefCell::new(Pool {
                 stacks: Vec::new(),
                 devnull,
@@ -263,7 +263,7 @@ impl Launcher {
     /// (stuck before it took its own descriptor table; it may never let
     /// go). A child launched without a pair copies every descriptor below
     /// its pipes' numbers (three per running check) and closes them again;
-    /// better to wait for a launching child to let go of its pair, but not
+    /// better to wait for a pre_exec child to let go of its pair, but not
     /// for a stuck one.
     pub fn has_slots(&self, now: Instant) -> bool {
         let pool = self.pool.borrow();
@@ -293,7 +293,7 @@ impl Pool {
     }
 
     fn give_stack(&mut self, stack: ChildStack) {
-        if self.stacks.len() < Launcher::KEEP_STACKS {
+        if self.stacks.len() < ChildLoans::KEEP_STACKS {
             self.stacks.push(stack);
         }
     }
@@ -359,7 +359,7 @@ pub(crate) fn presize_fd_table(any: BorrowedFd<'_>, max_running: usize) {
     }
 }
 
-/// Our copies of a launching child's pipe write ends.
+/// Our copies of a pre_exec child's pipe write ends.
 enum WriteEnds {
     /// Already closed.
     Closed,
@@ -373,12 +373,12 @@ enum WriteEnds {
 /// A child that exists but may not have exec'd yet: it runs in our memory, on
 /// a stack of ours, reading `ChildArgs`, until the kernel clears `ctid` (at
 /// its `execve` or exit). Until then this keeps all of that alive, and gives
-/// it back to the `Launcher` when the child is done with it.
-pub(crate) struct Launch {
+/// it back to the `ChildLoans` when the child is done with it.
+pub(crate) struct PreExecChild {
     /// Boxed: the child reads it, and it and the kernel write its flags.
     args: Box<ChildArgs>,
     /// The strings `args` points into.
-    strings: LaunchStrings,
+    strings: ChildStrings,
     /// The stack the child runs on; `None` once given back.
     stack: Option<ChildStack>,
     /// The child shares our descriptor table until it has its own; our
@@ -389,11 +389,11 @@ pub(crate) struct Launch {
     /// The child exec'd or exited: nothing of ours is in use by it.
     finished: bool,
     /// Where the stack and slots go back to.
-    launcher: Launcher,
+    loans: ChildLoans,
 }
 
 /// The C strings and pointer arrays a child reads until it execs.
-struct LaunchStrings {
+struct ChildStrings {
     /// Also the PATH the child searches (`ChildArgs::dirs`).
     cmd: Prepared,
     /// A spare slot, then argv (see `ChildArgs::argv`).
@@ -401,7 +401,7 @@ struct LaunchStrings {
     _envp: Vec<*const libc::c_char>,
 }
 
-impl Launch {
+impl PreExecChild {
     /// Whether the child has its own session (and process group): only then
     /// may the group be signalled. Before, it has no descendants to reach,
     /// and its pidfd reaches it.
@@ -441,7 +441,7 @@ impl Launch {
     fn close_write_ends(&mut self) {
         match std::mem::replace(&mut self.write_ends, WriteEnds::Closed) {
             WriteEnds::Closed | WriteEnds::Own(..) => {}
-            WriteEnds::Slots(i) => self.launcher.pool.borrow_mut().return_slots(i),
+            WriteEnds::Slots(i) => self.loans.pool.borrow_mut().return_slots(i),
         }
     }
 
@@ -449,7 +449,7 @@ impl Launch {
         self.finished = true;
         self.close_write_ends();
         if let Some(stack) = self.stack.take() {
-            self.launcher.pool.borrow_mut().give_stack(stack);
+            self.loans.pool.borrow_mut().give_stack(stack);
         }
         match self.args.errno.load(Ordering::Acquire) {
             0 => Ok(()),
@@ -461,7 +461,7 @@ impl Launch {
     }
 }
 
-impl Drop for Launch {
+impl Drop for PreExecChild {
     /// Dropped before the child is done with our memory (only on abnormal
     /// paths: a check is normally reaped first): kill it and wait until the
     /// kernel says it let go, so its stack and strings are not freed under it.
@@ -529,9 +529,9 @@ impl Drop for Launch {
 /// into the leaf's `cgroup.procs` as its very first step.
 pub(crate) fn launch(
     cmd: Prepared,
-    launcher: &Launcher,
+    loans: &ChildLoans,
     leaf: Option<(&crate::cgroup::Leaf, crate::cgroup::Entry)>,
-) -> Result<(Child, Launch), SpawnFailure> {
+) -> Result<(Child, PreExecChild), SpawnFailure> {
     let program = cmd.program();
     let (path, path_len, dirs, ndirs) = match search_for(&cmd)? {
         Some((path, dirs)) => (path.as_ptr(), path.len(), dirs.as_ptr(), dirs.len()),
@@ -545,7 +545,7 @@ pub(crate) fn launch(
         .map_err(|e| SpawnFailure::new(&program, "cannot create pipe for", e))?;
     let (err_r, err_w) = rustix::pipe::pipe_with(flags)
         .map_err(|e| SpawnFailure::new(&program, "cannot create pipe for", e))?;
-    let mut pool = launcher.pool.borrow_mut();
+    let mut pool = loans.pool.borrow_mut();
     let stack = pool
         .take_stack()
         .map_err(|e| SpawnFailure::new(&program, "cannot map a stack for", io_errno(&e)))?;
@@ -589,9 +589,9 @@ pub(crate) fn launch(
         detached: AtomicU8::new(0),
         ctid: AtomicU32::new(1),
     });
-    let mut launch = Launch {
+    let mut launch = PreExecChild {
         args,
-        strings: LaunchStrings {
+        strings: ChildStrings {
             cmd,
             _argv: argv,
             _envp: envp,
@@ -601,7 +601,7 @@ pub(crate) fn launch(
         pid: Pid::INIT,
         // Until `clone` succeeds there is no child: dropping gives all back.
         finished: true,
-        launcher: launcher.clone(),
+        loans: loans.clone(),
     };
     let mut pidfd: libc::c_int = -1;
     let flags = libc::CLONE_VM
@@ -770,7 +770,7 @@ struct ChildArgs {
 }
 
 impl ChildArgs {
-    /// A placeholder (for `Launch::drop`'s leak path).
+    /// A placeholder (for `PreExecChild::drop`'s leak path).
     fn empty() -> ChildArgs {
         ChildArgs {
             path: std::ptr::null(),
@@ -887,7 +887,7 @@ impl ChildStep {
 /// a stack of ours, with every signal blocked, while the loop goes on: raw
 /// system calls only, no allocation, no locks, no libc, no unwinding.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` is the `ChildArgs` that `Launch` keeps alive until we exec or exit.
+    // SAFETY: `arg` is the `ChildArgs` that `PreExecChild` keeps alive until we exec or exit.
     let args = unsafe { &*(arg as *const ChildArgs) };
     if args.procs >= 0 {
         // Into the check's cgroup before anything else (not born there).
@@ -966,7 +966,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     }
     if !args.cwd.is_null() {
         at(ChildStep::Chdir);
-        // SAFETY: a NUL-terminated string that `Launch` keeps alive.
+        // SAFETY: a NUL-terminated string that `PreExecChild` keeps alive.
         let r = unsafe { rawsys::chdir(args.cwd) };
         if !ok(r) {
             child_fail(args, ChildStep::Chdir, r);
@@ -988,14 +988,14 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // that is there means its interpreter is not.
     let mut found = Found::default();
     // SAFETY: argv[0] (slot 1 of `args.argv`) is a NUL-terminated string
-    // that `Launch` keeps alive.
+    // that `PreExecChild` keeps alive.
     let program = unsafe { *args.argv.add(1) };
     if args.dirs.is_null() {
         // SAFETY: as just above.
         unsafe { try_exec(args, program, &mut found) };
     } else {
         // SAFETY: `path` holds `path_len` bytes and `dirs` `ndirs` pairs
-        // (a `SearchPath` that `Launch` keeps alive, read-only); argv[0]
+        // (a `SearchPath` that `PreExecChild` keeps alive, read-only); argv[0]
         // has `name_len` bytes.
         let (path, dirs, name) = unsafe {
             (
@@ -1050,7 +1050,7 @@ struct Found {
 /// not allowed); any other failure is reported and the child exits.
 ///
 /// # Safety
-/// `path` is NUL-terminated; `args.argv` and `args.envp` are as `Launch`
+/// `path` is NUL-terminated; `args.argv` and `args.envp` are as `PreExecChild`
 /// keeps them (argv's slots are ours to write until we exec).
 unsafe fn try_exec(args: &ChildArgs, path: *const libc::c_char, found: &mut Found) {
     // SAFETY: as the caller vouches.
