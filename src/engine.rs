@@ -4,7 +4,7 @@
 //! Each turn: one backend wait (bounded by the nearest deadline) → handle the
 //! watches that fired → fire due timers → admit queued checks into free
 //! running slots (creating each child right here, without waiting for it to
-//! exec: see `spawn::launch`) → deliver finished checks. Submissions arrive
+//! exec: see `process::launch`) → deliver finished checks. Submissions arrive
 //! on a channel, announced by the eventfd waker.
 
 use crate::backend::{Backend, BackendKind};
@@ -14,9 +14,9 @@ use crate::lifecycle::{EventCtx, KillReason, Lifecycle, TimerKind, Timers, unix_
 use crate::metrics::ResultSummary;
 use crate::nagios_state::State;
 use crate::priority::LoopPriority;
+use crate::process;
 use crate::result::{CheckResult, Outcome, Output, Timings};
 use crate::shared::{Deliver, Shared};
-use crate::spawn;
 use crate::token::{Source, WAKER, WATCH_FAILED, untoken};
 use crossbeam_channel::{Receiver, TryRecvError};
 use rustix::process::Pid;
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime};
 /// Size of the one shared read buffer.
 const SCRATCH: usize = 64 * 1024;
 /// Most children created but not yet exec'd at once, among those created
-/// less than `spawn::STUCK_LAUNCH` ago: it paces spawning, so that a burst
+/// less than `process::STUCK_LAUNCH` ago: it paces spawning, so that a burst
 /// does not create children faster than they get CPUs to exec on. Our
 /// copies of a child's pipes' write ends are held only until it has its own
 /// descriptor table, and are bounded by the low slot pairs (see
@@ -133,7 +133,7 @@ pub(crate) fn start(
             };
             // Made at once (while the descriptor table is small), so that its
             // low slots get low numbers.
-            let loans = match spawn::ChildLoans::new(shared.max_running) {
+            let loans = match process::ChildLoans::new(shared.max_running) {
                 Ok(l) => l,
                 Err(source) => {
                     let _ = ready_tx.send(Err(ExecutorError::Setup {
@@ -143,10 +143,10 @@ pub(crate) fn start(
                     return;
                 }
             };
-            // Before any child shares the table: see `spawn::presize_fd_table`.
-            spawn::presize_fd_table(shared.waker.fd(), shared.max_running);
-            // This thread creates every child: see `spawn::block_all_signals_on_this_thread`.
-            if let Err(source) = spawn::block_all_signals_on_this_thread() {
+            // Before any child shares the table: see `process::presize_fd_table`.
+            process::presize_fd_table(shared.waker.fd(), shared.max_running);
+            // This thread creates every child: see `process::block_all_signals_on_this_thread`.
+            if let Err(source) = process::block_all_signals_on_this_thread() {
                 let _ = ready_tx.send(Err(ExecutorError::Setup {
                     what: "block signals on the loop thread",
                     source,
@@ -268,7 +268,7 @@ struct Engine {
     // Declared after `checks` (fields drop in order): a check dropped with
     // its child not yet exec'd gives back what it borrowed from here.
     /// Stacks and low descriptor slots lent to children until they exec.
-    loans: spawn::ChildLoans,
+    loans: process::ChildLoans,
     /// The cgroup leaves checks run in (containment on); dropped after
     /// `checks`, it removes them.
     cgroups: Option<crate::cgroup::Pool>,
@@ -488,7 +488,7 @@ impl Engine {
         }
         let before = self.stuck.len();
         while let Some(&(slot, generation, at)) = self.pre_exec.front()
-            && now.saturating_duration_since(at) >= spawn::STUCK_LAUNCH
+            && now.saturating_duration_since(at) >= process::STUCK_LAUNCH
         {
             self.pre_exec.pop_front();
             self.stuck.push((slot, generation));
@@ -508,7 +508,7 @@ impl Engine {
                 new = self.stuck.len() - before,
                 stuck = self.stuck.len(),
                 "children have not started their program {:?} after they were created (a hung mount in a check's working directory or path?); other checks start meanwhile",
-                spawn::STUCK_LAUNCH
+                process::STUCK_LAUNCH
             );
         }
     }
@@ -565,8 +565,8 @@ impl Engine {
                 _ => Ok(()),
             };
             let launched = match capped {
-                Ok(()) => spawn::launch(prepared, &self.loans, leaf.as_ref().zip(entry)),
-                Err(message) => Err(spawn::SpawnFailure {
+                Ok(()) => process::launch(prepared, &self.loans, leaf.as_ref().zip(entry)),
+                Err(message) => Err(process::SpawnFailure {
                     errno: None,
                     message: format!("{message} for {}", prepared.program()),
                 }),
@@ -728,7 +728,7 @@ impl Engine {
                     && let Ok(fd) =
                         rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
                 {
-                    let _ = spawn::signal_leader(
+                    let _ = process::signal_leader(
                         rustix::fd::AsFd::as_fd(&fd),
                         rustix::process::Signal::KILL,
                     );
@@ -804,15 +804,15 @@ fn children_of_self(adopters: Adopters) -> Vec<i32> {
     match adopters {
         Adopters::MainAndLoopThread => {
             let me = std::process::id();
-            let mut pids = spawn::children_listed(format!("/proc/self/task/{me}/children"));
-            pids.extend(spawn::children_listed("/proc/thread-self/children"));
+            let mut pids = process::children_listed(format!("/proc/self/task/{me}/children"));
+            pids.extend(process::children_listed("/proc/thread-self/children"));
             pids
         }
         Adopters::AllThreads => std::fs::read_dir("/proc/self/task")
             .into_iter()
             .flatten()
             .flatten()
-            .flat_map(|task| spawn::children_listed(task.path().join("children")))
+            .flat_map(|task| process::children_listed(task.path().join("children")))
             .collect(),
     }
 }

@@ -113,10 +113,10 @@ impl ExecutorBuilder {
     /// Start the loop thread.
     pub fn build(self) -> Result<Executor, ExecutorError> {
         // First, before any descriptor of ours could take fd 0, 1 or 2.
-        crate::spawn::ensure_std_fds();
-        crate::spawn::keep_exit_statuses();
+        crate::process::ensure_std_fds();
+        crate::process::keep_exit_statuses();
         if self.raise_nofile {
-            crate::spawn::raise_nofile_limit();
+            crate::process::raise_nofile_limit();
         }
         let waker = Arc::new(Waker::new().map_err(|source| ExecutorError::Setup {
             what: "eventfd",

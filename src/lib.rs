@@ -7,7 +7,7 @@
 //! group while its leader is still unreaped), and reaps every exit with
 //! `waitid(P_PIDFD)`. The loop creates each child itself, without waiting
 //! for it to exec (`clone` sharing memory and descriptor table, see
-//! `spawn.rs`), so spawning never blocks it.
+//! `process/`), so spawning never blocks it.
 //!
 //! ```no_run
 //! use pidring::{Check, Executor};
@@ -34,12 +34,12 @@ pub mod nagios_state;
 mod oneshot;
 pub mod plugin_output;
 mod priority;
+mod process;
 mod rawsys;
 pub mod result;
 mod search_path;
 mod shared;
 pub mod signal;
-mod spawn;
 mod token;
 pub mod units;
 pub mod waker;

@@ -28,9 +28,9 @@ use crate::backend::Backend;
 use crate::cgroup::Leaf;
 use crate::check::Limits;
 use crate::nagios_state::State;
+use crate::process::{self, Child, PreExecChild, Reap, SpawnFailure};
 use crate::result::{CheckResult, ExitStatus, Outcome, Output, Rusage, Timings, signal_name};
 use crate::shared::Deliver;
-use crate::spawn::{self, Child, PreExecChild, Reap, SpawnFailure};
 use crate::token::{Source, token};
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::io::Errno;
@@ -232,7 +232,7 @@ pub(crate) struct Lifecycle {
     said_polling: bool,
     /// Descendants found while the check was being killed (see
     /// `signal_descendants`), as pidfds; closed at the reap.
-    descendants: Vec<spawn::Descendant>,
+    descendants: Vec<process::Descendant>,
     started: Option<Instant>,
     deadline: Option<Instant>,
     stdout: Stream,
@@ -250,7 +250,7 @@ pub(crate) struct Lifecycle {
     /// The pidfd fired in this turn and is not handled yet (see `note_exit_pending`).
     exit_pending: bool,
     /// Timed out before its child exec'd: where the child was stuck (see
-    /// `spawn::PreExecChild::stuck`).
+    /// `process::PreExecChild::stuck`).
     never_started: Option<String>,
     /// The check's cgroup leaf (containment on); every process it starts
     /// is in it, and dies by its `cgroup.kill`.
@@ -262,7 +262,7 @@ pub(crate) struct Lifecycle {
     leaf_wait: bool,
     /// Processes in the leaf when the leader exited.
     escapees: u32,
-    /// The child while it may not have exec'd yet (see `spawn::PreExecChild`).
+    /// The child while it may not have exec'd yet (see `process::PreExecChild`).
     /// Declared last: it must drop after `Drop` has killed and reaped the child.
     launch: Option<PreExecChild>,
 }
@@ -591,7 +591,7 @@ impl Lifecycle {
         let (Some(_), Some(pid), true) = (&self.pidfd, self.pid, self.grouped()) else {
             return;
         };
-        let mut found = spawn::descendants_outside_group(pid, WALK_LIMIT, MAX_DESCENDANTS);
+        let mut found = process::descendants_outside_group(pid, WALK_LIMIT, MAX_DESCENDANTS);
         // Keep those an earlier walk found and this one did not (re-parented
         // away from the leader's tree since).
         for old in self.descendants.drain(..) {
@@ -611,7 +611,7 @@ impl Lifecycle {
                 ?sig,
                 "signalling a descendant outside the check's group"
             );
-            let _ = spawn::signal_leader(d.pidfd.as_fd(), sig);
+            let _ = process::signal_leader(d.pidfd.as_fd(), sig);
         }
     }
 
@@ -624,7 +624,7 @@ impl Lifecycle {
             self.first_signal_at = Some(Instant::now());
         }
         self.last_signal = Some(sig);
-        if let Err(e) = spawn::signal_leader(pidfd.as_fd(), sig) {
+        if let Err(e) = process::signal_leader(pidfd.as_fd(), sig) {
             if e == Errno::PERM && !self.refused {
                 tracing::warn!(
                     id = self.id,
@@ -644,7 +644,7 @@ impl Lifecycle {
         let (Some(_), Some(pid), true) = (&self.pidfd, self.pid, self.grouped()) else {
             return;
         };
-        if let Err(e) = spawn::signal_group_of_unreaped_leader(pid, sig) {
+        if let Err(e) = process::signal_group_of_unreaped_leader(pid, sig) {
             tracing::warn!(id = self.id, "kill(-pgid, {sig:?}) failed: {e}");
         }
     }
@@ -741,7 +741,7 @@ impl Lifecycle {
                 // group must never be killed), else watched again (and
                 // polled again if that fails once more).
                 if let (Some(pidfd), false) = (&self.pidfd, self.pidfd_armed) {
-                    match spawn::has_exited(pidfd.as_fd()) {
+                    match process::has_exited(pidfd.as_fd()) {
                         Ok(false) => self.watch_all(ctx, false),
                         // Exited, or waitid says why not: the reap says it too.
                         Ok(true) | Err(_) => self.leader_ready(ctx),
@@ -794,12 +794,12 @@ impl Lifecycle {
         }
         // Sweep before reap: the zombie leader still pins the group id.
         if grouped && (self.kill.is_some() || self.kill_group_on_exit) {
-            let _ = spawn::signal_group_of_unreaped_leader(pid, Signal::KILL);
+            let _ = process::signal_group_of_unreaped_leader(pid, Signal::KILL);
         }
         // And the descendants found outside the group while killing it (the
         // leader may have died of SIGTERM, leaving them SIGTERM only).
         for d in self.descendants.drain(..) {
-            let _ = spawn::signal_leader(d.pidfd.as_fd(), Signal::KILL);
+            let _ = process::signal_leader(d.pidfd.as_fd(), Signal::KILL);
         }
         // And everything in the leaf (one pread when it holds only the
         // zombie leader): what is still there outlived the leader.
@@ -819,7 +819,7 @@ impl Lifecycle {
                 );
             }
         }
-        match spawn::reap(pidfd.as_fd()) {
+        match process::reap(pidfd.as_fd()) {
             Ok(Reap::Reaped(status, rusage)) => {
                 self.exit = Some(status);
                 self.rusage = Some(rusage);
@@ -1151,8 +1151,8 @@ impl Lifecycle {
 impl Drop for Lifecycle {
     fn drop(&mut self) {
         if let (Some(pidfd), Some(pid)) = (self.pidfd.take(), self.pid) {
-            let _ = spawn::signal_leader(pidfd.as_fd(), Signal::KILL);
-            let _ = spawn::signal_group_of_unreaped_leader(pid, Signal::KILL);
+            let _ = process::signal_leader(pidfd.as_fd(), Signal::KILL);
+            let _ = process::signal_group_of_unreaped_leader(pid, Signal::KILL);
             if let Some(leaf) = &mut self.leaf {
                 leaf.kill();
             }

@@ -1,0 +1,407 @@
+//! The child's own code, from `clone` to `execve`: it shares the loop's
+//! memory, so it allocates nothing and makes only raw system calls
+//! (`rawsys`), and reports a failed step through memory the loop reads.
+
+use super::*;
+use crate::check::Prepared;
+use crate::rawsys;
+use rustix::io::Errno;
+use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, Ordering};
+
+/// Signals that may be ignored in the executor (Rust ignores SIGPIPE, daemons
+/// ignore others) and must be back to default in a check: ignored dispositions
+/// survive `execve`.
+pub(super) const RESET_SIGNALS: &[i32] = &[
+    libc::SIGPIPE,
+    libc::SIGHUP,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGTERM,
+    libc::SIGCHLD,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+    libc::SIGXFSZ,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+    libc::SIGTSTP,
+];
+
+/// Block every signal on the calling thread for good. The loop thread does
+/// this before it creates its first child: a child starts with its
+/// creator's mask and handlers, runs in the executor's memory until it
+/// execs, and must not run one of the application's handlers there.
+pub(crate) fn block_all_signals_on_this_thread() -> std::io::Result<()> {
+    // SAFETY: sigfillset initialises the set; pthread_sigmask only reads it.
+    let rc = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut())
+    };
+    match rc {
+        0 => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// Everything the child uses between `clone` and `execve`, prepared by the
+/// parent: the child allocates nothing and calls nothing but raw syscalls.
+#[repr(C)]
+pub(super) struct ChildArgs {
+    /// Where to look for the program (`argv[0]`, of `name_len` bytes):
+    /// `ndirs` directories, each `(start, len)` in the `path_len` bytes at
+    /// `path` (a `SearchPath`). The child tries each, as `execvp` does, so
+    /// that no PATH lookup touches the file system on the loop thread.
+    /// `dirs` NULL: `argv[0]` has a `/` and is the file itself.
+    pub(super) path: *const u8,
+    pub(super) path_len: usize,
+    pub(super) dirs: *const (usize, usize),
+    pub(super) ndirs: usize,
+    pub(super) name_len: usize,
+    /// A spare slot, then the NULL-terminated argv (from `argv.add(1)`).
+    /// For a script without a `#!` line the child makes it `/bin/sh PATH
+    /// ARGS...` in place (slot 0 the shell, slot 1 the path it found), as
+    /// `execvp` runs it (Nagios starts plugins with `execvp`).
+    pub(super) argv: *mut *const libc::c_char,
+    pub(super) envp: *const *const libc::c_char,
+    /// NULL: stay in the executor's directory.
+    pub(super) cwd: *const libc::c_char,
+    pub(super) stdin: libc::c_int,
+    pub(super) stdout: libc::c_int,
+    pub(super) stderr: libc::c_int,
+    /// The executor's pid: the child's parent, unless the executor died.
+    pub(super) parent: libc::pid_t,
+    /// Set RLIMIT_NOFILE to `nofile` (soft, hard) before exec.
+    pub(super) restore_nofile: bool,
+    pub(super) nofile: [u64; 2],
+    /// The leaf's `cgroup.procs` to write "0" into first (-1: none, or
+    /// born in the leaf).
+    pub(super) procs: libc::c_int,
+    /// Set by the child when a step failed (it then exits 127).
+    pub(super) errno: AtomicI32,
+    /// The step the child is at (a `ChildStep`): set as it begins each
+    /// one, so that a child stuck in one can be told where; if `errno` is
+    /// set, the step that failed (set before `errno`).
+    pub(super) step: AtomicU8,
+    /// Set by the child once it has its own session and descriptor table.
+    pub(super) detached: AtomicU8,
+    /// 1 until the kernel clears it (CLONE_CHILD_CLEARTID) when the child
+    /// execs or exits: from then on it uses nothing of ours.
+    pub(super) ctid: AtomicU32,
+}
+
+impl ChildArgs {
+    /// A placeholder (for `PreExecChild::drop`'s leak path).
+    pub(super) fn empty() -> ChildArgs {
+        ChildArgs {
+            path: std::ptr::null(),
+            path_len: 0,
+            dirs: std::ptr::null(),
+            ndirs: 0,
+            name_len: 0,
+            argv: std::ptr::null_mut(),
+            envp: std::ptr::null(),
+            cwd: std::ptr::null(),
+            stdin: -1,
+            stdout: -1,
+            stderr: -1,
+            parent: 0,
+            restore_nofile: false,
+            nofile: [0; 2],
+            procs: -1,
+            errno: AtomicI32::new(0),
+            step: AtomicU8::new(0),
+            detached: AtomicU8::new(0),
+            ctid: AtomicU32::new(0),
+        }
+    }
+}
+
+/// A step of creating a child, named in the error when it fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ChildStep {
+    /// `clone` itself (process limit, out of fds for the pidfd, memory).
+    Clone = 0,
+    /// `setsid`.
+    Setsid = 1,
+    /// A private descriptor table, and /dev/null and the pipes on fds 0–2.
+    Stdio = 2,
+    /// Changing to the check's working directory.
+    Chdir = 3,
+    /// `execve`.
+    Exec = 4,
+    /// `execve` found the program, not its `#!` interpreter or ELF loader.
+    Interpreter = 5,
+    /// Moving into the check's cgroup (`cgroup.procs`).
+    Cgroup = 6,
+}
+
+impl ChildStep {
+    pub(super) fn from_u8(v: u8) -> ChildStep {
+        match v {
+            1 => ChildStep::Setsid,
+            2 => ChildStep::Stdio,
+            3 => ChildStep::Chdir,
+            4 => ChildStep::Exec,
+            5 => ChildStep::Interpreter,
+            6 => ChildStep::Cgroup,
+            _ => ChildStep::Clone,
+        }
+    }
+
+    /// Where a child that has not exec'd is stuck, at this step.
+    pub(super) fn stuck(self, cmd: &Prepared) -> String {
+        match self {
+            ChildStep::Clone => "it never got to run (no CPU, or memory for it)".to_string(),
+            ChildStep::Setsid | ChildStep::Stdio | ChildStep::Cgroup => {
+                "stuck setting up its session and standard streams".to_string()
+            }
+            ChildStep::Chdir => format!(
+                "stuck changing to its working directory {} (a hung mount?)",
+                cmd.cwd
+                    .as_deref()
+                    .map_or("?".into(), |c| c.to_string_lossy())
+            ),
+            ChildStep::Exec | ChildStep::Interpreter => format!(
+                "stuck looking up or loading {} (a hung mount in its path or PATH?)",
+                cmd.program()
+            ),
+        }
+    }
+
+    /// The error for this step failing with `errno`.
+    pub(super) fn failure(self, cmd: &Prepared, errno: Errno) -> SpawnFailure {
+        let program = cmd.program();
+        let what = match self {
+            ChildStep::Clone => "cannot create a process for",
+            ChildStep::Setsid => "cannot start a session for",
+            ChildStep::Cgroup => "cannot put into its cgroup the process for",
+            ChildStep::Stdio => "cannot set up the standard streams of",
+            ChildStep::Chdir => {
+                return SpawnFailure {
+                    errno: Some(errno.raw_os_error()),
+                    message: format!(
+                        "cannot change to the working directory {} for {program}: {}",
+                        cmd.cwd
+                            .as_deref()
+                            .map_or("?".into(), |c| c.to_string_lossy()),
+                        std::io::Error::from(errno)
+                    ),
+                };
+            }
+            ChildStep::Exec if errno == Errno::NOENT => "cannot find",
+            ChildStep::Exec => "cannot execute",
+            ChildStep::Interpreter => {
+                return SpawnFailure {
+                    errno: Some(errno.raw_os_error()),
+                    message: format!(
+                        "cannot execute {program}: the interpreter its #! line names (or its ELF loader) does not exist"
+                    ),
+                };
+            }
+        };
+        SpawnFailure::new(&program, what, errno)
+    }
+}
+
+/// The child between `clone` and `execve`. It runs in the parent's memory on
+/// a stack of ours, with every signal blocked, while the loop goes on: raw
+/// system calls only, no allocation, no locks, no libc, no unwinding.
+pub(super) extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `ChildArgs` that `PreExecChild` keeps alive until we exec or exit.
+    let args = unsafe { &*(arg as *const ChildArgs) };
+    if args.procs >= 0 {
+        // Into the check's cgroup before anything else (not born there).
+        let r = rawsys::write(args.procs, b"0");
+        if r < 0 {
+            child_fail(args, ChildStep::Cgroup, r);
+        }
+    }
+    // A handler the application installed must not run here (in the
+    // parent's memory) once signals are unblocked: back to default.
+    // Ignored signals stay ignored across execve, so the ones a check must
+    // see are reset too.
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        let mut old = rawsys::KernelSigaction::default();
+        if rawsys::sigaction(sig, None, Some(&mut old)) != 0 {
+            continue;
+        }
+        let reset = match old.handler {
+            h if h == libc::SIG_DFL => false,
+            h if h == libc::SIG_IGN => RESET_SIGNALS.contains(&sig),
+            _ => true,
+        };
+        if reset {
+            rawsys::sigaction(sig, Some(&rawsys::KernelSigaction::default()), None);
+        }
+    }
+    let ok = |r: isize| r >= 0;
+    // If the executor dies (even by SIGKILL), its loop thread with it, the
+    // check is killed rather than left running with no one to time it out
+    // or reap it. (Its descendants are not: nothing can be, then.) The
+    // executor may have died before this line: then our parent is another.
+    rawsys::set_parent_death_signal(libc::SIGKILL);
+    if rawsys::getppid() != args.parent as isize {
+        rawsys::exit(127);
+    }
+    let at = |step: ChildStep| args.step.store(step as u8, Ordering::Release);
+    at(ChildStep::Setsid);
+    let r = rawsys::setsid();
+    if !ok(r) {
+        child_fail(args, ChildStep::Setsid, r);
+    }
+    // A private table holding only what lies below the highest fd we need
+    // (the rest of the executor's table is never copied); if this kernel
+    // cannot (before 5.9), a full private copy.
+    at(ChildStep::Stdio);
+    let highest = args.stdin.max(args.stdout).max(args.stderr) as u32;
+    let mut r = rawsys::close_range(highest + 1, u32::MAX, libc::CLOSE_RANGE_UNSHARE);
+    if !ok(r) {
+        r = rawsys::unshare(libc::CLONE_FILES);
+    }
+    if !ok(r) {
+        child_fail(args, ChildStep::Stdio, r);
+    }
+    args.detached.store(1, Ordering::Release);
+    for (fd, target) in [(args.stdin, 0), (args.stdout, 1), (args.stderr, 2)] {
+        let r = if fd == target {
+            // Already there: just let it survive execve.
+            rawsys::fcntl(fd, libc::F_SETFD, 0)
+        } else {
+            rawsys::dup3(fd, target)
+        };
+        if !ok(r) {
+            child_fail(args, ChildStep::Stdio, r);
+        }
+    }
+    // The pipes were made O_NONBLOCK for the executor's read ends; a plugin
+    // expects blocking writes. (/dev/null on 0 never had it.)
+    for fd in [1, 2] {
+        let r = rawsys::fcntl(fd, libc::F_SETFL, 0);
+        if !ok(r) {
+            child_fail(args, ChildStep::Stdio, r);
+        }
+    }
+    if !args.cwd.is_null() {
+        at(ChildStep::Chdir);
+        // SAFETY: a NUL-terminated string that `PreExecChild` keeps alive.
+        let r = unsafe { rawsys::chdir(args.cwd) };
+        if !ok(r) {
+            child_fail(args, ChildStep::Chdir, r);
+        }
+    }
+    // Everything of ours is close-on-exec; this also covers fds an
+    // application opened without O_CLOEXEC.
+    rawsys::close_range(3, u32::MAX, 0);
+    if args.restore_nofile {
+        // Lowering our own soft limit cannot fail for want of rights; if it
+        // fails anyway, the check runs with the raised one.
+        rawsys::set_rlimit(libc::RLIMIT_NOFILE, &args.nofile);
+    }
+    at(ChildStep::Exec);
+    rawsys::unblock_all_signals();
+    // The first candidate that exists and may be run wins; a later one is
+    // tried after "not there" or "not allowed", and "not allowed" is what is
+    // reported if nothing ran (as `execvp` does). "Not there" from a file
+    // that is there means its interpreter is not.
+    let mut found = Found::default();
+    // SAFETY: argv[0] (slot 1 of `args.argv`) is a NUL-terminated string
+    // that `PreExecChild` keeps alive.
+    let program = unsafe { *args.argv.add(1) };
+    if args.dirs.is_null() {
+        // SAFETY: as just above.
+        unsafe { try_exec(args, program, &mut found) };
+    } else {
+        // SAFETY: `path` holds `path_len` bytes and `dirs` `ndirs` pairs
+        // (a `SearchPath` that `PreExecChild` keeps alive, read-only); argv[0]
+        // has `name_len` bytes.
+        let (path, dirs, name) = unsafe {
+            (
+                std::slice::from_raw_parts(args.path, args.path_len),
+                std::slice::from_raw_parts(args.dirs, args.ndirs),
+                std::slice::from_raw_parts(program.cast::<u8>(), args.name_len),
+            )
+        };
+        // One candidate at a time, `dir/name\0`, on our stack: nothing
+        // allocated, nothing that grows with the PATH. The kernel takes no
+        // longer path; a directory that would make one is skipped, as
+        // `execvp` does.
+        let mut buf = [0u8; libc::PATH_MAX as usize];
+        for &(start, len) in dirs {
+            let dir = match path.get(start..start.wrapping_add(len)) {
+                Some([]) => &b"."[..],
+                Some(dir) => dir,
+                None => continue,
+            };
+            let (slash, end) = (dir.len(), dir.len() + 1 + name.len());
+            if end >= buf.len() {
+                continue;
+            }
+            // In bounds: `end` < `buf.len()` (no panic here, in the child).
+            buf[..slash].copy_from_slice(dir);
+            buf[slash] = b'/';
+            buf[slash + 1..end].copy_from_slice(name);
+            buf[end] = 0;
+            // SAFETY: `buf` now holds a NUL-terminated path.
+            unsafe { try_exec(args, buf.as_ptr().cast(), &mut found) };
+        }
+    }
+    if found.denied {
+        child_fail(args, ChildStep::Exec, -(libc::EACCES as isize))
+    }
+    if found.no_interpreter {
+        child_fail(args, ChildStep::Interpreter, -(libc::ENOENT as isize))
+    }
+    child_fail(args, ChildStep::Exec, -(libc::ENOENT as isize))
+}
+
+/// What the candidates tried so far said (see `try_exec`).
+#[derive(Default)]
+pub(super) struct Found {
+    /// One was there but not allowed.
+    pub(super) denied: bool,
+    /// One was there but its interpreter was not.
+    pub(super) no_interpreter: bool,
+}
+
+/// Exec `path` from the child. Returns if the search goes on (not there,
+/// not allowed); any other failure is reported and the child exits.
+///
+/// # Safety
+/// `path` is NUL-terminated; `args.argv` and `args.envp` are as `PreExecChild`
+/// keeps them (argv's slots are ours to write until we exec).
+pub(super) unsafe fn try_exec(args: &ChildArgs, path: *const libc::c_char, found: &mut Found) {
+    // SAFETY: as the caller vouches.
+    unsafe {
+        let r = rawsys::execve(path, args.argv.add(1), args.envp);
+        match (-r) as i32 {
+            libc::ENOENT if rawsys::exists(path) == 0 => found.no_interpreter = true,
+            libc::ENOENT | libc::ENOTDIR => {}
+            libc::EACCES => found.denied = true,
+            libc::ENOEXEC => {
+                *args.argv = SH.as_ptr();
+                *args.argv.add(1) = path;
+                let r = rawsys::execve(SH.as_ptr(), args.argv, args.envp);
+                // No /bin/sh: what failed is still the plugin's format.
+                let no_sh = r == -(libc::ENOENT as isize);
+                let r = if no_sh { -(libc::ENOEXEC as isize) } else { r };
+                child_fail(args, ChildStep::Exec, r)
+            }
+            _ => child_fail(args, ChildStep::Exec, r),
+        }
+    }
+}
+
+/// The shell that runs a script without `#!`.
+pub(super) const SH: &std::ffi::CStr = c"/bin/sh";
+
+/// Report the failed step and its errno (`r` is `-errno`) to the loop and exit 127.
+pub(super) fn child_fail(args: &ChildArgs, step: ChildStep, r: isize) -> ! {
+    args.step.store(step as u8, Ordering::Release);
+    let errno = if r < 0 { (-r) as i32 } else { libc::EINVAL };
+    args.errno.store(errno, Ordering::Release);
+    rawsys::exit(127)
+}
