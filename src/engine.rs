@@ -10,12 +10,11 @@
 use crate::backend::{Backend, BackendKind};
 use crate::check::{Limits, Prepared};
 use crate::error::ExecutorError;
-use crate::lifecycle::{EventCtx, KillReason, Lifecycle, TimerKind, Timers, unix_us};
+use crate::lifecycle::{self, EventCtx, KillReason, Lifecycle, TimerKind, Timers};
 use crate::metrics::ResultSummary;
-use crate::nagios_state::State;
 use crate::priority::LoopPriority;
 use crate::process;
-use crate::result::{CheckResult, Outcome, Output, Timings};
+use crate::result::{CheckResult, Outcome};
 use crate::shared::{Deliver, Shared};
 use crate::token::{Source, WAKER, WATCH_FAILED, untoken};
 use crossbeam_channel::{Receiver, TryRecvError};
@@ -817,29 +816,14 @@ fn children_of_self(adopters: Adopters) -> Vec<i32> {
     }
 }
 
-/// The result of a check that never got a child (cancelled or shut down while queued).
+/// The result of a check that never got a child (see `lifecycle::unstarted_result`).
 pub(crate) fn unstarted_result(sub: &Submission, outcome: Outcome, reason: &str) -> CheckResult {
-    let now = Instant::now();
-    let waited = now.saturating_duration_since(sub.submitted);
-    CheckResult {
-        id: sub.id,
-        tag: sub.limits.tag.clone(),
+    lifecycle::unstarted_result(
+        &sub.limits,
+        sub.id,
+        sub.submitted,
+        sub.submitted_wall,
         outcome,
-        state: State::Unknown,
-        reason: reason.to_string(),
-        exit: None,
-        pid: None,
-        stdout: Output::default(),
-        stderr: Output::default(),
-        output_cut: false,
-        plugin: Default::default(),
-        timings: Timings {
-            submitted_unix_us: unix_us(sub.submitted_wall),
-            queue_wait: waited,
-            total: waited,
-            ..Timings::default()
-        },
-        rusage: None,
-        cgroup: None,
-    }
+        reason,
+    )
 }
