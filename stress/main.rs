@@ -307,7 +307,39 @@ impl Ledger {
     }
 }
 
+/// Everything a run set up before its first submit, for the phases after it.
+struct Run {
+    /// What was done to the PID space (`--canaries`), for the report.
+    pid_space: Option<String>,
+    /// `KEY=value` every check of this run carries in its environment.
+    marker_kv: String,
+    /// Busy threads (`--cpu-hogs`), stopped when the run is proven.
+    hogs: Option<CpuHogs>,
+    me: i32,
+    fds_before_build: usize,
+    canaries: Option<canary::CanaryPool>,
+    burner: Option<canary::PidBurner>,
+    rx: crossbeam_channel::Receiver<Event>,
+    start: Instant,
+    start_boot_us: u64,
+    drv: Box<dyn Driver>,
+    executor_name: &'static str,
+    backend: String,
+    exec_pid: i32,
+    fds_start: usize,
+}
+
+/// One run: set up, submit by the profile while collecting, prove the
+/// invariants with the executor still running, then report.
 fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Summary, String> {
+    let mut run = set_up(opts, profile, mix, plugin)?;
+    let (mut ledger, seq, submit_end, elapsed) = submit_and_collect(&mut run, profile, mix);
+    let proof = prove(opts, mix, run, &mut ledger)?;
+    report(opts, profile, mix, ledger, proof, seq, submit_end, elapsed)
+}
+
+/// The PID space, the canaries, the marker, CPU hogs and the executor.
+fn set_up(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Run, String> {
     let pid_space =
         (opts.canaries).then(|| canary::shrink_pid_space(opts.pid_max, !opts.no_pid_max));
     let needs_pressure = pid_space.as_ref().is_some_and(|p| !p.shrunk);
@@ -362,7 +394,7 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
     let (tx, rx) = crossbeam_channel::unbounded::<Event>();
     let start = Instant::now();
     let start_boot_us = invariants::boottime_us();
-    let (mut drv, executor_name, backend): (Box<dyn Driver>, &str, String) =
+    let (drv, executor_name, backend): (Box<dyn Driver>, &str, String) =
         match (opts.executor, &opts.socket) {
             (ExecutorKind::Tokio, _) => (
                 Box::new(compare::TokioDriver::new(policy.clone(), false, tx, start)?),
@@ -408,8 +440,40 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
     if let Some(p) = &pid_space {
         eprintln!("pidring-stress: canaries: {p}");
     }
+    Ok(Run {
+        pid_space,
+        marker_kv,
+        hogs: Some(hogs),
+        me,
+        fds_before_build,
+        canaries,
+        burner,
+        rx,
+        start,
+        start_boot_us,
+        drv,
+        executor_name,
+        backend,
+        exec_pid,
+        fds_start,
+    })
+}
 
-    // Submit by the profile, collecting results as they come.
+/// Submit by the profile, collecting results as they come, then wait for
+/// every accepted check's answer.
+fn submit_and_collect(
+    run: &mut Run,
+    profile: &Profile,
+    mix: &Mix,
+) -> (Ledger, u64, Duration, Duration) {
+    let Run {
+        rx,
+        start,
+        drv,
+        marker_kv,
+        ..
+    } = run;
+    let start = *start;
     let mut ledger = Ledger {
         total_hist: Some(report::histogram()),
         strict: Some(strict::Strict::start(marker_kv.clone())),
@@ -498,8 +562,22 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
     }
     progress.finish();
     let elapsed = start.elapsed();
+    (ledger, seq, submit_end, elapsed)
+}
 
-    // ---- invariants, with the executor still running (it reaps orphans) ----
+/// What the invariant phase found, for the report.
+struct Proof {
+    executor_name: &'static str,
+    backend: String,
+    verdicts: Vec<Verdict>,
+    hists: Vec<(Stage, hdrhistogram::Histogram<u64>)>,
+    metrics: Option<pidring::MetricsSnapshot>,
+    canary: Option<report::CanaryReport>,
+}
+
+/// What the answers alone prove: every behaviour ran, and every accepted
+/// check got exactly one result.
+fn answers_verdicts(mix: &Mix, ledger: &Ledger) -> Vec<Verdict> {
     let mut verdicts = Vec::new();
     let mut answered_by_behaviour: BTreeMap<Behaviour, u64> = BTreeMap::new();
     let mut unexpected: BTreeMap<&str, u64> = BTreeMap::new();
@@ -554,6 +632,29 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
             invariants::first(&unknown)
         ),
     ));
+    verdicts
+}
+
+/// The invariants, with the executor still running (it reaps orphans),
+/// then the executor's shutdown and what must hold after it.
+fn prove(opts: &Opts, mix: &Mix, run: Run, ledger: &mut Ledger) -> Result<Proof, String> {
+    let Run {
+        mut pid_space,
+        marker_kv,
+        hogs,
+        me,
+        fds_before_build,
+        canaries,
+        burner,
+        start_boot_us,
+        drv,
+        executor_name,
+        backend,
+        exec_pid,
+        fds_start,
+        ..
+    } = run;
+    let mut verdicts = answers_verdicts(mix, ledger);
     let fds_end = invariants::settled_fd_count(exec_pid).map_err(|e| e.to_string())?;
     // Stop the PID burner now that the run is over, before the process
     // checks (its pidfd and pipe were open at fds_start too).
@@ -712,8 +813,36 @@ fn drive(opts: &Opts, profile: &Profile, mix: &Mix, plugin: &Path) -> Result<Sum
     if opts.executor != ExecutorKind::Pidring {
         kill_marked(&marker_kv);
     }
+    Ok(Proof {
+        executor_name,
+        backend,
+        verdicts,
+        hists,
+        metrics,
+        canary,
+    })
+}
 
-    // ---- report ----
+/// The summary: printed, and written out with `--out`.
+#[allow(clippy::too_many_arguments)]
+fn report(
+    opts: &Opts,
+    profile: &Profile,
+    mix: &Mix,
+    ledger: Ledger,
+    proof: Proof,
+    seq: u64,
+    submit_end: Duration,
+    elapsed: Duration,
+) -> Result<Summary, String> {
+    let Proof {
+        executor_name,
+        backend,
+        verdicts,
+        hists,
+        metrics,
+        canary,
+    } = proof;
     let stages: Vec<StageRow> = hists
         .iter()
         .map(|(s, h)| StageRow::from_histogram(s.as_str(), h))
