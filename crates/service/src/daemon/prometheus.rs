@@ -212,10 +212,17 @@ pub fn render(engine: &MetricsSnapshot, daemon: &DaemonCounters) -> String {
 /// The engine's metrics: stage latencies, check counters, backend.
 pub fn render_engine(engine: &MetricsSnapshot) -> String {
     let mut out = String::with_capacity(8 * 1024);
-    let secs = |us: u64| us as f64 / 1e6;
+    render_stages(&mut out, engine);
+    render_engine_counters(&mut out, engine);
+    render_engine_gauges(&mut out, engine);
+    out
+}
 
+/// Per-stage latency: quantile summaries and the largest seen.
+fn render_stages(out: &mut String, engine: &MetricsSnapshot) {
+    let secs = |us: u64| us as f64 / 1e6;
     family(
-        &mut out,
+        out,
         "pidring_stage_duration_seconds",
         "summary",
         "Latency of each stage of a check's life (HDR histogram quantiles).",
@@ -246,7 +253,7 @@ pub fn render_engine(engine: &MetricsSnapshot) -> String {
         );
     }
     family(
-        &mut out,
+        out,
         "pidring_stage_duration_max_seconds",
         "gauge",
         "Largest latency seen per stage since start.",
@@ -259,7 +266,10 @@ pub fn render_engine(engine: &MetricsSnapshot) -> String {
             secs(s.latency.max_us)
         );
     }
+}
 
+/// The engine's counters, and results by outcome.
+fn render_engine_counters(out: &mut String, engine: &MetricsSnapshot) {
     let c = &engine.counters;
     let counters: [(&str, &str, u64); 7] = [
         (
@@ -299,11 +309,11 @@ pub fn render_engine(engine: &MetricsSnapshot) -> String {
         ),
     ];
     for (name, help, v) in counters {
-        family(&mut out, name, "counter", help);
+        family(out, name, "counter", help);
         let _ = writeln!(out, "{name} {v}");
     }
     family(
-        &mut out,
+        out,
         "pidring_checks_outcome_total",
         "counter",
         "Results by outcome.",
@@ -321,6 +331,10 @@ pub fn render_engine(engine: &MetricsSnapshot) -> String {
             "pidring_checks_outcome_total{{outcome=\"{outcome}\"}} {v}"
         );
     }
+}
+
+/// Running and queued checks, and which backend, realtime kills and containment are in force.
+fn render_engine_gauges(out: &mut String, engine: &MetricsSnapshot) {
     for (name, help, v) in [
         (
             "pidring_checks_running",
@@ -333,11 +347,11 @@ pub fn render_engine(engine: &MetricsSnapshot) -> String {
             engine.queued,
         ),
     ] {
-        family(&mut out, name, "gauge", help);
+        family(out, name, "gauge", help);
         let _ = writeln!(out, "{name} {v}");
     }
     family(
-        &mut out,
+        out,
         "pidring_backend_info",
         "gauge",
         "The event backend in use (value is always 1).",
@@ -348,7 +362,7 @@ pub fn render_engine(engine: &MetricsSnapshot) -> String {
         engine.backend
     );
     family(
-        &mut out,
+        out,
         "pidring_realtime_kills",
         "gauge",
         "1 if the loop takes SCHED_FIFO near kills (realtime_kills asked for and permitted), else 0.",
@@ -359,7 +373,7 @@ pub fn render_engine(engine: &MetricsSnapshot) -> String {
         u8::from(engine.realtime_kills)
     );
     family(
-        &mut out,
+        out,
         "pidring_containment_info",
         "gauge",
         "Which containment is in force: cgroup (a cgroup v2 leaf per check), fallback (asked for, not usable: process-group sweep and descendant walk) or off (value is always 1).",
@@ -369,7 +383,6 @@ pub fn render_engine(engine: &MetricsSnapshot) -> String {
         "pidring_containment_info{{mode=\"{}\"}} 1",
         engine.containment.mode
     );
-    out
 }
 
 /// The daemon's own counters: clients, requests, errors.
