@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod nagios;
 mod oneshot;
 pub mod plugin;
+pub mod policy;
 mod priority;
 mod rawsys;
 pub mod result;
@@ -45,7 +46,7 @@ mod waker;
 
 pub use backend::BackendKind;
 pub use check::{Check, EnvPolicy};
-pub use error::{CheckError, ExecutorError, SubmitError};
+pub use error::{CheckError, ExecutorError, PolicyError, SubmitError};
 pub use executor::{CheckId, Executor, ExecutorBuilder, Pending};
 pub use metrics::{MetricsSnapshot, Stage, StageSnapshot};
 pub use plugin::{PerfData, PluginOutput};

@@ -583,6 +583,15 @@ pub(crate) fn launch(
             Some((leaf, crate::cgroup::Entry::Write)) => leaf.procs().map_or(-1, |f| f.as_raw_fd()),
             _ => -1,
         },
+        exec: cmd.exec.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+        set_ids: cmd.run_as.is_some(),
+        uid: cmd.run_as.as_ref().map_or(0, |r| r.uid),
+        gid: cmd.run_as.as_ref().map_or(0, |r| r.gid),
+        groups: cmd
+            .run_as
+            .as_ref()
+            .map_or(std::ptr::null(), |r| r.groups.as_ptr()),
+        ngroups: cmd.run_as.as_ref().map_or(0, |r| r.groups.len()),
         errno: AtomicI32::new(0),
         step: AtomicU8::new(0),
         detached: AtomicU8::new(0),
@@ -774,7 +783,7 @@ type Dirs<'a> = (&'a [u8], &'a [(usize, usize)]);
 /// is the file itself). O(1): the PATH was split on the submitting thread.
 fn search_for(cmd: &Prepared) -> Result<Option<Dirs<'_>>, SpawnFailure> {
     let name = cmd.argv[0].as_bytes();
-    if name.contains(&b'/') {
+    if name.contains(&b'/') || cmd.exec.is_some() {
         return Ok(None);
     }
     if name.len() > NAME_MAX {
@@ -830,6 +839,15 @@ struct ChildArgs {
     /// The leaf's `cgroup.procs` to write "0" into first (-1: none, or
     /// born in the leaf).
     procs: libc::c_int,
+    /// The file to execute (NULL: argv[0], looked up as above).
+    exec: *const libc::c_char,
+    /// Become `uid`/`gid` with the `ngroups` supplementary groups at
+    /// `groups` (a `RunAs` that `Launch` keeps alive) before anything else.
+    set_ids: bool,
+    uid: u32,
+    gid: u32,
+    groups: *const libc::gid_t,
+    ngroups: usize,
     /// Set by the child when a step failed (it then exits 127).
     errno: AtomicI32,
     /// The step the child is at (a `ChildStep`): set as it begins each
@@ -862,6 +880,12 @@ impl ChildArgs {
             restore_nofile: false,
             nofile: [0; 2],
             procs: -1,
+            exec: std::ptr::null(),
+            set_ids: false,
+            uid: 0,
+            gid: 0,
+            groups: std::ptr::null(),
+            ngroups: 0,
             errno: AtomicI32::new(0),
             step: AtomicU8::new(0),
             detached: AtomicU8::new(0),
@@ -887,6 +911,8 @@ enum ChildStep {
     Interpreter = 5,
     /// Moving into the check's cgroup (`cgroup.procs`).
     Cgroup = 6,
+    /// Taking the configured user's groups, gid and uid.
+    Credentials = 7,
 }
 
 impl ChildStep {
@@ -898,6 +924,7 @@ impl ChildStep {
             4 => ChildStep::Exec,
             5 => ChildStep::Interpreter,
             6 => ChildStep::Cgroup,
+            7 => ChildStep::Credentials,
             _ => ChildStep::Clone,
         }
     }
@@ -906,7 +933,7 @@ impl ChildStep {
     fn stuck(self, cmd: &Prepared) -> String {
         match self {
             ChildStep::Clone => "it never got to run (no CPU, or memory for it)".to_string(),
-            ChildStep::Setsid | ChildStep::Stdio | ChildStep::Cgroup => {
+            ChildStep::Setsid | ChildStep::Stdio | ChildStep::Cgroup | ChildStep::Credentials => {
                 "stuck setting up its session and standard streams".to_string()
             }
             ChildStep::Chdir => format!(
@@ -929,6 +956,7 @@ impl ChildStep {
             ChildStep::Clone => "cannot create a process for",
             ChildStep::Setsid => "cannot start a session for",
             ChildStep::Cgroup => "cannot put into its cgroup the process for",
+            ChildStep::Credentials => "cannot switch to the configured user for",
             ChildStep::Stdio => "cannot set up the standard streams of",
             ChildStep::Chdir => {
                 return SpawnFailure {
@@ -968,6 +996,27 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         let r = rawsys::write(args.procs, b"0");
         if r < 0 {
             child_fail(args, ChildStep::Cgroup, r);
+        }
+    }
+    if args.set_ids {
+        // Groups, then gid, then uid (each needs the privilege the next
+        // drops); all three ids, so there is no way back. Raw calls: glibc's
+        // wrappers would make every thread of the executor change too.
+        // Before PR_SET_PDEATHSIG, which a change of credentials clears.
+        args.step
+            .store(ChildStep::Credentials as u8, Ordering::Release);
+        // SAFETY: `groups` points at `ngroups` gids that `Launch` keeps alive.
+        let r = unsafe { rawsys::setgroups(args.ngroups, args.groups) };
+        if r < 0 {
+            child_fail(args, ChildStep::Credentials, r);
+        }
+        let r = rawsys::setresgid(args.gid);
+        if r < 0 {
+            child_fail(args, ChildStep::Credentials, r);
+        }
+        let r = rawsys::setresuid(args.uid);
+        if r < 0 {
+            child_fail(args, ChildStep::Credentials, r);
         }
     }
     // A handler the application installed must not run here (in the
@@ -1064,7 +1113,10 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: argv[0] (slot 1 of `args.argv`) is a NUL-terminated string
     // that `Launch` keeps alive.
     let program = unsafe { *args.argv.add(1) };
-    if args.dirs.is_null() {
+    if !args.exec.is_null() {
+        // SAFETY: `exec` is a NUL-terminated string that `Launch` keeps alive.
+        unsafe { try_exec(args, args.exec, &mut found) };
+    } else if args.dirs.is_null() {
         // SAFETY: as just above.
         unsafe { try_exec(args, program, &mut found) };
     } else {

@@ -103,3 +103,11 @@ pub fn service_executor(
         .build()
         .map(std::sync::Arc::new)
 }
+
+/// `--user NAME`: the user looked up (its groups too) and checked to be one
+/// this process can run checks as.
+pub fn run_as_user(user: &str) -> Result<std::sync::Arc<pidring::policy::RunAs>, String> {
+    let who = pidring::policy::RunAs::lookup(user, None).map_err(|e| format!("--user: {e}"))?;
+    who.usable().map_err(|e| format!("--user: {e}"))?;
+    Ok(std::sync::Arc::new(who))
+}
