@@ -38,14 +38,16 @@ pub(crate) struct Shared {
     pub waker: Arc<Waker>,
     /// Histograms and counters.
     pub metrics: Mutex<Metrics>,
-    /// Running-slot limit.
-    pub max_running: usize,
-    /// Waiting-queue limit.
-    pub queue_limit: usize,
+    /// Running-slot limit (changed live by `Executor::set_max_running`).
+    pub max_running: AtomicUsize,
+    /// Waiting-queue limit (changed live by `Executor::set_queue_limit`).
+    pub queue_limit: AtomicUsize,
     /// The backend the loop uses.
     pub backend: Mutex<BackendKind>,
     /// The loop may take `SCHED_FIFO` near kills (asked for and permitted).
     pub realtime_kills: AtomicBool,
+    /// Realtime kills are asked for (`Executor::set_realtime_kills`).
+    pub realtime_wanted: AtomicBool,
     /// Which containment is in force (set by the loop at start).
     pub containment: Mutex<crate::cgroup::ContainmentStatus>,
 }
@@ -157,10 +159,11 @@ impl ExecutorBuilder {
             closed: AtomicBool::new(false),
             waker,
             metrics: Mutex::new(Metrics::new()),
-            max_running: self.max_running,
-            queue_limit: self.queue_limit,
+            max_running: AtomicUsize::new(self.max_running),
+            queue_limit: AtomicUsize::new(self.queue_limit),
             backend: Mutex::new(self.backend),
             realtime_kills: AtomicBool::new(false),
+            realtime_wanted: AtomicBool::new(self.realtime_kills),
             containment: Mutex::new(Default::default()),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -291,9 +294,37 @@ impl Executor {
         Ok(Pending { id, rx })
     }
 
-    /// Most checks running at once (the builder's `max_running`).
+    /// Most checks running at once (the builder's `max_running`, or the
+    /// last [`set_max_running`](Self::set_max_running)).
     pub fn max_running(&self) -> usize {
-        self.shared.max_running
+        self.shared.max_running.load(Ordering::Relaxed)
+    }
+
+    /// Change how many checks may run at once (at least 1). Raised, queued
+    /// checks start at once; lowered, no new check starts while more than
+    /// `n` run — none that runs is killed.
+    pub fn set_max_running(&self, n: usize) {
+        self.shared.max_running.store(n.max(1), Ordering::SeqCst);
+        self.shared.waker.wake();
+    }
+
+    /// Turn realtime kills (see [`ExecutorBuilder::realtime_kills`]) on or
+    /// off; the loop applies it at its next turn.
+    pub fn set_realtime_kills(&self, yes: bool) {
+        self.shared.realtime_wanted.store(yes, Ordering::SeqCst);
+        self.shared.waker.wake();
+    }
+
+    /// Most checks waiting for a slot (the builder's `queue_limit`, or the
+    /// last [`set_queue_limit`](Self::set_queue_limit)).
+    pub fn queue_limit(&self) -> usize {
+        self.shared.queue_limit.load(Ordering::Relaxed)
+    }
+
+    /// Change how many checks may wait for a slot; past it `submit` fails
+    /// (checks already queued stay queued).
+    pub fn set_queue_limit(&self, n: usize) {
+        self.shared.queue_limit.store(n, Ordering::SeqCst);
     }
 
     /// Submit a check; `deliver` is called exactly once with its result, on
@@ -318,7 +349,8 @@ impl Executor {
         // Reserve a place first, then look at `closed`: the loop sets `closed`
         // and then waits for `outstanding` to reach zero, so either it sees
         // this reservation and waits for the message, or we see `closed`.
-        let limit = self.shared.max_running + self.shared.queue_limit;
+        let queue_limit = self.queue_limit();
+        let limit = self.max_running().saturating_add(queue_limit);
         let reserved =
             self.shared
                 .outstanding
@@ -331,7 +363,7 @@ impl Executor {
             return Err(SubmitError::QueueFull {
                 running,
                 queued: n.saturating_sub(running),
-                limit: self.shared.queue_limit,
+                limit: queue_limit,
             });
         }
         if self.shared.closed.load(Ordering::SeqCst) {
