@@ -665,7 +665,15 @@ fn run_user_takes_the_users_ids_and_groups() {
         return;
     }
     let out = pidring()
-        .args(["run", "--user", "nobody", "--", "/bin/sh", "-c", "id -u; id -G"])
+        .args([
+            "run",
+            "--user",
+            "nobody",
+            "--",
+            "/bin/sh",
+            "-c",
+            "id -u; id -G",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");

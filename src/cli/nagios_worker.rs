@@ -55,6 +55,10 @@ pub struct NagiosWorkerArgs {
     /// With --gearman: a file whose first line is the secret.
     #[arg(long, value_name = "FILE")]
     gearman_keyfile: Option<PathBuf>,
+    /// Run every job as this user (name or uid; needs root): its groups,
+    /// gid and uid are set before exec.
+    #[arg(long)]
+    user: Option<String>,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -81,6 +85,22 @@ pub fn main(args: NagiosWorkerArgs) -> ExitCode {
     if let Err(e) = config.validate() {
         return fail(&e);
     }
+    let run_as = match args.user.as_deref().map(super::common::run_as_user) {
+        Some(Ok(who)) => Some(who),
+        Some(Err(e)) => return fail(&e),
+        None => None,
+    };
+    if run_as.is_none() && rustix::process::geteuid().is_root() {
+        tracing::warn!(
+            "RUNNING CHECKS AS ROOT: nagios-worker runs as root without --user, so every job runs as root; pass --user nagios"
+        );
+    }
+    let policy = std::sync::Arc::new(pidring::policy::SharedPolicy::new(
+        pidring::policy::Policy {
+            run_as,
+            ..Default::default()
+        },
+    ));
     let exec = match service_executor(
         args.backend,
         args.cgroup.clone(),
@@ -90,7 +110,7 @@ pub fn main(args: NagiosWorkerArgs) -> ExitCode {
         Ok(e) => e,
         Err(e) => return fail(&e.to_string()),
     };
-    let workers = match nagios::spawn_workers(&config, exec.clone()) {
+    let workers = match nagios::worker::spawn_workers_with_policy(&config, exec.clone(), policy) {
         Ok(w) => w,
         Err(e) => return fail(&e.to_string()),
     };

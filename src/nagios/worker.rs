@@ -172,6 +172,18 @@ pub fn spawn_workers(
     config: &NagiosWorkerConfig,
     exec: Arc<Executor>,
 ) -> Result<NagiosWorkers, NagiosError> {
+    spawn_workers_with_policy(config, exec, Default::default())
+}
+
+/// [`spawn_workers`], each job put through `policy` (who it runs as, what
+/// may run) before it is submitted; a refused job is answered as an
+/// UNKNOWN check saying why. (Jobs sent on to gearmand are not: they run
+/// elsewhere, under that worker's policy.)
+pub fn spawn_workers_with_policy(
+    config: &NagiosWorkerConfig,
+    exec: Arc<Executor>,
+    policy: Arc<crate::policy::SharedPolicy>,
+) -> Result<NagiosWorkers, NagiosError> {
     config.validate().map_err(NagiosError::Config)?;
     let mut specs = Vec::new();
     for plugin in &config.plugins {
@@ -211,6 +223,7 @@ pub fn spawn_workers(
             spec,
             exec: exec.clone(),
             dist: dist.clone(),
+            policy: policy.clone(),
             stop: stop.clone(),
             stats: stats.clone(),
         };
@@ -268,6 +281,8 @@ struct ConnCtx {
     exec: Arc<Executor>,
     /// Jobs go to gearmand instead of `exec` (`--gearman`).
     dist: Option<Arc<super::distribute::Distribute>>,
+    /// Who jobs run as, what may run.
+    policy: Arc<crate::policy::SharedPolicy>,
     stop: Arc<AtomicBool>,
     stats: Arc<WorkerStats>,
 }
@@ -281,6 +296,13 @@ enum Answer {
     Refused {
         echo: Vec<(String, String)>,
         code: i32,
+        message: String,
+        at_us: u64,
+    },
+    /// Refused by the policy: answered as a check that ran and said UNKNOWN
+    /// with this text, so the service shows why.
+    Forbidden {
+        echo: Vec<(String, String)>,
         message: String,
         at_us: u64,
     },
@@ -547,6 +569,20 @@ impl ConnCtx {
             inflight.insert(id);
             return;
         }
+        let check = match self.policy.get().apply(check, None) {
+            Ok(c) => c,
+            Err(f) => {
+                drop(inflight);
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(conn = %self.spec.label, job = ?msg.get("job_id"), "job refused: {f}");
+                let _ = s.tx.send(Answer::Forbidden {
+                    echo,
+                    message: format!("UNKNOWN: pidring: forbidden: {f}\n"),
+                    at_us: crate::lifecycle::unix_us(std::time::SystemTime::now()),
+                });
+                return;
+            }
+        };
         let submitted = self.exec.submit_with(check, move |result| {
             let _ = tx.send(Answer::Done {
                 echo,
@@ -643,6 +679,14 @@ fn write_loop(
                     at_us,
                 } => {
                     codec::encode_into(refusal_pairs(&echo, code, &message, at_us), &mut buf);
+                    answers += 1;
+                }
+                Answer::Forbidden {
+                    echo,
+                    message,
+                    at_us,
+                } => {
+                    codec::encode_into(forbidden_pairs(&echo, &message, at_us), &mut buf);
                     answers += 1;
                 }
             }
@@ -802,6 +846,26 @@ pub fn response_pairs(echo: &[(String, String)], r: &CheckResult) -> Vec<(String
         failure,
         outstd: r.stdout.data.clone(),
         outerr,
+    }
+    .into_pairs(echo)
+}
+
+/// The answer to a job the policy refused: a check that "exited" 3
+/// (UNKNOWN) with `text` as its output, which the core shows as the
+/// service's status (it never ran).
+pub fn forbidden_pairs(
+    echo: &[(String, String)],
+    text: &str,
+    at_us: u64,
+) -> Vec<(String, Vec<u8>)> {
+    Reply {
+        wait_status: 3 << 8,
+        start_us: at_us,
+        stop_us: at_us,
+        runtime: std::time::Duration::ZERO,
+        failure: None,
+        outstd: text.as_bytes().to_vec(),
+        outerr: Vec::new(),
     }
     .into_pairs(echo)
 }
@@ -1180,6 +1244,46 @@ mod tests {
         assert_eq!(core.answer().get("outstd"), Some("again\n"));
         assert!(workers.stop().registrations >= 3);
         assert!(exec.wait_idle(Duration::from_secs(10)));
+        let _ = std::fs::remove_dir_all(socket.parent().unwrap());
+    }
+
+    #[test]
+    fn a_job_outside_allowed_commands_is_an_unknown_check_saying_why() {
+        let socket = temp_socket("forbidden");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let exec = Arc::new(Executor::builder().max_running(4).build().unwrap());
+        let config = NagiosWorkerConfig {
+            qh_socket: socket.clone(),
+            name: "test".into(),
+            ..Default::default()
+        };
+        let marker = socket.parent().unwrap().join("ran");
+        let policy = crate::policy::Policy {
+            allowed_commands: crate::policy::Allowlist::new(&["/nonexistent-pidring/*"]).unwrap(),
+            ..Default::default()
+        };
+        let policy = Arc::new(crate::policy::SharedPolicy::new(policy));
+        let workers = spawn_workers_with_policy(&config, exec.clone(), policy).unwrap();
+        let job = codec::encode([
+            ("job_id", "7".to_string()),
+            ("type", "0".into()),
+            ("command", format!("/usr/bin/touch {}", marker.display())),
+            ("timeout", "10".into()),
+        ]);
+        let (mut core, _) = FakeCore::accept(&listener, &job);
+        let a = core.answer();
+        assert_eq!(a.get("job_id"), Some("7"));
+        assert_eq!(a.get("exited_ok"), Some("1"));
+        assert_eq!(a.get("wait_status"), Some("768"), "exit 3: UNKNOWN");
+        let out = a.get("outstd").unwrap();
+        assert!(out.starts_with("UNKNOWN: pidring: forbidden: "), "{out}");
+        assert!(
+            out.contains("touch") && out.contains("allowed_commands"),
+            "{out}"
+        );
+        workers.stop();
+        assert_eq!(exec.metrics().counters.submitted, 0);
+        assert!(!marker.exists());
         let _ = std::fs::remove_dir_all(socket.parent().unwrap());
     }
 
