@@ -2786,3 +2786,34 @@ fn sighup_turns_realtime_kills_off_and_on_again() {
     // Still serving.
     d.client().good_submit("after");
 }
+
+#[test]
+fn sighup_starts_and_stops_the_nagios_section_without_dropping_clients() {
+    let d = Daemon::start("auto", &[], Some("timeout = \"10s\"\n"));
+    let qh = d.dir.path().join("nagios.qh");
+    let listener = std::os::unix::net::UnixListener::bind(&qh).unwrap();
+    let mut client = d.client();
+    let section = format!(
+        "[nagios]\nqh_socket = \"{}\"\nname = \"reload\"\n",
+        qh.display()
+    );
+    let log = d.reload(&section, "configuration reloaded");
+    assert!(log.contains("[nagios] connections started"), "{log}");
+    // The worker registers with the "core".
+    let (mut core, _) = listener.accept().unwrap();
+    core.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut req = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != 0 || req.is_empty() {
+        assert_eq!(core.read(&mut b).unwrap(), 1, "worker hung up");
+        req.push(b[0]);
+    }
+    assert!(String::from_utf8_lossy(&req).contains("name=reload"));
+    core.write_all(b"OK\0").unwrap();
+    // Removed again: the worker closes its connection; clients stay.
+    let log = d.reload("timeout = \"10s\"\n", "configuration reloaded");
+    assert!(log.contains("[nagios] connections all stopped"), "{log}");
+    let mut rest = Vec::new();
+    let _ = core.read_to_end(&mut rest);
+    client.good_submit("still");
+}

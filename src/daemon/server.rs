@@ -636,7 +636,7 @@ pub(crate) fn run(config: DaemonConfig, reload: Option<super::Reload>) -> Result
     // After the executor raised RLIMIT_NOFILE: what is left for clients.
     let mut config = config;
     fit_clients_to_descriptors(&mut config);
-    let nagios = match &config.nagios {
+    let mut nagios = match &config.nagios {
         Some(n) => Some(crate::nagios::worker::spawn_workers_with_policy(
             n,
             exec.clone(),
@@ -699,7 +699,7 @@ pub(crate) fn run(config: DaemonConfig, reload: Option<super::Reload>) -> Result
                 continue;
             }
             match &reload {
-                Some(r) if *sig == libc::SIGHUP => reload_config(&daemon, r, &conns),
+                Some(r) if *sig == libc::SIGHUP => reload_config(&daemon, r, &conns, &mut nagios),
                 _ => {
                     let name = crate::result::signal_name(*sig);
                     tracing::info!("{name} ignored (stop with SIGTERM)");
@@ -846,7 +846,12 @@ fn warn_about_policy(config: &DaemonConfig, policy: &crate::policy::Policy) {
 /// PROTOCOL.md "Reload"). A file that does not parse or validate keeps the
 /// running configuration. Connections and checks in flight are untouched:
 /// a check keeps the limits and identity it was submitted with.
-fn reload_config(daemon: &Daemon, reload: &super::Reload, conns: &[(Arc<Conn>, JoinHandle<()>)]) {
+fn reload_config(
+    daemon: &Daemon,
+    reload: &super::Reload,
+    conns: &[(Arc<Conn>, JoinHandle<()>)],
+    nagios: &mut Option<crate::nagios::NagiosWorkers>,
+) {
     let path = reload.path.display();
     let failed = |why: String| {
         tracing::error!("SIGHUP: reload failed, the running configuration is kept: {why}");
@@ -893,7 +898,6 @@ fn reload_config(daemon: &Daemon, reload: &super::Reload, conns: &[(Arc<Conn>, J
         backend,
         cgroup,
         metrics,
-        nagios,
         gearman
     );
     fit_clients_to_descriptors(&mut new);
@@ -942,6 +946,7 @@ fn reload_config(daemon: &Daemon, reload: &super::Reload, conns: &[(Arc<Conn>, J
         c.slot_freed.notify_all();
     }
     daemon.policy.set(policy);
+    let nagios_note = reload_nagios(daemon, nagios, &old, &mut new);
     *daemon.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
     let changed = if changed.is_empty() {
         "nothing".to_string()
@@ -956,7 +961,51 @@ fn reload_config(daemon: &Daemon, reload: &super::Reload, conns: &[(Arc<Conn>, J
             restart.join(", ")
         )
     };
-    tracing::info!("SIGHUP: configuration reloaded from {path}: changed {changed}{restart}");
+    tracing::info!(
+        "SIGHUP: configuration reloaded from {path}: changed {changed}{nagios_note}{restart}"
+    );
+}
+
+/// The `[nagios]` part of a reload: connections added, removed (their jobs
+/// killed, reaped and answered as on a disconnect), or all started or
+/// stopped; the others untouched. `new.nagios` ends as what runs.
+fn reload_nagios(
+    daemon: &Daemon,
+    nagios: &mut Option<crate::nagios::NagiosWorkers>,
+    old: &DaemonConfig,
+    new: &mut DaemonConfig,
+) -> String {
+    if new.nagios == old.nagios {
+        return String::new();
+    }
+    let note = match (nagios.as_mut(), &new.nagios) {
+        (Some(w), Some(n)) => match w.reconfigure(n) {
+            Ok(what) => what,
+            Err(e) => format!("[nagios] only partly changed: {e}"),
+        },
+        (Some(_), None) => {
+            if let Some(w) = nagios.take() {
+                w.stop();
+            }
+            "[nagios] connections all stopped".into()
+        }
+        (None, Some(n)) => {
+            match crate::nagios::worker::spawn_workers_with_policy(
+                n,
+                daemon.exec.clone(),
+                daemon.policy.clone(),
+            ) {
+                Ok(w) => {
+                    *nagios = Some(w);
+                    "[nagios] connections started".into()
+                }
+                Err(e) => format!("[nagios] not started: {e}"),
+            }
+        }
+        (None, None) => String::new(),
+    };
+    new.nagios = nagios.as_ref().map(|w| w.config().clone());
+    format!("; {note}")
 }
 
 /// Descriptors a connection holds: its socket, and a duplicate for its reader.
