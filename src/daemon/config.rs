@@ -240,6 +240,25 @@ impl DaemonConfig {
     }
 }
 
+/// A reload's log line parts: what changed ("nothing" if nothing), and
+/// what waits for a restart (empty, or "; changed in the file but …").
+pub fn reload_summary(changed: &[String], restart: &[&str]) -> (String, String) {
+    let changed = if changed.is_empty() {
+        "nothing".to_string()
+    } else {
+        changed.join(", ")
+    };
+    let restart = if restart.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; changed in the file but kept until a restart: {}",
+            restart.join(", ")
+        )
+    };
+    (changed, restart)
+}
+
 /// Bytes a result takes besides its two output streams (an estimate for
 /// accounting, not a cap).
 pub const RESULT_OVERHEAD: usize = 2048;

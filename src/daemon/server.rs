@@ -948,19 +948,7 @@ fn reload_config(
     daemon.policy.set(policy);
     let nagios_note = reload_nagios(daemon, nagios, &old, &mut new);
     *daemon.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
-    let changed = if changed.is_empty() {
-        "nothing".to_string()
-    } else {
-        changed.join(", ")
-    };
-    let restart = if restart.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "; changed in the file but kept until a restart: {}",
-            restart.join(", ")
-        )
-    };
+    let (changed, restart) = super::config::reload_summary(&changed, &restart);
     tracing::info!(
         "SIGHUP: configuration reloaded from {path}: changed {changed}{nagios_note}{restart}"
     );
