@@ -199,12 +199,15 @@ impl Pattern {
         if raw.is_empty() {
             return Err(format!("{text:?} names no file"));
         }
-        // The literal directories before the first wildcard, resolved.
-        let literal = raw
-            .iter()
-            .take(raw.len() - 1)
-            .take_while(|s| !s.contains(['*', '?']))
-            .count();
+        // The literal directories before the first wildcard, resolved; an
+        // entry without any wildcard is resolved whole (`/bin/sh` allows
+        // the file it leads to, as it is what runs).
+        let exact = !raw.iter().any(|s| s.contains(['*', '?']));
+        let literal = if exact {
+            raw.len()
+        } else {
+            raw.iter().take_while(|s| !s.contains(['*', '?'])).count()
+        };
         let mut segments: Vec<Vec<u8>> = Vec::new();
         let prefix: PathBuf = std::iter::once("/")
             .chain(raw[..literal].iter().copied())
@@ -450,6 +453,14 @@ mod tests {
         let exact = allow(&["/nonexistent-x/bin/true"]);
         assert!(exact.permits(Path::new("/nonexistent-x/bin/true")));
         assert!(!exact.permits(Path::new("/nonexistent-x/bin/truex")));
+    }
+
+    #[test]
+    fn an_exact_entry_allows_what_it_leads_to() {
+        let real = std::fs::canonicalize("/bin/sh").unwrap();
+        assert!(allow(&["/bin/sh"]).permits(&real));
+        let dir = std::fs::canonicalize("/bin").unwrap();
+        assert!(allow(&["/bin/*"]).permits(&dir.join("true")));
     }
 
     #[test]
