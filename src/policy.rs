@@ -327,9 +327,14 @@ pub fn resolve(program: &OsStr, path_var: Option<&OsStr>, cwd: Option<&Path>) ->
         } else {
             d
         };
+        // As `execvp`: a file that may not be executed does not end the search.
         std::fs::canonicalize(in_cwd(&d.join(program)))
             .ok()
-            .filter(is_file)
+            .filter(|p| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::metadata(p)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
     })
 }
 
