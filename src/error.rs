@@ -109,3 +109,10 @@ pub enum PolicyError {
         euid: u32,
     },
 }
+
+/// Why a check was refused by the operator's policy (the protocol's
+/// `forbidden`): its program is not in `allowed_commands`, or the user it
+/// asks for is not in `allowed_users`. The text names which, and the key.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{0}")]
+pub struct Forbidden(pub String);

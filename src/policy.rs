@@ -10,6 +10,7 @@
 //!   file, so what was matched is what runs.
 
 use crate::check::Check;
+pub use crate::error::Forbidden;
 use crate::error::PolicyError;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
@@ -349,11 +350,6 @@ fn check_path(check: &Check) -> Option<OsString> {
         crate::check::EnvPolicy::Inherit => std::env::var_os("PATH"),
     }
 }
-
-/// Why a check was refused by the policy (the protocol's `forbidden`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Forbidden(pub String);
 
 /// The operator's policy for submitted checks.
 #[derive(Debug, Clone, Default)]
