@@ -715,6 +715,11 @@ impl Pool {
         }
     }
 
+    /// Follow a changed `max_running` (leaves made ahead are bounded by it).
+    pub fn set_max_running(&mut self, n: usize) {
+        self.max_running = n;
+    }
+
     /// Whether a leaf is ready for the next check (else admission waits
     /// for the helper, which is asked for more here).
     pub fn has_leaf(&mut self, in_use: usize, now: Instant) -> bool {

@@ -55,6 +55,11 @@ pub struct Check {
     pub(crate) timeout_state: State,
     pub(crate) tag: Option<String>,
     pub(crate) caps: crate::cgroup::Caps,
+    /// Run as this user (groups, gid, uid set in the child before exec).
+    pub(crate) run_as: Option<Arc<crate::run_as::RunAs>>,
+    /// Execute this file instead of looking `argv[0]` up (set by an
+    /// allowlist to what it matched; `argv[0]` stays as given).
+    pub(crate) exec_path: Option<PathBuf>,
 }
 
 impl Check {
@@ -77,6 +82,8 @@ impl Check {
             timeout_state: State::Unknown,
             tag: None,
             caps: Default::default(),
+            run_as: None,
+            exec_path: None,
         }
     }
 
@@ -130,6 +137,14 @@ impl Check {
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Check {
         self.env
             .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Run the check as this user: its supplementary groups, then its gid,
+    /// then its uid are set in the child before exec, with no way back
+    /// (needs root; see [`crate::run_as::RunAs::usable`]).
+    pub fn run_as(mut self, who: Arc<crate::run_as::RunAs>) -> Check {
+        self.run_as = Some(who);
         self
     }
 
@@ -248,6 +263,12 @@ impl Check {
             .map(|a| cstring(a.as_bytes(), "argument"))
             .collect::<Result<Vec<_>, _>>()?;
 
+        let exec = self
+            .exec_path
+            .as_ref()
+            .map(|p| cstring(p.as_os_str().as_bytes(), "program path"))
+            .transpose()?;
+        let run_as = self.run_as.clone().filter(|r| r.changes_identity());
         let cwd = || match &self.cwd {
             Some(dir) => cstring(dir.as_os_str().as_bytes(), "working directory").map(Some),
             None => Ok(None),
@@ -258,6 +279,8 @@ impl Check {
                 envp: inherited.envp.clone(),
                 cwd: cwd()?,
                 path: inherited.path.clone(),
+                exec,
+                run_as,
             });
         }
 
@@ -294,6 +317,8 @@ impl Check {
             envp,
             cwd: cwd()?,
             path,
+            exec,
+            run_as,
         })
     }
 }
@@ -361,6 +386,10 @@ pub(crate) struct Prepared {
     pub cwd: Option<CString>,
     /// The check's PATH (or the default), for resolving a bare program name.
     pub path: Arc<SearchPath>,
+    /// The file to execute, if not `argv[0]` looked up in `path`.
+    pub exec: Option<CString>,
+    /// Who to become before exec (None: stay as the executor).
+    pub run_as: Option<Arc<crate::run_as::RunAs>>,
 }
 
 impl Prepared {

@@ -132,7 +132,7 @@ pub(crate) fn start(
             };
             // Made at once (while the descriptor table is small), so that its
             // low slots get low numbers.
-            let loans = match process::ChildLoans::new(shared.max_running) {
+            let loans = match process::ChildLoans::new(shared.max_running.load(Ordering::Relaxed)) {
                 Ok(l) => l,
                 Err(source) => {
                     let _ = ready_tx.send(Err(ExecutorError::Setup {
@@ -143,7 +143,10 @@ pub(crate) fn start(
                 }
             };
             // Before any child shares the table: see `process::presize_fd_table`.
-            process::presize_fd_table(shared.waker.fd(), shared.max_running);
+            process::presize_fd_table(
+                shared.waker.fd(),
+                shared.max_running.load(Ordering::Relaxed),
+            );
             // This thread creates every child: see `process::block_all_signals_on_this_thread`.
             if let Err(source) = process::block_all_signals_on_this_thread() {
                 let _ = ready_tx.send(Err(ExecutorError::Setup {
@@ -153,7 +156,10 @@ pub(crate) fn start(
                 return;
             }
             // Signals are blocked here: the self-test creates a child.
-            let pool = crate::cgroup::Pool::setup(&config.containment, shared.max_running);
+            let pool = crate::cgroup::Pool::setup(
+                &config.containment,
+                shared.max_running.load(Ordering::Relaxed),
+            );
             let status = crate::cgroup::Pool::status_of(&pool);
             if let Err(why) = &pool {
                 tracing::warn!(
@@ -197,6 +203,7 @@ pub(crate) fn start(
                 reap_orphans: config.reap_orphans,
                 next_orphan_scan: Instant::now() + ORPHAN_SCAN,
                 priority,
+                realtime_wanted: config.realtime_kills,
                 unrecorded: Vec::new(),
                 unrecorded_orphans: 0,
                 cgroups,
@@ -260,6 +267,8 @@ struct Engine {
     next_orphan_scan: Instant,
     /// The loop thread's scheduling policy (realtime near kills, if asked).
     priority: LoopPriority,
+    /// What `priority` was made for (`Shared::realtime_wanted` may change).
+    realtime_wanted: bool,
     /// Results delivered but not yet in the shared metrics (see `record_results`).
     unrecorded: Vec<ResultSummary>,
     /// Orphans reaped but not yet counted in the shared metrics.
@@ -289,6 +298,15 @@ impl Engine {
             };
             self.timers.prune(live);
             self.timers.compact(checks.len(), live);
+            let wanted = self.shared.realtime_wanted.load(Ordering::Relaxed);
+            if wanted != self.realtime_wanted {
+                self.realtime_wanted = wanted;
+                self.priority.lower();
+                self.priority = LoopPriority::new(wanted);
+                self.shared
+                    .realtime_kills
+                    .store(self.priority.available(), Ordering::Relaxed);
+            }
             let wake = self.priority.before_wait(self.timers.next(), now);
             let mut timeout = wake.map(|t| t.saturating_duration_since(now));
             if self.reap_orphans {
@@ -528,7 +546,11 @@ impl Engine {
 
     /// Move queued checks into free running slots, oldest first.
     fn admit(&mut self, now: Instant) {
-        while self.checks.len() < self.shared.max_running && self.may_launch(now) {
+        let max_running = self.shared.max_running.load(Ordering::Relaxed);
+        if let Some(pool) = self.cgroups.as_mut() {
+            pool.set_max_running(max_running);
+        }
+        while self.checks.len() < max_running && self.may_launch(now) {
             let Some(sub) = self.queue.pop_front() else {
                 break;
             };

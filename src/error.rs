@@ -77,3 +77,42 @@ pub enum ExecutorError {
         source: io::Error,
     },
 }
+
+/// Why an operator's policy (`user`, `group`, `allowed_users`) cannot be used.
+#[derive(Debug, Error)]
+pub enum PolicyError {
+    /// No such user in the user database.
+    #[error("no user {0:?} in the user database (getpwnam)")]
+    NoSuchUser(String),
+    /// No such group in the group database.
+    #[error("no group {0:?} in the group database (getgrnam)")]
+    NoSuchGroup(String),
+    /// The database could not be read.
+    #[error("cannot look up {what}: {source}")]
+    Lookup {
+        /// What was looked up.
+        what: String,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// Only root can run checks as another user.
+    #[error(
+        "cannot run checks as {user:?} (uid {uid}): this process runs as uid {euid}, not root; \
+         start it as root, or as {user:?} itself, or remove the setting"
+    )]
+    NotRoot {
+        /// The configured user.
+        user: String,
+        /// Its uid.
+        uid: u32,
+        /// This process's effective uid.
+        euid: u32,
+    },
+}
+
+/// Why a check was refused by the operator's policy (the protocol's
+/// `forbidden`): its program is not in `allowed_commands`, or the user it
+/// asks for is not in `allowed_users`. The text names which, and the key.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{0}")]
+pub struct Forbidden(pub String);

@@ -129,9 +129,10 @@ impl ExecutorBuilder {
             closed: AtomicBool::new(false),
             waker,
             metrics: Mutex::new(Metrics::new()),
-            max_running: self.max_running,
-            queue_limit: self.queue_limit,
+            max_running: AtomicUsize::new(self.max_running),
+            queue_limit: AtomicUsize::new(self.queue_limit),
             realtime_kills: AtomicBool::new(false),
+            realtime_wanted: AtomicBool::new(self.realtime_kills),
             containment: Mutex::new(Default::default()),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -209,9 +210,37 @@ impl Executor {
         Ok(Pending { id, rx })
     }
 
-    /// Most checks running at once (the builder's `max_running`).
+    /// Most checks running at once (the builder's `max_running`, or the
+    /// last [`set_max_running`](Self::set_max_running)).
     pub fn max_running(&self) -> usize {
-        self.shared.max_running
+        self.shared.max_running.load(Ordering::Relaxed)
+    }
+
+    /// Change how many checks may run at once (at least 1). Raised, queued
+    /// checks start at once; lowered, no new check starts while more than
+    /// `n` run — none that runs is killed.
+    pub fn set_max_running(&self, n: usize) {
+        self.shared.max_running.store(n.max(1), Ordering::SeqCst);
+        self.shared.waker.wake();
+    }
+
+    /// Turn realtime kills (see [`ExecutorBuilder::realtime_kills`]) on or
+    /// off; the loop applies it at its next turn.
+    pub fn set_realtime_kills(&self, yes: bool) {
+        self.shared.realtime_wanted.store(yes, Ordering::SeqCst);
+        self.shared.waker.wake();
+    }
+
+    /// Most checks waiting for a slot (the builder's `queue_limit`, or the
+    /// last [`set_queue_limit`](Self::set_queue_limit)).
+    pub fn queue_limit(&self) -> usize {
+        self.shared.queue_limit.load(Ordering::Relaxed)
+    }
+
+    /// Change how many checks may wait for a slot; past it `submit` fails
+    /// (checks already queued stay queued).
+    pub fn set_queue_limit(&self, n: usize) {
+        self.shared.queue_limit.store(n, Ordering::SeqCst);
     }
 
     /// Submit a check; `deliver` is called exactly once with its result, on
@@ -236,7 +265,8 @@ impl Executor {
         // Reserve a place first, then look at `closed`: the loop sets `closed`
         // and then waits for `outstanding` to reach zero, so either it sees
         // this reservation and waits for the message, or we see `closed`.
-        let limit = self.shared.max_running + self.shared.queue_limit;
+        let queue_limit = self.queue_limit();
+        let limit = self.max_running().saturating_add(queue_limit);
         let reserved =
             self.shared
                 .outstanding
@@ -249,7 +279,7 @@ impl Executor {
             return Err(SubmitError::QueueFull {
                 running,
                 queued: n.saturating_sub(running),
-                limit: self.shared.queue_limit,
+                limit: queue_limit,
             });
         }
         if self.shared.closed.load(Ordering::SeqCst) {

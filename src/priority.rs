@@ -132,6 +132,12 @@ impl LoopPriority {
         }
     }
 
+    /// Leave the realtime priority now, if the loop has it (before a new
+    /// `LoopPriority` replaces this one: it reads the thread's policy).
+    pub fn lower(&mut self) {
+        self.set(false);
+    }
+
     /// Whether the loop may take the realtime priority (asked for, and not refused).
     pub fn available(&self) -> bool {
         self.enabled

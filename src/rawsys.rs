@@ -156,6 +156,30 @@ pub(crate) unsafe fn exists(path: *const libc::c_char) -> isize {
     }
 }
 
+/// `setgroups(n, groups)`: this thread's supplementary groups.
+///
+/// # Safety
+/// `groups` must point to `n` gids (or be anything when `n` is 0).
+pub(crate) unsafe fn setgroups(n: usize, groups: *const libc::gid_t) -> isize {
+    // SAFETY: the caller vouches for the array.
+    unsafe { syscall4(libc::SYS_setgroups, n, groups as usize, 0, 0) }
+}
+
+/// `setresgid(gid, gid, gid)`: this thread only (the raw call, not glibc's
+/// wrapper, which signals every thread of the process to change too).
+pub(crate) fn setresgid(gid: u32) -> isize {
+    let g = gid as usize;
+    // SAFETY: plain integers.
+    unsafe { syscall4(libc::SYS_setresgid, g, g, g, 0) }
+}
+
+/// `setresuid(uid, uid, uid)`: this thread only (as `setresgid`).
+pub(crate) fn setresuid(uid: u32) -> isize {
+    let u = uid as usize;
+    // SAFETY: plain integers.
+    unsafe { syscall4(libc::SYS_setresuid, u, u, u, 0) }
+}
+
 /// `setsid()`.
 pub(crate) fn setsid() -> isize {
     // SAFETY: no arguments.

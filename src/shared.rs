@@ -25,12 +25,14 @@ pub(crate) struct Shared {
     pub waker: Arc<Waker>,
     /// Histograms and counters.
     pub metrics: Mutex<Metrics>,
-    /// Running-slot limit.
-    pub max_running: usize,
-    /// Waiting-queue limit.
-    pub queue_limit: usize,
+    /// Running-slot limit (changed live by `Executor::set_max_running`).
+    pub max_running: AtomicUsize,
+    /// Waiting-queue limit (changed live by `Executor::set_queue_limit`).
+    pub queue_limit: AtomicUsize,
     /// The loop may take `SCHED_FIFO` near kills (asked for and permitted).
     pub realtime_kills: AtomicBool,
+    /// Realtime kills are asked for (`Executor::set_realtime_kills`).
+    pub realtime_wanted: AtomicBool,
     /// Which containment is in force (set by the loop at start).
     pub containment: Mutex<crate::cgroup::ContainmentStatus>,
 }

@@ -651,3 +651,42 @@ fn run_leaves_nothing_behind_however_it_escaped() {
         }
     }
 }
+
+#[test]
+fn run_user_takes_the_users_ids_and_groups() {
+    if !rustix::process::geteuid().is_root() {
+        let out = pidring()
+            .args(["run", "--user", "root", "--", "/bin/true"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not root"), "{err}");
+        return;
+    }
+    let out = pidring()
+        .args([
+            "run",
+            "--user",
+            "nobody",
+            "--",
+            "/bin/sh",
+            "-c",
+            "id -u; id -G",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let want = Command::new("id").args(["-G", "nobody"]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("65534\n{}", String::from_utf8_lossy(&want.stdout))
+    );
+    let out = pidring()
+        .args(["run", "--user", "no-such-user-pidring", "--", "/bin/true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no user \"no-such-user-pidring\""), "{err}");
+}

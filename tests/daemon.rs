@@ -316,6 +316,17 @@ fn try_connection(d: &Daemon) -> Result<Client, Value> {
     if r["type"] == "pong" { Ok(c) } else { Err(r) }
 }
 
+/// Whether a thread of this process may take SCHED_FIFO (as the daemon's loop will try).
+fn may_be_realtime() -> bool {
+    std::thread::spawn(|| {
+        let param = libc::sched_param { sched_priority: 1 };
+        // SAFETY: pid 0 is this (throwaway) thread; `param` is valid.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 }
+    })
+    .join()
+    .unwrap()
+}
+
 /// Run each scenario on both backends.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
@@ -330,6 +341,8 @@ mod lifecycle;
 mod limits;
 #[path = "daemon/metrics.rs"]
 mod metrics;
+#[path = "daemon/operator.rs"]
+mod operator;
 #[path = "daemon/processes.rs"]
 mod processes;
 #[path = "daemon/protocol.rs"]

@@ -77,6 +77,15 @@ pub(super) struct ChildArgs {
     /// The leaf's `cgroup.procs` to write "0" into first (-1: none, or
     /// born in the leaf).
     pub(super) procs: libc::c_int,
+    /// The file to execute (NULL: argv[0], looked up as above).
+    pub(super) exec: *const libc::c_char,
+    /// Become `uid`/`gid` with the `ngroups` supplementary groups at
+    /// `groups` (a `RunAs` that `PreExecChild` keeps alive) before anything else.
+    pub(super) set_ids: bool,
+    pub(super) uid: u32,
+    pub(super) gid: u32,
+    pub(super) groups: *const libc::gid_t,
+    pub(super) ngroups: usize,
     /// Set by the child when a step failed (it then exits 127).
     pub(super) errno: AtomicI32,
     /// The step the child is at (a `ChildStep`): set as it begins each
@@ -109,6 +118,12 @@ impl ChildArgs {
             restore_nofile: false,
             nofile: [0; 2],
             procs: -1,
+            exec: std::ptr::null(),
+            set_ids: false,
+            uid: 0,
+            gid: 0,
+            groups: std::ptr::null(),
+            ngroups: 0,
             errno: AtomicI32::new(0),
             step: AtomicU8::new(0),
             detached: AtomicU8::new(0),
@@ -134,6 +149,8 @@ pub(super) enum ChildStep {
     Interpreter = 5,
     /// Moving into the check's cgroup (`cgroup.procs`).
     Cgroup = 6,
+    /// Taking the configured user's groups, gid and uid.
+    Credentials = 7,
 }
 
 impl ChildStep {
@@ -145,6 +162,7 @@ impl ChildStep {
             4 => ChildStep::Exec,
             5 => ChildStep::Interpreter,
             6 => ChildStep::Cgroup,
+            7 => ChildStep::Credentials,
             _ => ChildStep::Clone,
         }
     }
@@ -153,7 +171,7 @@ impl ChildStep {
     pub(super) fn stuck(self, cmd: &Prepared) -> String {
         match self {
             ChildStep::Clone => "it never got to run (no CPU, or memory for it)".to_string(),
-            ChildStep::Setsid | ChildStep::Stdio | ChildStep::Cgroup => {
+            ChildStep::Setsid | ChildStep::Stdio | ChildStep::Cgroup | ChildStep::Credentials => {
                 "stuck setting up its session and standard streams".to_string()
             }
             ChildStep::Chdir => format!(
@@ -176,6 +194,7 @@ impl ChildStep {
             ChildStep::Clone => "cannot create a process for",
             ChildStep::Setsid => "cannot start a session for",
             ChildStep::Cgroup => "cannot put into its cgroup the process for",
+            ChildStep::Credentials => "cannot switch to the configured user for",
             ChildStep::Stdio => "cannot set up the standard streams of",
             ChildStep::Chdir => {
                 return SpawnFailure {
@@ -215,6 +234,27 @@ pub(super) extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         let r = rawsys::write(args.procs, b"0");
         if r < 0 {
             child_fail(args, ChildStep::Cgroup, r);
+        }
+    }
+    if args.set_ids {
+        // Groups, then gid, then uid (each needs the privilege the next
+        // drops); all three ids, so there is no way back. Raw calls: glibc's
+        // wrappers would make every thread of the executor change too.
+        // Before PR_SET_PDEATHSIG, which a change of credentials clears.
+        args.step
+            .store(ChildStep::Credentials as u8, Ordering::Release);
+        // SAFETY: `groups` points at `ngroups` gids that `PreExecChild` keeps alive.
+        let r = unsafe { rawsys::setgroups(args.ngroups, args.groups) };
+        if r < 0 {
+            child_fail(args, ChildStep::Credentials, r);
+        }
+        let r = rawsys::setresgid(args.gid);
+        if r < 0 {
+            child_fail(args, ChildStep::Credentials, r);
+        }
+        let r = rawsys::setresuid(args.uid);
+        if r < 0 {
+            child_fail(args, ChildStep::Credentials, r);
         }
     }
     // A handler the application installed must not run here (in the
@@ -311,7 +351,10 @@ pub(super) extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: argv[0] (slot 1 of `args.argv`) is a NUL-terminated string
     // that `PreExecChild` keeps alive.
     let program = unsafe { *args.argv.add(1) };
-    if args.dirs.is_null() {
+    if !args.exec.is_null() {
+        // SAFETY: `exec` is a NUL-terminated string that `PreExecChild` keeps alive.
+        unsafe { try_exec(args, args.exec, &mut found) };
+    } else if args.dirs.is_null() {
         // SAFETY: as just above.
         unsafe { try_exec(args, program, &mut found) };
     } else {

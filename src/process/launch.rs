@@ -550,6 +550,15 @@ pub(crate) fn launch(
             Some((leaf, crate::cgroup::Entry::Write)) => leaf.procs().map_or(-1, |f| f.as_raw_fd()),
             _ => -1,
         },
+        exec: cmd.exec.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+        set_ids: cmd.run_as.is_some(),
+        uid: cmd.run_as.as_ref().map_or(0, |r| r.uid),
+        gid: cmd.run_as.as_ref().map_or(0, |r| r.gid),
+        groups: cmd
+            .run_as
+            .as_ref()
+            .map_or(std::ptr::null(), |r| r.groups.as_ptr()),
+        ngroups: cmd.run_as.as_ref().map_or(0, |r| r.groups.len()),
         errno: AtomicI32::new(0),
         step: AtomicU8::new(0),
         detached: AtomicU8::new(0),
@@ -666,7 +675,7 @@ pub(super) type Dirs<'a> = (&'a [u8], &'a [(usize, usize)]);
 /// is the file itself). O(1): the PATH was split on the submitting thread.
 pub(super) fn search_for(cmd: &Prepared) -> Result<Option<Dirs<'_>>, SpawnFailure> {
     let name = cmd.argv[0].as_bytes();
-    if name.contains(&b'/') {
+    if name.contains(&b'/') || cmd.exec.is_some() {
         return Ok(None);
     }
     if name.len() > NAME_MAX {

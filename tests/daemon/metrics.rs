@@ -7,17 +7,6 @@ on_both_backends!(
     idle_metrics_connections_do_not_delay_a_scrape,
 );
 
-/// Whether a thread of this process may take SCHED_FIFO (as the daemon's loop will try).
-fn may_be_realtime() -> bool {
-    std::thread::spawn(|| {
-        let param = libc::sched_param { sched_priority: 1 };
-        // SAFETY: pid 0 is this (throwaway) thread; `param` is valid.
-        unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 }
-    })
-    .join()
-    .unwrap()
-}
-
 fn stats_and_prometheus_report_counts(backend: &str) {
     let d = Daemon::start(backend, &["--metrics", "127.0.0.1:0"], None);
     let mut c = d.client();

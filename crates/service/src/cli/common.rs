@@ -75,8 +75,18 @@ pub fn wait_signal(set: &libc::sigset_t) -> i32 {
 
 /// Wait for a stop signal in `set`; the ignored ones (SIGHUP, SIGUSR1, …) are logged and waited past.
 pub fn wait_stop_signal(set: &libc::sigset_t) -> i32 {
+    wait_stop_signal_with(set, None)
+}
+
+/// [`wait_stop_signal`], calling `on_hup` (a reload) at each SIGHUP instead.
+pub fn wait_stop_signal_with(set: &libc::sigset_t, mut on_hup: Option<&mut dyn FnMut()>) -> i32 {
     loop {
         match wait_signal(set) {
+            libc::SIGHUP if on_hup.is_some() => {
+                if let Some(f) = on_hup.as_mut() {
+                    f();
+                }
+            }
             sig if pidring_service::daemon::IGNORED_SIGNALS.contains(&sig) => {
                 let name = pidring::result::signal_name(sig);
                 tracing::info!("{name} ignored (stop with SIGTERM)");
@@ -102,4 +112,12 @@ pub fn service_executor(
         .reap_orphans(true)
         .build()
         .map(std::sync::Arc::new)
+}
+
+/// `--user NAME`: the user looked up (its groups too) and checked to be one
+/// this process can run checks as.
+pub fn run_as_user(user: &str) -> Result<std::sync::Arc<pidring::policy::RunAs>, String> {
+    let who = pidring::policy::RunAs::lookup(user, None).map_err(|e| format!("--user: {e}"))?;
+    who.usable().map_err(|e| format!("--user: {e}"))?;
+    Ok(std::sync::Arc::new(who))
 }

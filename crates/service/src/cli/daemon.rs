@@ -65,6 +65,12 @@ pub struct DaemonArgs {
     /// Socket permission bits in octal [default: 0600].
     #[arg(long, value_parser = pidring_service::daemon::config::parse_mode)]
     socket_mode: Option<u32>,
+    /// Run checks as this user (name or uid; needs root) [config: user].
+    #[arg(long)]
+    user: Option<String>,
+    /// With --user: the primary group checks run with [config: group].
+    #[arg(long, requires = "user")]
+    group: Option<String>,
     /// Log format (filter with RUST_LOG, default "info").
     #[arg(long, value_enum, default_value = "human")]
     log_format: LogFormat,
@@ -90,36 +96,59 @@ fn run_daemon(args: DaemonArgs) -> ExitCode {
         },
         None => DaemonConfig::default(),
     };
-    if let Some(s) = args.socket {
-        config.socket = Some(s);
-    }
-    if let Some(n) = args.max_running {
-        config.max_running = n;
-    }
-    if let Some(n) = args.queue_limit {
-        config.queue_limit = n;
-    }
-    if let Some(b) = args.backend {
-        config.backend = b;
-    }
-    if let Some(c) = args.cgroup {
-        config.cgroup = c;
-    }
-    if let Some(r) = args.realtime_kills {
-        config.realtime_kills = r;
-    }
-    if let Some(m) = args.metrics {
-        config.metrics = Some(m);
-    }
-    if let Some(d) = args.drain_timeout {
-        config.drain_timeout = d;
-    }
-    if let Some(m) = args.socket_mode {
-        config.socket_mode = m;
-    }
-    match pidring_service::daemon::run(config) {
+    let path = args.config.clone();
+    let overrides = Overrides(args);
+    overrides.apply(&mut config);
+    // SIGHUP re-reads the file, the flags applied over it again.
+    let reload = path.map(|path| pidring_service::daemon::Reload {
+        path,
+        overrides: Box::new(move |c: &mut DaemonConfig| overrides.apply(c)),
+    });
+    match pidring_service::daemon::run_reloadable(config, reload) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string(), json),
+    }
+}
+
+/// The flags, which win over the config file (at start and at each reload).
+struct Overrides(DaemonArgs);
+
+impl Overrides {
+    fn apply(&self, config: &mut DaemonConfig) {
+        let args = &self.0;
+        if let Some(s) = &args.socket {
+            config.socket = Some(s.clone());
+        }
+        if let Some(n) = args.max_running {
+            config.max_running = n;
+        }
+        if let Some(n) = args.queue_limit {
+            config.queue_limit = n;
+        }
+        if let Some(b) = args.backend {
+            config.backend = b;
+        }
+        if let Some(c) = &args.cgroup {
+            config.cgroup = c.clone();
+        }
+        if let Some(r) = args.realtime_kills {
+            config.realtime_kills = r;
+        }
+        if let Some(m) = args.metrics {
+            config.metrics = Some(m);
+        }
+        if let Some(d) = args.drain_timeout {
+            config.drain_timeout = d;
+        }
+        if let Some(m) = args.socket_mode {
+            config.socket_mode = m;
+        }
+        if let Some(u) = &args.user {
+            config.user = Some(u.clone());
+        }
+        if let Some(g) = &args.group {
+            config.group = Some(g.clone());
+        }
     }
 }
 

@@ -40,6 +40,10 @@ pub struct GearmanWorkerArgs {
     /// Take SCHED_FIFO on the executor's loop while a kill is near: true or false.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     realtime_kills: bool,
+    /// Run every job as this user (name or uid; needs root): its groups,
+    /// gid and uid are set before exec.
+    #[arg(long)]
+    user: Option<String>,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -63,6 +67,9 @@ fn config(args: &GearmanWorkerArgs) -> Result<GearmanConfig, String> {
     }
     c.apply_args(&args.options)?;
     c.validate()?;
+    if let Some(user) = &args.user {
+        c.run_as = Some(super::common::run_as_user(user)?);
+    }
     Ok(c)
 }
 

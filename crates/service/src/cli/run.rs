@@ -37,6 +37,10 @@ pub struct RunArgs {
     /// saturated machine cannot make it late: true or false.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     realtime_kills: bool,
+    /// Run the check as this user (name or uid; needs root): its groups,
+    /// gid and uid are set before exec.
+    #[arg(long)]
+    user: Option<String>,
     /// Print the whole result as JSON instead of the plugin's output.
     #[arg(long)]
     json: bool,
@@ -69,6 +73,11 @@ pub fn main(args: RunArgs) -> ExitCode {
                 "nothing to run: give a command after `--`, or --command-line 'check_x -H host'",
             );
         }
+    };
+    let check = match args.user.as_deref().map(super::common::run_as_user) {
+        Some(Ok(who)) => check.run_as(who),
+        Some(Err(e)) => return fail(&e),
+        None => check,
     };
     let check = check
         .timeout(args.timeout)

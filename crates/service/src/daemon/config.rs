@@ -81,6 +81,19 @@ pub struct DaemonConfig {
     /// A client whose socket accepts no bytes for this long is dropped.
     #[serde(deserialize_with = "de_duration")]
     pub client_write_timeout: Duration,
+    /// Run checks as this user (name or uid): its supplementary groups,
+    /// its primary group (or `group`) and its uid, set before exec. Only
+    /// root can; a daemon that is not root may only name itself.
+    pub user: Option<String>,
+    /// With `user`: run checks with this group (name or gid) as primary.
+    pub group: Option<String>,
+    /// Users a submit may ask to run as (its `user` field); others get
+    /// `forbidden`.
+    pub allowed_users: Vec<String>,
+    /// What may run: absolute paths or globs (`*` and `?` within a path
+    /// segment, `**` across segments), matched against the program as
+    /// resolved (PATH search, symlinks and `..` resolved). Empty: anything.
+    pub allowed_commands: Vec<String>,
     /// Also serve a Nagios 4 core as an external worker (`[nagios]` section),
     /// through the same executor: its jobs show in the same stats.
     pub nagios: Option<crate::nagios::NagiosWorkerConfig>,
@@ -115,6 +128,10 @@ impl Default for DaemonConfig {
             max_total_bytes: 1024 * 1024 * 1024,
             max_clients: 1024,
             client_write_timeout: Duration::from_secs(30),
+            user: None,
+            group: None,
+            allowed_users: Vec::new(),
+            allowed_commands: Vec::new(),
             nagios: None,
             gearman: None,
         }
@@ -174,6 +191,11 @@ impl DaemonConfig {
         if self.client_write_timeout.is_zero() {
             return Err("client_write_timeout must be greater than zero".into());
         }
+        if self.group.is_some() && self.user.is_none() {
+            return Err("group is set without user: name the user checks run as".into());
+        }
+        pidring::policy::Allowlist::new(&self.allowed_commands)
+            .map_err(|e| format!("allowed_commands: {e}"))?;
         if let Some(n) = &self.nagios {
             n.validate().map_err(|e| format!("[nagios]: {e}"))?;
         }
@@ -183,10 +205,58 @@ impl DaemonConfig {
         Ok(())
     }
 
+    /// The policy these settings make: the users looked up (once, here:
+    /// the child that runs a check cannot), and each checked to be one
+    /// this process can take.
+    pub fn policy(&self) -> Result<pidring::policy::Policy, String> {
+        use pidring::policy::{Allowlist, Policy, RunAs};
+        use std::sync::Arc;
+        let lookup = |key: &str, user: &str, group: Option<&str>| {
+            let who = RunAs::lookup(user, group).map_err(|e| format!("{key}: {e}"))?;
+            who.usable().map_err(|e| format!("{key}: {e}"))?;
+            Ok::<_, String>(Arc::new(who))
+        };
+        let run_as = match &self.user {
+            Some(u) => Some(lookup("user", u, self.group.as_deref())?),
+            None => None,
+        };
+        let allowed_users = self
+            .allowed_users
+            .iter()
+            .map(|u| lookup("allowed_users", u, None))
+            .collect::<Result<_, _>>()?;
+        let allowed_commands =
+            Allowlist::new(&self.allowed_commands).map_err(|e| format!("allowed_commands: {e}"))?;
+        Ok(Policy {
+            allowed_commands,
+            run_as,
+            allowed_users,
+        })
+    }
+
     /// The socket path to use: the configured one or the default.
     pub fn socket_path(&self) -> PathBuf {
         self.socket.clone().unwrap_or_else(default_socket_path)
     }
+}
+
+/// A reload's log line parts: what changed ("nothing" if nothing), and
+/// what waits for a restart (empty, or "; changed in the file but …").
+pub fn reload_summary(changed: &[String], restart: &[&str]) -> (String, String) {
+    let changed = if changed.is_empty() {
+        "nothing".to_string()
+    } else {
+        changed.join(", ")
+    };
+    let restart = if restart.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; changed in the file but kept until a restart: {}",
+            restart.join(", ")
+        )
+    };
+    (changed, restart)
 }
 
 /// Bytes a result takes besides its two output streams (an estimate for
@@ -338,6 +408,29 @@ mod tests {
         let roomy = "max_output_cap = \"1MiB\"\nmax_client_bytes = \"6MiB\"";
         assert!(checked(roomy).is_ok());
         assert!(DaemonConfig::default().validate().is_ok());
+        assert!(
+            checked("group = \"nogroup\"").is_err(),
+            "group without user"
+        );
+        assert!(
+            checked("allowed_commands = [\"bin/*\"]").is_err(),
+            "relative"
+        );
+        assert!(checked("allowed_commands = [\"/usr/lib/nagios/plugins/*\"]").is_ok());
+    }
+
+    #[test]
+    fn the_policy_looks_users_up_and_refuses_unknown_ones() {
+        let c = DaemonConfig::parse("user = \"root\"\nallowed_users = [\"0\"]").unwrap();
+        if rustix::process::geteuid().is_root() {
+            let p = c.policy().unwrap();
+            assert_eq!(p.run_as.unwrap().uid, 0);
+            assert_eq!(p.allowed_users[0].user, "root");
+        } else {
+            assert!(c.policy().unwrap_err().contains("not root"));
+        }
+        let c = DaemonConfig::parse("user = \"no-such-user-pidring\"").unwrap();
+        assert!(c.policy().unwrap_err().starts_with("user: no user"));
     }
 
     #[test]

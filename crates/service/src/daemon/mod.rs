@@ -143,7 +143,25 @@ pub enum DaemonError {
 }
 
 /// Run the daemon until SIGTERM or SIGINT; returns after a clean shutdown.
+/// SIGHUP is logged and ignored (nothing to re-read).
 pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
+    run_reloadable(config, None)
+}
+
+/// Where SIGHUP re-reads the configuration from, and what to apply over
+/// the file each time (the command-line flags, which keep priority).
+pub struct Reload {
+    /// The TOML file.
+    pub path: PathBuf,
+    /// The command-line overrides.
+    pub overrides: Box<dyn Fn(&mut DaemonConfig) + Send>,
+}
+
+/// [`run`], re-reading `reload`'s file on SIGHUP (see PROTOCOL.md
+/// "Reload"): what can change live changes without dropping a connection
+/// or a check in flight; a file that does not parse or validate is logged
+/// and the running configuration kept.
+pub fn run_reloadable(config: DaemonConfig, reload: Option<Reload>) -> Result<(), DaemonError> {
     config.validate().map_err(DaemonError::Invalid)?;
-    server::run(config)
+    server::run(config, reload)
 }

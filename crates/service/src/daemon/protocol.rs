@@ -264,6 +264,9 @@ pub struct SubmitRequest {
     /// CPUs the check's processes may use together, e.g. 0.5 (`cpu.max`
     /// over a 100 ms period; default: the daemon's `cpu_max`, else none).
     pub cpu_max: Option<f64>,
+    /// Run as this user instead of the daemon's `user`: only one listed in
+    /// the daemon's `allowed_users` (else `forbidden`).
+    pub user: Option<String>,
     /// Any JSON, echoed back in the result exactly as written
     /// ([`parse_request`] keeps its text; `null` is no tags).
     #[serde(skip)]
@@ -363,11 +366,14 @@ pub enum ErrorCode {
     NotFound,
     /// The daemon serves `max_clients` connections already; this one is closed.
     TooManyClients,
+    /// The daemon's policy refuses it: a program outside `allowed_commands`,
+    /// or a `user` not in `allowed_users`. Nothing was started.
+    Forbidden,
 }
 
 impl ErrorCode {
     /// Every code, for metrics.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownOp,
         ErrorCode::LineTooLong,
@@ -377,6 +383,7 @@ impl ErrorCode {
         ErrorCode::ShuttingDown,
         ErrorCode::NotFound,
         ErrorCode::TooManyClients,
+        ErrorCode::Forbidden,
     ];
 
     /// The wire name.
@@ -391,6 +398,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::NotFound => "not_found",
             ErrorCode::TooManyClients => "too_many_clients",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }

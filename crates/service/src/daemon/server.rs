@@ -33,7 +33,7 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt}
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -97,7 +97,10 @@ impl Stats {
 /// What every connection thread shares.
 pub(crate) struct Daemon {
     pub(crate) exec: Arc<Executor>,
-    pub(crate) config: DaemonConfig,
+    /// The configuration in force (replaced by a reload).
+    config: RwLock<Arc<DaemonConfig>>,
+    /// Who checks run as and what may run (replaced by a reload).
+    pub(crate) policy: Arc<pidring::policy::SharedPolicy>,
     pub(crate) stats: Arc<Stats>,
     /// The `[gearman]` worker's counters, when it runs.
     pub(crate) gearman: Option<crate::gearman::GearmanStatsHandle>,
@@ -109,14 +112,14 @@ pub(crate) struct Daemon {
 /// connection's own limit bounds one client, this bounds them all.
 pub(crate) struct SharedBudget {
     used: AtomicUsize,
-    limit: usize,
+    limit: AtomicUsize,
 }
 
 impl SharedBudget {
     pub(crate) fn new(limit: usize) -> SharedBudget {
         SharedBudget {
             used: AtomicUsize::new(0),
-            limit,
+            limit: AtomicUsize::new(limit),
         }
     }
 
@@ -124,8 +127,9 @@ impl SharedBudget {
     /// reservation larger than what is left can still go ahead alone).
     fn try_take(&self, bytes: usize) -> bool {
         let mut used = self.used.load(Ordering::Relaxed);
+        let limit = self.limit.load(Ordering::Relaxed);
         loop {
-            if used != 0 && used.saturating_add(bytes) > self.limit {
+            if used != 0 && used.saturating_add(bytes) > limit {
                 return false;
             }
             match self.used.compare_exchange_weak(
@@ -146,6 +150,14 @@ impl SharedBudget {
 }
 
 impl Daemon {
+    /// The configuration in force now.
+    pub(crate) fn config(&self) -> Arc<DaemonConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn stats_response(&self, id: Option<ClientId>) -> Response {
         Response::Stats {
             id,
@@ -177,8 +189,9 @@ struct Conn {
     /// and by their queued results).
     held: Mutex<Held>,
     slot_freed: Condvar,
-    slot_limit: usize,
-    byte_limit: usize,
+    /// `max_client_queue` and `max_client_bytes` (a reload changes them).
+    slot_limit: AtomicUsize,
+    byte_limit: AtomicUsize,
     /// The daemon-wide budget this connection's bytes are also taken from.
     budget: Arc<SharedBudget>,
     /// Ids in flight on this connection → the engine's id (None while submitting).
@@ -211,7 +224,8 @@ struct Held {
 impl Conn {
     /// Take a slot, waiting while all are used. False if the connection closed.
     fn acquire_slot(&self) -> bool {
-        self.acquire(|held| (held.slots < self.slot_limit).then(|| held.slots += 1))
+        let limit = self.slot_limit.load(Ordering::Relaxed);
+        self.acquire(|held| (held.slots < limit).then(|| held.slots += 1))
     }
 
     /// Reserve `bytes` for a check's result or an answer, from this
@@ -220,7 +234,8 @@ impl Conn {
     /// `max_client_bytes` hold the largest). False if the connection closed.
     fn acquire_bytes(&self, bytes: usize) -> bool {
         self.acquire(|held| {
-            let fits = held.bytes == 0 || held.bytes.saturating_add(bytes) <= self.byte_limit;
+            let limit = self.byte_limit.load(Ordering::Relaxed);
+            let fits = held.bytes == 0 || held.bytes.saturating_add(bytes) <= limit;
             (fits && self.budget.try_take(bytes)).then(|| held.bytes += bytes)
         })
     }
@@ -569,7 +584,7 @@ fn resolve_group(group: &str) -> Result<u32, String> {
 }
 
 /// The daemon's main thread: bind, serve until a signal, shut down.
-pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
+pub(crate) fn run(config: DaemonConfig, reload: Option<super::Reload>) -> Result<(), DaemonError> {
     // Signals first, so a SIGTERM during startup still means a clean stop.
     let (sig_rx, sig_tx) = UnixStream::pair().map_err(DaemonError::Signals)?;
     // A mask inherited with them blocked (a parent that blocked SIGTERM
@@ -592,6 +607,10 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         ignored.push((sig, flag));
     }
 
+    // Users looked up once, here: the child that runs a check cannot.
+    let policy = config.policy().map_err(DaemonError::Invalid)?;
+    warn_about_policy(&config, &policy);
+    let policy = Arc::new(pidring::policy::SharedPolicy::new(policy));
     let (listener, socket_guard) = bind_socket(&config)?;
     let exec = Executor::builder()
         .max_running(config.max_running)
@@ -617,23 +636,35 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // After the executor raised RLIMIT_NOFILE: what is left for clients.
     let mut config = config;
     fit_clients_to_descriptors(&mut config, exec.containment().mode == "cgroup");
-    let nagios = match &config.nagios {
-        Some(n) => Some(crate::nagios::spawn_workers(n, exec.clone())?),
+    let mut nagios = match &config.nagios {
+        Some(n) => Some(crate::nagios::worker::spawn_workers_with_policy(
+            n,
+            exec.clone(),
+            policy.clone(),
+        )?),
         None => None,
     };
     let gearman = match &config.gearman {
-        Some(g) => Some(crate::gearman::spawn_workers(g, exec.clone())?),
+        Some(g) => {
+            // Its jobs run as `user` too (as it is at start: the section
+            // waits for a restart); `restrict_path` is its allowlist.
+            let mut g = g.clone();
+            g.run_as = policy.get().run_as.clone();
+            Some(crate::gearman::spawn_workers(&g, exec.clone())?)
+        }
         None => None,
     };
     let stats = Arc::new(Stats::default());
     let daemon = Arc::new(Daemon {
         exec,
         budget: Arc::new(SharedBudget::new(config.max_total_bytes)),
-        config,
+        config: RwLock::new(Arc::new(config)),
+        policy,
         stats: stats.clone(),
         gearman: gearman.as_ref().map(|g| g.stats_handle()),
     });
-    if let Some(addr) = daemon.config.metrics {
+    let config = daemon.config();
+    if let Some(addr) = config.metrics {
         let bound = prometheus::serve(addr, daemon.clone())
             .map_err(|source| DaemonError::Metrics { addr, source })?;
         let _ = stats.metrics_address.set(bound.to_string());
@@ -642,8 +673,8 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     tracing::info!(
         socket = %socket_guard.path.display(),
         backend = %daemon.exec.backend(),
-        max_running = daemon.config.max_running,
-        queue_limit = daemon.config.queue_limit,
+        max_running = config.max_running,
+        queue_limit = config.queue_limit,
         pid = std::process::id(),
         "pidring daemon ready"
     );
@@ -664,9 +695,15 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         let polled = rustix::event::poll(&mut fds, Some(&prune_every));
         conns.retain(|(_, h)| !h.is_finished());
         for (sig, flag) in &ignored {
-            if flag.swap(false, Ordering::Relaxed) {
-                let name = pidring::result::signal_name(*sig);
-                tracing::info!("{name} ignored (stop with SIGTERM)");
+            if !flag.swap(false, Ordering::Relaxed) {
+                continue;
+            }
+            match &reload {
+                Some(r) if *sig == libc::SIGHUP => reload_config(&daemon, r, &conns, &mut nagios),
+                _ => {
+                    let name = pidring::result::signal_name(*sig);
+                    tracing::info!("{name} ignored (stop with SIGTERM)");
+                }
             }
         }
         match polled {
@@ -697,7 +734,7 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     socket_guard.remove();
 
     // 2. Let in-flight checks finish, up to the drain timeout; a second signal cuts it short.
-    let drain = daemon.config.drain_timeout;
+    let drain = daemon.config().drain_timeout;
     let deadline = Instant::now() + drain;
     let outstanding = daemon.exec.outstanding();
     if outstanding > 0 {
@@ -790,6 +827,175 @@ pub(crate) fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Say once, loudly, what an operator should know about the policy.
+fn warn_about_policy(config: &DaemonConfig, policy: &pidring::policy::Policy) {
+    if rustix::process::geteuid().is_root() && policy.run_as.is_none() {
+        tracing::warn!(
+            "RUNNING CHECKS AS ROOT: this daemon runs as root and no `user` is configured, so every              submitted plugin runs as root; set user = \"nagios\" (or another unprivileged user) in the config"
+        );
+    }
+    if config.socket_mode & 0o077 != 0 && policy.allowed_commands.is_empty() {
+        tracing::warn!(
+            socket_mode = format!("{:o}", config.socket_mode),
+            "the socket is open to a group or others and allowed_commands is empty: anyone who can              connect may run any program as the daemon's user; list the plugins in allowed_commands"
+        );
+    }
+}
+
+/// SIGHUP: re-read the config file and apply what can change live (see
+/// PROTOCOL.md "Reload"). A file that does not parse or validate keeps the
+/// running configuration. Connections and checks in flight are untouched:
+/// a check keeps the limits and identity it was submitted with.
+fn reload_config(
+    daemon: &Daemon,
+    reload: &super::Reload,
+    conns: &[(Arc<Conn>, JoinHandle<()>)],
+    nagios: &mut Option<crate::nagios::NagiosWorkers>,
+) {
+    let path = reload.path.display();
+    let failed = |why: String| {
+        tracing::error!("SIGHUP: reload failed, the running configuration is kept: {why}");
+    };
+    let mut new = match DaemonConfig::load(&reload.path) {
+        Ok(c) => c,
+        Err(e) => return failed(e.to_string()),
+    };
+    (reload.overrides)(&mut new);
+    if let Err(e) = new.validate() {
+        return failed(format!("invalid config file {path}: {e}"));
+    }
+    let policy = match new.policy() {
+        Ok(p) => p,
+        Err(e) => return failed(format!("invalid config file {path}: {e}")),
+    };
+    let defaults = with_caps(
+        Check::argv(["/bin/true"]),
+        new.memory_max.map(|w| w.0 as u64),
+        new.pids_max,
+        new.cpu_max,
+    );
+    if let Some(why) = defaults
+        .get_caps()
+        .unenforceable(&daemon.exec.containment())
+    {
+        return failed(format!("the configured default caps: {why}"));
+    }
+    let old = daemon.config();
+    // What only a restart changes keeps its running value.
+    let mut restart = Vec::new();
+    macro_rules! keep {
+        ($($f:ident),*) => {$(
+            if new.$f != old.$f {
+                restart.push(stringify!($f));
+                new.$f = old.$f.clone();
+            }
+        )*};
+    }
+    keep!(
+        socket,
+        socket_mode,
+        socket_group,
+        backend,
+        cgroup,
+        metrics,
+        gearman
+    );
+    fit_clients_to_descriptors(&mut new, daemon.exec.containment().mode == "cgroup");
+    let mut changed = Vec::new();
+    macro_rules! diff {
+        ($($f:ident),*) => {$(
+            if new.$f != old.$f {
+                changed.push(format!("{} {:?} -> {:?}", stringify!($f), old.$f, new.$f));
+            }
+        )*};
+    }
+    diff!(
+        max_running,
+        queue_limit,
+        realtime_kills,
+        timeout,
+        grace,
+        output_cap,
+        max_output_cap,
+        memory_max,
+        pids_max,
+        cpu_max,
+        drain_timeout,
+        max_line_bytes,
+        max_client_queue,
+        max_client_bytes,
+        max_total_bytes,
+        max_clients,
+        client_write_timeout,
+        user,
+        group,
+        allowed_users,
+        allowed_commands
+    );
+    daemon.exec.set_max_running(new.max_running);
+    daemon.exec.set_queue_limit(new.queue_limit);
+    daemon.exec.set_realtime_kills(new.realtime_kills);
+    daemon
+        .budget
+        .limit
+        .store(new.max_total_bytes, Ordering::Relaxed);
+    for (c, _) in conns {
+        c.slot_limit.store(new.max_client_queue, Ordering::Relaxed);
+        c.byte_limit.store(new.max_client_bytes, Ordering::Relaxed);
+        let _ = c.stream.set_write_timeout(Some(new.client_write_timeout));
+        c.slot_freed.notify_all();
+    }
+    daemon.policy.set(policy);
+    let nagios_note = reload_nagios(daemon, nagios, &old, &mut new);
+    *daemon.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+    let (changed, restart) = super::config::reload_summary(&changed, &restart);
+    tracing::info!(
+        "SIGHUP: configuration reloaded from {path}: changed {changed}{nagios_note}{restart}"
+    );
+}
+
+/// The `[nagios]` part of a reload: connections added, removed (their jobs
+/// killed, reaped and answered as on a disconnect), or all started or
+/// stopped; the others untouched. `new.nagios` ends as what runs.
+fn reload_nagios(
+    daemon: &Daemon,
+    nagios: &mut Option<crate::nagios::NagiosWorkers>,
+    old: &DaemonConfig,
+    new: &mut DaemonConfig,
+) -> String {
+    if new.nagios == old.nagios {
+        return String::new();
+    }
+    let note = match (nagios.as_mut(), &new.nagios) {
+        (Some(w), Some(n)) => match w.reconfigure(n) {
+            Ok(what) => what,
+            Err(e) => format!("[nagios] only partly changed: {e}"),
+        },
+        (Some(_), None) => {
+            if let Some(w) = nagios.take() {
+                w.stop();
+            }
+            "[nagios] connections all stopped".into()
+        }
+        (None, Some(n)) => {
+            match crate::nagios::worker::spawn_workers_with_policy(
+                n,
+                daemon.exec.clone(),
+                daemon.policy.clone(),
+            ) {
+                Ok(w) => {
+                    *nagios = Some(w);
+                    "[nagios] connections started".into()
+                }
+                Err(e) => format!("[nagios] not started: {e}"),
+            }
+        }
+        (None, None) => String::new(),
+    };
+    new.nagios = nagios.as_ref().map(|w| w.config().clone());
+    format!("; {note}")
+}
+
 /// Descriptors a connection holds: its socket, and a duplicate for its reader.
 const FDS_PER_CONNECTION: usize = 2;
 /// Descriptors a running check holds: its pidfd and two pipe read ends.
@@ -811,7 +1017,11 @@ fn fit_clients_to_descriptors(config: &mut DaemonConfig, contained: bool) {
         .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
     // What is open now (the executor's slots, its spare cgroup leaves…) is
     // fixed; a few more come (metrics, Nagios connections, log files).
-    let fixed = open_descriptors().map_or(FDS_FIXED, |n| (n + 16).max(FDS_FIXED));
+    // Counted once, at start: at a reload the open count includes clients
+    // and checks.
+    static FIXED: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let fixed =
+        *FIXED.get_or_init(|| open_descriptors().map_or(FDS_FIXED, |n| (n + 16).max(FDS_FIXED)));
     let budget = limit.saturating_sub(fixed);
     // With containment each running check also holds its leaf's.
     let per_check = FDS_PER_CHECK
@@ -917,11 +1127,10 @@ fn accept_all(
                 return;
             }
         };
-        if daemon.stats.connections_open.load(Ordering::Relaxed) >= daemon.config.max_clients as u64
-        {
+        let max_clients = daemon.config().max_clients;
+        if daemon.stats.connections_open.load(Ordering::Relaxed) >= max_clients as u64 {
             refuse(&stream, daemon);
             if let Some(count) = acceptor.refusals.happened() {
-                let max_clients = daemon.config.max_clients;
                 tracing::warn!(max_clients, count, "refused connections: too many clients");
             }
             continue;
@@ -942,7 +1151,7 @@ fn accept_all(
 /// Answer a connection past `max_clients` with one error line and close it
 /// (each connection costs two threads and two descriptors).
 fn refuse(stream: &UnixStream, daemon: &Daemon) {
-    let max = daemon.config.max_clients;
+    let max = daemon.config().max_clients;
     turn_away(
         stream,
         daemon,
@@ -977,13 +1186,14 @@ fn start_conn(
         turn_away(stream, daemon, message);
         e
     };
+    let config = daemon.config();
     let set_up = stream.set_nonblocking(false).and_then(|()| {
         // A client that takes no bytes for this long is dropped (the writer's send fails).
-        stream.set_write_timeout(Some(daemon.config.client_write_timeout))?;
+        stream.set_write_timeout(Some(config.client_write_timeout))?;
         stream.try_clone()
     });
     let read_half = set_up.map_err(|e| failed(&stream, e))?;
-    let limit = daemon.config.max_client_queue;
+    let limit = config.max_client_queue;
     // Unbounded as a channel, bounded by the slots: a bounded channel
     // allocates all its `max_client_queue` places up front (~600 KB per
     // connection, idle or not).
@@ -995,8 +1205,8 @@ fn start_conn(
         tx,
         held: Mutex::new(Held::default()),
         slot_freed: Condvar::new(),
-        slot_limit: limit,
-        byte_limit: daemon.config.max_client_bytes,
+        slot_limit: AtomicUsize::new(limit),
+        byte_limit: AtomicUsize::new(config.max_client_bytes),
         budget: daemon.budget.clone(),
         in_flight: Mutex::new(HashMap::new()),
         in_flight_count: AtomicUsize::new(0),
@@ -1112,7 +1322,7 @@ fn writer_loop(conn: &Conn, daemon: &Daemon, rx: Receiver<Outgoing>) {
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         conn = conn.no,
-                        timeout = ?daemon.config.client_write_timeout,
+                        timeout = ?daemon.config().client_write_timeout,
                         cancelled,
                         "dropping client: it has not read its responses (its checks are cancelled and their results dropped)"
                     );
@@ -1150,7 +1360,6 @@ impl Write for Counted<'_> {
 }
 
 fn reader_loop(conn: &Arc<Conn>, daemon: &Daemon, stream: UnixStream) {
-    let max = daemon.config.max_line_bytes;
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
     let mut line: Vec<u8> = Vec::new();
     // Inside an oversize line (already answered): skip to its newline.
@@ -1173,6 +1382,7 @@ fn reader_loop(conn: &Arc<Conn>, daemon: &Daemon, stream: UnixStream) {
             None => (buf, false),
         };
         let used = chunk.len() + usize::from(newline);
+        let max = daemon.config().max_line_bytes;
         if !skipping {
             if line.len() + chunk.len() > max {
                 skipping = true;
@@ -1358,7 +1568,15 @@ fn submit(
         ));
     }
     let check =
-        build_check(&daemon.config, &req, &id).map_err(|m| err(ErrorCode::BadRequest, m))?;
+        build_check(&daemon.config(), &req, &id).map_err(|m| err(ErrorCode::BadRequest, m))?;
+    let check = daemon
+        .policy
+        .get()
+        .apply(check, req.user.as_deref())
+        .map_err(|f| {
+            tracing::warn!(conn = conn.no, id = %id, "check refused: {f}");
+            err(ErrorCode::Forbidden, f.0)
+        })?;
     // Held until the result is written (or dropped); taken before the id is
     // in flight, so a submit waiting here cannot be cancelled half-made.
     // The line's `answer` bytes count towards it; the rest is taken now.

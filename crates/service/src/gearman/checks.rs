@@ -7,7 +7,9 @@ use super::job::{Answer, Job};
 use pidring::cmdline::{self, CommandLine};
 use pidring::result::{CheckResult, Outcome, signal_name};
 use pidring::{Check, State};
-use std::path::{Path, PathBuf};
+#[cfg(test)]
+use std::path::Path;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 /// Time between SIGTERM and SIGKILL for a job past its timeout.
@@ -57,6 +59,10 @@ pub fn job_check(job: &Job, cfg: &GearmanConfig, now: f64) -> Result<Check, NotR
     } else {
         60
     };
+    let check = match &cfg.run_as {
+        Some(who) => check.run_as(who.clone()),
+        None => check,
+    };
     Ok(check
         .timeout(Duration::from_secs(secs))
         .grace(KILL_GRACE)
@@ -79,16 +85,15 @@ fn restricted(line: &str, dirs: &[String]) -> Result<Check, NotRun> {
         Err(e) => return Err(NotRun::Refused(format!("cannot run {line:?}: {e}"))),
     };
     let program = PathBuf::from(&argv[0]);
-    let resolved = resolve(&program).ok_or_else(|| {
-        NotRun::Refused(format!(
-            "command contains bad path: {} was not found",
-            program.display()
-        ))
-    })?;
-    let allowed = dirs.iter().any(|d| {
-        let d = std::fs::canonicalize(d).unwrap_or_else(|_| PathBuf::from(d));
-        resolved.starts_with(&d)
-    });
+    let path = std::env::var_os("PATH");
+    let resolved = pidring::policy::resolve(program.as_os_str(), path.as_deref(), None)
+        .ok_or_else(|| {
+            NotRun::Refused(format!(
+                "command contains bad path: {} was not found",
+                program.display()
+            ))
+        })?;
+    let allowed = pidring::policy::Allowlist::directories(dirs).is_ok_and(|a| a.permits(&resolved));
     if !allowed {
         return Err(NotRun::Refused(format!(
             "command contains bad path: {} (resolved {}) is not under restrict_path {}",
@@ -100,18 +105,6 @@ fn restricted(line: &str, dirs: &[String]) -> Result<Check, NotRun> {
     let mut argv: Vec<std::ffi::OsString> = argv.drain(..).map(Into::into).collect();
     argv[0] = resolved.into_os_string();
     Ok(Check::argv(argv))
-}
-
-/// The file `execvp` would run for `program`, with every symlink and `..` resolved.
-fn resolve(program: &Path) -> Option<PathBuf> {
-    if program.as_os_str().is_empty() {
-        return None;
-    }
-    if program.components().count() > 1 || program.is_absolute() {
-        return std::fs::canonicalize(program).ok();
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
-    std::env::split_paths(&path).find_map(|d| std::fs::canonicalize(d.join(program)).ok())
 }
 
 /// Everything but the verdict: who, when, which source.

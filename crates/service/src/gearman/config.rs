@@ -66,6 +66,10 @@ pub struct GearmanConfig {
     /// `gearman-worker` serves Prometheus metrics here (`host:port`; the
     /// daemon uses its own `metrics` address instead).
     pub prometheus_server: Option<String>,
+    /// Run every job as this user (`gearman-worker --user`; not a
+    /// mod_gearman key: looked up once, before the worker starts).
+    #[serde(skip)]
+    pub run_as: Option<std::sync::Arc<pidring::policy::RunAs>>,
 }
 
 impl Default for GearmanConfig {
@@ -96,6 +100,7 @@ impl Default for GearmanConfig {
             worker_name_in_result: "off".into(),
             max_jobs: None,
             prometheus_server: None,
+            run_as: None,
         }
     }
 }

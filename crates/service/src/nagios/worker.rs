@@ -107,9 +107,30 @@ impl WorkerStats {
 /// Running worker connections; [`NagiosWorkers::stop`] (or drop) ends them.
 #[derive(Debug)]
 pub struct NagiosWorkers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    conns: Vec<RunningConn>,
     stats: Arc<WorkerStats>,
+    /// What new connections are started with (see `reconfigure`).
+    exec: Arc<Executor>,
+    dist: Option<Arc<super::distribute::Distribute>>,
+    policy: Arc<pidring::policy::SharedPolicy>,
+    /// The settings in force.
+    config: NagiosWorkerConfig,
+}
+
+/// One connection's thread, and how to stop it alone.
+#[derive(Debug)]
+struct RunningConn {
+    spec: ConnSpec,
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl RunningConn {
+    fn join(self) {
+        if self.thread.join().is_err() {
+            tracing::error!("a nagios worker connection thread panicked");
+        }
+    }
 }
 
 impl NagiosWorkers {
@@ -127,12 +148,84 @@ impl NagiosWorkers {
     }
 
     fn stop_and_join(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
-            if t.join().is_err() {
-                tracing::error!("a nagios worker connection thread panicked");
+        for c in &self.conns {
+            c.stop.store(true, Ordering::SeqCst);
+        }
+        for c in self.conns.drain(..) {
+            c.join();
+        }
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &NagiosWorkerConfig {
+        &self.config
+    }
+
+    /// Start a connection's thread.
+    fn start(&mut self, spec: ConnSpec) -> Result<(), NagiosError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ctx = ConnCtx {
+            spec: spec.clone(),
+            exec: self.exec.clone(),
+            dist: self.dist.clone(),
+            policy: self.policy.clone(),
+            stop: stop.clone(),
+            stats: self.stats.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("pidring-nagios".into())
+            .spawn(move || ctx.run())
+            .map_err(NagiosError::Thread)?;
+        self.conns.push(RunningConn { spec, stop, thread });
+        Ok(())
+    }
+
+    /// Change to `config` (a reload): connections it no longer asks for are
+    /// stopped as on [`stop`](Self::stop) (their jobs in flight killed,
+    /// reaped and answered), new ones started; the others, and their jobs,
+    /// are untouched. The `gearman*` keys change only with a restart: they
+    /// keep their values. Returns what changed, for the log.
+    pub fn reconfigure(&mut self, config: &NagiosWorkerConfig) -> Result<String, NagiosError> {
+        config.validate().map_err(NagiosError::Config)?;
+        let mut config = config.clone();
+        let mut kept = String::new();
+        if (
+            &config.gearman,
+            &config.gearman_key,
+            &config.gearman_keyfile,
+        ) != (
+            &self.config.gearman,
+            &self.config.gearman_key,
+            &self.config.gearman_keyfile,
+        ) {
+            kept = " (its gearman keys wait for a restart)".into();
+            config.gearman = self.config.gearman.clone();
+            config.gearman_key = self.config.gearman_key.clone();
+            config.gearman_keyfile = self.config.gearman_keyfile.clone();
+        }
+        let wanted = conn_specs(&config);
+        let (gone, stay): (Vec<_>, Vec<_>) = std::mem::take(&mut self.conns)
+            .into_iter()
+            .partition(|c| !wanted.contains(&c.spec));
+        self.conns = stay;
+        for c in &gone {
+            c.stop.store(true, Ordering::SeqCst);
+        }
+        let removed: Vec<String> = gone.iter().map(|c| c.spec.label.clone()).collect();
+        for c in gone {
+            c.join();
+        }
+        let mut added = Vec::new();
+        for spec in wanted {
+            if !self.conns.iter().any(|c| c.spec == spec) {
+                added.push(spec.label.clone());
+                self.start(spec)?;
             }
         }
+        self.config = config;
+        Ok(format!(
+            "[nagios] connections added {added:?}, removed {removed:?}{kept}"
+        ))
     }
 }
 
@@ -143,7 +236,7 @@ impl Drop for NagiosWorkers {
 }
 
 /// One connection to open: what to register as.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct ConnSpec {
     /// For logs.
     label: String,
@@ -172,7 +265,44 @@ pub fn spawn_workers(
     config: &NagiosWorkerConfig,
     exec: Arc<Executor>,
 ) -> Result<NagiosWorkers, NagiosError> {
+    spawn_workers_with_policy(config, exec, Default::default())
+}
+
+/// [`spawn_workers`], each job put through `policy` (who it runs as, what
+/// may run) before it is submitted; a refused job is answered as an
+/// UNKNOWN check saying why. (Jobs sent on to gearmand are not: they run
+/// elsewhere, under that worker's policy.)
+pub fn spawn_workers_with_policy(
+    config: &NagiosWorkerConfig,
+    exec: Arc<Executor>,
+    policy: Arc<pidring::policy::SharedPolicy>,
+) -> Result<NagiosWorkers, NagiosError> {
     config.validate().map_err(NagiosError::Config)?;
+    let dist = match &config.gearman {
+        Some(server) => {
+            let crypt = config.gearman_crypt().map_err(NagiosError::Config)?;
+            Some(Arc::new(
+                super::distribute::Distribute::start(server, crypt).map_err(NagiosError::Thread)?,
+            ))
+        }
+        None => None,
+    };
+    let mut workers = NagiosWorkers {
+        conns: Vec::new(),
+        stats: Arc::new(WorkerStats::default()),
+        exec,
+        dist,
+        policy,
+        config: config.clone(),
+    };
+    for spec in conn_specs(config) {
+        workers.start(spec)?; // `workers` drops: started threads stop
+    }
+    Ok(workers)
+}
+
+/// The connections `config` asks for: one per plugin, then the general ones.
+fn conn_specs(config: &NagiosWorkerConfig) -> Vec<ConnSpec> {
     let mut specs = Vec::new();
     for plugin in &config.plugins {
         let name = format!("{} {}", config.name, plugin);
@@ -190,37 +320,7 @@ pub fn spawn_workers(
             socket: config.qh_socket.clone(),
         });
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let stats = Arc::new(WorkerStats::default());
-    let dist = match &config.gearman {
-        Some(server) => {
-            let crypt = config.gearman_crypt().map_err(NagiosError::Config)?;
-            Some(Arc::new(
-                super::distribute::Distribute::start(server, crypt).map_err(NagiosError::Thread)?,
-            ))
-        }
-        None => None,
-    };
-    let mut workers = NagiosWorkers {
-        stop: stop.clone(),
-        threads: Vec::new(),
-        stats: stats.clone(),
-    };
-    for spec in specs {
-        let ctx = ConnCtx {
-            spec,
-            exec: exec.clone(),
-            dist: dist.clone(),
-            stop: stop.clone(),
-            stats: stats.clone(),
-        };
-        let t = std::thread::Builder::new()
-            .name("pidring-nagios".into())
-            .spawn(move || ctx.run())
-            .map_err(NagiosError::Thread)?; // `workers` drops: started threads stop
-        workers.threads.push(t);
-    }
-    Ok(workers)
+    specs
 }
 
 /// Connect to the socket, register, and read the core's `OK`. Returns the
@@ -268,6 +368,8 @@ struct ConnCtx {
     exec: Arc<Executor>,
     /// Jobs go to gearmand instead of `exec` (`--gearman`).
     dist: Option<Arc<super::distribute::Distribute>>,
+    /// Who jobs run as, what may run.
+    policy: Arc<pidring::policy::SharedPolicy>,
     stop: Arc<AtomicBool>,
     stats: Arc<WorkerStats>,
 }
@@ -281,6 +383,13 @@ enum Answer {
     Refused {
         echo: Vec<(String, String)>,
         code: i32,
+        message: String,
+        at_us: u64,
+    },
+    /// Refused by the policy: answered as a check that ran and said UNKNOWN
+    /// with this text, so the service shows why.
+    Forbidden {
+        echo: Vec<(String, String)>,
         message: String,
         at_us: u64,
     },
@@ -547,6 +656,20 @@ impl ConnCtx {
             inflight.insert(id);
             return;
         }
+        let check = match self.policy.get().apply(check, None) {
+            Ok(c) => c,
+            Err(f) => {
+                drop(inflight);
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(conn = %self.spec.label, job = ?msg.get("job_id"), "job refused: {f}");
+                let _ = s.tx.send(Answer::Forbidden {
+                    echo,
+                    message: format!("UNKNOWN: pidring: forbidden: {f}\n"),
+                    at_us: pidring::result::unix_us(std::time::SystemTime::now()),
+                });
+                return;
+            }
+        };
         let submitted = self.exec.submit_with(check, move |result| {
             let _ = tx.send(Answer::Done {
                 echo,
@@ -643,6 +766,14 @@ fn write_loop(
                     at_us,
                 } => {
                     codec::encode_into(refusal_pairs(&echo, code, &message, at_us), &mut buf);
+                    answers += 1;
+                }
+                Answer::Forbidden {
+                    echo,
+                    message,
+                    at_us,
+                } => {
+                    codec::encode_into(forbidden_pairs(&echo, &message, at_us), &mut buf);
                     answers += 1;
                 }
             }
@@ -802,6 +933,26 @@ pub fn response_pairs(echo: &[(String, String)], r: &CheckResult) -> Vec<(String
         failure,
         outstd: r.stdout.data.clone(),
         outerr,
+    }
+    .into_pairs(echo)
+}
+
+/// The answer to a job the policy refused: a check that "exited" 3
+/// (UNKNOWN) with `text` as its output, which the core shows as the
+/// service's status (it never ran).
+pub fn forbidden_pairs(
+    echo: &[(String, String)],
+    text: &str,
+    at_us: u64,
+) -> Vec<(String, Vec<u8>)> {
+    Reply {
+        wait_status: 3 << 8,
+        start_us: at_us,
+        stop_us: at_us,
+        runtime: std::time::Duration::ZERO,
+        failure: None,
+        outstd: text.as_bytes().to_vec(),
+        outerr: Vec::new(),
     }
     .into_pairs(echo)
 }
@@ -1184,6 +1335,117 @@ mod tests {
         assert_eq!(core.answer().get("outstd"), Some("again\n"));
         assert!(workers.stop().registrations >= 3);
         assert!(exec.wait_idle(Duration::from_secs(10)));
+        let _ = std::fs::remove_dir_all(socket.parent().unwrap());
+    }
+
+    #[test]
+    fn a_job_outside_allowed_commands_is_an_unknown_check_saying_why() {
+        let socket = temp_socket("forbidden");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let exec = Arc::new(Executor::builder().max_running(4).build().unwrap());
+        let config = NagiosWorkerConfig {
+            qh_socket: socket.clone(),
+            name: "test".into(),
+            ..Default::default()
+        };
+        let marker = socket.parent().unwrap().join("ran");
+        let policy = pidring::policy::Policy {
+            allowed_commands: pidring::policy::Allowlist::new(&["/nonexistent-pidring/*"]).unwrap(),
+            ..Default::default()
+        };
+        let policy = Arc::new(pidring::policy::SharedPolicy::new(policy));
+        let workers = spawn_workers_with_policy(&config, exec.clone(), policy).unwrap();
+        let job = codec::encode([
+            ("job_id", "7".to_string()),
+            ("type", "0".into()),
+            ("command", format!("/usr/bin/touch {}", marker.display())),
+            ("timeout", "10".into()),
+        ]);
+        let (mut core, _) = FakeCore::accept(&listener, &job);
+        let a = core.answer();
+        assert_eq!(a.get("job_id"), Some("7"));
+        assert_eq!(a.get("exited_ok"), Some("1"));
+        assert_eq!(a.get("wait_status"), Some("768"), "exit 3: UNKNOWN");
+        let out = a.get("outstd").unwrap();
+        assert!(out.starts_with("UNKNOWN: pidring: forbidden: "), "{out}");
+        assert!(
+            out.contains("touch") && out.contains("allowed_commands"),
+            "{out}"
+        );
+        workers.stop();
+        assert_eq!(exec.metrics().counters.submitted, 0);
+        assert!(!marker.exists());
+        let _ = std::fs::remove_dir_all(socket.parent().unwrap());
+    }
+
+    #[test]
+    fn reconfigure_adds_and_removes_connections_leaving_the_others_alone() {
+        let socket = temp_socket("reconf");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let exec = Arc::new(Executor::builder().max_running(8).build().unwrap());
+        let general = NagiosWorkerConfig {
+            qh_socket: socket.clone(),
+            name: "test".into(),
+            ..Default::default()
+        };
+        let mut workers = spawn_workers(&general, exec.clone()).unwrap();
+        let mark = format!("NAGIOS_PIDRING_RECONF={}", std::process::id());
+        let long = codec::encode([
+            ("job_id", "1".to_string()),
+            ("type", "0".into()),
+            ("command", "/bin/sleep 100".into()),
+            ("timeout", "100".into()),
+            ("env", mark.clone()),
+        ]);
+        let (mut first, req) = FakeCore::accept(&listener, &long);
+        assert!(!req.contains("plugin="), "{req}");
+        wait_until("the job running", || marked_processes(&mark).len() == 1);
+
+        // Added: a plugin connection registers; the general one stays, job and all.
+        let both = NagiosWorkerConfig {
+            plugins: vec!["/bin/sh".into()],
+            connections: Some(1),
+            ..general.clone()
+        };
+        let what = workers.reconfigure(&both).unwrap();
+        assert!(
+            what.contains("added [\"plugin /bin/sh\"], removed []"),
+            "{what}"
+        );
+        let echo = codec::encode([
+            ("job_id", "2"),
+            ("type", "0"),
+            ("command", "/bin/sh -c 'echo plugin'"),
+            ("timeout", "10"),
+        ]);
+        let (mut second, req) = FakeCore::accept(&listener, &echo);
+        assert!(req.contains("plugin=/bin/sh"), "{req}");
+        assert_eq!(second.answer().get("outstd"), Some("plugin\n"));
+        assert_eq!(
+            marked_processes(&mark).len(),
+            1,
+            "the first job is untouched"
+        );
+        assert_eq!(workers.stats().registrations, 2);
+
+        // Removed: the general connection's job is killed, reaped and answered.
+        let plugin_only = NagiosWorkerConfig {
+            connections: Some(0),
+            ..both
+        };
+        let what = workers.reconfigure(&plugin_only).unwrap();
+        assert!(what.contains("removed [\"general #1\"]"), "{what}");
+        assert_eq!(first.answer().get("job_id"), Some("1"));
+        wait_until("the removed connection's job killed", || {
+            marked_processes(&mark).is_empty()
+        });
+        wait_until("and reaped", || exec.running() == 0);
+        let mut b = [0u8; 64];
+        assert_eq!(first.stream.read(&mut b).unwrap_or(0), 0, "closed");
+        // The plugin connection still serves.
+        second.stream.write_all(&echo).unwrap();
+        assert_eq!(second.answer().get("outstd"), Some("plugin\n"));
+        workers.stop();
         let _ = std::fs::remove_dir_all(socket.parent().unwrap());
     }
 
