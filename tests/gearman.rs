@@ -978,7 +978,7 @@ fn the_nagios_bridge_answers_every_job_once_even_without_a_result() {
         )
     };
     // No gearman-worker runs: nothing answers the job, the deadline does.
-    std::thread::sleep(Duration::from_millis(300)); // let it connect (else: answered as failed)
+    bridge_connected(&g);
     let started = Instant::now();
     let id = submit(&d, "nobody-runs-this");
     let r = rx.recv_timeout(Duration::from_secs(20)).expect("answered");
@@ -1023,5 +1023,114 @@ fn the_nagios_bridge_answers_every_job_once_even_without_a_result() {
     assert!(
         matches!(&r.outcome, pidring::Outcome::SpawnFailed { errno: Some(e), .. } if *e == libc::ENOTCONN),
         "{r:?}"
+    );
+}
+
+/// Wait until the bridge is a worker of its own result queue (it is
+/// connected: jobs submitted now reach gearmand).
+fn bridge_connected(g: &Gearmand) {
+    let end = Instant::now() + Duration::from_secs(30);
+    while !g
+        .status()
+        .iter()
+        .any(|(q, s)| q.starts_with("check_results_pidring_") && s.2 > 0)
+    {
+        assert!(
+            Instant::now() < end,
+            "the bridge never connected: {:?}",
+            g.status()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The bridge picks queues as mod_gearman's NEB module does, with group
+/// members from the core's object cache: a configured servicegroup first,
+/// then a configured hostgroup, else `service` / `host`; and a
+/// `gearman-worker --hostgroups=` takes its group's job and answers it.
+#[test]
+fn the_nagios_bridge_routes_checks_to_hostgroup_and_servicegroup_queues() {
+    use pidring_service::nagios::distribute::Distribute;
+    use pidring_service::nagios::routing::Routing;
+    let Some((_serial, dir, _, g)) = setup("the_nagios_bridge_routes_checks") else {
+        return;
+    };
+    let cache = dir.path().join("objects.cache");
+    std::fs::write(
+        &cache,
+        "define hostgroup {\n\thostgroup_name\tweb\n\tmembers\th1,h2\n\t}\n\
+         define servicegroup {\n\tservicegroup_name\tdisk\n\tmembers\th1,root fs\n\t}\n",
+    )
+    .unwrap();
+    let d = Distribute::start(&g.addr(), Crypt::plain())
+        .unwrap()
+        .route_by(Routing::new(vec!["web".into()], vec!["disk".into()], cache));
+    bridge_connected(&g);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let submit = |host: &str, service: &str| {
+        let tx = tx.clone();
+        let j = Job {
+            kind: if service.is_empty() {
+                "host"
+            } else {
+                "service"
+            }
+            .into(),
+            host_name: host.into(),
+            service_description: service.into(),
+            timeout: 30,
+            command_line: format!("/bin/echo OK - {}", format!("{host} {service}").trim()),
+            ..Job::default()
+        };
+        d.submit(
+            j,
+            Duration::from_secs(30),
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )
+    };
+    submit("h1", "root fs");
+    submit("h1", "load");
+    submit("h2", "");
+    submit("h9", "load");
+    submit("h9", "");
+    let want = [
+        ("servicegroup_disk", 1),
+        ("hostgroup_web", 2),
+        ("service", 1),
+        ("host", 1),
+    ];
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = g.status();
+        if want
+            .iter()
+            .all(|(q, n)| st.get(*q).map(|s| s.0) == Some(*n))
+        {
+            break;
+        }
+        assert!(Instant::now() < end, "queues {st:?}, wanted {want:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A worker of hostgroup_web only runs those two and nothing else.
+    let _w = Worker::ready(
+        dir.path(),
+        "hg",
+        &g,
+        &["--encryption=no", "--hostgroups=web"],
+    );
+    let mut texts: Vec<String> = (0..2)
+        .map(|_| {
+            let r = rx.recv_timeout(Duration::from_secs(30)).expect("a result");
+            assert_eq!(r.state, pidring::State::Ok, "{r:?}");
+            r.plugin.text
+        })
+        .collect();
+    texts.sort();
+    assert_eq!(texts, ["OK - h1 load", "OK - h2"]);
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "only its group's jobs ran"
     );
 }

@@ -64,6 +64,28 @@ pub struct NagiosWorkerArgs {
     /// With --gearman: a file whose first line is the secret.
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     gearman_keyfile: Option<PathBuf>,
+    /// With --gearman: checks of hosts in these hostgroups go to queue
+    /// `hostgroup_NAME` (first match in this order), as mod_gearman's `hostgroups=`.
+    #[arg(
+        long,
+        value_name = "NAME,…",
+        value_delimiter = ',',
+        conflicts_with = "config"
+    )]
+    gearman_hostgroups: Vec<String>,
+    /// With --gearman: checks of services in these servicegroups go to
+    /// queue `servicegroup_NAME`, before any hostgroup.
+    #[arg(
+        long,
+        value_name = "NAME,…",
+        value_delimiter = ',',
+        conflicts_with = "config"
+    )]
+    gearman_servicegroups: Vec<String>,
+    /// With --gearman and groups: the core's object cache (`object_cache_file=`),
+    /// read for group members.
+    #[arg(long, value_name = "FILE", default_value = pidring_service::nagios::routing::DEFAULT_OBJECTS_CACHE, conflicts_with = "config")]
+    objects_cache: PathBuf,
     /// Run every job as this user (name or uid; needs root): its groups,
     /// gid and uid are set before exec.
     #[arg(long, conflicts_with = "config")]
@@ -169,6 +191,9 @@ impl Settings {
             gearman: args.gearman.clone(),
             gearman_key: args.gearman_key.clone(),
             gearman_keyfile: args.gearman_keyfile.clone(),
+            gearman_hostgroups: args.gearman_hostgroups.clone(),
+            gearman_servicegroups: args.gearman_servicegroups.clone(),
+            objects_cache: args.objects_cache.clone(),
         };
         nagios.validate()?;
         let run_as = args

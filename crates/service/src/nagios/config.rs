@@ -30,6 +30,15 @@ pub struct NagiosWorkerConfig {
     pub gearman_key: Option<String>,
     /// With `gearman`: a file whose first line is the secret.
     pub gearman_keyfile: Option<PathBuf>,
+    /// With `gearman`: hostgroups whose hosts' checks go to `hostgroup_NAME`
+    /// (mod_gearman's `hostgroups=`), in order of preference.
+    pub gearman_hostgroups: Vec<String>,
+    /// With `gearman`: servicegroups whose services go to `servicegroup_NAME`
+    /// (mod_gearman's `servicegroups=`), before any hostgroup.
+    pub gearman_servicegroups: Vec<String>,
+    /// Where the core writes its object cache (`object_cache_file=`), read
+    /// for group members.
+    pub objects_cache: PathBuf,
 }
 
 impl Default for NagiosWorkerConfig {
@@ -43,6 +52,9 @@ impl Default for NagiosWorkerConfig {
             gearman: None,
             gearman_key: None,
             gearman_keyfile: None,
+            gearman_hostgroups: Vec::new(),
+            gearman_servicegroups: Vec::new(),
+            objects_cache: PathBuf::from(super::routing::DEFAULT_OBJECTS_CACHE),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! `nagios-worker --gearman`: instead of running a Nagios 4 core's jobs
 //! here, put each into gearmand as a mod_gearman job (queue `service` or
-//! `host`) and turn its result, taken from a result queue of this
+//! `host`, or a hostgroup or servicegroup queue: see `routing`) and turn its result, taken from a result queue of this
 //! instance's own, back into the core's answer. `pidring gearman-worker`
 //! on any number of hosts then runs the core's checks.
 //!
@@ -75,6 +75,7 @@ pub struct Distribute {
     stop: Arc<AtomicBool>,
     next: AtomicU64,
     thread: Option<JoinHandle<()>>,
+    routing: super::routing::Routing,
     /// Counters.
     pub stats: Arc<DistributeStats>,
 }
@@ -132,22 +133,26 @@ impl Distribute {
             stop,
             next: AtomicU64::new(1 << 62),
             thread: Some(thread),
+            routing: super::routing::Routing::plain(),
             stats,
         })
+    }
+
+    /// Route jobs to hostgroup and servicegroup queues as `routing` says
+    /// (default: `service` and `host` only).
+    pub fn route_by(mut self, routing: super::routing::Routing) -> Distribute {
+        self.routing = routing;
+        self
     }
 
     /// Queue one core job; `deliver` gets its result exactly once. Returns its id.
     pub fn submit(&self, job: Job, timeout: Duration, deliver: Deliver) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let queue = if job.service_description.is_empty() {
-            "host"
-        } else {
-            "service"
-        };
+        let queue = self.routing.queue(&job.host_name, &job.service_description);
         let _ = self.tx.send(Cmd::Submit {
             id,
             job: Box::new(job),
-            queue: queue.into(),
+            queue,
             deadline: Instant::now() + timeout + self.margin,
             deliver,
         });

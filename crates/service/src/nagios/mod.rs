@@ -5,6 +5,7 @@
 pub mod codec;
 pub mod config;
 pub mod distribute;
+pub mod routing;
 pub mod worker;
 
 pub use config::NagiosWorkerConfig;

@@ -189,19 +189,24 @@ impl NagiosWorkers {
         config.validate().map_err(NagiosError::Config)?;
         let mut config = config.clone();
         let mut kept = String::new();
-        if (
-            &config.gearman,
-            &config.gearman_key,
-            &config.gearman_keyfile,
-        ) != (
-            &self.config.gearman,
-            &self.config.gearman_key,
-            &self.config.gearman_keyfile,
-        ) {
+        let gearman_keys = |c: &NagiosWorkerConfig| {
+            (
+                c.gearman.clone(),
+                c.gearman_key.clone(),
+                c.gearman_keyfile.clone(),
+                c.gearman_hostgroups.clone(),
+                c.gearman_servicegroups.clone(),
+                c.objects_cache.clone(),
+            )
+        };
+        if gearman_keys(&config) != gearman_keys(&self.config) {
             kept = " (its gearman keys wait for a restart)".into();
             config.gearman = self.config.gearman.clone();
             config.gearman_key = self.config.gearman_key.clone();
             config.gearman_keyfile = self.config.gearman_keyfile.clone();
+            config.gearman_hostgroups = self.config.gearman_hostgroups.clone();
+            config.gearman_servicegroups = self.config.gearman_servicegroups.clone();
+            config.objects_cache = self.config.objects_cache.clone();
         }
         let wanted = conn_specs(&config);
         let (gone, stay): (Vec<_>, Vec<_>) = std::mem::take(&mut self.conns)
@@ -282,7 +287,13 @@ pub fn spawn_workers_with_policy(
         Some(server) => {
             let crypt = config.gearman_crypt().map_err(NagiosError::Config)?;
             Some(Arc::new(
-                super::distribute::Distribute::start(server, crypt).map_err(NagiosError::Thread)?,
+                super::distribute::Distribute::start(server, crypt)
+                    .map_err(NagiosError::Thread)?
+                    .route_by(super::routing::Routing::new(
+                        config.gearman_hostgroups.clone(),
+                        config.gearman_servicegroups.clone(),
+                        config.objects_cache.clone(),
+                    )),
             ))
         }
         None => None,
