@@ -309,8 +309,7 @@ fn render_engine_counters(out: &mut String, engine: &MetricsSnapshot) {
         ),
     ];
     for (name, help, v) in counters {
-        family(out, name, "counter", help);
-        let _ = writeln!(out, "{name} {v}");
+        scalar(out, name, "counter", help, v);
     }
     family(
         out,
@@ -347,8 +346,7 @@ fn render_engine_gauges(out: &mut String, engine: &MetricsSnapshot) {
             engine.queued,
         ),
     ] {
-        family(out, name, "gauge", help);
-        let _ = writeln!(out, "{name} {v}");
+        scalar(out, name, "gauge", help, v);
     }
     family(
         out,
@@ -416,8 +414,7 @@ fn render_daemon(out: &mut String, d: &DaemonCounters) {
         ),
     ];
     for (name, help, v) in daemon_counters {
-        family(out, name, "counter", help);
-        let _ = writeln!(out, "{name} {v}");
+        scalar(out, name, "counter", help, v);
     }
     family(
         out,
@@ -513,8 +510,7 @@ pub fn render_gearman(out: &mut String, g: &crate::gearman::GearmanStatsSnapshot
             g.dup_dropped,
         ),
     ] {
-        family(out, name, kind, help);
-        let _ = writeln!(out, "{name} {v}");
+        scalar(out, name, kind, help, v);
     }
 }
 
@@ -525,6 +521,13 @@ fn label(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// A family of one unlabelled sample: its HELP, its TYPE, and the value.
+fn scalar(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
+/// The HELP and TYPE lines that open a family.
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
