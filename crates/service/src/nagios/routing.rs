@@ -90,8 +90,11 @@ pub struct Routing {
 #[derive(Debug, Default)]
 struct Loaded {
     members: Members,
+    /// The cache's modification time when `members` was read.
     mtime: Option<SystemTime>,
     looked: Option<Instant>,
+    /// Said once that there is no cache to read.
+    said_missing: bool,
 }
 
 impl Routing {
@@ -149,20 +152,19 @@ impl Routing {
             return;
         }
         state.looked = Some(Instant::now());
-        let mtime = std::fs::metadata(&self.cache)
-            .and_then(|m| m.modified())
-            .ok();
-        if mtime.is_none() || mtime == state.mtime {
-            if mtime.is_none() && state.mtime.is_none() {
+        let Ok(mtime) = std::fs::metadata(&self.cache).and_then(|m| m.modified()) else {
+            if !std::mem::replace(&mut state.said_missing, true) {
                 tracing::warn!(cache = %self.cache.display(), "no object cache to read group members from: jobs go to service/host");
-                state.mtime = Some(SystemTime::UNIX_EPOCH);
             }
+            return;
+        };
+        if state.mtime == Some(mtime) {
             return;
         }
         match std::fs::read_to_string(&self.cache) {
             Ok(text) => {
                 state.members = Members::parse(&text);
-                state.mtime = mtime;
+                state.mtime = Some(mtime);
                 tracing::info!(
                     cache = %self.cache.display(),
                     hosts = state.members.of_host.len(),
