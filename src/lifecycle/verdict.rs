@@ -8,57 +8,68 @@ impl Lifecycle {
     /// The result, from what is known now (takes the captured output).
     pub(super) fn build_result(&mut self, now: Instant) -> CheckResult {
         let (outcome, state, reason) = self.verdict();
-        let exited = self.exited_at.or(self.reaped_at);
+        let exited = self.clock.exited_at.or(self.clock.reaped_at);
         let since = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
             (Some(a), Some(b)) => b.saturating_duration_since(a),
             _ => Duration::ZERO,
         };
         let wall = |at: Option<Instant>| {
             at.map(|at| {
-                unix_us(self.submitted_wall)
-                    + at.saturating_duration_since(self.submitted).as_micros() as u64
+                unix_us(self.clock.submitted_wall)
+                    + at.saturating_duration_since(self.clock.submitted)
+                        .as_micros() as u64
             })
             .unwrap_or(0)
         };
         let timings = Timings {
-            submitted_unix_us: unix_us(self.submitted_wall),
-            started_unix_us: wall(self.started),
+            submitted_unix_us: unix_us(self.clock.submitted_wall),
+            started_unix_us: wall(self.clock.started),
             exited_unix_us: wall(exited),
-            queue_wait: self.dispatched.saturating_duration_since(self.submitted),
-            spawn: since(Some(self.dispatched), self.started),
-            run: since(self.started, exited),
-            kill_lateness: match (self.kill, self.deadline, self.first_signal_at) {
+            queue_wait: self
+                .clock
+                .dispatched
+                .saturating_duration_since(self.clock.submitted),
+            spawn: since(Some(self.clock.dispatched), self.clock.started),
+            run: since(self.clock.started, exited),
+            kill_lateness: match (
+                self.ending.kill,
+                self.clock.deadline,
+                self.clock.first_signal_at,
+            ) {
                 (Some(KillReason::Timeout), Some(d), Some(s)) => {
                     Some(s.saturating_duration_since(d))
                 }
                 _ => None,
             },
-            exit_to_reaped: since(exited, self.reaped_at),
+            exit_to_reaped: since(exited, self.clock.reaped_at),
             exit_to_delivered: since(exited, Some(now)),
-            total: now.saturating_duration_since(self.submitted),
+            total: now.saturating_duration_since(self.clock.submitted),
         };
         let plugin = crate::plugin_output::PluginOutput::parse(&self.stdout.out.data);
         CheckResult {
             id: self.id,
-            tag: self.tag.take(),
+            tag: self.plan.tag.take(),
             outcome,
             state,
             reason,
             // A child that failed before `execve` never was the check.
-            exit: self.exit.filter(|_| self.spawn_failure.is_none()),
+            exit: self
+                .ending
+                .exit
+                .filter(|_| self.ending.spawn_failure.is_none()),
             pid: (self.pid)
-                .filter(|_| self.spawn_failure.is_none())
+                .filter(|_| self.ending.spawn_failure.is_none())
                 .map(|p| p.as_raw_nonzero().get()),
             stdout: std::mem::take(&mut self.stdout.out),
             stderr: std::mem::take(&mut self.stderr.out),
-            output_cut: self.output_cut,
+            output_cut: self.ending.output_cut,
             plugin,
             timings,
-            rusage: self.rusage,
-            cgroup: match (self.leaf.as_mut(), self.started) {
-                (Some(leaf), Some(_)) => {
-                    let left = self.leaf_wait || (self.escapees > 0 && !leaf.killed());
-                    Some(leaf.usage(self.escapees, left))
+            rusage: self.ending.rusage,
+            cgroup: match (self.leaf.as_mut(), self.clock.started) {
+                (Some(l), Some(_)) => {
+                    let left = l.wait || (self.ending.escapees > 0 && !l.leaf.killed());
+                    Some(l.leaf.usage(self.ending.escapees, left))
                 }
                 _ => None,
             },
@@ -67,7 +78,7 @@ impl Lifecycle {
 
     /// For a cancel or a shutdown: that the kill was refused, if it was.
     fn refused_note(&self) -> String {
-        match (self.refused, self.killed_by_cgroup()) {
+        match (self.ending.refused, self.killed_by_cgroup()) {
             (true, true) => format!("; {REFUSED}, and was killed through its cgroup"),
             (true, false) => format!("; {REFUSED} and ended by itself"),
             _ => String::new(),
@@ -77,9 +88,9 @@ impl Lifecycle {
     /// Whether the leader died of SIGKILL after its leaf's `cgroup.kill`
     /// was written (the one kill that reaches a process we may not signal).
     fn killed_by_cgroup(&self) -> bool {
-        self.leaf.as_ref().is_some_and(Leaf::killed)
+        self.leaf.as_ref().is_some_and(|l| l.leaf.killed())
             && matches!(
-                self.exit,
+                self.ending.exit,
                 Some(ExitStatus::Signaled {
                     signal: libc::SIGKILL,
                     ..
@@ -89,7 +100,7 @@ impl Lifecycle {
 
     /// Outcome, Nagios state and the reason text.
     fn verdict(&self) -> (Outcome, State, String) {
-        if let Some(f) = &self.spawn_failure {
+        if let Some(f) = &self.ending.spawn_failure {
             return (
                 Outcome::SpawnFailed {
                     errno: f.errno,
@@ -99,44 +110,44 @@ impl Lifecycle {
                 f.message.clone(),
             );
         }
-        match self.kill {
+        match self.ending.kill {
             Some(KillReason::Timeout) => {
-                let sig = self.last_signal.unwrap_or(Signal::TERM);
-                if let Some(stuck) = &self.never_started {
+                let sig = self.ending.last_signal.unwrap_or(Signal::TERM);
+                if let Some(stuck) = &self.ending.never_started {
                     return (
                         Outcome::TimedOut {
-                            timeout_ms: self.timeout.as_millis() as u64,
+                            timeout_ms: self.plan.timeout.as_millis() as u64,
                             signal: sig.as_raw(),
                             escalated: false,
                         },
-                        self.timeout_state,
+                        self.plan.timeout_state,
                         format!(
                             "Check timed out after {} before it could start its program: {stuck}; killed by SIGKILL",
-                            human(self.timeout)
+                            human(self.plan.timeout)
                         ),
                     );
                 }
                 // Say what the signal did: a plugin may have been exiting
                 // on its own as the deadline fell (or trap TERM and exit).
-                let sent = if !self.escalated {
+                let sent = if !self.ending.escalated {
                     "sent SIGTERM".to_string()
-                } else if self.grace.is_zero() {
+                } else if self.plan.grace.is_zero() {
                     "sent SIGTERM and SIGKILL (no grace)".to_string()
                 } else {
                     format!(
                         "sent SIGTERM, then SIGKILL after {} grace",
-                        human(self.grace)
+                        human(self.plan.grace)
                     )
                 };
-                let how = match self.exit {
-                    _ if self.refused && self.killed_by_cgroup() => {
+                let how = match self.ending.exit {
+                    _ if self.ending.refused && self.killed_by_cgroup() => {
                         format!(
                             "{REFUSED}, and was killed through its cgroup (cgroup.kill) after {} grace",
-                            human(self.grace)
+                            human(self.plan.grace)
                         )
                     }
-                    _ if self.refused => {
-                        let end = match self.exit {
+                    _ if self.ending.refused => {
+                        let end = match self.ending.exit {
                             Some(ExitStatus::Exited { code }) => format!("exited with code {code}"),
                             Some(ExitStatus::Signaled { signal, .. }) => {
                                 format!("died of {}", signal_name(signal))
@@ -148,15 +159,15 @@ impl Lifecycle {
                     Some(ExitStatus::Signaled {
                         signal: libc::SIGKILL,
                         ..
-                    }) if self.escalated && self.grace.is_zero() => {
+                    }) if self.ending.escalated && self.plan.grace.is_zero() => {
                         "killed by SIGKILL (no grace)".to_string()
                     }
                     Some(ExitStatus::Signaled {
                         signal: libc::SIGKILL,
                         ..
-                    }) if self.escalated => format!(
+                    }) if self.ending.escalated => format!(
                         "ignored SIGTERM, killed by SIGKILL after {} grace",
-                        human(self.grace)
+                        human(self.plan.grace)
                     ),
                     Some(ExitStatus::Signaled {
                         signal: libc::SIGTERM,
@@ -172,12 +183,12 @@ impl Lifecycle {
                 };
                 return (
                     Outcome::TimedOut {
-                        timeout_ms: self.timeout.as_millis() as u64,
+                        timeout_ms: self.plan.timeout.as_millis() as u64,
                         signal: sig.as_raw(),
-                        escalated: self.escalated,
+                        escalated: self.ending.escalated,
                     },
-                    self.timeout_state,
-                    format!("Check timed out after {}; {how}", human(self.timeout)),
+                    self.plan.timeout_state,
+                    format!("Check timed out after {}; {how}", human(self.plan.timeout)),
                 );
             }
             Some(KillReason::Cancel) => {
@@ -199,7 +210,7 @@ impl Lifecycle {
             }
             None => {}
         }
-        match self.exit {
+        match self.ending.exit {
             Some(ExitStatus::Exited { code }) => match State::from_exit_code(code) {
                 Some(state) => (Outcome::Exited { code }, state, String::new()),
                 None => {
