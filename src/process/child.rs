@@ -225,38 +225,68 @@ impl ChildStep {
 
 /// The child between `clone` and `execve`. It runs in the parent's memory on
 /// a stack of ours, with every signal blocked, while the loop goes on: raw
-/// system calls only, no allocation, no locks, no libc, no unwinding.
+/// system calls only, no allocation, no locks, no libc, no unwinding. Each
+/// step below keeps to that too; one that cannot go on exits 127, having
+/// told the loop which step failed and why (`child_fail`), unless the
+/// executor is gone.
 pub(super) extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `ChildArgs` that `PreExecChild` keeps alive until we exec or exit.
     let args = unsafe { &*(arg as *const ChildArgs) };
+    join_cgroup(args);
+    take_credentials(args);
+    reset_signal_handlers();
+    die_with_parent(args);
+    start_session(args);
+    take_own_fd_table(args);
+    stdio_onto_0_1_2(args);
+    make_output_blocking(args);
+    change_directory(args);
+    close_other_fds();
+    restore_nofile(args);
+    unblock_signals(args);
+    exec_program(args)
+}
+
+/// Mark `step` as the one the child is at (for a child stuck in it).
+fn begin(args: &ChildArgs, step: ChildStep) {
+    args.step.store(step as u8, Ordering::Release);
+}
+
+/// Report `step` failed if `r` (a raw call's result) is `-errno`.
+fn ok_or_fail(args: &ChildArgs, step: ChildStep, r: isize) {
+    if r < 0 {
+        child_fail(args, step, r);
+    }
+}
+
+/// Write ourselves into the check's cgroup leaf (where `clone3` could not
+/// create us in it): first, so that all the child and the check do is in it.
+fn join_cgroup(args: &ChildArgs) {
     if args.procs >= 0 {
         // Into the check's cgroup before anything else (not born there).
-        let r = rawsys::write(args.procs, b"0");
-        if r < 0 {
-            child_fail(args, ChildStep::Cgroup, r);
-        }
+        ok_or_fail(args, ChildStep::Cgroup, rawsys::write(args.procs, b"0"));
     }
+}
+
+/// Become the configured user: early, before `PR_SET_PDEATHSIG`, which a
+/// change of credentials clears.
+fn take_credentials(args: &ChildArgs) {
     if args.set_ids {
         // Groups, then gid, then uid (each needs the privilege the next
         // drops); all three ids, so there is no way back. Raw calls: glibc's
         // wrappers would make every thread of the executor change too.
-        // Before PR_SET_PDEATHSIG, which a change of credentials clears.
-        args.step
-            .store(ChildStep::Credentials as u8, Ordering::Release);
+        begin(args, ChildStep::Credentials);
         // SAFETY: `groups` points at `ngroups` gids that `PreExecChild` keeps alive.
         let r = unsafe { rawsys::setgroups(args.ngroups, args.groups) };
-        if r < 0 {
-            child_fail(args, ChildStep::Credentials, r);
-        }
-        let r = rawsys::setresgid(args.gid);
-        if r < 0 {
-            child_fail(args, ChildStep::Credentials, r);
-        }
-        let r = rawsys::setresuid(args.uid);
-        if r < 0 {
-            child_fail(args, ChildStep::Credentials, r);
-        }
+        ok_or_fail(args, ChildStep::Credentials, r);
+        ok_or_fail(args, ChildStep::Credentials, rawsys::setresgid(args.gid));
+        ok_or_fail(args, ChildStep::Credentials, rawsys::setresuid(args.uid));
     }
+}
+
+/// Put back to default every handler, and the ignored dispositions a check
+/// must not inherit: before signals are unblocked (at the exec step).
+fn reset_signal_handlers() {
     // A handler the application installed must not run here (in the
     // parent's memory) once signals are unblocked: back to default.
     // Ignored signals stay ignored across execve, so the ones a check must
@@ -278,7 +308,11 @@ pub(super) extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             rawsys::sigaction(sig, Some(&rawsys::KernelSigaction::default()), None);
         }
     }
-    let ok = |r: isize| r >= 0;
+}
+
+/// Be killed when the executor dies, or exit now if it already has: after
+/// the credentials change (which clears this), before the check can start.
+fn die_with_parent(args: &ChildArgs) {
     // If the executor dies (even by SIGKILL), its loop thread with it, the
     // check is killed rather than left running with no one to time it out
     // or reap it. (Its descendants are not: nothing can be, then.) The
@@ -287,25 +321,34 @@ pub(super) extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     if rawsys::getppid() != args.parent as isize {
         rawsys::exit(127);
     }
-    let at = |step: ChildStep| args.step.store(step as u8, Ordering::Release);
-    at(ChildStep::Setsid);
-    let r = rawsys::setsid();
-    if !ok(r) {
-        child_fail(args, ChildStep::Setsid, r);
-    }
+}
+
+/// Our own session and process group, which the loop signals as the
+/// check's once `detached` is set: so before the step that sets it.
+fn start_session(args: &ChildArgs) {
+    begin(args, ChildStep::Setsid);
+    ok_or_fail(args, ChildStep::Setsid, rawsys::setsid());
+}
+
+/// A descriptor table of our own, then `detached`: after `setsid`, so that
+/// the loop may then signal our group (and closes its copies of our write ends).
+fn take_own_fd_table(args: &ChildArgs) {
     // A private table holding only what lies below the highest fd we need
     // (the rest of the executor's table is never copied); if this kernel
     // cannot (before 5.9), a full private copy.
-    at(ChildStep::Stdio);
+    begin(args, ChildStep::Stdio);
     let highest = args.stdin.max(args.stdout).max(args.stderr) as u32;
     let mut r = rawsys::close_range(highest + 1, u32::MAX, libc::CLOSE_RANGE_UNSHARE);
-    if !ok(r) {
+    if r < 0 {
         r = rawsys::unshare(libc::CLONE_FILES);
     }
-    if !ok(r) {
-        child_fail(args, ChildStep::Stdio, r);
-    }
+    ok_or_fail(args, ChildStep::Stdio, r);
     args.detached.store(1, Ordering::Release);
+}
+
+/// /dev/null and the pipes onto fds 0–2, open across `execve`: in our own
+/// table only, so the loop's table is never changed.
+fn stdio_onto_0_1_2(args: &ChildArgs) {
     for (fd, target) in [(args.stdin, 0), (args.stdout, 1), (args.stderr, 2)] {
         let r = if fd == target {
             // Already there: just let it survive execve.
@@ -313,36 +356,58 @@ pub(super) extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         } else {
             rawsys::dup3(fd, target)
         };
-        if !ok(r) {
-            child_fail(args, ChildStep::Stdio, r);
-        }
+        ok_or_fail(args, ChildStep::Stdio, r);
     }
+}
+
+/// Clear O_NONBLOCK on stdout and stderr, once they are on 1 and 2.
+fn make_output_blocking(args: &ChildArgs) {
     // The pipes were made O_NONBLOCK for the executor's read ends; a plugin
     // expects blocking writes. (/dev/null on 0 never had it.)
     for fd in [1, 2] {
-        let r = rawsys::fcntl(fd, libc::F_SETFL, 0);
-        if !ok(r) {
-            child_fail(args, ChildStep::Stdio, r);
-        }
+        ok_or_fail(args, ChildStep::Stdio, rawsys::fcntl(fd, libc::F_SETFL, 0));
     }
+}
+
+/// Change to the check's working directory, if it has one: the first step
+/// that may hang (on a mount), so after the child let go of the loop's table
+/// and low slots.
+fn change_directory(args: &ChildArgs) {
     if !args.cwd.is_null() {
-        at(ChildStep::Chdir);
+        begin(args, ChildStep::Chdir);
         // SAFETY: a NUL-terminated string that `PreExecChild` keeps alive.
         let r = unsafe { rawsys::chdir(args.cwd) };
-        if !ok(r) {
-            child_fail(args, ChildStep::Chdir, r);
-        }
+        ok_or_fail(args, ChildStep::Chdir, r);
     }
+}
+
+/// Close every fd above 2: once 0–2 are in place, in our own table.
+fn close_other_fds() {
     // Everything of ours is close-on-exec; this also covers fds an
     // application opened without O_CLOEXEC.
     rawsys::close_range(3, u32::MAX, 0);
+}
+
+/// Give the check the RLIMIT_NOFILE the executor started with, if it raised
+/// its own: it is the check's limit, so it is set just before the exec.
+fn restore_nofile(args: &ChildArgs) {
     if args.restore_nofile {
         // Lowering our own soft limit cannot fail for want of rights; if it
         // fails anyway, the check runs with the raised one.
         rawsys::set_rlimit(libc::RLIMIT_NOFILE, &args.nofile);
     }
-    at(ChildStep::Exec);
+}
+
+/// At the exec step, unblock every signal: only now that no handler of the
+/// application's is left to run here, so that the check gets its signals.
+fn unblock_signals(args: &ChildArgs) {
+    begin(args, ChildStep::Exec);
     rawsys::unblock_all_signals();
+}
+
+/// Exec the program: the file given, `argv[0]` if it has a `/`, or the
+/// first candidate in the PATH; report why none ran.
+fn exec_program(args: &ChildArgs) -> ! {
     // The first candidate that exists and may be run wins; a later one is
     // tried after "not there" or "not allowed", and "not allowed" is what is
     // reported if nothing ran (as `execvp` does). "Not there" from a file
@@ -368,30 +433,42 @@ pub(super) extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 std::slice::from_raw_parts(program.cast::<u8>(), args.name_len),
             )
         };
-        // One candidate at a time, `dir/name\0`, on our stack: nothing
-        // allocated, nothing that grows with the PATH. The kernel takes no
-        // longer path; a directory that would make one is skipped, as
-        // `execvp` does.
-        let mut buf = [0u8; libc::PATH_MAX as usize];
-        for &(start, len) in dirs {
-            let dir = match path.get(start..start.wrapping_add(len)) {
-                Some([]) => &b"."[..],
-                Some(dir) => dir,
-                None => continue,
-            };
-            let (slash, end) = (dir.len(), dir.len() + 1 + name.len());
-            if end >= buf.len() {
-                continue;
-            }
-            // In bounds: `end` < `buf.len()` (no panic here, in the child).
-            buf[..slash].copy_from_slice(dir);
-            buf[slash] = b'/';
-            buf[slash + 1..end].copy_from_slice(name);
-            buf[end] = 0;
-            // SAFETY: `buf` now holds a NUL-terminated path.
-            unsafe { try_exec(args, buf.as_ptr().cast(), &mut found) };
-        }
+        search_path(args, (path, dirs), name, &mut found);
     }
+    report_not_run(args, &found)
+}
+
+/// Try `dir/name` for each of the PATH's directories in turn (see
+/// `exec_program`); returns if none ran.
+fn search_path(args: &ChildArgs, (path, dirs): Dirs<'_>, name: &[u8], found: &mut Found) {
+    // One candidate at a time, `dir/name\0`, on our stack: nothing
+    // allocated, nothing that grows with the PATH. The kernel takes no
+    // longer path; a directory that would make one is skipped, as
+    // `execvp` does.
+    let mut buf = [0u8; libc::PATH_MAX as usize];
+    for &(start, len) in dirs {
+        let dir = match path.get(start..start.wrapping_add(len)) {
+            Some([]) => &b"."[..],
+            Some(dir) => dir,
+            None => continue,
+        };
+        let (slash, end) = (dir.len(), dir.len() + 1 + name.len());
+        if end >= buf.len() {
+            continue;
+        }
+        // In bounds: `end` < `buf.len()` (no panic here, in the child).
+        buf[..slash].copy_from_slice(dir);
+        buf[slash] = b'/';
+        buf[slash + 1..end].copy_from_slice(name);
+        buf[end] = 0;
+        // SAFETY: `buf` now holds a NUL-terminated path.
+        unsafe { try_exec(args, buf.as_ptr().cast(), found) };
+    }
+}
+
+/// No candidate ran: report "not allowed" if one was there, else that its
+/// interpreter or the program itself is missing.
+fn report_not_run(args: &ChildArgs, found: &Found) -> ! {
     if found.denied {
         child_fail(args, ChildStep::Exec, -(libc::EACCES as isize))
     }
