@@ -111,105 +111,108 @@ impl Lifecycle {
             );
         }
         match self.ending.kill {
-            Some(KillReason::Timeout) => {
-                let sig = self.ending.last_signal.unwrap_or(Signal::TERM);
-                if let Some(stuck) = &self.ending.never_started {
-                    return (
-                        Outcome::TimedOut {
-                            timeout_ms: self.plan.timeout.as_millis() as u64,
-                            signal: sig.as_raw(),
-                            escalated: false,
-                        },
-                        self.plan.timeout_state,
-                        format!(
-                            "Check timed out after {} before it could start its program: {stuck}; killed by SIGKILL",
-                            human(self.plan.timeout)
-                        ),
-                    );
-                }
-                // Say what the signal did: a plugin may have been exiting
-                // on its own as the deadline fell (or trap TERM and exit).
-                let sent = if !self.ending.escalated {
-                    "sent SIGTERM".to_string()
-                } else if self.plan.grace.is_zero() {
-                    "sent SIGTERM and SIGKILL (no grace)".to_string()
-                } else {
-                    format!(
-                        "sent SIGTERM, then SIGKILL after {} grace",
-                        human(self.plan.grace)
-                    )
-                };
-                let how = match self.ending.exit {
-                    _ if self.ending.refused && self.killed_by_cgroup() => {
-                        format!(
-                            "{REFUSED}, and was killed through its cgroup (cgroup.kill) after {} grace",
-                            human(self.plan.grace)
-                        )
-                    }
-                    _ if self.ending.refused => {
-                        let end = match self.ending.exit {
-                            Some(ExitStatus::Exited { code }) => format!("exited with code {code}"),
-                            Some(ExitStatus::Signaled { signal, .. }) => {
-                                format!("died of {}", signal_name(signal))
-                            }
-                            None => "ended".to_string(),
-                        };
-                        format!("{REFUSED} and {end} by itself")
-                    }
-                    Some(ExitStatus::Signaled {
-                        signal: libc::SIGKILL,
-                        ..
-                    }) if self.ending.escalated && self.plan.grace.is_zero() => {
-                        "killed by SIGKILL (no grace)".to_string()
-                    }
-                    Some(ExitStatus::Signaled {
-                        signal: libc::SIGKILL,
-                        ..
-                    }) if self.ending.escalated => format!(
-                        "ignored SIGTERM, killed by SIGKILL after {} grace",
-                        human(self.plan.grace)
-                    ),
-                    Some(ExitStatus::Signaled {
-                        signal: libc::SIGTERM,
-                        ..
-                    }) => "stopped by SIGTERM".to_string(),
-                    Some(ExitStatus::Exited { code }) => {
-                        format!("{sent}, it exited with code {code}")
-                    }
-                    Some(ExitStatus::Signaled { signal, .. }) => {
-                        format!("{sent}, it died of {}", signal_name(signal))
-                    }
-                    None => format!("{sent}, its exit status was lost"),
-                };
-                return (
-                    Outcome::TimedOut {
-                        timeout_ms: self.plan.timeout.as_millis() as u64,
-                        signal: sig.as_raw(),
-                        escalated: self.ending.escalated,
-                    },
-                    self.plan.timeout_state,
-                    format!("Check timed out after {}; {how}", human(self.plan.timeout)),
-                );
-            }
-            Some(KillReason::Cancel) => {
-                return (
-                    Outcome::Cancelled,
-                    State::Unknown,
-                    format!("Check cancelled{}", self.refused_note()),
-                );
-            }
-            Some(KillReason::Shutdown) => {
-                return (
-                    Outcome::Shutdown,
-                    State::Unknown,
-                    format!(
-                        "Check killed: executor shutting down{}",
-                        self.refused_note()
-                    ),
-                );
-            }
-            None => {}
+            Some(KillReason::Timeout) => self.timeout_verdict(),
+            Some(KillReason::Cancel) => (
+                Outcome::Cancelled,
+                State::Unknown,
+                format!("Check cancelled{}", self.refused_note()),
+            ),
+            Some(KillReason::Shutdown) => (
+                Outcome::Shutdown,
+                State::Unknown,
+                format!(
+                    "Check killed: executor shutting down{}",
+                    self.refused_note()
+                ),
+            ),
+            None => self.exit_verdict(),
         }
+    }
+
+    /// A check that timed out: what was sent, and what it did.
+    fn timeout_verdict(&self) -> (Outcome, State, String) {
+        let sig = self.ending.last_signal.unwrap_or(Signal::TERM);
+        if let Some(stuck) = &self.ending.never_started {
+            return (
+                Outcome::TimedOut {
+                    timeout_ms: self.plan.timeout.as_millis() as u64,
+                    signal: sig.as_raw(),
+                    escalated: false,
+                },
+                self.plan.timeout_state,
+                format!(
+                    "Check timed out after {} before it could start its program: {stuck}; killed by SIGKILL",
+                    human(self.plan.timeout)
+                ),
+            );
+        }
+        // Say what the signal did: a plugin may have been exiting
+        // on its own as the deadline fell (or trap TERM and exit).
+        let sent = if !self.ending.escalated {
+            "sent SIGTERM".to_string()
+        } else if self.plan.grace.is_zero() {
+            "sent SIGTERM and SIGKILL (no grace)".to_string()
+        } else {
+            format!(
+                "sent SIGTERM, then SIGKILL after {} grace",
+                human(self.plan.grace)
+            )
+        };
+        let how = match self.ending.exit {
+            _ if self.ending.refused && self.killed_by_cgroup() => {
+                format!(
+                    "{REFUSED}, and was killed through its cgroup (cgroup.kill) after {} grace",
+                    human(self.plan.grace)
+                )
+            }
+            _ if self.ending.refused => {
+                let end = match self.ending.exit {
+                    Some(ExitStatus::Exited { code }) => format!("exited with code {code}"),
+                    Some(ExitStatus::Signaled { signal, .. }) => {
+                        format!("died of {}", signal_name(signal))
+                    }
+                    None => "ended".to_string(),
+                };
+                format!("{REFUSED} and {end} by itself")
+            }
+            Some(ExitStatus::Signaled {
+                signal: libc::SIGKILL,
+                ..
+            }) if self.ending.escalated && self.plan.grace.is_zero() => {
+                "killed by SIGKILL (no grace)".to_string()
+            }
+            Some(ExitStatus::Signaled {
+                signal: libc::SIGKILL,
+                ..
+            }) if self.ending.escalated => format!(
+                "ignored SIGTERM, killed by SIGKILL after {} grace",
+                human(self.plan.grace)
+            ),
+            Some(ExitStatus::Signaled {
+                signal: libc::SIGTERM,
+                ..
+            }) => "stopped by SIGTERM".to_string(),
+            Some(ExitStatus::Exited { code }) => {
+                format!("{sent}, it exited with code {code}")
+            }
+            Some(ExitStatus::Signaled { signal, .. }) => {
+                format!("{sent}, it died of {}", signal_name(signal))
+            }
+            None => format!("{sent}, its exit status was lost"),
+        };
+        (
+            Outcome::TimedOut {
+                timeout_ms: self.plan.timeout.as_millis() as u64,
+                signal: sig.as_raw(),
+                escalated: self.ending.escalated,
+            },
+            self.plan.timeout_state,
+            format!("Check timed out after {}; {how}", human(self.plan.timeout)),
+        )
+    }
+
+    /// A check that ended by itself: its exit code or signal.
+    fn exit_verdict(&self) -> (Outcome, State, String) {
         match self.ending.exit {
             Some(ExitStatus::Exited { code }) => match State::from_exit_code(code) {
                 Some(state) => (Outcome::Exited { code }, state, String::new()),
