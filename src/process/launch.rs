@@ -498,25 +498,85 @@ pub(crate) fn launch(
     loans: &ChildLoans,
     leaf: Option<(&crate::cgroup::Leaf, crate::cgroup::Entry)>,
 ) -> Result<(Child, PreExecChild), SpawnFailure> {
-    let program = cmd.program();
-    let (path, path_len, dirs, ndirs) = match search_for(&cmd)? {
+    let search = match search_for(&cmd)? {
         Some((path, dirs)) => (path.as_ptr(), path.len(), dirs.as_ptr(), dirs.len()),
         None => (std::ptr::null(), 0, std::ptr::null(), 0),
     };
+    let program = cmd.program();
+    let (out_r, out_w, err_r, err_w) = output_pipes(&program)?;
+    let lent = borrow_from_pool(loans, &program, out_w, err_w)?;
+    let mut argv: Vec<*const libc::c_char> = std::iter::once(std::ptr::null())
+        .chain(cmd.argv.iter().map(|s| s.as_ptr()))
+        .chain([std::ptr::null()])
+        .collect();
+    let envp = c_array(&cmd.envp);
+    let args = child_args(&cmd, search, argv.as_mut_ptr(), envp.as_ptr(), &lent, leaf);
+    let mut launch = PreExecChild {
+        args,
+        strings: ChildStrings {
+            cmd,
+            _argv: argv,
+            _envp: envp,
+        },
+        stack: Some(lent.stack),
+        write_ends: lent.write_ends,
+        pid: Pid::INIT,
+        // Until `clone` succeeds there is no child: dropping gives all back.
+        finished: true,
+        loans: loans.clone(),
+    };
+    let (pid, pidfd) = clone_child(&launch, leaf)?;
+    let started = Instant::now();
+    launch.finished = false;
+    launch.pid = pid;
+    let child = Child {
+        pid,
+        pidfd,
+        stdout: out_r,
+        stderr: err_r,
+        started,
+    };
+    Ok((child, launch))
+}
 
-    // Both ends non-blocking from the start (no ioctl per end); the child
-    // makes its ends blocking again before it execs.
+/// The two output pipes, `(stdout read, stdout write, stderr read, stderr
+/// write)`. Both ends non-blocking from the start (no ioctl per end); the
+/// child makes its ends blocking again before it execs.
+fn output_pipes(program: &str) -> Result<(OwnedFd, OwnedFd, OwnedFd, OwnedFd), SpawnFailure> {
     let flags = PipeFlags::CLOEXEC | PipeFlags::NONBLOCK;
     let (out_r, out_w) = rustix::pipe::pipe_with(flags)
-        .map_err(|e| SpawnFailure::new(&program, "cannot create pipe for", e))?;
+        .map_err(|e| SpawnFailure::new(program, "cannot create pipe for", e))?;
     let (err_r, err_w) = rustix::pipe::pipe_with(flags)
-        .map_err(|e| SpawnFailure::new(&program, "cannot create pipe for", e))?;
+        .map_err(|e| SpawnFailure::new(program, "cannot create pipe for", e))?;
+    Ok((out_r, out_w, err_r, err_w))
+}
+
+/// What one child borrows from the loop's pool until it has exec'd.
+struct Lent {
+    stack: ChildStack,
+    /// `/dev/null`, the child's stdin.
+    stdin: RawFd,
+    parent: libc::pid_t,
+    nofile: Option<[u64; 2]>,
+    /// Where the pipes' write ends are held until the child has them.
+    write_ends: WriteEnds,
+    /// The write ends' numbers, as the child sees them.
+    stdout: RawFd,
+    stderr: RawFd,
+}
+
+/// A stack, and low fd slots for the write ends where some are free (so
+/// the child's `dup3`s need no big descriptor table).
+fn borrow_from_pool(
+    loans: &ChildLoans,
+    program: &str,
+    out_w: OwnedFd,
+    err_w: OwnedFd,
+) -> Result<Lent, SpawnFailure> {
     let mut pool = loans.pool.borrow_mut();
     let stack = pool
         .take_stack()
-        .map_err(|e| SpawnFailure::new(&program, "cannot map a stack for", io_errno(&e)))?;
-    let stdin = pool.devnull.as_raw_fd();
-    let (parent, nofile) = (pool.parent, pool.nofile);
+        .map_err(|e| SpawnFailure::new(program, "cannot map a stack for", io_errno(&e)))?;
     let (write_ends, stdout, stderr) = match pool.lend_slots(&out_w, &err_w) {
         Some((i, a, b)) => (WriteEnds::Slots(i), a, b),
         None => {
@@ -524,28 +584,42 @@ pub(crate) fn launch(
             (WriteEnds::Own(out_w, err_w), fds.0, fds.1)
         }
     };
-    drop(pool);
+    Ok(Lent {
+        stack,
+        stdin: pool.devnull.as_raw_fd(),
+        parent: pool.parent,
+        nofile: pool.nofile,
+        write_ends,
+        stdout,
+        stderr,
+    })
+}
 
-    let mut argv: Vec<*const libc::c_char> = std::iter::once(std::ptr::null())
-        .chain(cmd.argv.iter().map(|s| s.as_ptr()))
-        .chain([std::ptr::null()])
-        .collect();
-    let envp = c_array(&cmd.envp);
-    let args = Box::new(ChildArgs {
+/// Everything the child reads before `execve`, pointing into `cmd`, `argv`
+/// and `envp` (which the `PreExecChild` keeps alive).
+fn child_args(
+    cmd: &Prepared,
+    (path, path_len, dirs, ndirs): (*const u8, usize, *const (usize, usize), usize),
+    argv: *mut *const libc::c_char,
+    envp: *const *const libc::c_char,
+    lent: &Lent,
+    leaf: Option<(&crate::cgroup::Leaf, crate::cgroup::Entry)>,
+) -> Box<ChildArgs> {
+    Box::new(ChildArgs {
         path,
         path_len,
         dirs,
         ndirs,
         name_len: cmd.argv[0].as_bytes().len(),
-        argv: argv.as_mut_ptr(),
-        envp: envp.as_ptr(),
+        argv,
+        envp,
         cwd: cmd.cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
-        stdin,
-        stdout,
-        stderr,
-        parent,
-        restore_nofile: nofile.is_some(),
-        nofile: nofile.unwrap_or_default(),
+        stdin: lent.stdin,
+        stdout: lent.stdout,
+        stderr: lent.stderr,
+        parent: lent.parent,
+        restore_nofile: lent.nofile.is_some(),
+        nofile: lent.nofile.unwrap_or_default(),
         procs: match leaf {
             Some((leaf, crate::cgroup::Entry::Write)) => leaf.procs().map_or(-1, |f| f.as_raw_fd()),
             _ => -1,
@@ -563,21 +637,16 @@ pub(crate) fn launch(
         step: AtomicU8::new(0),
         detached: AtomicU8::new(0),
         ctid: AtomicU32::new(1),
-    });
-    let mut launch = PreExecChild {
-        args,
-        strings: ChildStrings {
-            cmd,
-            _argv: argv,
-            _envp: envp,
-        },
-        stack: Some(stack),
-        write_ends,
-        pid: Pid::INIT,
-        // Until `clone` succeeds there is no child: dropping gives all back.
-        finished: true,
-        loans: loans.clone(),
-    };
+    })
+}
+
+/// Create the child, running `child_main` on the launch's stack: `clone3`
+/// straight into the leaf (`CLONE_INTO_CGROUP`) when containment clones
+/// into it, else `clone`. Its pid and pidfd.
+fn clone_child(
+    launch: &PreExecChild,
+    leaf: Option<(&crate::cgroup::Leaf, crate::cgroup::Entry)>,
+) -> Result<(Pid, OwnedFd), SpawnFailure> {
     let mut pidfd: libc::c_int = -1;
     let flags = libc::CLONE_VM
         | libc::CLONE_FILES
@@ -636,20 +705,10 @@ pub(crate) fn launch(
         let e = io_errno(&std::io::Error::last_os_error());
         return Err(ChildStep::Clone.failure(&launch.strings.cmd, e));
     }
-    let started = Instant::now();
-    launch.finished = false;
     // SAFETY: with CLONE_PIDFD a successful clone stored a new pidfd, owned by nothing else.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let pid = Pid::from_raw(pid).expect("clone returned a positive pid");
-    launch.pid = pid;
-    let child = Child {
-        pid,
-        pidfd,
-        stdout: out_r,
-        stderr: err_r,
-        started,
-    };
-    Ok((child, launch))
+    Ok((pid, pidfd))
 }
 
 /// The NULL-terminated array of pointers `execve` takes.
