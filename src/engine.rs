@@ -118,98 +118,17 @@ pub(crate) fn start(
     let thread = std::thread::Builder::new()
         .name("pidring-loop".into())
         .spawn(move || {
-            // The backend is created on the loop thread: an io_uring set up
-            // as single-issuer belongs to the thread that created it.
-            let backend = match Backend::new(config.backend) {
-                Ok(b) => b,
-                Err((name, source)) => {
-                    let _ = ready_tx.send(Err(ExecutorError::Backend {
-                        backend: name,
-                        source,
-                    }));
+            let reap_orphans = config.reap_orphans;
+            let mut engine = match Engine::set_up(config, shared, requests) {
+                Ok(engine) => engine,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
                     return;
                 }
             };
-            // Made at once (while the descriptor table is small), so that its
-            // low slots get low numbers.
-            let loans = match process::ChildLoans::new(shared.max_running.load(Ordering::Relaxed)) {
-                Ok(l) => l,
-                Err(source) => {
-                    let _ = ready_tx.send(Err(ExecutorError::Setup {
-                        what: "open /dev/null for the children",
-                        source,
-                    }));
-                    return;
-                }
-            };
-            // Before any child shares the table: see `process::presize_fd_table`.
-            process::presize_fd_table(
-                shared.waker.fd(),
-                shared.max_running.load(Ordering::Relaxed),
-            );
-            // This thread creates every child: see `process::block_all_signals_on_this_thread`.
-            if let Err(source) = process::block_all_signals_on_this_thread() {
-                let _ = ready_tx.send(Err(ExecutorError::Setup {
-                    what: "block signals on the loop thread",
-                    source,
-                }));
-                return;
-            }
-            // Signals are blocked here: the self-test creates a child.
-            let pool = crate::cgroup::Pool::setup(
-                &config.containment,
-                shared.max_running.load(Ordering::Relaxed),
-            );
-            let status = crate::cgroup::Pool::status_of(&pool);
-            if let Err(why) = &pool {
-                tracing::warn!(
-                    "containment: no cgroup per check ({why}); checks are confined by their \
-                     process group, the descendant walk at a kill{}",
-                    if config.reap_orphans {
-                        " and the subreaper"
-                    } else {
-                        ""
-                    }
-                );
-            }
-            *shared.containment.lock().unwrap_or_else(|p| p.into_inner()) = status;
-            let cgroups = pool.ok().flatten();
-            // On this thread: the policy is per thread. Probed now, so that
-            // the executor's metrics say from the start whether it is on.
-            let priority = LoopPriority::new(config.realtime_kills);
-            shared
-                .realtime_kills
-                .store(priority.available(), Ordering::Relaxed);
-            let _ = ready_tx.send(Ok(backend.kind()));
-            let mut engine = Engine {
-                backend,
-                shared,
-                requests,
-                loans,
-                pre_exec: VecDeque::new(),
-                stuck: Vec::new(),
-                next_stuck_poll: Instant::now(),
-                stuck_warned: None,
-                due: Vec::new(),
-                popped: Vec::new(),
-                checks: Slab::new(),
-                by_id: HashMap::new(),
-                queue: VecDeque::new(),
-                timers: Timers::default(),
-                scratch: vec![0u8; SCRATCH].into_boxed_slice(),
-                fired: Vec::with_capacity(1024),
-                next_generation: 1,
-                shutting_down: false,
-                reap_orphans: config.reap_orphans,
-                next_orphan_scan: Instant::now() + ORPHAN_SCAN,
-                priority,
-                realtime_wanted: config.realtime_kills,
-                unrecorded: Vec::new(),
-                unrecorded_orphans: 0,
-                cgroups,
-            };
+            let _ = ready_tx.send(Ok(engine.backend.kind()));
             engine.run();
-            if engine.reap_orphans {
+            if reap_orphans {
                 engine.final_orphan_sweep();
             }
         })
@@ -231,6 +150,29 @@ pub(crate) fn start(
             })
         }
     }
+}
+
+/// The cgroup leaves' pool, if containment can be had (said once in the
+/// log when it cannot, and in the shared status either way).
+fn containment_pool(config: &Config, shared: &Shared) -> Option<crate::cgroup::Pool> {
+    let pool = crate::cgroup::Pool::setup(
+        &config.containment,
+        shared.max_running.load(Ordering::Relaxed),
+    );
+    let status = crate::cgroup::Pool::status_of(&pool);
+    if let Err(why) = &pool {
+        tracing::warn!(
+            "containment: no cgroup per check ({why}); checks are confined by their \
+             process group, the descendant walk at a kill{}",
+            if config.reap_orphans {
+                " and the subreaper"
+            } else {
+                ""
+            }
+        );
+    }
+    *shared.containment.lock().unwrap_or_else(|p| p.into_inner()) = status;
+    pool.ok().flatten()
 }
 
 /// The loop's state. Only the loop thread touches it.
@@ -283,6 +225,72 @@ struct Engine {
 }
 
 impl Engine {
+    /// Set the loop thread up (on it: its io_uring, signal mask and
+    /// scheduling policy are per thread) and build the loop's state.
+    fn set_up(
+        config: Config,
+        shared: Arc<Shared>,
+        requests: Receiver<Request>,
+    ) -> Result<Engine, ExecutorError> {
+        // The backend is created on the loop thread: an io_uring set up
+        // as single-issuer belongs to the thread that created it.
+        let backend = Backend::new(config.backend)
+            .map_err(|(backend, source)| ExecutorError::Backend { backend, source })?;
+        // Made at once (while the descriptor table is small), so that its
+        // low slots get low numbers.
+        let loans = process::ChildLoans::new(shared.max_running.load(Ordering::Relaxed)).map_err(
+            |source| ExecutorError::Setup {
+                what: "open /dev/null for the children",
+                source,
+            },
+        )?;
+        // Before any child shares the table: see `process::presize_fd_table`.
+        process::presize_fd_table(
+            shared.waker.fd(),
+            shared.max_running.load(Ordering::Relaxed),
+        );
+        // This thread creates every child: see `process::block_all_signals_on_this_thread`.
+        process::block_all_signals_on_this_thread().map_err(|source| ExecutorError::Setup {
+            what: "block signals on the loop thread",
+            source,
+        })?;
+        // Signals are blocked here: the self-test creates a child.
+        let cgroups = containment_pool(&config, &shared);
+        // On this thread: the policy is per thread. Probed now, so that
+        // the executor's metrics say from the start whether it is on.
+        let priority = LoopPriority::new(config.realtime_kills);
+        shared
+            .realtime_kills
+            .store(priority.available(), Ordering::Relaxed);
+        Ok(Engine {
+            backend,
+            shared,
+            requests,
+            loans,
+            pre_exec: VecDeque::new(),
+            stuck: Vec::new(),
+            next_stuck_poll: Instant::now(),
+            stuck_warned: None,
+            due: Vec::new(),
+            popped: Vec::new(),
+            checks: Slab::new(),
+            by_id: HashMap::new(),
+            queue: VecDeque::new(),
+            timers: Timers::default(),
+            scratch: vec![0u8; SCRATCH].into_boxed_slice(),
+            fired: Vec::with_capacity(1024),
+            next_generation: 1,
+            shutting_down: false,
+            reap_orphans: config.reap_orphans,
+            next_orphan_scan: Instant::now() + ORPHAN_SCAN,
+            priority,
+            realtime_wanted: config.realtime_kills,
+            unrecorded: Vec::new(),
+            unrecorded_orphans: 0,
+            cgroups,
+        })
+    }
+
     fn run(&mut self) {
         if let Err(e) = self.backend.watch(self.shared.waker.fd(), WAKER, true) {
             // Without the waker nothing can reach us: fail loudly.
