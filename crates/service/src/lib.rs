@@ -6,3 +6,4 @@
 pub mod daemon;
 pub mod gearman;
 pub mod nagios;
+mod readbuf;
