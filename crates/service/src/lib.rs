@@ -7,3 +7,5 @@ pub mod daemon;
 pub mod gearman;
 pub mod nagios;
 mod readbuf;
+#[cfg(test)]
+mod test_support;
