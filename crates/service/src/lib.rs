@@ -6,3 +6,6 @@
 pub mod daemon;
 pub mod gearman;
 pub mod nagios;
+mod readbuf;
+#[cfg(test)]
+mod test_support;

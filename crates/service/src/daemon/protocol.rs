@@ -576,67 +576,178 @@ impl<'de> Deserialize<'de> for RequestFields {
 
 /// Parse one request line (already UTF-8, newline stripped).
 pub fn parse_request(line: &str) -> Result<Request, RequestError> {
-    let not_json = |e: serde_json::Error| {
-        RequestError::new(ErrorCode::BadRequest, format!("not valid JSON: {e}"))
-    };
     // Every field is first kept as the JSON text the client wrote, so that a
     // numeric id is echoed verbatim (a `Value` would round it to an f64).
-    let RequestFields { fields, duplicate } = match serde_json::from_str(line) {
-        Ok(fields) => fields,
-        Err(e) if e.classify() != serde_json::error::Category::Data => return Err(not_json(e)),
-        // Of another type than an object, or not JSON at all?
-        Err(_) => {
-            return Err(match serde_json::from_str::<serde::de::IgnoredAny>(line) {
-                Ok(_) => RequestError::new(
-                    ErrorCode::BadRequest,
-                    "a request must be a JSON object with an \"op\" field",
-                ),
-                Err(e) => not_json(e),
-            });
-        }
-    };
+    let RequestFields { fields, duplicate } = read_fields(line)?;
     // Read id and op first so every later error can name them.
     let (id, bad_id) = match fields.get("id").map(|raw| ClientId::from_raw(raw)) {
         None => (None, None),
         Some(Ok(id)) => (id, None),
         Some(Err(message)) => (None, Some(message)),
     };
-    let err = |code, message: String, op: Option<&str>| {
-        RequestError::new(code, message).about(id.clone(), op)
-    };
-    let op = match fields
-        .get("op")
-        .map(|raw| serde_json::from_str::<String>(raw.get()))
-    {
-        Some(Ok(op)) => op,
-        Some(Err(_)) => {
-            return Err(err(
-                ErrorCode::BadRequest,
-                "\"op\" must be a string".into(),
-                None,
-            ));
-        }
-        None => {
-            return Err(err(
-                ErrorCode::BadRequest,
-                "missing \"op\" (one of submit, cancel, stats, ping)".into(),
-                None,
-            ));
-        }
-    };
+    let op = read_op(&fields, &id)?;
     // Echoed as written, like the id: kept as text, never parsed further.
     let tags = fields
         .get("tags")
         .filter(|raw| raw.get() != "null")
         .cloned();
-    // The op's own fields (all but id, op and `skip`) as one object's text,
-    // read into the op's type directly: no `serde_json::Value` tree (about
-    // 20 times a line's size for `[{},{},…]`) is ever built.
-    let fields_but = |skip: &str| -> OpFields<'_> {
-        let mut text = String::with_capacity(line.len() + 2);
+    if let Some(name) = duplicate {
+        return Err(given_twice(&name, id, &op));
+    }
+    let request = OpRequest {
+        line,
+        fields: &fields,
+        id,
+        bad_id,
+        op: &op,
+    };
+    match op.as_str() {
+        "submit" => request.submit(tags),
+        "cancel" => request.cancel(),
+        "stats" | "ping" => request.plain(),
+        other => Err(request.error(
+            ErrorCode::UnknownOp,
+            format!("unknown op {other:?} (expected submit, cancel, stats or ping)"),
+        )),
+    }
+}
+
+/// The line's top-level fields, or why it is not a JSON object.
+fn read_fields(line: &str) -> Result<RequestFields, RequestError> {
+    let not_json = |e: serde_json::Error| {
+        RequestError::new(ErrorCode::BadRequest, format!("not valid JSON: {e}"))
+    };
+    match serde_json::from_str(line) {
+        Ok(fields) => Ok(fields),
+        Err(e) if e.classify() != serde_json::error::Category::Data => Err(not_json(e)),
+        // Of another type than an object, or not JSON at all?
+        Err(_) => Err(match serde_json::from_str::<serde::de::IgnoredAny>(line) {
+            Ok(_) => RequestError::new(
+                ErrorCode::BadRequest,
+                "a request must be a JSON object with an \"op\" field",
+            ),
+            Err(e) => not_json(e),
+        }),
+    }
+}
+
+/// The request's `op`, a string every request must have.
+fn read_op(
+    fields: &BTreeMap<String, Box<RawValue>>,
+    id: &Option<ClientId>,
+) -> Result<String, RequestError> {
+    let err =
+        |message: &str| RequestError::new(ErrorCode::BadRequest, message).about(id.clone(), None);
+    match fields
+        .get("op")
+        .map(|raw| serde_json::from_str::<String>(raw.get()))
+    {
+        Some(Ok(op)) => Ok(op),
+        Some(Err(_)) => Err(err("\"op\" must be a string")),
+        None => Err(err("missing \"op\" (one of submit, cancel, stats, ping)")),
+    }
+}
+
+/// The error for a field given twice. Which of the two was meant is
+/// unknown: neither is echoed.
+fn given_twice(name: &str, id: Option<ClientId>, op: &str) -> RequestError {
+    let id = if name == "id" { None } else { id };
+    let op = (name != "op").then_some(op);
+    RequestError::new(
+        ErrorCode::BadRequest,
+        format!("field {name:?} given twice; give each field once"),
+    )
+    .about(id, op)
+}
+
+/// A request whose id and op are read, each field given once: what reading
+/// its op's own fields needs.
+struct OpRequest<'a> {
+    line: &'a str,
+    fields: &'a BTreeMap<String, Box<RawValue>>,
+    id: Option<ClientId>,
+    /// Why the id could not be read (neither a string nor a number).
+    bad_id: Option<String>,
+    op: &'a str,
+}
+
+impl OpRequest<'_> {
+    /// `submit`: the check to run, with the id it must have and its tags.
+    fn submit(self, tags: Option<Box<RawValue>>) -> Result<Request, RequestError> {
+        let mut req: SubmitRequest = self.read("tags")?;
+        req.tags = tags;
+        if self.id.is_none() {
+            return Err(self
+                .bad_request("submit: missing \"id\" (a string or number of your choice)".into()));
+        }
+        req.id = self.id;
+        Ok(Request::Submit(Box::new(req)))
+    }
+
+    /// `cancel`: only the id of the check to cancel.
+    fn cancel(self) -> Result<Request, RequestError> {
+        let CancelFields { .. } = self.read("")?;
+        match self.id {
+            Some(id) => Ok(Request::Cancel(CancelRequest { id })),
+            None => {
+                Err(self
+                    .bad_request("cancel: missing \"id\" (the id of the check to cancel)".into()))
+            }
+        }
+    }
+
+    /// `stats` or `ping`: at most an id to echo.
+    fn plain(self) -> Result<Request, RequestError> {
+        let mut req: PlainRequest = self.read("")?;
+        req.id = self.id;
+        Ok(if self.op == "stats" {
+            Request::Stats(req)
+        } else {
+            Request::Ping(req)
+        })
+    }
+
+    /// The op's own fields (all but id, op and `skip`) read into its type,
+    /// once the id is known to be a string or a number.
+    fn read<T: serde::de::DeserializeOwned>(&self, skip: &str) -> Result<T, RequestError> {
+        if let Some(message) = &self.bad_id {
+            return Err(self.bad_request(format!("{}: {message}", self.op)));
+        }
+        let f = OpFields::gather(self.fields, self.line.len(), skip);
+        serde_json::from_str(&f.text).map_err(|e| self.bad_request(f.message(self.op, &e)))
+    }
+
+    /// A `bad_request` about this request.
+    fn bad_request(&self, message: String) -> RequestError {
+        self.error(ErrorCode::BadRequest, message)
+    }
+
+    /// An error about this request, naming its id and op.
+    fn error(&self, code: ErrorCode, message: String) -> RequestError {
+        RequestError::new(code, message).about(self.id.clone(), Some(self.op))
+    }
+}
+
+/// A request's fields for its op, as one JSON object's text, with where
+/// each field's `"name":value` lies in it.
+struct OpFields<'a> {
+    text: String,
+    spans: Vec<(&'a str, usize, usize)>,
+}
+
+impl<'a> OpFields<'a> {
+    /// The fields but id, op and `skip`, as one object's text, to read into
+    /// the op's type directly: no `serde_json::Value` tree (about 20 times a
+    /// line's size for `[{},{},…]`) is ever built.
+    fn gather(
+        fields: &'a BTreeMap<String, Box<RawValue>>,
+        line_len: usize,
+        skip: &str,
+    ) -> OpFields<'a> {
+        let mut text = String::with_capacity(line_len + 2);
         let mut spans = Vec::with_capacity(fields.len());
         text.push('{');
-        for (name, raw) in &fields {
+        for (name, raw) in fields {
             if name == "id" || name == "op" || name == skip {
                 continue;
             }
@@ -651,95 +762,24 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
         }
         text.push('}');
         OpFields { text, spans }
-    };
-    // A typed field's error, naming the field (the position serde_json gives
-    // is in the rebuilt text, which means nothing to the client).
-    let bad = |fields: &OpFields<'_>, e: serde_json::Error| {
+    }
+
+    /// The message for `op`'s error reading this text, naming the field (the
+    /// position serde_json gives is in the rebuilt text, which means nothing
+    /// to the client).
+    fn message(&self, op: &str, e: &serde_json::Error) -> String {
         let at = e.column().saturating_sub(1);
-        let message = match fields
+        match self
             .spans
             .iter()
             .find(|(_, start, end)| (*start..=*end).contains(&at))
         {
             Some((name, ..)) if e.line() == 1 => {
-                format!("{op}: {name:?}: {}", without_position(&e))
+                format!("{op}: {name:?}: {}", without_position(e))
             }
-            _ => format!("{op}: {}", without_position(&e)),
-        };
-        err(ErrorCode::BadRequest, message, Some(&op))
-    };
-    if let Some(name) = duplicate {
-        // Which of the two was meant is unknown: neither is echoed.
-        let id = if name == "id" { None } else { id.clone() };
-        let op = (name != "op").then_some(op.as_str());
-        return Err(RequestError::new(
-            ErrorCode::BadRequest,
-            format!("field {name:?} given twice; give each field once"),
-        )
-        .about(id, op));
+            _ => format!("{op}: {}", without_position(e)),
+        }
     }
-    // A known op with an id that is neither string nor number.
-    let check_id = || match &bad_id {
-        Some(message) => Err(err(
-            ErrorCode::BadRequest,
-            format!("{op}: {message}"),
-            Some(&op),
-        )),
-        None => Ok(()),
-    };
-    match op.as_str() {
-        "submit" => {
-            check_id()?;
-            let f = fields_but("tags");
-            let mut req: SubmitRequest = serde_json::from_str(&f.text).map_err(|e| bad(&f, e))?;
-            req.tags = tags;
-            if id.is_none() {
-                return Err(err(
-                    ErrorCode::BadRequest,
-                    "submit: missing \"id\" (a string or number of your choice)".into(),
-                    Some(&op),
-                ));
-            }
-            req.id = id;
-            Ok(Request::Submit(Box::new(req)))
-        }
-        "cancel" => {
-            check_id()?;
-            let f = fields_but("");
-            let CancelFields { .. } = serde_json::from_str(&f.text).map_err(|e| bad(&f, e))?;
-            match id {
-                Some(id) => Ok(Request::Cancel(CancelRequest { id })),
-                None => Err(err(
-                    ErrorCode::BadRequest,
-                    "cancel: missing \"id\" (the id of the check to cancel)".into(),
-                    Some(&op),
-                )),
-            }
-        }
-        "stats" | "ping" => {
-            check_id()?;
-            let f = fields_but("");
-            let mut req: PlainRequest = serde_json::from_str(&f.text).map_err(|e| bad(&f, e))?;
-            req.id = id;
-            Ok(if op == "stats" {
-                Request::Stats(req)
-            } else {
-                Request::Ping(req)
-            })
-        }
-        other => Err(err(
-            ErrorCode::UnknownOp,
-            format!("unknown op {other:?} (expected submit, cancel, stats or ping)"),
-            Some(other),
-        )),
-    }
-}
-
-/// A request's fields for its op, as one JSON object's text, with where
-/// each field's `"name":value` lies in it.
-struct OpFields<'a> {
-    text: String,
-    spans: Vec<(&'a str, usize, usize)>,
 }
 
 /// A serde_json error's message without its "at line 1 column N", for an

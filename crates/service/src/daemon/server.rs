@@ -586,57 +586,351 @@ fn resolve_group(group: &str) -> Result<u32, String> {
 /// The daemon's main thread: bind, serve until a signal, shut down.
 pub(crate) fn run(config: DaemonConfig, reload: Option<super::Reload>) -> Result<(), DaemonError> {
     // Signals first, so a SIGTERM during startup still means a clean stop.
-    let (sig_rx, sig_tx) = UnixStream::pair().map_err(DaemonError::Signals)?;
-    // A mask inherited with them blocked (a parent that blocked SIGTERM
-    // before exec) would leave them pending forever: no handler would run.
-    // Threads started from here on inherit the unblocked mask.
-    super::change_signal_mask(libc::SIG_UNBLOCK, &super::taken_signals())
-        .map_err(DaemonError::Signals)?;
-    for sig in super::STOP_SIGNALS {
-        let tx = sig_tx.try_clone().map_err(DaemonError::Signals)?;
-        signal_hook::low_level::pipe::register(sig, tx).map_err(DaemonError::Signals)?;
+    let signals = Signals::take()?;
+    let (mut running, listener) = Running::start(config)?;
+    while running.turn(&listener, &signals, reload.as_ref()) {}
+    // 1. Stop accepting (gearman jobs too), and let no other daemon's socket be removed later.
+    running.stop_accepting(listener);
+    // 2. Let in-flight checks finish, up to the drain timeout; a second signal cuts it short.
+    running.drain(&signals);
+    // 3. The Nagios and gearman connections answer what they hold.
+    running.stop_workers();
+    // 4. Kill, sweep and reap what is left; every accepted check is answered.
+    running.kill_the_rest();
+    // 5. Flush every answer, then close the connections.
+    running.close_connections();
+    Ok(())
+}
+
+/// The daemon's signals: the stop signals write to a pipe the loop polls,
+/// the ignored ones (SIGHUP among them) set flags it reads each turn.
+struct Signals {
+    /// The read end of the stop signals' pipe (non-blocking).
+    rx: UnixStream,
+    /// Its write end, kept open for as long as the daemon runs.
+    _tx: UnixStream,
+    /// Each ignored signal with the flag its handler sets.
+    ignored: Vec<(i32, Arc<AtomicBool>)>,
+}
+
+impl Signals {
+    /// Take over every signal whose default action would end the daemon.
+    fn take() -> Result<Signals, DaemonError> {
+        let (rx, tx) = UnixStream::pair().map_err(DaemonError::Signals)?;
+        // A mask inherited with them blocked (a parent that blocked SIGTERM
+        // before exec) would leave them pending forever: no handler would run.
+        // Threads started from here on inherit the unblocked mask.
+        super::change_signal_mask(libc::SIG_UNBLOCK, &super::taken_signals())
+            .map_err(DaemonError::Signals)?;
+        for sig in super::STOP_SIGNALS {
+            let tx = tx.try_clone().map_err(DaemonError::Signals)?;
+            signal_hook::low_level::pipe::register(sig, tx).map_err(DaemonError::Signals)?;
+        }
+        rx.set_nonblocking(true).map_err(DaemonError::Signals)?;
+        // SIGHUP (a closed terminal, a `reload`), SIGUSR1 (a log rotation)…
+        // must not kill the daemon uncleanly; they mean nothing to it, so they
+        // are ignored (and logged).
+        let mut ignored = Vec::new();
+        for sig in super::IGNORED_SIGNALS {
+            let flag = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(sig, flag.clone()).map_err(DaemonError::Signals)?;
+            ignored.push((sig, flag));
+        }
+        Ok(Signals {
+            rx,
+            _tx: tx,
+            ignored,
+        })
     }
-    sig_rx.set_nonblocking(true).map_err(DaemonError::Signals)?;
-    // SIGHUP (a closed terminal, a `reload`), SIGUSR1 (a log rotation)…
-    // must not kill the daemon uncleanly; they mean nothing to it, so they
-    // are ignored (and logged).
-    let mut ignored = Vec::new();
-    for sig in super::IGNORED_SIGNALS {
-        let flag = Arc::new(AtomicBool::new(false));
-        signal_hook::flag::register(sig, flag.clone()).map_err(DaemonError::Signals)?;
-        ignored.push((sig, flag));
+}
+
+/// What the daemon serves with, from `start` to `close_connections`.
+struct Running {
+    daemon: Arc<Daemon>,
+    socket_guard: SocketGuard,
+    /// Taken by `stop_workers`.
+    nagios: Option<crate::nagios::NagiosWorkers>,
+    gearman: Option<crate::gearman::GearmanWorkers>,
+    conns: Vec<(Arc<Conn>, JoinHandle<()>)>,
+    acceptor: Acceptor,
+}
+
+impl Running {
+    /// Set up everything the daemon serves with, and say it is ready; the
+    /// listener comes apart so that shutdown can drop it first.
+    fn start(config: DaemonConfig) -> Result<(Running, UnixListener), DaemonError> {
+        // Users looked up once, here: the child that runs a check cannot.
+        let policy = config.policy().map_err(DaemonError::Invalid)?;
+        warn_about_policy(&config, &policy);
+        let policy = Arc::new(pidring::policy::SharedPolicy::new(policy));
+        let (listener, socket_guard) = bind_socket(&config)?;
+        let exec = Arc::new(build_executor(&config)?);
+        default_caps_enforceable(&config, &exec).map_err(DaemonError::Invalid)?;
+        // After the executor raised RLIMIT_NOFILE: what is left for clients.
+        let mut config = config;
+        fit_clients_to_descriptors(&mut config, exec.containment().mode == "cgroup");
+        let (nagios, gearman) = spawn_protocol_workers(&config, &exec, &policy)?;
+        let daemon = Arc::new(Daemon {
+            exec,
+            budget: Arc::new(SharedBudget::new(config.max_total_bytes)),
+            config: RwLock::new(Arc::new(config)),
+            policy,
+            stats: Arc::new(Stats::default()),
+            gearman: gearman.as_ref().map(|g| g.stats_handle()),
+        });
+        serve_metrics(&daemon)?;
+        let config = daemon.config();
+        tracing::info!(
+            socket = %socket_guard.path.display(),
+            backend = %daemon.exec.backend(),
+            max_running = config.max_running,
+            queue_limit = config.queue_limit,
+            pid = std::process::id(),
+            "pidring daemon ready"
+        );
+        let running = Running {
+            daemon,
+            socket_guard,
+            nagios,
+            gearman,
+            conns: Vec::new(),
+            acceptor: Acceptor::default(),
+        };
+        Ok((running, listener))
     }
 
-    // Users looked up once, here: the child that runs a check cannot.
-    let policy = config.policy().map_err(DaemonError::Invalid)?;
-    warn_about_policy(&config, &policy);
-    let policy = Arc::new(pidring::policy::SharedPolicy::new(policy));
-    let (listener, socket_guard) = bind_socket(&config)?;
-    let exec = Executor::builder()
+    /// One turn of the main loop: wait for a client or a signal (at most
+    /// half a second), prune ended connections, handle ignored signals,
+    /// accept. False when the daemon is to stop.
+    fn turn(
+        &mut self,
+        listener: &UnixListener,
+        signals: &Signals,
+        reload: Option<&super::Reload>,
+    ) -> bool {
+        let mut fds = [
+            PollFd::new(listener, PollFlags::IN),
+            PollFd::new(&signals.rx, PollFlags::IN),
+        ];
+        // Wake now and then to close the sockets of connections that ended
+        // (their threads are done; `conns` still holds the socket).
+        let prune_every = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 500_000_000,
+        };
+        let polled = rustix::event::poll(&mut fds, Some(&prune_every));
+        self.conns.retain(|(_, h)| !h.is_finished());
+        self.on_ignored_signals(signals, reload);
+        match polled {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => return true,
+            Err(e) => {
+                tracing::error!(error = %e, "poll on the listening socket failed; shutting down");
+                return false;
+            }
+        }
+        let (listen_ready, signalled) =
+            (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+        if signalled && drain_signals(&signals.rx) {
+            tracing::info!("signal received: shutting down");
+            return false;
+        }
+        if listen_ready {
+            accept_all(listener, &self.daemon, &mut self.conns, &mut self.acceptor);
+        }
+        true
+    }
+
+    /// The ignored signals that came since the last turn: a SIGHUP reloads
+    /// when there is a config file to reread, the others are only logged.
+    fn on_ignored_signals(&mut self, signals: &Signals, reload: Option<&super::Reload>) {
+        for (sig, flag) in &signals.ignored {
+            if !flag.swap(false, Ordering::Relaxed) {
+                continue;
+            }
+            match reload {
+                Some(r) if *sig == libc::SIGHUP => {
+                    reload_config(&self.daemon, r, &self.conns, &mut self.nagios)
+                }
+                _ => {
+                    let name = pidring::result::signal_name(*sig);
+                    tracing::info!("{name} ignored (stop with SIGTERM)");
+                }
+            }
+        }
+    }
+
+    /// Shutdown's first step: no new client, no new gearman job, and the
+    /// socket file removed while it is still ours.
+    fn stop_accepting(&mut self, listener: UnixListener) {
+        self.daemon
+            .stats
+            .shutting_down
+            .store(true, Ordering::SeqCst);
+        if let Some(g) = &self.gearman {
+            g.begin_stop();
+        }
+        drop(listener);
+        self.socket_guard.remove();
+    }
+
+    /// Wait for the checks in flight to finish, until the drain timeout
+    /// passes or a second signal says to stop now.
+    fn drain(&self, signals: &Signals) {
+        let exec = &self.daemon.exec;
+        let drain = self.daemon.config().drain_timeout;
+        let deadline = Instant::now() + drain;
+        let outstanding = exec.outstanding();
+        if outstanding > 0 {
+            tracing::info!(
+                outstanding,
+                drain_timeout = ?drain,
+                "waiting for in-flight checks (send the signal again to stop now)"
+            );
+        }
+        while exec.outstanding() > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(
+                    outstanding = exec.outstanding(),
+                    "drain timeout passed: killing the remaining checks"
+                );
+                break;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(20));
+            let mut fds = [PollFd::new(&signals.rx, PollFlags::IN)];
+            let ts = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: wait.as_nanos() as i64,
+            };
+            if rustix::event::poll(&mut fds, Some(&ts)).unwrap_or(0) > 0
+                && drain_signals(&signals.rx)
+            {
+                tracing::warn!(
+                    outstanding = exec.outstanding(),
+                    "second signal: killing the remaining checks now"
+                );
+                break;
+            }
+        }
+    }
+
+    /// Stop the Nagios connections, which answer their in-flight jobs
+    /// (cancelled), then the gearman ones, which answer (and complete) what
+    /// finished and kill the rest.
+    fn stop_workers(&mut self) {
+        if let Some(workers) = self.nagios.take() {
+            let s = workers.stop();
+            tracing::info!(?s, "nagios worker connections stopped");
+        }
+        if let Some(workers) = self.gearman.take() {
+            let s = workers.stop();
+            tracing::info!(stats = %serde_json::to_string(&s).unwrap_or_default(), "gearman worker connections stopped");
+        }
+    }
+
+    /// Kill, sweep and reap every check left. In subreaper mode the
+    /// executor's shutdown also kills and reaps every adopted descendant
+    /// (escaped, or a group member killed by the sweep). Checks that
+    /// outlive the kill wait are answered with an error.
+    fn kill_the_rest(&self) {
+        let exec = &self.daemon.exec;
+        if !exec.shutdown_within(KILL_WAIT) {
+            let unanswered: usize = self.conns.iter().map(|(c, _)| c.abandon_in_flight()).sum();
+            tracing::error!(
+                running = exec.running(),
+                unanswered,
+                "checks still running {KILL_WAIT:?} after SIGKILL: they may not be signalled \
+                 (they run as another user, through sudo or a setuid program) or are stuck in the \
+                 kernel (a hung mount); stopping without them (their clients are told so)"
+            );
+        }
+    }
+
+    /// Let every connection write what it owes (up to `FLUSH_TIMEOUT` for
+    /// them all), cut those that do not take it, and say the daemon stopped.
+    fn close_connections(self) {
+        let Running {
+            daemon,
+            socket_guard,
+            conns,
+            ..
+        } = self;
+        for (c, _) in &conns {
+            c.finishing.store(true, Ordering::SeqCst);
+            c.wake_writer();
+        }
+        let flush_end = Instant::now() + FLUSH_TIMEOUT;
+        for (c, h) in conns {
+            while !h.is_finished() && Instant::now() < flush_end {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if !h.is_finished() {
+                tracing::warn!(
+                    conn = c.no,
+                    "client did not take its answers in time; closing it"
+                );
+                c.closed.store(true, Ordering::SeqCst);
+                let _ = c.stream.shutdown(std::net::Shutdown::Both);
+                // A writer waiting for a result that never comes (its check
+                // was left running, unkillable) sees `closed` once woken.
+                c.wake_writer();
+            }
+            let _ = h.join();
+        }
+        let s = daemon.stats.snapshot();
+        tracing::info!(
+            connections = s.connections_accepted,
+            submits = s.submits_accepted,
+            results_sent = s.results_sent,
+            results_dropped = s.results_dropped,
+            "pidring daemon stopped"
+        );
+        drop(socket_guard);
+    }
+}
+
+/// The executor as the config asks, reaping orphans (the daemon is a subreaper).
+fn build_executor(config: &DaemonConfig) -> Result<Executor, DaemonError> {
+    Ok(Executor::builder()
         .max_running(config.max_running)
         .queue_limit(config.queue_limit)
         .backend(config.backend)
         .cgroup(config.cgroup.clone())
         .realtime_kills(config.realtime_kills)
         .reap_orphans(true)
-        .build()?;
-    let exec = Arc::new(exec);
-    // Default caps the host cannot enforce: a clear error, not silence.
+        .build()?)
+}
+
+/// Whether this host can enforce the config's default caps: it refuses
+/// ones it cannot (at start and at a reload), rather than run checks
+/// without them.
+fn default_caps_enforceable(config: &DaemonConfig, exec: &Executor) -> Result<(), String> {
     let defaults = with_caps(
         Check::argv(["/bin/true"]),
         config.memory_max.map(|w| w.0 as u64),
         config.pids_max,
         config.cpu_max,
     );
-    if let Some(why) = defaults.get_caps().unenforceable(&exec.containment()) {
-        return Err(DaemonError::Invalid(format!(
-            "the configured default caps: {why}"
-        )));
+    match defaults.get_caps().unenforceable(&exec.containment()) {
+        Some(why) => Err(format!("the configured default caps: {why}")),
+        None => Ok(()),
     }
-    // After the executor raised RLIMIT_NOFILE: what is left for clients.
-    let mut config = config;
-    fit_clients_to_descriptors(&mut config, exec.containment().mode == "cgroup");
-    let mut nagios = match &config.nagios {
+}
+
+/// The `[nagios]` and `[gearman]` sections' workers, when configured.
+fn spawn_protocol_workers(
+    config: &DaemonConfig,
+    exec: &Arc<Executor>,
+    policy: &Arc<pidring::policy::SharedPolicy>,
+) -> Result<
+    (
+        Option<crate::nagios::NagiosWorkers>,
+        Option<crate::gearman::GearmanWorkers>,
+    ),
+    DaemonError,
+> {
+    let nagios = match &config.nagios {
         Some(n) => Some(crate::nagios::worker::spawn_workers_with_policy(
             n,
             exec.clone(),
@@ -654,176 +948,17 @@ pub(crate) fn run(config: DaemonConfig, reload: Option<super::Reload>) -> Result
         }
         None => None,
     };
-    let stats = Arc::new(Stats::default());
-    let daemon = Arc::new(Daemon {
-        exec,
-        budget: Arc::new(SharedBudget::new(config.max_total_bytes)),
-        config: RwLock::new(Arc::new(config)),
-        policy,
-        stats: stats.clone(),
-        gearman: gearman.as_ref().map(|g| g.stats_handle()),
-    });
-    let config = daemon.config();
-    if let Some(addr) = config.metrics {
+    Ok((nagios, gearman))
+}
+
+/// The Prometheus endpoint, when `metrics` is set; its bound address goes in `stats`.
+fn serve_metrics(daemon: &Arc<Daemon>) -> Result<(), DaemonError> {
+    if let Some(addr) = daemon.config().metrics {
         let bound = prometheus::serve(addr, daemon.clone())
             .map_err(|source| DaemonError::Metrics { addr, source })?;
-        let _ = stats.metrics_address.set(bound.to_string());
+        let _ = daemon.stats.metrics_address.set(bound.to_string());
         tracing::info!(address = %bound, "serving Prometheus metrics at http://{bound}/metrics");
     }
-    tracing::info!(
-        socket = %socket_guard.path.display(),
-        backend = %daemon.exec.backend(),
-        max_running = config.max_running,
-        queue_limit = config.queue_limit,
-        pid = std::process::id(),
-        "pidring daemon ready"
-    );
-
-    let mut conns: Vec<(Arc<Conn>, JoinHandle<()>)> = Vec::new();
-    let mut acceptor = Acceptor::default();
-    loop {
-        let mut fds = [
-            PollFd::new(&listener, PollFlags::IN),
-            PollFd::new(&sig_rx, PollFlags::IN),
-        ];
-        // Wake now and then to close the sockets of connections that ended
-        // (their threads are done; `conns` still holds the socket).
-        let prune_every = rustix::time::Timespec {
-            tv_sec: 0,
-            tv_nsec: 500_000_000,
-        };
-        let polled = rustix::event::poll(&mut fds, Some(&prune_every));
-        conns.retain(|(_, h)| !h.is_finished());
-        for (sig, flag) in &ignored {
-            if !flag.swap(false, Ordering::Relaxed) {
-                continue;
-            }
-            match &reload {
-                Some(r) if *sig == libc::SIGHUP => reload_config(&daemon, r, &conns, &mut nagios),
-                _ => {
-                    let name = pidring::result::signal_name(*sig);
-                    tracing::info!("{name} ignored (stop with SIGTERM)");
-                }
-            }
-        }
-        match polled {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => {
-                tracing::error!(error = %e, "poll on the listening socket failed; shutting down");
-                break;
-            }
-        }
-        let (listen_ready, signalled) =
-            (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
-        if signalled && drain_signals(&sig_rx) {
-            tracing::info!("signal received: shutting down");
-            break;
-        }
-        if listen_ready {
-            accept_all(&listener, &daemon, &mut conns, &mut acceptor);
-        }
-    }
-
-    // 1. Stop accepting (gearman jobs too), and let no other daemon's socket be removed later.
-    stats.shutting_down.store(true, Ordering::SeqCst);
-    if let Some(g) = &gearman {
-        g.begin_stop();
-    }
-    drop(listener);
-    socket_guard.remove();
-
-    // 2. Let in-flight checks finish, up to the drain timeout; a second signal cuts it short.
-    let drain = daemon.config().drain_timeout;
-    let deadline = Instant::now() + drain;
-    let outstanding = daemon.exec.outstanding();
-    if outstanding > 0 {
-        tracing::info!(
-            outstanding,
-            drain_timeout = ?drain,
-            "waiting for in-flight checks (send the signal again to stop now)"
-        );
-    }
-    while daemon.exec.outstanding() > 0 {
-        let now = Instant::now();
-        if now >= deadline {
-            tracing::warn!(
-                outstanding = daemon.exec.outstanding(),
-                "drain timeout passed: killing the remaining checks"
-            );
-            break;
-        }
-        let wait = (deadline - now).min(Duration::from_millis(20));
-        let mut fds = [PollFd::new(&sig_rx, PollFlags::IN)];
-        let ts = rustix::time::Timespec {
-            tv_sec: 0,
-            tv_nsec: wait.as_nanos() as i64,
-        };
-        if rustix::event::poll(&mut fds, Some(&ts)).unwrap_or(0) > 0 && drain_signals(&sig_rx) {
-            tracing::warn!(
-                outstanding = daemon.exec.outstanding(),
-                "second signal: killing the remaining checks now"
-            );
-            break;
-        }
-    }
-
-    // The Nagios connections answer their in-flight jobs (cancelled) first.
-    if let Some(workers) = nagios {
-        let s = workers.stop();
-        tracing::info!(?s, "nagios worker connections stopped");
-    }
-    // The gearman connections answer (and complete) what finished, kill the rest.
-    if let Some(workers) = gearman {
-        let s = workers.stop();
-        tracing::info!(stats = %serde_json::to_string(&s).unwrap_or_default(), "gearman worker connections stopped");
-    }
-    // 3. Kill, sweep and reap what is left; every accepted check is answered.
-    //    In subreaper mode the executor's shutdown also kills and reaps every
-    //    adopted descendant (escaped, or a group member killed by the sweep).
-    if !daemon.exec.shutdown_within(KILL_WAIT) {
-        let unanswered: usize = conns.iter().map(|(c, _)| c.abandon_in_flight()).sum();
-        tracing::error!(
-            running = daemon.exec.running(),
-            unanswered,
-            "checks still running {KILL_WAIT:?} after SIGKILL: they may not be signalled \
-             (they run as another user, through sudo or a setuid program) or are stuck in the \
-             kernel (a hung mount); stopping without them (their clients are told so)"
-        );
-    }
-
-    // 5. Flush every answer, then close the connections.
-    for (c, _) in &conns {
-        c.finishing.store(true, Ordering::SeqCst);
-        c.wake_writer();
-    }
-    let flush_end = Instant::now() + FLUSH_TIMEOUT;
-    for (c, h) in conns {
-        while !h.is_finished() && Instant::now() < flush_end {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if !h.is_finished() {
-            tracing::warn!(
-                conn = c.no,
-                "client did not take its answers in time; closing it"
-            );
-            c.closed.store(true, Ordering::SeqCst);
-            let _ = c.stream.shutdown(std::net::Shutdown::Both);
-            // A writer waiting for a result that never comes (its check
-            // was left running, unkillable) sees `closed` once woken.
-            c.wake_writer();
-        }
-        let _ = h.join();
-    }
-    let s = stats.snapshot();
-    tracing::info!(
-        connections = s.connections_accepted,
-        submits = s.submits_accepted,
-        results_sent = s.results_sent,
-        results_dropped = s.results_dropped,
-        "pidring daemon stopped"
-    );
-    drop(socket_guard);
     Ok(())
 }
 
@@ -868,17 +1003,8 @@ fn reload_config(
         Ok(p) => p,
         Err(e) => return failed(format!("invalid config file {path}: {e}")),
     };
-    let defaults = with_caps(
-        Check::argv(["/bin/true"]),
-        new.memory_max.map(|w| w.0 as u64),
-        new.pids_max,
-        new.cpu_max,
-    );
-    if let Some(why) = defaults
-        .get_caps()
-        .unenforceable(&daemon.exec.containment())
-    {
-        return failed(format!("the configured default caps: {why}"));
+    if let Err(why) = default_caps_enforceable(&new, &daemon.exec) {
+        return failed(why);
     }
     let old = daemon.config();
     // What only a restart changes keeps its running value.

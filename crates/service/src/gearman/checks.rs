@@ -262,6 +262,7 @@ fn trim_output(data: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::check_result;
     use pidring::result::{Output, Timings};
 
     fn cfg() -> GearmanConfig {
@@ -293,30 +294,16 @@ mod tests {
 
     fn result(outcome: Outcome, stdout: &str, stderr: &str) -> CheckResult {
         CheckResult {
-            id: 1,
-            tag: None,
-            outcome,
-            state: State::Ok,
-            reason: String::new(),
-            exit: None,
-            pid: None,
-            stdout: Output {
-                data: stdout.as_bytes().to_vec(),
-                ..Default::default()
-            },
             stderr: Output {
                 data: stderr.as_bytes().to_vec(),
                 ..Default::default()
             },
-            output_cut: false,
-            plugin: Default::default(),
             timings: Timings {
                 started_unix_us: 1_000_500_000,
                 exited_unix_us: 1_001_000_000,
                 ..Default::default()
             },
-            rusage: None,
-            cgroup: None,
+            ..check_result(outcome, stdout.as_bytes())
         }
     }
 

@@ -5,6 +5,8 @@
 //! Only what a worker and a background client need is named here; see
 //! gearmand's `PROTOCOL` file for the rest.
 
+use crate::readbuf::ReadBuf;
+
 /// Request magic (client or worker to server).
 pub const REQ: [u8; 4] = *b"\0REQ";
 /// Response magic (server to client or worker).
@@ -151,8 +153,7 @@ pub fn request(kind: Kind, args: &[&[u8]]) -> Vec<u8> {
 /// Split a stream of bytes into packets.
 #[derive(Debug, Default)]
 pub struct Decoder {
-    buf: Vec<u8>,
-    start: usize,
+    buf: ReadBuf,
 }
 
 impl Decoder {
@@ -163,19 +164,12 @@ impl Decoder {
 
     /// Add bytes read from the socket.
     pub fn feed(&mut self, data: &[u8]) {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start > 64 * 1024 {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        self.buf.extend_from_slice(data);
+        self.buf.extend(data);
     }
 
     /// The next whole packet, `None` until one is complete.
     pub fn next_packet(&mut self) -> Result<Option<Packet>, PacketError> {
-        let rest = &self.buf[self.start..];
+        let rest = self.buf.unread();
         if rest.len() < HEADER {
             return Ok(None);
         }
@@ -194,7 +188,7 @@ impl Decoder {
         }
         let body = &rest[HEADER..HEADER + len];
         let args = split_args(kind, body)?;
-        self.start += HEADER + len;
+        self.buf.consume(HEADER + len);
         Ok(Some(Packet { kind, args }))
     }
 }

@@ -5,6 +5,8 @@
 //! (`MSG_DELIM` in Nagios' `lib/worker.h`, its terminating NUL included).
 //! Values never contain NUL, so the delimiter cannot occur inside a message.
 
+use crate::readbuf::ReadBuf;
+
 /// The bytes that end every message.
 pub const MSG_DELIM: &[u8; 4] = b"\x01\x00\x00\x00";
 
@@ -108,10 +110,9 @@ pub fn parse_body(body: &[u8]) -> (Message, usize) {
 /// Reassembles messages from a byte stream read in arbitrary pieces.
 #[derive(Debug, Default)]
 pub struct Decoder {
-    buf: Vec<u8>,
-    /// Start of the bytes not yet consumed.
-    start: usize,
-    /// Where to resume looking for a delimiter (bytes before it hold none).
+    buf: ReadBuf,
+    /// Where in the unread bytes to resume looking for a delimiter (bytes
+    /// before it hold none).
     scanned: usize,
     /// Non-pair segments skipped so far.
     skipped: u64,
@@ -125,40 +126,27 @@ impl Decoder {
 
     /// Add bytes read from the stream.
     pub fn feed(&mut self, data: &[u8]) {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.scanned = 0;
-            self.start = 0;
-        } else if self.start > 64 * 1024 && self.start * 2 > self.buf.len() {
-            self.buf.drain(..self.start);
-            self.scanned = self.scanned.saturating_sub(self.start);
-            self.start = 0;
-        }
-        self.buf.extend_from_slice(data);
+        self.buf.extend(data);
     }
 
     /// The next complete message, if one is buffered. Empty frames (a stray
     /// delimiter, or garbage with no `key=value` in it) are skipped.
     pub fn next_message(&mut self) -> Result<Option<Message>, DecodeError> {
         loop {
-            let from = self.scanned.max(self.start);
-            let found = find(&self.buf[from..], MSG_DELIM).map(|i| from + i);
+            let unread = self.buf.unread();
+            let from = self.scanned;
+            let found = find(&unread[from..], MSG_DELIM).map(|i| from + i);
             let Some(end) = found else {
                 // Keep the last 3 bytes unscanned: a delimiter may straddle reads.
-                self.scanned = self
-                    .buf
-                    .len()
-                    .saturating_sub(MSG_DELIM.len() - 1)
-                    .max(self.start);
-                let pending = self.buf.len() - self.start;
-                if pending > MAX_MESSAGE {
+                self.scanned = unread.len().saturating_sub(MSG_DELIM.len() - 1);
+                if unread.len() > MAX_MESSAGE {
                     return Err(DecodeError::TooLong(MAX_MESSAGE));
                 }
                 return Ok(None);
             };
-            let (msg, skipped) = parse_body(&self.buf[self.start..end]);
-            self.start = end + MSG_DELIM.len();
-            self.scanned = self.start;
+            let (msg, skipped) = parse_body(&unread[..end]);
+            self.buf.consume(end + MSG_DELIM.len());
+            self.scanned = 0;
             self.skipped += skipped as u64;
             if !msg.pairs.is_empty() {
                 return Ok(Some(msg));
@@ -173,7 +161,7 @@ impl Decoder {
 
     /// Bytes buffered that do not yet form a whole message.
     pub fn pending(&self) -> usize {
-        self.buf.len() - self.start
+        self.buf.unread().len()
     }
 }
 

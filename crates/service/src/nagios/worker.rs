@@ -990,25 +990,14 @@ pub fn refusal_pairs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pidring::result::{ExitStatus, Output, Timings};
+    use crate::test_support::check_result;
+    use pidring::result::{ExitStatus, Timings};
     use std::os::unix::net::UnixListener;
 
     fn result(outcome: Outcome, exit: Option<ExitStatus>, stdout: &[u8]) -> CheckResult {
         CheckResult {
-            id: 1,
-            tag: None,
-            outcome,
-            state: State::Ok,
-            reason: String::new(),
             exit,
             pid: Some(10),
-            stdout: Output {
-                data: stdout.to_vec(),
-                ..Default::default()
-            },
-            stderr: Output::default(),
-            output_cut: false,
-            plugin: Default::default(),
             timings: Timings {
                 submitted_unix_us: 1_700_000_000_000_000,
                 started_unix_us: 1_700_000_000_000_007,
@@ -1016,8 +1005,7 @@ mod tests {
                 run: Duration::from_micros(1_249_993),
                 ..Default::default()
             },
-            rusage: None,
-            cgroup: None,
+            ..check_result(outcome, stdout)
         }
     }
 
