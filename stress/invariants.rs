@@ -150,13 +150,24 @@ fn fds_but_cgroup_leaves(pid: i32) -> std::io::Result<Vec<String>> {
     Ok(targets)
 }
 
+/// How long [`settled_fds`] samples an executor in this process: its
+/// short-lived fds (its orphan scan reads /proc) last less.
+pub const SETTLE: Duration = Duration::from_millis(80);
+
+/// How long [`settled_fds`] samples a daemon: it closes the socket of a
+/// connection that ended (its threads done) when its accept loop next
+/// wakes, which it does at least every 500 ms (`prune_every` in the
+/// daemon's server.rs): twice that.
+pub const DAEMON_SETTLE: Duration = Duration::from_secs(1);
+
 /// Open fds of a live executor (but its cgroup leaves), settled: the
-/// targets of the least of a few samples 20 ms apart. The executor opens
-/// short-lived fds of its own (its orphan scan reads /proc), which one
-/// sample can catch; a leaked fd shows in every one.
-pub fn settled_fds(pid: i32) -> std::io::Result<Vec<String>> {
+/// targets of the least of samples 20 ms apart over `window`. The executor
+/// opens short-lived fds of its own, which one sample can catch; a leaked
+/// fd shows in every one.
+pub fn settled_fds(pid: i32, window: Duration) -> std::io::Result<Vec<String>> {
+    let end = Instant::now() + window;
     let mut least = fds_but_cgroup_leaves(pid)?;
-    for _ in 0..4 {
+    while Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20));
         let sample = fds_but_cgroup_leaves(pid)?;
         if sample.len() < least.len() {
@@ -378,15 +389,15 @@ mod tests {
         let v = check_fds("fds", start, fd_count(me).unwrap());
         assert!(!v.ok && v.detail.contains("+1"), "{v:?}");
         // Settling filters transient fds, never a leaked one.
-        let v = check_fds("fds", start, settled_fds(me).unwrap().len());
+        let v = check_fds("fds", start, settled_fds(me, SETTLE).unwrap().len());
         assert!(!v.ok && v.detail.contains("+1"), "{v:?}");
         drop(leaked);
         assert!(check_fds("fds", start, fd_count(me).unwrap()).ok);
 
         // The targets' verdict names the leaked fd.
-        let start = settled_fds(me).unwrap();
+        let start = settled_fds(me, SETTLE).unwrap();
         let leaked = std::fs::File::open("/proc/self/stat").unwrap();
-        let now = settled_fds(me).unwrap();
+        let now = settled_fds(me, SETTLE).unwrap();
         let v = check_fd_targets("fds", &start, &now);
         let stat = format!("/proc/{me}/stat");
         assert!(!v.ok && v.detail.contains("+1"), "{v:?}");
@@ -396,7 +407,7 @@ mod tests {
             "{v:?}"
         );
         drop(leaked);
-        assert!(check_fd_targets("fds", &start, &settled_fds(me).unwrap()).ok);
+        assert!(check_fd_targets("fds", &start, &settled_fds(me, SETTLE).unwrap()).ok);
     }
 
     #[test]
