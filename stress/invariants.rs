@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// One line of the verdict.
@@ -126,26 +127,52 @@ pub fn fd_count(pid: i32) -> std::io::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
 }
 
+/// Open fds of a process, by what they point at (`readlink` of each
+/// `/proc/PID/fd/N`), sorted. An fd closed between the listing and its
+/// readlink is left out.
+pub fn fd_targets(pid: i32) -> std::io::Result<Vec<String>> {
+    let mut targets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))?
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|t| t.to_string_lossy().into_owned())
+        .collect();
+    targets.sort();
+    Ok(targets)
+}
+
 /// Open fds of a live executor but those into its cgroup subtree (its pool
 /// of leaves, bounded by `max_running` and reused, grows with the most
 /// checks it ran at once: not a leak of finished checks; that every one is
 /// closed is checked after the executor's shutdown, on the whole process).
-fn fds_but_cgroup_leaves(pid: i32) -> std::io::Result<usize> {
-    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?
-        .flatten()
-        .filter(|e| !std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with("/sys/fs/cgroup")))
-        .count())
+fn fds_but_cgroup_leaves(pid: i32) -> std::io::Result<Vec<String>> {
+    let mut targets = fd_targets(pid)?;
+    targets.retain(|t| !Path::new(t).starts_with("/sys/fs/cgroup"));
+    Ok(targets)
 }
 
-/// Open fds of a live executor (but its cgroup leaves), settled: the least
-/// of a few samples 20 ms apart. The executor opens short-lived fds of its
-/// own (its orphan scan reads /proc), which one sample can catch; a leaked
+/// How long [`settled_fds`] samples an executor in this process: its
+/// short-lived fds (its orphan scan reads /proc) last less.
+pub const SETTLE: Duration = Duration::from_millis(80);
+
+/// How long [`settled_fds`] samples a daemon: it closes the socket of a
+/// connection that ended (its threads done) when its accept loop next
+/// wakes, which it does at least every 500 ms (`prune_every` in the
+/// daemon's server.rs): twice that.
+pub const DAEMON_SETTLE: Duration = Duration::from_secs(1);
+
+/// Open fds of a live executor (but its cgroup leaves), settled: the
+/// targets of the least of samples 20 ms apart over `window`. The executor
+/// opens short-lived fds of its own, which one sample can catch; a leaked
 /// fd shows in every one.
-pub fn settled_fd_count(pid: i32) -> std::io::Result<usize> {
+pub fn settled_fds(pid: i32, window: Duration) -> std::io::Result<Vec<String>> {
+    let end = Instant::now() + window;
     let mut least = fds_but_cgroup_leaves(pid)?;
-    for _ in 0..4 {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        least = least.min(fds_but_cgroup_leaves(pid)?);
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+        let sample = fds_but_cgroup_leaves(pid)?;
+        if sample.len() < least.len() {
+            least = sample;
+        }
     }
     Ok(least)
 }
@@ -265,6 +292,38 @@ pub fn check_fds(what: &str, start: usize, now: usize) -> Verdict {
     )
 }
 
+/// [`check_fds`] on two fd samples' targets ([`settled_fds`]): when the
+/// counts differ, the evidence names the targets only one sample has.
+pub fn check_fd_targets(what: &str, start: &[String], now: &[String]) -> Verdict {
+    let mut v = check_fds(what, start.len(), now.len());
+    if !v.ok {
+        let (gone, new) = (only_in(start, now), only_in(now, start));
+        v.detail.push_str(&format!(
+            "; only at start: [{}]; only now: [{}]",
+            gone.join(", "),
+            new.join(", ")
+        ));
+    }
+    v
+}
+
+/// The items of sorted `a` that sorted `b` lacks, counting repeats
+/// (`anon_inode:[eventpoll]` twice in `a`, once in `b`, is one).
+fn only_in(a: &[String], b: &[String]) -> Vec<String> {
+    let (mut out, mut j) = (Vec::new(), 0);
+    for x in a {
+        while j < b.len() && b[j] < *x {
+            j += 1;
+        }
+        if j < b.len() && b[j] == *x {
+            j += 1;
+        } else {
+            out.push(x.clone());
+        }
+    }
+    out
+}
+
 /// The first few items of a list, for evidence.
 pub fn first<T: Clone>(v: &[T]) -> Vec<T> {
     v.iter().take(10).cloned().collect()
@@ -330,10 +389,53 @@ mod tests {
         let v = check_fds("fds", start, fd_count(me).unwrap());
         assert!(!v.ok && v.detail.contains("+1"), "{v:?}");
         // Settling filters transient fds, never a leaked one.
-        let v = check_fds("fds", start, settled_fd_count(me).unwrap());
+        let v = check_fds("fds", start, settled_fds(me, SETTLE).unwrap().len());
         assert!(!v.ok && v.detail.contains("+1"), "{v:?}");
         drop(leaked);
         assert!(check_fds("fds", start, fd_count(me).unwrap()).ok);
+
+        // The targets' verdict names the leaked fd.
+        let start = settled_fds(me, SETTLE).unwrap();
+        let leaked = std::fs::File::open("/proc/self/stat").unwrap();
+        let now = settled_fds(me, SETTLE).unwrap();
+        let v = check_fd_targets("fds", &start, &now);
+        let stat = format!("/proc/{me}/stat");
+        assert!(!v.ok && v.detail.contains("+1"), "{v:?}");
+        assert!(
+            v.detail
+                .contains(&format!("only at start: []; only now: [{stat}]")),
+            "{v:?}"
+        );
+        drop(leaked);
+        assert!(check_fd_targets("fds", &start, &settled_fds(me, SETTLE).unwrap()).ok);
+    }
+
+    #[test]
+    fn fd_target_differences_count_repeats() {
+        let s = |v: &[&str]| v.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+        let start = s(&[
+            "/dev/null",
+            "anon_inode:[eventpoll]",
+            "anon_inode:[eventpoll]",
+            "socket:[7]",
+        ]);
+        let now = s(&[
+            "/dev/null",
+            "anon_inode:[eventpoll]",
+            "socket:[7]",
+            "socket:[9]",
+        ]);
+        assert_eq!(only_in(&start, &now), s(&["anon_inode:[eventpoll]"]));
+        assert_eq!(only_in(&now, &start), s(&["socket:[9]"]));
+        let v = check_fd_targets("fds", &start, &now[..3]);
+        assert!(!v.ok, "{v:?}");
+        assert!(
+            v.detail
+                .ends_with("(-1); only at start: [anon_inode:[eventpoll]]; only now: []"),
+            "{v:?}"
+        );
+        // Equal counts pass, whatever the targets (a socket's inode may change).
+        assert!(check_fd_targets("fds", &start, &now).ok);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// One response line (only the fields the harness reads).
 #[derive(Debug, Deserialize)]
@@ -82,6 +82,7 @@ impl SocketDriver {
                 return Err(format!("unexpected answer to ping from the daemon: {line}"));
             }
         }
+        wait_for_other_clients(&stream)?;
         let answered = Arc::new(AtomicU64::new(0));
         let read_half = stream.try_clone().map_err(|e| e.to_string())?;
         let counter = answered.clone();
@@ -98,6 +99,46 @@ impl SocketDriver {
             answered,
             reader: Some(reader),
         })
+    }
+}
+
+/// How long [`wait_for_other_clients`] waits.
+const OTHER_CLIENTS_WAIT: Duration = Duration::from_secs(5);
+
+/// Wait (bounded) until this is the daemon's only open connection, so that
+/// the fd count at the start holds no other client's. The daemon's socket
+/// of a client that has just gone (CI's `pidring ping` that saw the daemon
+/// up, a moment before this harness connected) stays open until that
+/// connection's threads end (the daemon counts it open until then) and the
+/// daemon's accept loop next wakes (the start sample lasts longer than
+/// that: `invariants::DAEMON_SETTLE`). A client still connected after the
+/// wait holds its fds through the run: go on.
+fn wait_for_other_clients(stream: &UnixStream) -> Result<(), String> {
+    let mut w = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let end = Instant::now() + OTHER_CLIENTS_WAIT;
+    loop {
+        w.write_all(b"{\"op\":\"stats\",\"id\":\"settle\"}\n")
+            .map_err(|e| format!("cannot ask the daemon for its stats: {e}"))?;
+        let mut line = String::new();
+        r.read_line(&mut line)
+            .map_err(|e| format!("no answer to stats from the daemon: {e}"))?;
+        let stats: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| format!("unreadable stats from the daemon: {e}: {line}"))?;
+        let open = stats["daemon"]["connections_open"]
+            .as_u64()
+            .ok_or_else(|| format!("no daemon.connections_open in the daemon's stats: {line}"))?;
+        if open <= 1 {
+            return Ok(());
+        }
+        if Instant::now() >= end {
+            eprintln!(
+                "pidring-stress: the daemon serves {} other connection(s) after {OTHER_CLIENTS_WAIT:?}; their fds count at the start and the end",
+                open - 1
+            );
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -260,12 +301,22 @@ mod tests {
             let exec = pidring::Executor::builder().max_running(4).build().unwrap();
             let (conn, _) = listener.accept().unwrap();
             let mut out = conn.try_clone().unwrap();
+            let mut stats_asks = 0;
             for line in BufReader::new(conn).lines() {
                 let Ok(line) = line else { break };
                 let req: serde_json::Value = serde_json::from_str(&line).unwrap();
                 if req["op"] == "ping" {
                     // The client's first request: proof the connection is up.
                     writeln!(out, "{}", serde_json::json!({"type": "pong"})).unwrap();
+                    continue;
+                }
+                if req["op"] == "stats" {
+                    // Then: is it the only client? Not at the first ask.
+                    let open = if stats_asks == 0 { 2 } else { 1 };
+                    stats_asks += 1;
+                    let stats = serde_json::json!({"type": "stats", "id": req["id"],
+                        "daemon": {"connections_open": open}});
+                    writeln!(out, "{stats}").unwrap();
                     continue;
                 }
                 assert_eq!(req["env"]["M"], "x");
@@ -281,6 +332,7 @@ mod tests {
                     break;
                 }
             }
+            stats_asks
         });
         let (tx, rx) = crossbeam_channel::unbounded();
         let policy = Policy {
@@ -306,7 +358,8 @@ mod tests {
             got.push(rx.recv_timeout(Duration::from_secs(30)).expect("an answer"));
         }
         Box::new(d).shutdown();
-        server.join().unwrap();
+        // It waited until it was the only client: asked again when told of another.
+        assert_eq!(server.join().unwrap(), 2);
         let _ = std::fs::remove_dir_all(&dir);
         assert!(got.iter().any(|e| matches!(e,
             Event::Result(r) if r.seq == 1 && r.ending == crate::record::Ending::Exited(2))));
