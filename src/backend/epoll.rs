@@ -9,6 +9,7 @@ use std::time::Duration;
 
 /// Most events taken from the kernel per `epoll_wait`.
 const BATCH: usize = 1024;
+use super::Batch;
 use crate::token::BACKEND_OWN as TIMER;
 /// A zero `Timespec`: "just look" as a timeout, "disarm" for a timer.
 const ZERO: Timespec = Timespec {
@@ -99,8 +100,14 @@ impl Epoll {
     pub fn unwatch(&mut self, _fd: BorrowedFd<'_>, _token: u64) {}
 
     /// `epoll_wait` until a watch fires or `timeout` passes (never early;
-    /// `Some(ZERO)`: just look).
-    pub fn wait(&mut self, fired: &mut Vec<u64>, timeout: Option<Duration>) -> io::Result<()> {
+    /// `Some(ZERO)`: just look). epoll cannot linger for a batch: it
+    /// returns at the first event whatever `_batch` says.
+    pub fn wait(
+        &mut self,
+        fired: &mut Vec<u64>,
+        timeout: Option<Duration>,
+        _batch: Batch,
+    ) -> io::Result<()> {
         let wait_for = match timeout {
             Some(d) if d.is_zero() => {
                 self.set_timer(ZERO)?;
@@ -178,11 +185,13 @@ mod tests {
             let mut fired = Vec::new();
             for us in [1, 300, 1_500] {
                 let start = Instant::now();
-                e.wait(&mut fired, Some(Duration::from_micros(us))).unwrap();
+                e.wait(&mut fired, Some(Duration::from_micros(us)), Batch::NONE)
+                    .unwrap();
                 assert!(start.elapsed() >= Duration::from_micros(us));
                 assert!(fired.is_empty(), "{fired:?}");
             }
-            e.wait(&mut fired, Some(Duration::ZERO)).unwrap();
+            e.wait(&mut fired, Some(Duration::ZERO), Batch::NONE)
+                .unwrap();
             assert!(fired.is_empty(), "{fired:?}");
         }
     }
@@ -193,7 +202,8 @@ mod tests {
         let mut fired = Vec::new();
         // Arm, let it expire unread, then wait with no timeout: only the
         // watched pipe, written later, may end that wait.
-        e.wait(&mut fired, Some(Duration::from_micros(50))).unwrap();
+        e.wait(&mut fired, Some(Duration::from_micros(50)), Batch::NONE)
+            .unwrap();
         std::thread::sleep(Duration::from_millis(5));
         let (r, w) = rustix::pipe::pipe().unwrap();
         e.watch(r.as_fd(), 7, true).unwrap();
@@ -201,7 +211,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             rustix::io::write(&w, b"x").unwrap();
         });
-        e.wait(&mut fired, None).unwrap();
+        e.wait(&mut fired, None, Batch::NONE).unwrap();
         assert_eq!(fired, [7], "the wait ended before the pipe was written");
         writer.join().unwrap();
     }

@@ -9,7 +9,8 @@
 //!
 //! - `uring.rs`: io_uring, `IORING_OP_POLL_ADD` (oneshot) per watch; all arms
 //!   and cancels of one loop turn go to the kernel in the one `io_uring_enter`
-//!   that also waits, with the nearest deadline as its timeout.
+//!   that also waits, with the nearest deadline as its timeout (and, with a
+//!   `Batch`, the kernel's min-wait: a few more events per wake).
 //! - `epoll.rs`: `EPOLLONESHOT` registrations, for hosts where io_uring is
 //!   blocked (container seccomp profiles, `kernel.io_uring_disabled`).
 
@@ -19,6 +20,26 @@ pub(crate) mod uring;
 use rustix::fd::BorrowedFd;
 use std::io;
 use std::time::Duration;
+
+/// How long a wait may linger for more events once the first has come, so
+/// that one wake handles several (each wake costs the loop a sleep and a
+/// switch). Only io_uring has it (`min_wait_usec`, Linux 6.12); epoll and
+/// older kernels return at the first event, as with `Batch::NONE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Batch {
+    /// Return at once when this many have come.
+    pub events: usize,
+    /// Else return this long after the wait began, if any has come.
+    pub within: Duration,
+}
+
+impl Batch {
+    /// Return at the first event.
+    pub const NONE: Batch = Batch {
+        events: 1,
+        within: Duration::ZERO,
+    };
+}
 
 /// Which backend to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -141,11 +162,17 @@ impl Backend {
     }
 
     /// Submit pending work and wait up to `timeout` (None: forever) for
-    /// watches to fire; their tokens are appended to `fired`.
-    pub fn wait(&mut self, fired: &mut Vec<u64>, timeout: Option<Duration>) -> io::Result<()> {
+    /// watches to fire, lingering as `batch` says; their tokens are
+    /// appended to `fired`.
+    pub fn wait(
+        &mut self,
+        fired: &mut Vec<u64>,
+        timeout: Option<Duration>,
+        batch: Batch,
+    ) -> io::Result<()> {
         match self {
-            Backend::Uring(b) => b.wait(fired, timeout),
-            Backend::Epoll(b) => b.wait(fired, timeout),
+            Backend::Uring(b) => b.wait(fired, timeout, batch),
+            Backend::Epoll(b) => b.wait(fired, timeout, batch),
         }
     }
 }
