@@ -14,7 +14,10 @@
 //! re-executed with the hidden `__contender` subcommand), so `RUSAGE_SELF`
 //! (children excluded) and `VmHWM` are that contender's alone. The harness is a
 //! child subreaper: a process that escaped a contender comes back to it and is
-//! counted as a leak.
+//! counted as a leak. The pidring contenders' measured window begins after a
+//! warm-up (`in_flight` × `/bin/true`, so what an executor grows at first use,
+//! the cgroup leaves among it, is grown) and ends before their shutdown, as
+//! the tokio runtime's drop is outside tokio's.
 //!
 //! Workloads:
 //! - `a`: 20k × `/bin/true` at 256 in flight — checks/s, CPU per check;
@@ -1099,8 +1102,9 @@ fn run_pidring(
     let check = Check::argv(&spec.argv)
         .timeout(Duration::from_millis(spec.timeout_ms))
         .grace(Duration::from_millis(spec.grace_ms));
+    warm_up(&exec, spec.in_flight);
     let spec2 = Arc::new(spec.clone());
-    measure(move || {
+    let measured = measure(|| {
         let results = Collector::new(spec2.n);
         for _ in 0..spec2.n {
             let tx = results.clone();
@@ -1133,10 +1137,28 @@ fn run_pidring(
             })
             .expect("submit");
         }
-        let samples = results.wait_all();
-        exec.shutdown();
-        samples
-    })
+        results.wait_all()
+    });
+    exec.shutdown();
+    measured
+}
+
+/// Run `in_flight` × `/bin/true` through `exec` before the measured
+/// window, as a long-running executor would have: what it grows at first
+/// use (child stacks, low descriptor slots, the cgroup leaves' pool: one
+/// mkdir per leaf) is then grown, and its shutdown (an rmdir per leaf)
+/// falls outside the window too, as tokio's runtime drop does.
+fn warm_up(exec: &Executor, in_flight: usize) {
+    let pending: Vec<_> = (0..in_flight)
+        .map(|_| exec.submit(Check::argv(["/bin/true"])).expect("submit"))
+        .collect();
+    for p in pending {
+        let r = p.wait();
+        assert!(
+            matches!(r.outcome, Outcome::Exited { code: 0 }),
+            "warm-up check failed: {r:?}"
+        );
+    }
 }
 
 /// Send `sig` to process group `pgid` (the check's leader is its own group).
