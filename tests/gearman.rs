@@ -178,6 +178,20 @@ fn wait_running(g: &Gearmand, queue: &str, n: u64) {
     }
 }
 
+/// `n` service checks into the `service` queue, for hosts `{prefix}0`,
+/// `{prefix}1`, … (service `s`, timeout 30 s), each running `command`.
+fn submit_services(g: &Gearmand, c: &Crypt, prefix: &str, n: usize, command: &str) {
+    let jobs: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            seal(
+                c,
+                &job("service", &format!("{prefix}{i}"), "s", 30, command),
+            )
+        })
+        .collect();
+    gm::submit_many(g.port, "service", &jobs);
+}
+
 /// Processes whose command line mentions `marker`.
 fn pids_with(marker: &str) -> Vec<i32> {
     common::all_pids()
@@ -492,35 +506,15 @@ fn a_worker_killed_mid_flight_loses_no_job() {
     a.wait_log("connected to gearmand", Duration::from_secs(20));
     b.wait_log("connected to gearmand", Duration::from_secs(20));
     let crypt = Crypt::plain();
-    let jobs: Vec<Vec<u8>> = (0..500)
-        .map(|i| {
-            seal(
-                &crypt,
-                &job(
-                    "service",
-                    &format!("h{i}"),
-                    "s",
-                    30,
-                    &format!("/bin/sh -c 'sleep 2' {marker}"),
-                ),
-            )
-        })
-        .collect();
-    gm::submit_many(g.port, "service", &jobs);
+    submit_services(
+        &g,
+        &crypt,
+        "h",
+        500,
+        &format!("/bin/sh -c 'sleep 2' {marker}"),
+    );
     // Kill `a` once both run jobs.
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let running = g.status().get("service").map(|s| s.1).unwrap_or(0);
-        if running >= 300 {
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "the workers never ran 300 jobs at once: {:?}",
-            g.status()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_running(&g, "service", 300);
     a.signal(libc::SIGKILL);
     let got = results(&g, &crypt, 500, Duration::from_secs(90));
     let missing: Vec<String> = (0..500)
@@ -618,15 +612,7 @@ fn jobs_in_flight_are_bounded_by_max_worker_without_a_thread_per_job() {
         &["--encryption=no", "--services=yes", "--max-worker=3"],
     );
     let crypt = Crypt::plain();
-    let jobs: Vec<Vec<u8>> = (0..12)
-        .map(|i| {
-            seal(
-                &crypt,
-                &job("service", &format!("h{i}"), "s", 30, "/bin/sleep 0.5"),
-            )
-        })
-        .collect();
-    gm::submit_many(g.port, "service", &jobs);
+    submit_services(&g, &crypt, "h", 12, "/bin/sleep 0.5");
     let collector = {
         let port = g.port;
         std::thread::spawn(move || gm::collect(port, RESULTS, 12, Duration::from_secs(60)))
@@ -645,24 +631,8 @@ fn jobs_in_flight_are_bounded_by_max_worker_without_a_thread_per_job() {
     // 200 jobs at once, a handful of threads.
     let w2 = Worker::ready(dir.path(), "w2", &g, &["--encryption=no", "--services=yes"]);
     assert!(w.stop(Duration::from_secs(30)).success());
-    let jobs: Vec<Vec<u8>> = (0..200)
-        .map(|i| {
-            seal(
-                &crypt,
-                &job("service", &format!("t{i}"), "s", 30, "/bin/sleep 3"),
-            )
-        })
-        .collect();
-    gm::submit_many(g.port, "service", &jobs);
-    let end = Instant::now() + Duration::from_secs(30);
-    while g.status().get("service").map(|s| s.1).unwrap_or(0) < 200 {
-        assert!(
-            Instant::now() < end,
-            "200 jobs never ran at once: {:?}",
-            g.status()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    submit_services(&g, &crypt, "t", 200, "/bin/sleep 3");
+    wait_running(&g, "service", 200);
     let threads = std::fs::read_dir(format!("/proc/{}/task", w2.pid()))
         .unwrap()
         .count();
