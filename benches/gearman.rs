@@ -357,8 +357,8 @@ fn collect(port: u16, n: usize) -> usize {
                 if Answer::parse(&text).is_some_and(|a| a.return_code == 0) {
                     ok += 1;
                 }
-                let mut o = packet::request(Kind::WorkComplete, &[&p.args[0], b""]);
-                o.extend(packet::request(Kind::GrabJob, &[]));
+                let mut o = Vec::new();
+                packet::complete_and_grab(&p.args[0], &mut o);
                 s.write_all(&o).unwrap();
             }
             Some(p) if p.kind == Kind::NoJob => {
@@ -438,13 +438,7 @@ fn reference_connection(server: &str) {
                     &[job.result_queue.as_bytes(), b"", &sealed],
                     &mut out,
                 );
-                packet::encode_into(
-                    packet::REQ,
-                    Kind::WorkComplete,
-                    &[&p.args[0], b""],
-                    &mut out,
-                );
-                packet::encode_into(packet::REQ, Kind::GrabJob, &[], &mut out);
+                packet::complete_and_grab(&p.args[0], &mut out);
                 if s.write_all(&out).is_err() {
                     return;
                 }

@@ -10,13 +10,13 @@
 ///
 /// # Safety
 /// The arguments must be valid for system call `nr`, as for `libc::syscall`.
-#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) unsafe fn syscall4(nr: libc::c_long, a: usize, b: usize, c: usize, d: usize) -> isize {
     let ret: isize;
     // SAFETY: the x86_64 Linux system call convention (rax = number, then
     // rdi, rsi, rdx, r10; rcx and r11 are clobbered); the caller vouches for
     // the arguments.
+    #[cfg(target_arch = "x86_64")]
     unsafe {
         core::arch::asm!(
             "syscall",
@@ -30,19 +30,9 @@ pub(crate) unsafe fn syscall4(nr: libc::c_long, a: usize, b: usize, c: usize, d:
             options(nostack),
         );
     }
-    ret
-}
-
-/// `syscall(nr, a, b, c, d)`: the result, or `-errno`.
-///
-/// # Safety
-/// The arguments must be valid for system call `nr`, as for `libc::syscall`.
-#[cfg(target_arch = "aarch64")]
-#[inline(always)]
-pub(crate) unsafe fn syscall4(nr: libc::c_long, a: usize, b: usize, c: usize, d: usize) -> isize {
-    let ret: isize;
     // SAFETY: the aarch64 Linux system call convention (x8 = number, x0–x3
     // arguments, x0 the result); the caller vouches for the arguments.
+    #[cfg(target_arch = "aarch64")]
     unsafe {
         core::arch::asm!(
             "svc 0",
@@ -287,7 +277,6 @@ pub(crate) struct CloneArgs {
 /// As for `clone(2)` with `f` and a stack: `args` names a stack nothing
 /// else uses while the child runs on it, and `f` may run in this
 /// process's memory (`CLONE_VM`) with raw system calls only.
-#[cfg(target_arch = "x86_64")]
 pub(crate) unsafe fn clone3(
     args: &CloneArgs,
     f: extern "C" fn(*mut libc::c_void) -> libc::c_int,
@@ -298,6 +287,7 @@ pub(crate) unsafe fn clone3(
     // child starts on its own stack (the kernel sets rsp to its top,
     // 16-byte aligned; the call leaves it as a function entry expects),
     // with r12/r13 as the parent had them, and exits without returning.
+    #[cfg(target_arch = "x86_64")]
     unsafe {
         core::arch::asm!(
             "syscall",
@@ -320,23 +310,10 @@ pub(crate) unsafe fn clone3(
             lateout("r11") _,
         );
     }
-    ret
-}
-
-/// `clone3(args)`, with the child running `f(arg)` (see the x86_64 version).
-///
-/// # Safety
-/// As for the x86_64 version.
-#[cfg(target_arch = "aarch64")]
-pub(crate) unsafe fn clone3(
-    args: &CloneArgs,
-    f: extern "C" fn(*mut libc::c_void) -> libc::c_int,
-    arg: *mut libc::c_void,
-) -> isize {
-    let ret: isize;
     // SAFETY: in the parent only x0 (the result) changes. The child starts
     // on its own stack with x20/x21 as the parent had them, and exits
     // (exit_group is 94) without returning.
+    #[cfg(target_arch = "aarch64")]
     unsafe {
         core::arch::asm!(
             "svc 0",

@@ -178,6 +178,26 @@ fn wait_running(g: &Gearmand, queue: &str, n: u64) {
     }
 }
 
+/// `n` service checks into the `service` queue, for hosts `{prefix}0`,
+/// `{prefix}1`, … (service `s`, timeout 30 s), each running `command`.
+fn submit_services(g: &Gearmand, c: &Crypt, prefix: &str, n: usize, command: &str) {
+    let jobs: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            seal(
+                c,
+                &job("service", &format!("{prefix}{i}"), "s", 30, command),
+            )
+        })
+        .collect();
+    gm::submit_many(g.port, "service", &jobs);
+}
+
+/// One service check (service `s`) for `host` into the `service` queue.
+fn submit_service(g: &Gearmand, c: &Crypt, host: &str, timeout: u64, command: &str) {
+    let j = job("service", host, "s", timeout, command);
+    gm::submit_bg(g.port, "service", &seal(c, &j));
+}
+
 /// Processes whose command line mentions `marker`.
 fn pids_with(marker: &str) -> Vec<i32> {
     common::all_pids()
@@ -492,35 +512,15 @@ fn a_worker_killed_mid_flight_loses_no_job() {
     a.wait_log("connected to gearmand", Duration::from_secs(20));
     b.wait_log("connected to gearmand", Duration::from_secs(20));
     let crypt = Crypt::plain();
-    let jobs: Vec<Vec<u8>> = (0..500)
-        .map(|i| {
-            seal(
-                &crypt,
-                &job(
-                    "service",
-                    &format!("h{i}"),
-                    "s",
-                    30,
-                    &format!("/bin/sh -c 'sleep 2' {marker}"),
-                ),
-            )
-        })
-        .collect();
-    gm::submit_many(g.port, "service", &jobs);
+    submit_services(
+        &g,
+        &crypt,
+        "h",
+        500,
+        &format!("/bin/sh -c 'sleep 2' {marker}"),
+    );
     // Kill `a` once both run jobs.
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let running = g.status().get("service").map(|s| s.1).unwrap_or(0);
-        if running >= 300 {
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "the workers never ran 300 jobs at once: {:?}",
-            g.status()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_running(&g, "service", 300);
     a.signal(libc::SIGKILL);
     let got = results(&g, &crypt, 500, Duration::from_secs(90));
     let missing: Vec<String> = (0..500)
@@ -618,15 +618,7 @@ fn jobs_in_flight_are_bounded_by_max_worker_without_a_thread_per_job() {
         &["--encryption=no", "--services=yes", "--max-worker=3"],
     );
     let crypt = Crypt::plain();
-    let jobs: Vec<Vec<u8>> = (0..12)
-        .map(|i| {
-            seal(
-                &crypt,
-                &job("service", &format!("h{i}"), "s", 30, "/bin/sleep 0.5"),
-            )
-        })
-        .collect();
-    gm::submit_many(g.port, "service", &jobs);
+    submit_services(&g, &crypt, "h", 12, "/bin/sleep 0.5");
     let collector = {
         let port = g.port;
         std::thread::spawn(move || gm::collect(port, RESULTS, 12, Duration::from_secs(60)))
@@ -645,24 +637,8 @@ fn jobs_in_flight_are_bounded_by_max_worker_without_a_thread_per_job() {
     // 200 jobs at once, a handful of threads.
     let w2 = Worker::ready(dir.path(), "w2", &g, &["--encryption=no", "--services=yes"]);
     assert!(w.stop(Duration::from_secs(30)).success());
-    let jobs: Vec<Vec<u8>> = (0..200)
-        .map(|i| {
-            seal(
-                &crypt,
-                &job("service", &format!("t{i}"), "s", 30, "/bin/sleep 3"),
-            )
-        })
-        .collect();
-    gm::submit_many(g.port, "service", &jobs);
-    let end = Instant::now() + Duration::from_secs(30);
-    while g.status().get("service").map(|s| s.1).unwrap_or(0) < 200 {
-        assert!(
-            Instant::now() < end,
-            "200 jobs never ran at once: {:?}",
-            g.status()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    submit_services(&g, &crypt, "t", 200, "/bin/sleep 3");
+    wait_running(&g, "service", 200);
     let threads = std::fs::read_dir(format!("/proc/{}/task", w2.pid()))
         .unwrap()
         .count();
@@ -681,35 +657,20 @@ fn sigterm_finishes_the_jobs_in_flight_and_answers_them() {
     };
     let w = Worker::ready(dir.path(), "w", &g, &["--encryption=no", "--services=yes"]);
     let crypt = Crypt::plain();
-    gm::submit_bg(
-        g.port,
-        "service",
-        &seal(
-            &crypt,
-            &job(
-                "service",
-                "slow",
-                "s",
-                30,
-                "/bin/sh -c 'sleep 1; echo finished'",
-            ),
-        ),
+    submit_service(
+        &g,
+        &crypt,
+        "slow",
+        30,
+        "/bin/sh -c 'sleep 1; echo finished'",
     );
-    gm::submit_bg(
-        g.port,
-        "service",
-        &seal(&crypt, &job("service", "stuck", "s", 300, "/bin/sleep 100")),
-    );
+    submit_service(&g, &crypt, "stuck", 300, "/bin/sleep 100");
     wait_running(&g, "service", 2);
     let stopped_at = Instant::now();
     w.signal(libc::SIGTERM);
     w.wait_log("letting 2 in flight finish", Duration::from_secs(20));
     // Queued after the SIGTERM: left for another worker.
-    gm::submit_bg(
-        g.port,
-        "service",
-        &seal(&crypt, &job("service", "later", "s", 30, "/bin/true")),
-    );
+    submit_service(&g, &crypt, "later", 30, "/bin/true");
     // The short one finishes; the long one is killed after the 10 s drain and answered so.
     let got = results(&g, &crypt, 2, Duration::from_secs(40));
     assert_eq!(
@@ -766,20 +727,7 @@ fn the_daemon_serves_gearman_queues_and_counts_them() {
     let d = Worker { child, log };
     d.wait_log("connected to gearmand", Duration::from_secs(20));
     let crypt = Crypt::plain();
-    gm::submit_bg(
-        g.port,
-        "service",
-        &seal(
-            &crypt,
-            &job(
-                "service",
-                "via-daemon",
-                "s",
-                10,
-                "/bin/echo OK from the daemon",
-            ),
-        ),
-    );
+    submit_service(&g, &crypt, "via-daemon", 10, "/bin/echo OK from the daemon");
     gm::submit_bg(g.port, "service", b"not base64 at all %%%");
     let got = results(&g, &crypt, 1, Duration::from_secs(30));
     let a = &got.get("via-daemon").expect("a result")[0];
@@ -850,11 +798,7 @@ fn a_load_limit_pauses_grabbing() {
     );
     w.wait_log("load limit exceeded", Duration::from_secs(20));
     let crypt = Crypt::plain();
-    gm::submit_bg(
-        g.port,
-        "service",
-        &seal(&crypt, &job("service", "held", "s", 10, "/bin/true")),
-    );
+    submit_service(&g, &crypt, "held", 10, "/bin/true");
     // Given 3 s (three load checks), the job stays queued, untaken.
     let got = results(&g, &crypt, 1, Duration::from_secs(3));
     assert!(
@@ -881,14 +825,7 @@ fn results_are_copied_to_the_dupserver_as_passive() {
     );
     let crypt = Crypt::plain();
     for i in 0..5 {
-        gm::submit_bg(
-            g.port,
-            "service",
-            &seal(
-                &crypt,
-                &job("service", &format!("d{i}"), "s", 10, "/bin/echo copied"),
-            ),
-        );
+        submit_service(&g, &crypt, &format!("d{i}"), 10, "/bin/echo copied");
     }
     let main = results(&g, &crypt, 5, Duration::from_secs(30));
     let copies = results(&dup, &crypt, 5, Duration::from_secs(30));
@@ -902,14 +839,7 @@ fn results_are_copied_to_the_dupserver_as_passive() {
     }
     // A dupserver that goes away never holds up the real results.
     dup.stop();
-    gm::submit_bg(
-        g.port,
-        "service",
-        &seal(
-            &crypt,
-            &job("service", "after-dup-died", "s", 10, "/bin/true"),
-        ),
-    );
+    submit_service(&g, &crypt, "after-dup-died", 10, "/bin/true");
     assert!(results(&g, &crypt, 1, Duration::from_secs(30)).contains_key("after-dup-died"));
     assert!(w.stop(Duration::from_secs(30)).success());
 }

@@ -252,20 +252,17 @@ fn render_stages(out: &mut String, engine: &MetricsSnapshot) {
             s.latency.count
         );
     }
-    family(
+    labelled(
         out,
         "pidring_stage_duration_max_seconds",
         "gauge",
         "Largest latency seen per stage since start.",
+        "stage",
+        engine
+            .stages
+            .iter()
+            .map(|s| (s.stage.as_str(), secs(s.latency.max_us))),
     );
-    for s in &engine.stages {
-        let _ = writeln!(
-            out,
-            "pidring_stage_duration_max_seconds{{stage=\"{}\"}} {}",
-            s.stage.as_str(),
-            secs(s.latency.max_us)
-        );
-    }
 }
 
 /// The engine's counters, and results by outcome.
@@ -311,25 +308,21 @@ fn render_engine_counters(out: &mut String, engine: &MetricsSnapshot) {
     for (name, help, v) in counters {
         scalar(out, name, "counter", help, v);
     }
-    family(
+    labelled(
         out,
         "pidring_checks_outcome_total",
         "counter",
         "Results by outcome.",
+        "outcome",
+        [
+            ("exited", c.exited),
+            ("signaled", c.signaled),
+            ("timed_out", c.timed_out),
+            ("cancelled", c.cancelled),
+            ("shutdown", c.shutdown),
+            ("spawn_failed", c.spawn_failed),
+        ],
     );
-    for (outcome, v) in [
-        ("exited", c.exited),
-        ("signaled", c.signaled),
-        ("timed_out", c.timed_out),
-        ("cancelled", c.cancelled),
-        ("shutdown", c.shutdown),
-        ("spawn_failed", c.spawn_failed),
-    ] {
-        let _ = writeln!(
-            out,
-            "pidring_checks_outcome_total{{outcome=\"{outcome}\"}} {v}"
-        );
-    }
 }
 
 /// Running and queued checks, and which backend, realtime kills and containment are in force.
@@ -348,38 +341,28 @@ fn render_engine_gauges(out: &mut String, engine: &MetricsSnapshot) {
     ] {
         scalar(out, name, "gauge", help, v);
     }
-    family(
+    labelled(
         out,
         "pidring_backend_info",
         "gauge",
         "The event backend in use (value is always 1).",
+        "backend",
+        [(&engine.backend, 1)],
     );
-    let _ = writeln!(
-        out,
-        "pidring_backend_info{{backend=\"{}\"}} 1",
-        engine.backend
-    );
-    family(
+    scalar(
         out,
         "pidring_realtime_kills",
         "gauge",
         "1 if the loop takes SCHED_FIFO near kills (realtime_kills asked for and permitted), else 0.",
+        u8::from(engine.realtime_kills),
     );
-    let _ = writeln!(
-        out,
-        "pidring_realtime_kills {}",
-        u8::from(engine.realtime_kills)
-    );
-    family(
+    labelled(
         out,
         "pidring_containment_info",
         "gauge",
         "Which containment is in force: cgroup (a cgroup v2 leaf per check), fallback (asked for, not usable: process-group sweep and descendant walk) or off (value is always 1).",
-    );
-    let _ = writeln!(
-        out,
-        "pidring_containment_info{{mode=\"{}\"}} 1",
-        engine.containment.mode
+        "mode",
+        [(&engine.containment.mode, 1)],
     );
 }
 
@@ -416,22 +399,21 @@ fn render_daemon(out: &mut String, d: &DaemonCounters) {
     for (name, help, v) in daemon_counters {
         scalar(out, name, "counter", help, v);
     }
-    family(
+    labelled(
         out,
         "pidring_request_errors_total",
         "counter",
         "Error responses by code.",
+        "code",
+        &d.errors_by_code,
     );
-    for (code, v) in &d.errors_by_code {
-        let _ = writeln!(out, "pidring_request_errors_total{{code=\"{code}\"}} {v}");
-    }
-    family(
+    scalar(
         out,
         "pidring_connections_open",
         "gauge",
         "Client connections open now.",
+        d.connections_open,
     );
-    let _ = writeln!(out, "pidring_connections_open {}", d.connections_open);
 }
 
 /// The `[gearman]` worker's metrics: jobs per queue and outcome, connection state.
@@ -479,10 +461,14 @@ pub fn render_gearman(out: &mut String, g: &crate::gearman::GearmanStatsSnapshot
         ),
     ];
     for (name, kind, help, value) in per_server {
-        family(out, name, kind, help);
-        for (s, st) in &g.servers {
-            let _ = writeln!(out, "{name}{{server=\"{}\"}} {}", label(s), value(st));
-        }
+        labelled(
+            out,
+            name,
+            kind,
+            help,
+            "server",
+            g.servers.iter().map(|(s, st)| (label(s), value(st))),
+        );
     }
     for (name, kind, help, v) in [
         (
@@ -525,6 +511,22 @@ fn label(s: &str) -> String {
 fn scalar(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
     family(out, name, kind, help);
     let _ = writeln!(out, "{name} {value}");
+}
+
+/// A family of samples told apart by one label: its HELP, its TYPE, and
+/// `name{key="k"} v` for each `(k, v)` (`k` written as it is).
+fn labelled<K: std::fmt::Display, V: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    key: &str,
+    samples: impl IntoIterator<Item = (K, V)>,
+) {
+    family(out, name, kind, help);
+    for (k, v) in samples {
+        let _ = writeln!(out, "{name}{{{key}=\"{k}\"}} {v}");
+    }
 }
 
 /// The HELP and TYPE lines that open a family.

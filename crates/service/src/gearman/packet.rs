@@ -150,6 +150,13 @@ pub fn request(kind: Kind, args: &[&[u8]]) -> Vec<u8> {
     v
 }
 
+/// A worker done with job `handle`: WORK_COMPLETE (no result data), then
+/// GRAB_JOB for the next, appended to `out`.
+pub fn complete_and_grab(handle: &[u8], out: &mut Vec<u8>) {
+    encode_into(REQ, Kind::WorkComplete, &[handle, b""], out);
+    encode_into(REQ, Kind::GrabJob, &[], out);
+}
+
 /// Split a stream of bytes into packets.
 #[derive(Debug, Default)]
 pub struct Decoder {
@@ -254,6 +261,16 @@ mod tests {
             request(Kind::GrabJob, &[]),
             b"\0REQ\0\0\0\x09\0\0\0\0".to_vec()
         );
+    }
+
+    #[test]
+    fn complete_and_grab_is_work_complete_then_grab_job() {
+        let mut out = b"x".to_vec();
+        complete_and_grab(b"H:x:1", &mut out);
+        let mut want = b"x".to_vec();
+        want.extend(request(Kind::WorkComplete, &[b"H:x:1", b""]));
+        want.extend(request(Kind::GrabJob, &[]));
+        assert_eq!(out, want);
     }
 
     #[test]

@@ -345,13 +345,7 @@ impl Thread {
                 match p.kind {
                     Kind::JobAssign => {
                         self.on_result(&p.args[2]);
-                        packet::encode_into(
-                            packet::REQ,
-                            Kind::WorkComplete,
-                            &[&p.args[0], b""],
-                            &mut out,
-                        );
-                        packet::encode_into(packet::REQ, Kind::GrabJob, &[], &mut out);
+                        packet::complete_and_grab(&p.args[0], &mut out);
                     }
                     Kind::NoJob => {
                         packet::encode_into(packet::REQ, Kind::PreSleep, &[], &mut out);
