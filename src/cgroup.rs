@@ -531,113 +531,21 @@ impl Pool {
     /// (the caller falls back, and says so once). Called on the loop
     /// thread before it runs (every signal blocked there).
     pub fn setup(containment: &Containment, max_running: usize) -> Result<Option<Pool>, Why> {
-        let (base, create, delegated_mode) = match containment {
-            Containment::Off => return Ok(None),
-            Containment::Path(p) => (p.clone(), true, false),
-            Containment::Auto => {
-                let mount = find_mount().ok_or("no cgroup2 file system is mounted")?;
-                match own_cgroup() {
-                    Some(own) if !own.is_empty() && delegated(&mount.join(&own)) => {
-                        (mount.join(own), false, true)
-                    }
-                    _ if rustix::process::geteuid().is_root() => {
-                        recover_stale(&mount);
-                        let n = NEXT_SUBTREE.fetch_add(1, Ordering::Relaxed);
-                        let pid = rustix::process::getpid().as_raw_nonzero().get();
-                        (mount.join(format!("pidring.{pid}.{n}")), true, false)
-                    }
-                    _ => {
-                        return Err("not root, and this process's cgroup is not delegated \
-                                    (systemd Delegate=yes)"
-                            .into());
-                    }
-                }
-            }
+        let Some(Base {
+            path: base,
+            create,
+            delegated: delegated_mode,
+        }) = choose_base(containment)?
+        else {
+            return Ok(None);
         };
         let why = |what: &str, e: &dyn std::fmt::Display| format!("{what} {}: {e}", base.display());
-        if create {
-            // Nothing is created outside a cgroup2 file system.
-            let parent = base.parent().unwrap_or(Path::new("/"));
-            match on_cgroup2(parent) {
-                Ok(true) => {}
-                Ok(false) => return Err(not_cgroup2(&base)),
-                Err(e) => return Err(why("cannot stat the parent of", &e)),
-            }
-            match std::fs::create_dir(&base) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(why("cannot create", &e)),
-            }
-        }
-        if !on_cgroup2(&base).map_err(|e| why("cannot stat", &e))? {
-            return Err(not_cgroup2(&base));
-        }
-        let lock = rustix::fs::open(
-            &base,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| why("cannot open", &e))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-            .map_err(|e| why("another executor owns", &e))?;
-        if delegated_mode {
-            move_self_to_supervisor(&base)
-                .map_err(|e| why("cannot move into the supervisor leaf of", &e))?;
-        }
-        match rustix::fs::mkdirat(&lock, "checks", Mode::from_raw_mode(0o755)) {
-            Ok(()) | Err(Errno::EXIST) => {}
-            Err(e) => return Err(why("cannot create checks/ in", &e)),
-        }
-        let checks = open_at(lock.as_fd(), "checks", OFlags::RDONLY | OFlags::DIRECTORY)
-            .map_err(|e| why("cannot open checks/ in", &e))?;
-        let controllers = enable_controllers(lock.as_fd(), checks.as_fd());
+        let (subtree, controllers) = open_subtree(&base, create, delegated_mode)?;
         // Peaks count from a leaf's creation: with them, a leaf serves one check.
         let single_use = controllers.iter().any(|c| c == "memory" || c == "pids");
-        let found = recover(checks.as_fd());
-        if found > 0 {
-            tracing::warn!(
-                processes = found,
-                "killed {found} processes a previous executor left in {}/checks",
-                base.display()
-            );
-        }
-        let checks = std::sync::Arc::new(checks);
-        let subtree = Subtree {
-            base: base.clone(),
-            remove_base: create,
-            checks: checks.clone(),
-            _lock: lock,
-            pinned: pin_procs(&base),
-        };
+        let checks = subtree.checks.clone();
         let names = std::sync::Arc::new(AtomicU64::new(0));
-        let mut test_leaf = make_leaf(checks.as_fd(), &names, Entry::CloneInto)
-            .map_err(|e| why("cannot create a leaf in", &e))?;
-        if open_at(test_leaf.dir(), "cgroup.kill", OFlags::WRONLY).is_err() {
-            return Err(format!(
-                "{} has no cgroup.kill (Linux 5.14 or later needed)",
-                base.display()
-            ));
-        }
-        let entry = match self_test(&test_leaf, Entry::CloneInto) {
-            Ok(()) => Entry::CloneInto,
-            Err(first) => {
-                // `clone3` into it is not possible here (before Linux 5.7,
-                // or it kills the child): try moving in by write.
-                test_leaf.procs = open_at(test_leaf.dir(), "cgroup.procs", OFlags::WRONLY).ok();
-                match self_test(&test_leaf, Entry::Write) {
-                    Ok(()) => {
-                        tracing::warn!(
-                            "a child cloned into a cgroup did not live ({first}); children move themselves in instead"
-                        );
-                        Entry::Write
-                    }
-                    Err(second) => return Err(format!("self-test: {first}; {second}")),
-                }
-            }
-        };
-        // The test child was there: the leaf is not reused (it was not
-        // killed, but nothing is gained by trusting it).
-        retire(checks.as_fd(), test_leaf);
+        let entry = entry_by_self_test(checks.as_fd(), &names, &base)?;
         let spare = SPARE.min(max_running).max(1);
         let mut ready = Vec::with_capacity(spare);
         for _ in 0..spare {
@@ -835,6 +743,154 @@ fn helper(
             Job::Retire(leaf) => retire(checks.as_fd(), leaf),
         }
     }
+}
+
+/// Where the subtree is, whether this executor creates it, and whether it
+/// is the service's own delegated cgroup.
+struct Base {
+    path: PathBuf,
+    create: bool,
+    delegated: bool,
+}
+
+/// The subtree for `containment` (see `Containment`): the given path, the
+/// delegated cgroup this process is in, or, as root, a fresh one at the
+/// mount's top (after removing what crashed executors left there).
+fn choose_base(containment: &Containment) -> Result<Option<Base>, Why> {
+    Ok(Some(match containment {
+        Containment::Off => return Ok(None),
+        Containment::Path(p) => Base {
+            path: p.clone(),
+            create: true,
+            delegated: false,
+        },
+        Containment::Auto => {
+            let mount = find_mount().ok_or("no cgroup2 file system is mounted")?;
+            match own_cgroup() {
+                Some(own) if !own.is_empty() && delegated(&mount.join(&own)) => Base {
+                    path: mount.join(own),
+                    create: false,
+                    delegated: true,
+                },
+                _ if rustix::process::geteuid().is_root() => {
+                    recover_stale(&mount);
+                    let n = NEXT_SUBTREE.fetch_add(1, Ordering::Relaxed);
+                    let pid = rustix::process::getpid().as_raw_nonzero().get();
+                    Base {
+                        path: mount.join(format!("pidring.{pid}.{n}")),
+                        create: true,
+                        delegated: false,
+                    }
+                }
+                _ => {
+                    return Err("not root, and this process's cgroup is not delegated \
+                                    (systemd Delegate=yes)"
+                        .into());
+                }
+            }
+        }
+    }))
+}
+
+/// Create (if asked) and lock the subtree at `base`, move into its
+/// supervisor leaf when delegated, make `checks/`, enable the controllers
+/// for it, and kill and remove what a crashed predecessor left there. The
+/// subtree, and the controllers the checks' leaves have.
+fn open_subtree(base: &Path, create: bool, delegated: bool) -> Result<(Subtree, Vec<String>), Why> {
+    let why = |what: &str, e: &dyn std::fmt::Display| format!("{what} {}: {e}", base.display());
+    if create {
+        // Nothing is created outside a cgroup2 file system.
+        let parent = base.parent().unwrap_or(Path::new("/"));
+        match on_cgroup2(parent) {
+            Ok(true) => {}
+            Ok(false) => return Err(not_cgroup2(base)),
+            Err(e) => return Err(why("cannot stat the parent of", &e)),
+        }
+        match std::fs::create_dir(base) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(why("cannot create", &e)),
+        }
+    }
+    if !on_cgroup2(base).map_err(|e| why("cannot stat", &e))? {
+        return Err(not_cgroup2(base));
+    }
+    let lock = rustix::fs::open(
+        base,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| why("cannot open", &e))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(|e| why("another executor owns", &e))?;
+    if delegated {
+        move_self_to_supervisor(base)
+            .map_err(|e| why("cannot move into the supervisor leaf of", &e))?;
+    }
+    match rustix::fs::mkdirat(&lock, "checks", Mode::from_raw_mode(0o755)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => return Err(why("cannot create checks/ in", &e)),
+    }
+    let checks = open_at(lock.as_fd(), "checks", OFlags::RDONLY | OFlags::DIRECTORY)
+        .map_err(|e| why("cannot open checks/ in", &e))?;
+    let controllers = enable_controllers(lock.as_fd(), checks.as_fd());
+    let found = recover(checks.as_fd());
+    if found > 0 {
+        tracing::warn!(
+            processes = found,
+            "killed {found} processes a previous executor left in {}/checks",
+            base.display()
+        );
+    }
+    let subtree = Subtree {
+        base: base.to_path_buf(),
+        remove_base: create,
+        checks: std::sync::Arc::new(checks),
+        _lock: lock,
+        pinned: pin_procs(base),
+    };
+    Ok((subtree, controllers))
+}
+
+/// How children enter their leaf: cloned straight into it if a test child
+/// cloned into a fresh leaf lives (Linux 6.18 kills one cloned into a leaf
+/// that was ever killed, and before 5.7 there is no `CLONE_INTO_CGROUP`),
+/// else by writing their own pid to its `cgroup.procs`.
+fn entry_by_self_test(
+    checks: BorrowedFd<'_>,
+    names: &AtomicU64,
+    base: &Path,
+) -> Result<Entry, Why> {
+    let why = |what: &str, e: &dyn std::fmt::Display| format!("{what} {}: {e}", base.display());
+    let mut test_leaf = make_leaf(checks, names, Entry::CloneInto)
+        .map_err(|e| why("cannot create a leaf in", &e))?;
+    if open_at(test_leaf.dir(), "cgroup.kill", OFlags::WRONLY).is_err() {
+        return Err(format!(
+            "{} has no cgroup.kill (Linux 5.14 or later needed)",
+            base.display()
+        ));
+    }
+    let entry = match self_test(&test_leaf, Entry::CloneInto) {
+        Ok(()) => Entry::CloneInto,
+        Err(first) => {
+            // `clone3` into it is not possible here (before Linux 5.7,
+            // or it kills the child): try moving in by write.
+            test_leaf.procs = open_at(test_leaf.dir(), "cgroup.procs", OFlags::WRONLY).ok();
+            match self_test(&test_leaf, Entry::Write) {
+                Ok(()) => {
+                    tracing::warn!(
+                        "a child cloned into a cgroup did not live ({first}); children move themselves in instead"
+                    );
+                    Entry::Write
+                }
+                Err(second) => return Err(format!("self-test: {first}; {second}")),
+            }
+        }
+    };
+    // The test child was there: the leaf is not reused (it was not
+    // killed, but nothing is gained by trusting it).
+    retire(checks, test_leaf);
+    Ok(entry)
 }
 
 /// Enable what of `memory`, `pids` and `cpu` the base offers in its
