@@ -671,148 +671,25 @@ fn prove(opts: &Opts, mix: &Mix, run: Run, ledger: &mut Ledger) -> Result<Proof,
     let fds_end = invariants::settled_fds(exec_pid, fd_settle(opts)).map_err(|e| e.to_string())?;
     // Stop the PID burner now that the run is over, before the process
     // checks (its pidfd and pipe were open at fds_start too).
-    if let Some(b) = burner {
-        let stopped = b.stop();
-        if let (Ok(r), Some(text)) = (&stopped, &mut pid_space) {
-            text.push_str(&format!("; {r}"));
-        }
-        verdicts.push(Verdict::new(
-            "PID burner stopped and reaped",
-            stopped.is_ok(),
-            match &stopped {
-                Ok(r) => format!(
-                    "{} children created and reaped by it; it exited",
-                    r.children
-                ),
-                Err(e) => e.clone(),
-            },
-        ));
-    }
+    verdicts.extend(stop_burner(burner, &mut pid_space));
     verdicts.push(invariants::check_fd_targets(
         &format!("executor fd count back to start (pid {exec_pid}, executor running)"),
         &fds_start,
         &fds_end,
     ));
-    let leaders: Vec<invariants::GroupLife> = ledger
-        .records
-        .iter()
-        .filter(|r| r.ending.timed_out())
-        .filter_map(|r| {
-            let pid = r.pid?;
-            let end = r.received_us;
-            let born = end.saturating_sub(r.stage(Stage::Total)?) + r.stage(Stage::QueueWait)?;
-            Some((pid, start_boot_us + born, start_boot_us + end))
-        })
-        .collect();
-    let left = invariants::wait_until_empty(Duration::from_secs(5), || {
-        invariants::leftovers_in_groups(&invariants::all_processes(), &leaders)
-            .into_iter()
-            .filter(|p| p.state != 'Z' && invariants::has_marker(p.pid, &marker_kv))
-            .collect()
-    });
-    verdicts.push(Verdict::new(
-        "every timed-out check's process group gone",
-        left.is_empty(),
-        format!(
-            "{} timed-out groups; {} process(es) left in them {:?}",
-            leaders.len(),
-            left.len(),
-            invariants::first(&left)
-                .iter()
-                .map(|p| (p.pid, p.pgid))
-                .collect::<Vec<_>>()
-        ),
-    ));
+    verdicts.push(groups_gone(ledger, start_boot_us, &marker_kv));
     let hists = report::stage_histograms(&ledger.records);
-    let kl = hists
-        .iter()
-        .find(|(s, _)| *s == Stage::KillLateness)
-        .map(|(_, h)| StageRow::from_histogram("kill_lateness", h))
-        .unwrap_or_default();
-    verdicts.push(Verdict::new(
-        "kill lateness p99 within bound",
-        kl.latency.count == 0 || Duration::from_micros(kl.latency.p99_us) <= opts.kill_bound,
-        format!(
-            "p99 {} (max {}, {} timeouts) <= bound {}",
-            pidring::metrics::fmt_us(kl.latency.p99_us),
-            pidring::metrics::fmt_us(kl.latency.max_us),
-            kl.latency.count,
-            pidring::metrics::fmt_us(opts.kill_bound.as_micros() as u64)
-        ),
-    ));
-    // With a cgroup per check: nothing of a check alive once its result
-    // was delivered, watched all through the run.
-    let (scans, strict_found) = ledger
-        .strict
-        .take()
-        .map(strict::Strict::finish)
-        .unwrap_or_default();
-    let contained = drv.containment();
-    if contained.as_deref() == Some("cgroup") {
-        verdicts.push(Verdict::new(
-            "no process of a check alive once its result is delivered (cgroup per check)",
-            strict_found.is_empty(),
-            format!(
-                "{} scan(s) of /proc during the run; {} process(es) alive after their check's result: {:?} (pid, check)",
-                scans,
-                strict_found.len(),
-                &strict_found[..strict_found.len().min(8)]
-            ),
-        ));
-    } else {
-        eprintln!(
-            "pidring-stress: containment {}: the strict orphan invariant is not checked, only that escapees end",
-            contained
-                .as_deref()
-                .unwrap_or("unknown (not reported through this driver)")
-        );
-    }
-    // Escaped grandchildren live at most LONGEST_LIFE_MS after their check.
-    let orphan_bound = Duration::from_millis(LONGEST_LIFE_MS + 5_000);
-    let orphans = invariants::wait_until_empty(orphan_bound, || {
-        invariants::marked_processes(&invariants::all_processes(), &marker_kv)
-    });
-    verdicts.push(Verdict::new(
-        "no escaped orphan left running",
-        orphans.is_empty(),
-        format!(
-            "{} process(es) of this run's checks alive {}s after the end: {:?}",
-            orphans.len(),
-            orphan_bound.as_secs(),
-            invariants::first(&orphans)
-                .iter()
-                .map(|p| p.pid)
-                .collect::<Vec<_>>()
-        ),
-    ));
+    verdicts.push(kill_lateness_within(&hists, opts.kill_bound));
+    verdicts.extend(nothing_alive_after_result(ledger, drv.containment()));
+    verdicts.push(no_orphan_left(&marker_kv));
     verdicts.push(invariants::check_zombies(exec_pid, Duration::from_secs(5)));
     let metrics = drv.metrics();
-    if let Some(m) = &metrics {
-        let c = m.counters;
-        verdicts.push(Verdict::new(
-            "engine counters agree with the harness",
-            c.submitted == ledger.accepted.len() as u64
-                && c.completed == ledger.records.len() as u64,
-            format!(
-                "engine: {} submitted, {} completed, {} rejected, {} orphans reaped",
-                c.submitted, c.completed, c.rejected, c.orphans_reaped
-            ),
-        ));
-    }
+    verdicts.extend(metrics.as_ref().map(|m| counters_agree(m, ledger)));
     // The canary pool is a child of ours but no check: stop it before the
     // executor's shutdown, which (subreaper mode) SIGKILLs every other child.
     let check_pids: HashSet<i32> = ledger.records.iter().filter_map(|r| r.pid).collect();
     let canary = canaries.map(|c| c.finish(&check_pids, pid_space.clone().unwrap_or_default()));
-    if let Some(c) = &canary {
-        verdicts.push(Verdict::new(
-            "no canary signalled",
-            c.hits() == 0,
-            format!(
-                "{} canaries ({} on a PID a check of this run had), {} signals received, {} killed",
-                c.canaries, c.on_recycled_check_pid, c.signals, c.killed
-            ),
-        ));
-    }
+    verdicts.extend(canary.as_ref().map(no_canary_signalled));
     drv.shutdown();
     if opts.socket.is_none() {
         let fds_after = invariants::fd_count(me).map_err(|e| e.to_string())?;
@@ -834,6 +711,164 @@ fn prove(opts: &Opts, mix: &Mix, run: Run, ledger: &mut Ledger) -> Result<Proof,
         metrics,
         canary,
     })
+}
+
+/// Stop the PID burner (its pidfd and pipe were open at the start's fd
+/// count too) and say whether it exited; its report goes into `pid_space`.
+fn stop_burner(
+    burner: Option<canary::PidBurner>,
+    pid_space: &mut Option<String>,
+) -> Option<Verdict> {
+    let b = burner?;
+    let stopped = b.stop();
+    if let (Ok(r), Some(text)) = (&stopped, pid_space) {
+        text.push_str(&format!("; {r}"));
+    }
+    Some(Verdict::new(
+        "PID burner stopped and reaped",
+        stopped.is_ok(),
+        match &stopped {
+            Ok(r) => format!(
+                "{} children created and reaped by it; it exited",
+                r.children
+            ),
+            Err(e) => e.clone(),
+        },
+    ))
+}
+
+/// Every timed-out check's process group empty (but zombies), within 5 s.
+fn groups_gone(ledger: &Ledger, start_boot_us: u64, marker_kv: &str) -> Verdict {
+    let leaders: Vec<invariants::GroupLife> = ledger
+        .records
+        .iter()
+        .filter(|r| r.ending.timed_out())
+        .filter_map(|r| {
+            let pid = r.pid?;
+            let end = r.received_us;
+            let born = end.saturating_sub(r.stage(Stage::Total)?) + r.stage(Stage::QueueWait)?;
+            Some((pid, start_boot_us + born, start_boot_us + end))
+        })
+        .collect();
+    let left = invariants::wait_until_empty(Duration::from_secs(5), || {
+        invariants::leftovers_in_groups(&invariants::all_processes(), &leaders)
+            .into_iter()
+            .filter(|p| p.state != 'Z' && invariants::has_marker(p.pid, marker_kv))
+            .collect()
+    });
+    Verdict::new(
+        "every timed-out check's process group gone",
+        left.is_empty(),
+        format!(
+            "{} timed-out groups; {} process(es) left in them {:?}",
+            leaders.len(),
+            left.len(),
+            invariants::first(&left)
+                .iter()
+                .map(|p| (p.pid, p.pgid))
+                .collect::<Vec<_>>()
+        ),
+    )
+}
+
+/// Kill lateness (deadline to first signal) p99 within `bound`.
+fn kill_lateness_within(
+    hists: &[(Stage, hdrhistogram::Histogram<u64>)],
+    bound: Duration,
+) -> Verdict {
+    let kl = hists
+        .iter()
+        .find(|(s, _)| *s == Stage::KillLateness)
+        .map(|(_, h)| StageRow::from_histogram("kill_lateness", h))
+        .unwrap_or_default();
+    Verdict::new(
+        "kill lateness p99 within bound",
+        kl.latency.count == 0 || Duration::from_micros(kl.latency.p99_us) <= bound,
+        format!(
+            "p99 {} (max {}, {} timeouts) <= bound {}",
+            pidring::metrics::fmt_us(kl.latency.p99_us),
+            pidring::metrics::fmt_us(kl.latency.max_us),
+            kl.latency.count,
+            pidring::metrics::fmt_us(bound.as_micros() as u64)
+        ),
+    )
+}
+
+/// With a cgroup per check: nothing of a check alive once its result was
+/// delivered, watched all through the run (`strict`). Without one, only
+/// that escapees end is checked (`no_orphan_left`), and this says so.
+fn nothing_alive_after_result(ledger: &mut Ledger, contained: Option<String>) -> Option<Verdict> {
+    let (scans, strict_found) = ledger
+        .strict
+        .take()
+        .map(strict::Strict::finish)
+        .unwrap_or_default();
+    if contained.as_deref() == Some("cgroup") {
+        return Some(Verdict::new(
+            "no process of a check alive once its result is delivered (cgroup per check)",
+            strict_found.is_empty(),
+            format!(
+                "{} scan(s) of /proc during the run; {} process(es) alive after their check's result: {:?} (pid, check)",
+                scans,
+                strict_found.len(),
+                &strict_found[..strict_found.len().min(8)]
+            ),
+        ));
+    }
+    eprintln!(
+        "pidring-stress: containment {}: the strict orphan invariant is not checked, only that escapees end",
+        contained
+            .as_deref()
+            .unwrap_or("unknown (not reported through this driver)")
+    );
+    None
+}
+
+/// Escaped grandchildren live at most `LONGEST_LIFE_MS` after their check:
+/// none of this run's marked processes alive past that (and 5 s).
+fn no_orphan_left(marker_kv: &str) -> Verdict {
+    let orphan_bound = Duration::from_millis(LONGEST_LIFE_MS + 5_000);
+    let orphans = invariants::wait_until_empty(orphan_bound, || {
+        invariants::marked_processes(&invariants::all_processes(), marker_kv)
+    });
+    Verdict::new(
+        "no escaped orphan left running",
+        orphans.is_empty(),
+        format!(
+            "{} process(es) of this run's checks alive {}s after the end: {:?}",
+            orphans.len(),
+            orphan_bound.as_secs(),
+            invariants::first(&orphans)
+                .iter()
+                .map(|p| p.pid)
+                .collect::<Vec<_>>()
+        ),
+    )
+}
+
+/// The engine counted as many submitted and completed checks as the harness.
+fn counters_agree(m: &pidring::MetricsSnapshot, ledger: &Ledger) -> Verdict {
+    let c = m.counters;
+    Verdict::new(
+        "engine counters agree with the harness",
+        c.submitted == ledger.accepted.len() as u64 && c.completed == ledger.records.len() as u64,
+        format!(
+            "engine: {} submitted, {} completed, {} rejected, {} orphans reaped",
+            c.submitted, c.completed, c.rejected, c.orphans_reaped
+        ),
+    )
+}
+
+/// No canary (a process on a recycled PID) got a signal.
+fn no_canary_signalled(c: &report::CanaryReport) -> Verdict {
+    Verdict::new(
+        "no canary signalled",
+        c.hits() == 0,
+        format!(
+            "{} canaries ({} on a PID a check of this run had), {} signals received, {} killed",
+            c.canaries, c.on_recycled_check_pid, c.signals, c.killed
+        ),
+    )
 }
 
 /// The summary: printed, and written out with `--out`.
