@@ -142,33 +142,48 @@ fn idle_metrics_connections_do_not_delay_a_scrape(backend: &str) {
     // Connections that never send a byte: each may hold its own slot for
     // the 5 s request bound, but not the scrapes behind it (served one at
     // a time, four of them delayed a scrape by 20 s, past Prometheus' 10 s).
-    let idle: Vec<_> = (0..4)
-        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
-        .collect();
-    let (answer, took) = http_get(&addr, "/metrics");
-    assert!(answer.starts_with("HTTP/1.0 200 OK"), "{answer}");
-    assert!(answer.contains("pidring_checks_submitted_total"));
-    assert!(
-        took < Duration::from_secs(3),
-        "a scrape behind 4 idle connections took {took:?}"
-    );
     // Past 16 open at once, a connection is refused at once with a 503
-    // (the 16 are well within their 5 s here), not queued behind them.
-    let more: Vec<_> = (4..16)
-        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
-        .collect();
-    // (Read without asking: the answer does not wait for a request.)
-    let start = Instant::now();
-    let mut refused = std::net::TcpStream::connect(&addr).unwrap();
-    refused.set_read_timeout(Some(PATIENCE)).unwrap();
-    let mut answer = String::new();
-    refused.read_to_string(&mut answer).unwrap();
-    assert!(
-        answer.starts_with("HTTP/1.0 503 Service Unavailable"),
-        "{answer}"
-    );
-    let took = start.elapsed();
-    assert!(took < Duration::from_secs(3), "the refusal took {took:?}");
+    // (the 16 are well within their 5 s then), not queued behind them. On a
+    // loaded machine the 16 may reach their 5 s before the 17th is answered,
+    // and are rightly closed: only then is the round tried again.
+    let mut rounds = 0;
+    let (idle, more) = loop {
+        rounds += 1;
+        let opened = Instant::now();
+        let idle: Vec<_> = (0..4)
+            .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+            .collect();
+        let (answer, took) = http_get(&addr, "/metrics");
+        assert!(answer.starts_with("HTTP/1.0 200 OK"), "{answer}");
+        assert!(answer.contains("pidring_checks_submitted_total"));
+        assert!(
+            took < Duration::from_secs(3),
+            "a scrape behind 4 idle connections took {took:?}"
+        );
+        let more: Vec<_> = (4..16)
+            .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+            .collect();
+        // (Read without asking: the answer does not wait for a request.)
+        let start = Instant::now();
+        let mut refused = std::net::TcpStream::connect(&addr).unwrap();
+        refused.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut answer = String::new();
+        refused.read_to_string(&mut answer).unwrap();
+        if opened.elapsed() >= Duration::from_secs(4) && rounds < 3 {
+            eprintln!(
+                "the idle connections neared their 5 s bound ({:?}): again",
+                opened.elapsed()
+            );
+            continue;
+        }
+        assert!(
+            answer.starts_with("HTTP/1.0 503 Service Unavailable"),
+            "{answer}"
+        );
+        let took = start.elapsed();
+        assert!(took < Duration::from_secs(3), "the refusal took {took:?}");
+        break (idle, more);
+    };
     // Once they hang up, their slots are free again.
     drop((idle, more));
     let end = Instant::now() + PATIENCE;
