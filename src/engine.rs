@@ -140,9 +140,9 @@ pub(crate) fn start(
             };
             let _ = ready_tx.send(Ok(engine.backend.kind()));
             engine.run();
-            if reap_orphans {
-                engine.final_orphan_sweep();
-            }
+            // Subreaper or not: a plugin's `clone(CLONE_PARENT)` sibling
+            // is a child of this thread, and ours to kill and reap.
+            engine.final_orphan_sweep(reap_orphans);
         })
         .map_err(|source| ExecutorError::Setup {
             what: "loop thread",
@@ -219,6 +219,13 @@ struct Engine {
     shutting_down: bool,
     reap_orphans: bool,
     next_orphan_scan: Instant,
+    /// Outside subreaper mode, scan this thread's children even with no
+    /// check running: a check's `CLONE_PARENT` sibling may be alive (or
+    /// the last check just ended and may have left one). See `scans`.
+    scan_siblings: bool,
+    /// The last running check ended this turn: scan once, now (an idle
+    /// executor does not wake for it later unless a sibling is left).
+    scan_when_idle: bool,
     /// The loop thread's scheduling policy (realtime near kills, if asked).
     priority: LoopPriority,
     /// What `priority` was made for (`Shared::realtime_wanted` may change).
@@ -295,6 +302,8 @@ impl Engine {
             shutting_down: false,
             reap_orphans: config.reap_orphans,
             next_orphan_scan: Instant::now() + ORPHAN_SCAN,
+            scan_siblings: false,
+            scan_when_idle: false,
             priority,
             realtime_wanted: config.realtime_kills,
             unrecorded: Vec::new(),
@@ -329,7 +338,7 @@ impl Engine {
             }
             let wake = self.priority.before_wait(self.timers.next(), now);
             let mut timeout = wake.map(|t| t.saturating_duration_since(now));
-            if self.reap_orphans {
+            if self.scans() {
                 let scan = self.next_orphan_scan.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(scan, |t| t.min(scan)));
             }
@@ -394,10 +403,13 @@ impl Engine {
                 self.with_check(slot, generation, now, |c, ctx| c.on_timer(kind, ctx));
             }
             self.due = due;
-            if self.reap_orphans && now >= self.next_orphan_scan {
+            if self.scans() && now >= self.next_orphan_scan {
                 self.scan_orphans();
             }
             self.admit(now);
+            if std::mem::take(&mut self.scan_when_idle) && self.checks.is_empty() {
+                self.scan_orphans();
+            }
             if self.shutting_down
                 && self.checks.is_empty()
                 && self.shared.outstanding.load(Ordering::SeqCst) == 0
@@ -694,6 +706,9 @@ impl Engine {
         self.shared
             .running
             .store(self.checks.len(), Ordering::Relaxed);
+        // The last check may have left a sibling: scan once more, at the
+        // end of this turn (see `scans`).
+        self.scan_when_idle |= self.checks.is_empty() && !self.reap_orphans;
     }
 
     /// Hand one result to its callback (a panicking callback cannot kill the loop).
@@ -729,7 +744,19 @@ impl Engine {
         }
     }
 
-    /// Reap descendants that escaped their check and were re-parented to us.
+    /// Whether the orphan scan is due to run: always in subreaper mode;
+    /// else while checks run (any may make a sibling of its leader with
+    /// `clone(CLONE_PARENT)`: a child of this thread, which nobody else
+    /// reaps) and while one is left (see `scan_siblings`); once more as the
+    /// last check ends (`scan_when_idle`). An idle executor without
+    /// siblings does not wake for it.
+    fn scans(&self) -> bool {
+        self.reap_orphans || !self.checks.is_empty() || self.scan_siblings
+    }
+
+    /// Reap descendants that escaped their check and were re-parented to
+    /// us (subreaper mode), and siblings of check leaders (any mode: the
+    /// loop thread's children that are no leader).
     fn scan_orphans(&mut self) {
         self.next_orphan_scan = Instant::now() + ORPHAN_SCAN;
         // Children are created on this thread, and each is in the slab (with
@@ -741,7 +768,13 @@ impl Engine {
             .filter_map(|(_, c)| c.unreaped_pid())
             .map(|p| p.as_raw_nonzero().get())
             .collect();
-        let (reaped, _alive) = reap_exited_orphans(&ours, Adopters::MainAndLoopThread);
+        let adopters = if self.reap_orphans {
+            Adopters::MainAndLoopThread
+        } else {
+            Adopters::LoopThread
+        };
+        let (reaped, alive) = reap_exited_orphans(&ours, adopters);
+        self.scan_siblings = !alive.is_empty();
         self.count_orphans(reaped);
     }
 
@@ -753,17 +786,24 @@ impl Engine {
         }
     }
 
-    /// At the end of a shutdown in subreaper mode: every check is reaped, so
-    /// every child left is an adopted descendant (escaped, or killed with its
-    /// group and not yet collected). SIGKILL the live ones through a pidfd
-    /// and reap them all, for a bounded time, so nothing outlives the executor.
-    fn final_orphan_sweep(&mut self) {
+    /// At the end of a shutdown: every check is reaped, so every child left
+    /// is an adopted descendant (subreaper mode: escaped, or killed with its
+    /// group and not yet collected) or a leader's `CLONE_PARENT` sibling (a
+    /// child of this thread, in any mode). SIGKILL the live ones through a
+    /// pidfd and reap them all, for a bounded time, so nothing outlives the
+    /// executor, nor becomes a zombie nobody reaps.
+    fn final_orphan_sweep(&mut self, reap_orphans: bool) {
+        let adopters = if reap_orphans {
+            Adopters::AllThreads
+        } else {
+            Adopters::LoopThread
+        };
         const BOUND: Duration = Duration::from_secs(5);
         let end = Instant::now() + BOUND;
         let mut signalled = HashSet::new();
         let mut total = 0;
         loop {
-            let (reaped, alive) = reap_exited_orphans(&HashSet::new(), Adopters::AllThreads);
+            let (reaped, alive) = reap_exited_orphans(&HashSet::new(), adopters);
             total += reaped;
             if alive.is_empty() {
                 break;
@@ -781,7 +821,7 @@ impl Engine {
                 }
             }
             if Instant::now() >= end {
-                tracing::error!(left = ?children_of_self(Adopters::AllThreads), "descendants still alive {BOUND:?} after SIGKILL (uninterruptible sleep?)");
+                tracing::error!(left = ?children_of_self(adopters), "descendants still alive {BOUND:?} after SIGKILL (uninterruptible sleep?)");
                 break;
             }
             // The loop serves nobody any more: a short sleep is the wait.
@@ -840,6 +880,10 @@ enum Adopters {
     /// every thread's list made the periodic scan cost the loop ~70 ms at
     /// 3,000 connections). Called on the loop thread.
     MainAndLoopThread,
+    /// The loop thread's alone (outside subreaper mode: only leaders and
+    /// their `CLONE_PARENT` siblings are, never another part of the
+    /// process's children). Called on the loop thread.
+    LoopThread,
     /// Every thread's (the final sweep, once: nothing may be missed).
     AllThreads,
 }
@@ -854,6 +898,7 @@ fn children_of_self(adopters: Adopters) -> Vec<i32> {
             pids.extend(process::children_listed("/proc/thread-self/children"));
             pids
         }
+        Adopters::LoopThread => process::children_listed("/proc/thread-self/children"),
         Adopters::AllThreads => std::fs::read_dir("/proc/self/task")
             .into_iter()
             .flatten()

@@ -54,6 +54,54 @@ fn a_crash_is_unknown_with_the_signal_named() {
     });
 }
 
+/// A plugin's `clone(CLONE_PARENT)` makes a sibling of its leader: a child
+/// of the executor (of its loop thread, which created the leader), not of
+/// the plugin. Outside subreaper mode too it is ours to reap: it must not
+/// stay our zombie, neither while the executor runs nor after it is gone.
+#[test]
+fn a_sibling_made_with_clone_parent_is_reaped_without_subreaper_mode() {
+    if !cfg!(target_arch = "x86_64") {
+        eprintln!("skipped: the plugin calls clone by its x86_64 number");
+        return;
+    }
+    // clone(CLONE_PARENT | SIGCHLD); the sibling exits at once, or (with an
+    // argument) outlives its check in a session of its own.
+    let staying = std::sync::Mutex::new(Vec::new());
+    let plugin = "use POSIX (); my $r = syscall(56, 0x8000 | 17, 0, 0, 0, 0); \
+                  if ($r == 0) { if (@ARGV) { POSIX::setsid(); sleep 300 } POSIX::_exit(0) } \
+                  print \"$r\\n\";";
+    each_backend(executor, |exec, backend| {
+        let r = run(exec, Check::argv(["perl", "-e", plugin]));
+        assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{backend}: {r:?}");
+        let sibling: i32 = r.stdout.text().trim().parse().expect("the sibling's pid");
+        assert!(
+            eventually(Duration::from_secs(10), || !our_zombies()
+                .contains(&sibling)),
+            "{backend}: {sibling} stays a zombie of the executor"
+        );
+        // One that is alive when the executor stops: the shutdown leaves
+        // nothing behind, nor a child that would become our zombie later.
+        let r = run(exec, Check::argv(["perl", "-e", plugin, "stay"]));
+        assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{backend}: {r:?}");
+        let sibling: i32 = r.stdout.text().trim().parse().expect("the sibling's pid");
+        staying.lock().unwrap().push(sibling);
+    });
+    let me = std::process::id() as i32;
+    for pid in staying.into_inner().unwrap() {
+        let left = stat(pid).filter(|&(_, ppid, _, _)| ppid == me);
+        if left.is_some() {
+            // Not to outlive the test binary either.
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+        assert!(
+            left.is_none(),
+            "{pid} is still our child after the executor stopped: {left:?}"
+        );
+    }
+}
+
 #[test]
 fn spawn_failures_are_results_with_clear_messages() {
     let dir = tempdir();
