@@ -715,6 +715,26 @@ fn sigterm_finishes_the_jobs_in_flight_and_answers_them() {
     );
 }
 
+/// `pidring daemon --socket SOCK --config CFG`, its log read as a worker's,
+/// once it is connected to gearmand.
+fn start_daemon(dir: &Path, sock: &Path, cfg: &Path) -> Worker {
+    let log = dir.join("daemon.log");
+    let child = Command::new(BIN)
+        .arg("daemon")
+        .arg("--socket")
+        .arg(sock)
+        .arg("--config")
+        .arg(cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let d = Worker { child, log };
+    d.wait_log("connected to gearmand", Duration::from_secs(20));
+    d
+}
+
 /// The daemon's `[gearman]` section serves the queues through the daemon's
 /// executor; `stats` and `/metrics` count the jobs per queue.
 #[test]
@@ -733,20 +753,7 @@ fn the_daemon_serves_gearman_queues_and_counts_them() {
         ),
     )
     .unwrap();
-    let log = dir.path().join("daemon.log");
-    let child = Command::new(BIN)
-        .arg("daemon")
-        .arg("--socket")
-        .arg(&sock)
-        .arg("--config")
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let d = Worker { child, log };
-    d.wait_log("connected to gearmand", Duration::from_secs(20));
+    let d = start_daemon(dir.path(), &sock, &cfg);
     let crypt = Crypt::plain();
     submit_service(&g, &crypt, "via-daemon", 10, "/bin/echo OK from the daemon");
     gm::submit_bg(g.port, "service", b"not base64 at all %%%");
@@ -1270,4 +1277,35 @@ fn sighup_connects_an_added_server_and_drains_a_removed_one() {
     submit_service(&g, &crypt, "first", 10, "/bin/echo from g");
     expect_output(&g, &crypt, &w, "first", "from g");
     assert!(w.stop(Duration::from_secs(30)).success());
+}
+
+/// The daemon's `[gearman]` section is reloaded live as well: a queue
+/// added there at SIGHUP is served.
+#[test]
+fn the_daemon_reloads_its_gearman_section_on_sighup() {
+    let Some((_serial, dir, _, g)) = setup("the_daemon_reloads_its_gearman_section") else {
+        return;
+    };
+    let sock = dir.path().join("d.sock");
+    let cfg = dir.path().join("pidring.toml");
+    let section = |extra: &str| {
+        format!(
+            "[gearman]\nserver = [\"{}\"]\nencryption = false\nservices = true\n{extra}",
+            g.addr()
+        )
+    };
+    write_cfg(&cfg, &section(""));
+    let d = start_daemon(dir.path(), &sock, &cfg);
+    let crypt = Crypt::plain();
+    let web = job("host", "web1", "", 30, "/bin/echo web via the daemon");
+    gm::submit_bg(g.port, "hostgroup_web", &seal(&crypt, &web));
+    write_cfg(&cfg, &section("hostgroups = [\"web\"]\n"));
+    sighup(&d, RELOADED);
+    assert!(
+        d.log_text().contains("[gearman] changed queues"),
+        "{}",
+        d.log_text()
+    );
+    expect_output(&g, &crypt, &d, "web1", "web via the daemon");
+    assert!(d.stop(Duration::from_secs(30)).success());
 }
