@@ -25,9 +25,22 @@ struct Worker {
 
 impl Worker {
     fn start(dir: &Path, name: &str, gearmand: &Gearmand, extra: &[&str]) -> Worker {
+        Worker::start_with(dir, name, gearmand, &[], extra)
+    }
+
+    /// [`Worker::start`] with `flags` before `--server` (the mod_gearman
+    /// options in `extra` take everything after them).
+    fn start_with(
+        dir: &Path,
+        name: &str,
+        gearmand: &Gearmand,
+        flags: &[&str],
+        extra: &[&str],
+    ) -> Worker {
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(BIN)
             .arg("gearman-worker")
+            .args(flags)
             .arg("--server")
             .arg(gearmand.addr())
             .arg(format!("--identifier={name}"))
@@ -86,6 +99,14 @@ impl Worker {
 }
 
 impl Worker {
+    /// [`Worker::ready`] with `--config FILE` (before the mod_gearman options).
+    fn ready_with_config(dir: &Path, name: &str, gearmand: &Gearmand, cfg: &Path) -> Worker {
+        let cfg = cfg.display().to_string();
+        let w = Worker::start_with(dir, name, gearmand, &["--config", &cfg], &[]);
+        w.wait_log("connected to gearmand", Duration::from_secs(20));
+        w
+    }
+
     /// Start a worker and wait until it is connected.
     fn ready(dir: &Path, name: &str, gearmand: &Gearmand, extra: &[&str]) -> Worker {
         let w = Worker::start(dir, name, gearmand, extra);
@@ -694,6 +715,26 @@ fn sigterm_finishes_the_jobs_in_flight_and_answers_them() {
     );
 }
 
+/// `pidring daemon --socket SOCK --config CFG`, its log read as a worker's,
+/// once it is connected to gearmand.
+fn start_daemon(dir: &Path, sock: &Path, cfg: &Path) -> Worker {
+    let log = dir.join("daemon.log");
+    let child = Command::new(BIN)
+        .arg("daemon")
+        .arg("--socket")
+        .arg(sock)
+        .arg("--config")
+        .arg(cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let d = Worker { child, log };
+    d.wait_log("connected to gearmand", Duration::from_secs(20));
+    d
+}
+
 /// The daemon's `[gearman]` section serves the queues through the daemon's
 /// executor; `stats` and `/metrics` count the jobs per queue.
 #[test]
@@ -712,20 +753,7 @@ fn the_daemon_serves_gearman_queues_and_counts_them() {
         ),
     )
     .unwrap();
-    let log = dir.path().join("daemon.log");
-    let child = Command::new(BIN)
-        .arg("daemon")
-        .arg("--socket")
-        .arg(&sock)
-        .arg("--config")
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let d = Worker { child, log };
-    d.wait_log("connected to gearmand", Duration::from_secs(20));
+    let d = start_daemon(dir.path(), &sock, &cfg);
     let crypt = Crypt::plain();
     submit_service(&g, &crypt, "via-daemon", 10, "/bin/echo OK from the daemon");
     gm::submit_bg(g.port, "service", b"not base64 at all %%%");
@@ -1063,4 +1091,221 @@ fn the_nagios_bridge_routes_checks_to_hostgroup_and_servicegroup_queues() {
         rx.recv_timeout(Duration::from_millis(500)).is_err(),
         "only its group's jobs ran"
     );
+}
+
+/// Write a worker.cfg for the reload tests.
+fn write_cfg(path: &Path, text: &str) {
+    // Written aside and renamed: a reload never reads half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// How many times the worker's log shows `needle`.
+fn log_count(w: &Worker, needle: &str) -> usize {
+    w.log_text().matches(needle).count()
+}
+
+/// SIGHUP and wait for the reload's own log line (success or failure).
+fn sighup(w: &Worker, expect: &str) {
+    let before = log_count(w, expect);
+    w.signal(libc::SIGHUP);
+    let end = Instant::now() + Duration::from_secs(20);
+    while log_count(w, expect) <= before {
+        assert!(
+            Instant::now() < end,
+            "no new {expect:?} in the worker's log within 20 s:\n{}",
+            w.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Wait for `host`'s one result on `g` and check its output.
+fn expect_output(g: &Gearmand, c: &Crypt, w: &Worker, host: &str, output: &str) {
+    let got = results(g, c, 1, Duration::from_secs(30));
+    assert_eq!(
+        got.get(host).map(|v| v[0].output.as_str()),
+        Some(output),
+        "{got:?}\n{}",
+        w.log_text()
+    );
+}
+
+const RELOADED: &str = "SIGHUP: configuration reloaded from";
+const RELOAD_FAILED: &str = "SIGHUP: reload failed, the running configuration is kept";
+
+/// SIGHUP re-reads `--config`: a queue added there is served at once (a
+/// job already waiting in it too), and a job in flight across the reload
+/// is answered exactly once.
+#[test]
+fn sighup_reloads_the_config_and_serves_the_new_queue() {
+    let Some((_serial, dir, _, g)) = setup("sighup_reloads_the_config") else {
+        return;
+    };
+    let cfg = dir.path().join("worker.cfg");
+    write_cfg(&cfg, "services=yes\nencryption=no\n");
+    let w = Worker::ready_with_config(dir.path(), "w", &g, &cfg);
+    let crypt = Crypt::plain();
+    let web = job("host", "web1", "", 30, "/bin/echo web is up");
+    gm::submit_bg(g.port, "hostgroup_web", &seal(&crypt, &web));
+    submit_service(
+        &g,
+        &crypt,
+        "inflight",
+        30,
+        "/bin/sh -c 'sleep 1; echo survived'",
+    );
+    wait_running(&g, "service", 1);
+    assert_eq!(
+        g.status().get("hostgroup_web").copied(),
+        Some((1, 0, 0)),
+        "hostgroup_web is served before the reload"
+    );
+    write_cfg(&cfg, "services=yes\nhostgroups=web\nencryption=no\n");
+    sighup(&w, RELOADED);
+    assert!(
+        w.log_text().contains("hostgroup_web"),
+        "the reload line names the new queue:\n{}",
+        w.log_text()
+    );
+    let got = results(&g, &crypt, 2, Duration::from_secs(30));
+    assert_eq!(
+        got.get("web1").map(|v| v[0].output.as_str()),
+        Some("web is up"),
+        "{got:?}\n{}",
+        w.log_text()
+    );
+    assert_eq!(
+        got.get("inflight").map(|v| v.len()),
+        Some(1),
+        "{got:?}\n{}",
+        w.log_text()
+    );
+    assert_eq!(got["inflight"][0].output, "survived");
+    // Nothing answered twice: no further result comes.
+    let more = gm::collect(g.port, RESULTS, 1, Duration::from_secs(2));
+    assert!(more.is_empty(), "a job was answered twice");
+    // The queue removed again: the worker says CANT_DO.
+    write_cfg(&cfg, "services=yes\nencryption=no\n");
+    sighup(&w, RELOADED);
+    let end = Instant::now() + Duration::from_secs(20);
+    while g.status().get("hostgroup_web").map(|s| s.2) != Some(0) {
+        assert!(
+            Instant::now() < end,
+            "hostgroup_web still has a worker: {:?}",
+            g.status()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(w.stop(Duration::from_secs(30)).success());
+}
+
+/// A broken file at SIGHUP is logged, and the worker goes on with its
+/// running configuration (the file given as the mod_gearman option
+/// `--config=FILE` here, which reloads too).
+#[test]
+fn sighup_with_a_broken_config_keeps_serving() {
+    let Some((_serial, dir, _, g)) = setup("sighup_with_a_broken_config") else {
+        return;
+    };
+    let cfg = dir.path().join("worker.cfg");
+    write_cfg(&cfg, "services=yes\nencryption=no\n");
+    let cfg_opt = format!("--config={}", cfg.display());
+    let w = Worker::ready(dir.path(), "w", &g, &[&cfg_opt]);
+    let crypt = Crypt::plain();
+    write_cfg(&cfg, "services=maybe\nencryption=no\n");
+    sighup(&w, RELOAD_FAILED);
+    assert!(
+        w.log_text().contains("services=maybe: expected yes or no"),
+        "the error names the problem:\n{}",
+        w.log_text()
+    );
+    // Valid but unusable: encryption without a key.
+    write_cfg(&cfg, "services=yes\n");
+    sighup(&w, RELOAD_FAILED);
+    submit_service(&g, &crypt, "still", 10, "/bin/echo still here");
+    expect_output(&g, &crypt, &w, "still", "still here");
+    assert!(w.stop(Duration::from_secs(30)).success());
+}
+
+/// A server added by a reload is connected; removed again, it answers the
+/// job it holds before its connection closes.
+#[test]
+fn sighup_connects_an_added_server_and_drains_a_removed_one() {
+    let Some((_serial, dir, bin, g)) = setup("sighup_connects_an_added_server") else {
+        return;
+    };
+    let g2 = Gearmand::start(&bin, &[]);
+    let cfg = dir.path().join("worker.cfg");
+    write_cfg(&cfg, "services=yes\nencryption=no\n");
+    let w = Worker::ready_with_config(dir.path(), "w", &g, &cfg);
+    let crypt = Crypt::plain();
+    write_cfg(
+        &cfg,
+        &format!("services=yes\nencryption=no\nserver={}\n", g2.addr()),
+    );
+    sighup(&w, RELOADED);
+    submit_service(&g2, &crypt, "second", 10, "/bin/echo from g2");
+    expect_output(&g2, &crypt, &w, "second", "from g2");
+    // A job in flight on g2 when g2 is removed: answered, then closed.
+    submit_service(
+        &g2,
+        &crypt,
+        "last",
+        30,
+        "/bin/sh -c 'sleep 2; echo drained'",
+    );
+    wait_running(&g2, "service", 1);
+    write_cfg(&cfg, "services=yes\nencryption=no\n");
+    sighup(&w, RELOADED);
+    w.wait_log(
+        "connection to a removed server closed",
+        Duration::from_secs(30),
+    );
+    expect_output(&g2, &crypt, &w, "last", "drained");
+    let end = Instant::now() + Duration::from_secs(20);
+    while g2.status().get("service").map(|s| s.2) != Some(0) {
+        assert!(
+            Instant::now() < end,
+            "the removed server still has the worker: {:?}",
+            g2.status()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The first server is untouched.
+    submit_service(&g, &crypt, "first", 10, "/bin/echo from g");
+    expect_output(&g, &crypt, &w, "first", "from g");
+    assert!(w.stop(Duration::from_secs(30)).success());
+}
+
+/// The daemon's `[gearman]` section is reloaded live as well: a queue
+/// added there at SIGHUP is served.
+#[test]
+fn the_daemon_reloads_its_gearman_section_on_sighup() {
+    let Some((_serial, dir, _, g)) = setup("the_daemon_reloads_its_gearman_section") else {
+        return;
+    };
+    let sock = dir.path().join("d.sock");
+    let cfg = dir.path().join("pidring.toml");
+    let section = |extra: &str| {
+        format!(
+            "[gearman]\nserver = [\"{}\"]\nencryption = false\nservices = true\n{extra}",
+            g.addr()
+        )
+    };
+    write_cfg(&cfg, &section(""));
+    let d = start_daemon(dir.path(), &sock, &cfg);
+    let crypt = Crypt::plain();
+    let web = job("host", "web1", "", 30, "/bin/echo web via the daemon");
+    gm::submit_bg(g.port, "hostgroup_web", &seal(&crypt, &web));
+    write_cfg(&cfg, &section("hostgroups = [\"web\"]\n"));
+    sighup(&d, RELOADED);
+    assert!(
+        d.log_text().contains("[gearman] changed queues"),
+        "{}",
+        d.log_text()
+    );
+    expect_output(&g, &crypt, &d, "web1", "web via the daemon");
+    assert!(d.stop(Duration::from_secs(30)).success());
 }

@@ -2,11 +2,11 @@
 
 use clap::Args;
 use pidring::BackendKind;
-use pidring_service::gearman::{self, GearmanConfig};
+use pidring_service::gearman::{self, GearmanConfig, GearmanError, GearmanWorkers};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::common::{block_signals, service_executor, wait_stop_signal};
+use super::common::{block_signals, service_executor, wait_stop_signal, wait_stop_signal_with};
 
 /// Arguments of `pidring gearman-worker`.
 #[derive(Args, Debug)]
@@ -16,10 +16,13 @@ use super::common::{block_signals, service_executor, wait_stop_signal};
 --identifier=NAME --job_timeout=60 --max-age=120 --timeout_return=3 --load_limit1=20 \
 --restrict_path=/usr/lib/nagios/plugins --max-worker=200 --dupserver=HOST:PORT \
 --prometheus_server=127.0.0.1:9050. \
-With no queue option, host, service, eventhandler and notification are served."
+With no queue option, host, service, eventhandler and notification are served. \
+SIGHUP re-reads the --config files (the options above still apply on top) and changes \
+queues, servers, max-worker, timeouts, keys and load limits live; without --config it is ignored."
 )]
 pub struct GearmanWorkerArgs {
-    /// A mod_gearman worker.cfg to read (repeatable; a directory reads its *.cfg and *.conf).
+    /// A mod_gearman worker.cfg to read (repeatable; a directory reads its
+    /// *.cfg and *.conf). SIGHUP re-reads it.
     #[arg(long = "config", value_name = "FILE")]
     configs: Vec<PathBuf>,
     /// A gearmand server, host:port (repeatable; one connection each).
@@ -58,6 +61,15 @@ pub struct GearmanWorkerArgs {
 
 /// The worker's settings from files, then --server, then the other options, in order.
 fn config(args: &GearmanWorkerArgs) -> Result<GearmanConfig, String> {
+    let mut c = file_config(args)?;
+    if let Some(user) = &args.user {
+        c.run_as = Some(super::common::run_as_user(user)?);
+    }
+    Ok(c)
+}
+
+/// [`config`] but `--user` (looked up once, at start): what a reload reads.
+fn file_config(args: &GearmanWorkerArgs) -> Result<GearmanConfig, String> {
     let mut c = GearmanConfig::default();
     for f in &args.configs {
         c.read_path(f)?;
@@ -67,13 +79,63 @@ fn config(args: &GearmanWorkerArgs) -> Result<GearmanConfig, String> {
     }
     c.apply_args(&args.options)?;
     c.validate()?;
-    if let Some(user) = &args.user {
-        c.run_as = Some(super::common::run_as_user(user)?);
-    }
     Ok(c)
 }
 
-/// Run until SIGTERM, SIGINT or SIGQUIT.
+/// The files a reload re-reads: `--config`, and `config=` among the
+/// mod_gearman options (`--config=FILE` after them is one).
+fn config_files(args: &GearmanWorkerArgs) -> Vec<String> {
+    let mut files: Vec<String> = args
+        .configs
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let mut it = args.options.iter();
+    while let Some(o) = it.next() {
+        let o = o.trim_start_matches('-');
+        match o.split_once('=') {
+            Some((k, v)) if k.trim().eq_ignore_ascii_case("config") => files.push(v.into()),
+            None if o.eq_ignore_ascii_case("config") => files.extend(it.next().cloned()),
+            _ => {}
+        }
+    }
+    files
+}
+
+/// SIGHUP: re-read the files and apply what changed (see docs/GEARMAN.md
+/// "Reload"); a file that fails keeps the running configuration.
+fn reload(args: &GearmanWorkerArgs, workers: &mut GearmanWorkers) {
+    let paths = config_files(args).join(", ");
+    let failed = |why: String| {
+        tracing::error!("SIGHUP: reload failed, the running configuration is kept: {why}");
+    };
+    let mut new = match file_config(args) {
+        Ok(c) => c,
+        Err(e) => return failed(format!("invalid config file {paths}: {e}")),
+    };
+    // What only a restart changes keeps its running value (the executor's
+    // --backend, --cgroup, --max-running and --user are flags: a file
+    // cannot change them).
+    let mut restart = Vec::new();
+    let old = workers.config();
+    if new.prometheus_server != old.prometheus_server {
+        restart.push("prometheus_server");
+        new.prometheus_server = old.prometheus_server.clone();
+    }
+    match workers.reconfigure(&new) {
+        Ok(changed) => {
+            let (changed, restart) =
+                pidring_service::daemon::config::reload_summary(&changed, &restart);
+            tracing::info!(
+                "SIGHUP: configuration reloaded from {paths}: changed {changed}{restart}"
+            );
+        }
+        Err(GearmanError::Config(e)) => failed(format!("invalid config file {paths}: {e}")),
+        Err(e) => tracing::error!("SIGHUP: configuration from {paths} only partly applied: {e}"),
+    }
+}
+
+/// Run until SIGTERM, SIGINT or SIGQUIT; SIGHUP reloads `--config` (or, without one, is ignored).
 pub fn main(args: GearmanWorkerArgs) -> ExitCode {
     super::logging::init("info", args.log_json);
     let stop_signals = match block_signals(&pidring_service::daemon::taken_signals()) {
@@ -93,7 +155,7 @@ pub fn main(args: GearmanWorkerArgs) -> ExitCode {
         Ok(e) => e,
         Err(e) => return fail(&e.to_string()),
     };
-    let workers = match gearman::spawn_workers(&config, exec.clone()) {
+    let mut workers = match gearman::spawn_workers(&config, exec.clone()) {
         Ok(w) => w,
         Err(e) => return fail(&e.to_string()),
     };
@@ -118,7 +180,11 @@ pub fn main(args: GearmanWorkerArgs) -> ExitCode {
         }
     }
     tracing::info!("pidring gearman-worker running; stop with SIGTERM");
-    let sig = wait_stop_signal(&stop_signals);
+    let sig = if config_files(&args).is_empty() {
+        wait_stop_signal(&stop_signals)
+    } else {
+        wait_stop_signal_with(&stop_signals, Some(&mut || reload(&args, &mut workers)))
+    };
     tracing::info!(
         signal = sig,
         "stopping: taking no new jobs; finishing those in flight"

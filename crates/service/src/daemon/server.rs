@@ -749,9 +749,13 @@ impl Running {
                 continue;
             }
             match reload {
-                Some(r) if *sig == libc::SIGHUP => {
-                    reload_config(&self.daemon, r, &self.conns, &mut self.nagios)
-                }
+                Some(r) if *sig == libc::SIGHUP => reload_config(
+                    &self.daemon,
+                    r,
+                    &self.conns,
+                    &mut self.nagios,
+                    &mut self.gearman,
+                ),
                 _ => {
                     let name = pidring::result::signal_name(*sig);
                     tracing::info!("{name} ignored (stop with SIGTERM)");
@@ -940,8 +944,8 @@ fn spawn_protocol_workers(
     };
     let gearman = match &config.gearman {
         Some(g) => {
-            // Its jobs run as `user` too (as it is at start: the section
-            // waits for a restart); `restrict_path` is its allowlist.
+            // Its jobs run as `user` too (as it is at start: a reload
+            // keeps it); `restrict_path` is its allowlist.
             let mut g = g.clone();
             g.run_as = policy.get().run_as.clone();
             Some(crate::gearman::spawn_workers(&g, exec.clone())?)
@@ -986,6 +990,7 @@ fn reload_config(
     reload: &super::Reload,
     conns: &[(Arc<Conn>, JoinHandle<()>)],
     nagios: &mut Option<crate::nagios::NagiosWorkers>,
+    gearman: &mut Option<crate::gearman::GearmanWorkers>,
 ) {
     let path = reload.path.display();
     let failed = |why: String| {
@@ -1017,15 +1022,14 @@ fn reload_config(
             }
         )*};
     }
-    keep!(
-        socket,
-        socket_mode,
-        socket_group,
-        backend,
-        cgroup,
-        metrics,
-        gearman
-    );
+    keep!(socket, socket_mode, socket_group, backend, cgroup, metrics);
+    // A [gearman] section added or removed waits for a restart (its
+    // counters are wired into `stats` and /metrics at start); changed, it
+    // is applied live below.
+    if new.gearman.is_some() != old.gearman.is_some() {
+        restart.push("gearman");
+        new.gearman = old.gearman.clone();
+    }
     fit_clients_to_descriptors(&mut new, daemon.exec.containment().mode == "cgroup");
     let mut changed = Vec::new();
     macro_rules! diff {
@@ -1073,10 +1077,11 @@ fn reload_config(
     }
     daemon.policy.set(policy);
     let nagios_note = reload_nagios(daemon, nagios, &old, &mut new);
+    let gearman_note = reload_gearman(gearman, &mut new);
     *daemon.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
     let (changed, restart) = super::config::reload_summary(&changed, &restart);
     tracing::info!(
-        "SIGHUP: configuration reloaded from {path}: changed {changed}{nagios_note}{restart}"
+        "SIGHUP: configuration reloaded from {path}: changed {changed}{nagios_note}{gearman_note}{restart}"
     );
 }
 
@@ -1120,6 +1125,29 @@ fn reload_nagios(
     };
     new.nagios = nagios.as_ref().map(|w| w.config().clone());
     format!("; {note}")
+}
+
+/// The `[gearman]` part of a reload: the section's changes applied to the
+/// running workers as `gearman-worker` does at SIGHUP (queues, servers,
+/// max-worker, timeouts, key, load limits; no job in flight lost). Jobs
+/// keep the `user` they started with. `new.gearman` ends as what runs.
+fn reload_gearman(
+    gearman: &mut Option<crate::gearman::GearmanWorkers>,
+    new: &mut DaemonConfig,
+) -> String {
+    let (Some(w), Some(g)) = (gearman.as_mut(), new.gearman.as_ref()) else {
+        return String::new();
+    };
+    // Always asked: a keyfile may have changed under the same path.
+    let note = match w.reconfigure(g) {
+        Ok(changed) if changed.is_empty() => String::new(),
+        Ok(changed) => format!("; [gearman] changed {}", changed.join(", ")),
+        Err(e) => format!("; [gearman] not (or only partly) changed: {e}"),
+    };
+    let mut running = w.config().clone();
+    running.run_as = None;
+    new.gearman = Some(running);
+    note
 }
 
 /// Descriptors a connection holds: its socket, and a duplicate for its reader.

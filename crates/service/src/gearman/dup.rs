@@ -76,9 +76,14 @@ impl DupServers {
         self.tx.clone()
     }
 
+    /// Start ending: send what is queued for up to 2 s; [`DupServers::stop`] waits for that.
+    pub fn begin_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
     /// Send what is queued for up to 2 s, then end the threads.
     pub fn stop(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.begin_stop();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

@@ -23,6 +23,8 @@ pub const MAX_PACKET: usize = 16 << 20;
 pub enum Kind {
     /// Worker: I can run this function.
     CanDo = 1,
+    /// Worker: I no longer run this function.
+    CantDo = 2,
     /// Worker: wake me with NOOP when a job comes.
     PreSleep = 4,
     /// Server: there may be work (wakes a sleeping worker).
@@ -58,6 +60,7 @@ impl Kind {
     pub fn from_u32(n: u32) -> Option<Kind> {
         Some(match n {
             1 => Kind::CanDo,
+            2 => Kind::CantDo,
             4 => Kind::PreSleep,
             6 => Kind::Noop,
             7 => Kind::SubmitJob,
@@ -81,6 +84,7 @@ impl Kind {
         match self {
             Kind::PreSleep | Kind::Noop | Kind::GrabJob | Kind::NoJob => 0,
             Kind::CanDo
+            | Kind::CantDo
             | Kind::JobCreated
             | Kind::WorkFail
             | Kind::EchoReq

@@ -127,17 +127,20 @@ impl Stats {
 
 /// Running slots shared by every connection: a GRAB_JOB takes one, a
 /// NO_JOB or a finished job gives it back.
+/// Its limit is `max-worker`; a reload may lower it below what is in use,
+/// and then no slot is taken until enough are given back.
 #[derive(Debug)]
 struct Slots {
-    limit: usize,
+    limit: AtomicUsize,
     used: AtomicUsize,
 }
 
 impl Slots {
     fn take(&self) -> bool {
+        let limit = self.limit.load(Ordering::SeqCst);
         self.used
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < self.limit).then_some(n + 1)
+                (n < limit).then_some(n + 1)
             })
             .is_ok()
     }
@@ -147,14 +150,66 @@ impl Slots {
     }
 }
 
-/// The running worker; [`GearmanWorkers::stop`] (or drop) ends it.
+/// What a reload changes under running connections: each connection takes
+/// the newest settings before its next step.
+struct Live {
+    cfg: Arc<GearmanConfig>,
+    crypt: Crypt,
+    queues: Vec<String>,
+    dup: Option<Sender<Vec<u8>>>,
+}
+
+/// The newest [`Live`], and its number (a connection compares it with its own).
+struct LiveCell {
+    generation: AtomicU64,
+    live: Mutex<Arc<Live>>,
+}
+
+impl LiveCell {
+    fn get(&self) -> (u64, Arc<Live>) {
+        let live = lock(&self.live);
+        (self.generation.load(Ordering::SeqCst), live.clone())
+    }
+
+    fn set(&self, new: Live) {
+        let mut live = lock(&self.live);
+        *live = Arc::new(new);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A connection's thread, and how to end it alone (a reload removed its server).
 #[derive(Debug)]
+struct ConnHandle {
+    addr: String,
+    retire: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    thread: JoinHandle<()>,
+}
+
+/// The running worker; [`GearmanWorkers::stop`] (or drop) ends it.
 pub struct GearmanWorkers {
     stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    conns: Vec<ConnHandle>,
+    /// Connections of removed servers finishing their jobs in flight.
+    retired: Vec<JoinHandle<()>>,
     stats: Arc<Stats>,
     slots: Arc<Slots>,
     dup: Option<super::dup::DupServers>,
+    /// Dupservers a reload replaced, sending what they still hold.
+    retired_dups: Vec<super::dup::DupServers>,
+    live: Arc<LiveCell>,
+    config: GearmanConfig,
+    exec: Arc<Executor>,
+}
+
+impl std::fmt::Debug for GearmanWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GearmanWorkers")
+            .field("servers", &self.config.server_addrs())
+            .field("queues", &self.config.queues())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Reads the worker's counters from anywhere (the daemon's `stats` and `/metrics`).
@@ -206,15 +261,207 @@ impl GearmanWorkers {
 
     fn stop_and_join(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
+        let threads = self.conns.drain(..).map(|c| c.thread);
+        for t in threads.chain(self.retired.drain(..)).collect::<Vec<_>>() {
             if t.join().is_err() {
                 tracing::error!("a gearman connection thread panicked");
             }
         }
-        if let Some(d) = self.dup.take() {
+        for d in self
+            .dup
+            .take()
+            .into_iter()
+            .chain(self.retired_dups.drain(..))
+        {
             d.stop();
         }
     }
+
+    /// The settings the worker runs with (after the last reload).
+    pub fn config(&self) -> &GearmanConfig {
+        &self.config
+    }
+
+    /// Apply changed settings without losing a job in flight (a SIGHUP
+    /// reload): the queues (CAN_DO/CANT_DO on each open connection), the
+    /// servers (an added one is connected; a removed one takes no new job,
+    /// answers those in flight, then closes), the dupservers, `max-worker`,
+    /// the timeouts, `max-age`, the key and the load limits. `run_as` keeps
+    /// its running value (looked up once, at start). Returns what changed,
+    /// one entry each; an invalid config changes nothing.
+    pub fn reconfigure(&mut self, config: &GearmanConfig) -> Result<Vec<String>, GearmanError> {
+        config.validate().map_err(GearmanError::Config)?;
+        let crypt = config.crypt().map_err(GearmanError::Config)?;
+        let mut new = config.clone();
+        new.run_as = self.config.run_as.clone();
+        let old = &self.config;
+        let dups_changed = new.dupserver_addrs() != old.dupserver_addrs()
+            || new.dupserver_backlog_queue_size != old.dupserver_backlog_queue_size;
+        let new_dup = if dups_changed {
+            start_dup(&new, &self.stats)?
+        } else {
+            None
+        };
+        let changed = config_changes(old, &new, &self.live.get().1.crypt, &crypt);
+        if dups_changed {
+            let replaced = std::mem::replace(&mut self.dup, new_dup);
+            if let Some(d) = replaced {
+                d.begin_stop();
+                self.retired_dups.push(d);
+            }
+        }
+        let limit = new
+            .max_jobs
+            .unwrap_or_else(|| self.exec.max_running())
+            .max(1);
+        self.slots.limit.store(limit, Ordering::SeqCst);
+        self.live.set(Live {
+            cfg: Arc::new(new.clone()),
+            crypt,
+            queues: new.queues(),
+            dup: self.dup.as_ref().map(|d| d.sender()),
+        });
+        let wanted = new.server_addrs();
+        let (gone, stay): (Vec<_>, Vec<_>) = std::mem::take(&mut self.conns)
+            .into_iter()
+            .partition(|c| !wanted.contains(&c.addr));
+        self.conns = stay;
+        for c in gone {
+            tracing::info!(server = %c.addr, "server removed by a reload: taking no new jobs from it, closing once its jobs in flight are answered");
+            c.retire.store(true, Ordering::SeqCst);
+            c.waker.wake();
+            self.retired.push(c.thread);
+        }
+        self.retired.retain(|t| !t.is_finished());
+        self.config = new;
+        for c in &self.conns {
+            c.waker.wake();
+        }
+        for addr in wanted {
+            if !self.conns.iter().any(|c| c.addr == addr) {
+                self.start_conn(&addr)?;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Start the connection (and its thread) to one server.
+    fn start_conn(&mut self, addr: &str) -> Result<(), GearmanError> {
+        self.stats.server(addr, |_| {});
+        let waker = Arc::new(Waker::new().map_err(GearmanError::Setup)?);
+        let retire = Arc::new(AtomicBool::new(false));
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let (generation, live) = self.live.get();
+        let conn = Conn {
+            addr: addr.to_string(),
+            cfg: live.cfg.clone(),
+            crypt: live.crypt.clone(),
+            queues: live.queues.clone(),
+            dup: live.dup.clone(),
+            live: self.live.clone(),
+            generation,
+            exec: self.exec.clone(),
+            stop: self.stop.clone(),
+            retire: retire.clone(),
+            stats: self.stats.clone(),
+            slots: self.slots.clone(),
+            waker: waker.clone(),
+            done_tx,
+            done_rx,
+            inflight: HashMap::new(),
+            session: 0,
+            load: LoadGate::new(&live.cfg),
+        };
+        let thread = std::thread::Builder::new()
+            .name("pidring-gearman".into())
+            .spawn(move || conn.run())
+            .map_err(GearmanError::Setup)?;
+        self.conns.push(ConnHandle {
+            addr: addr.to_string(),
+            retire,
+            waker,
+            thread,
+        });
+        Ok(())
+    }
+}
+
+/// What differs between two configs, for a reload's log line (a key only as "changed").
+fn config_changes(
+    old: &GearmanConfig,
+    new: &GearmanConfig,
+    old_crypt: &Crypt,
+    new_crypt: &Crypt,
+) -> Vec<String> {
+    let mut changed = Vec::new();
+    let mut note = |what: &str, a: String, b: String| {
+        if a != b {
+            changed.push(format!("{what} {a} -> {b}"));
+        }
+    };
+    note(
+        "queues",
+        format!("{:?}", old.queues()),
+        format!("{:?}", new.queues()),
+    );
+    note(
+        "server",
+        format!("{:?}", old.server_addrs()),
+        format!("{:?}", new.server_addrs()),
+    );
+    note(
+        "dupserver",
+        format!("{:?}", old.dupserver_addrs()),
+        format!("{:?}", new.dupserver_addrs()),
+    );
+    macro_rules! diff {
+        ($($f:ident),*) => {$(
+            note(stringify!($f), format!("{:?}", old.$f), format!("{:?}", new.$f));
+        )*};
+    }
+    note(
+        "max-worker",
+        format!("{:?}", old.max_jobs),
+        format!("{:?}", new.max_jobs),
+    );
+    note("max-age", old.max_age.to_string(), new.max_age.to_string());
+    diff!(
+        encryption,
+        keyfile,
+        identifier,
+        job_timeout,
+        timeout_return,
+        load_limit1,
+        load_limit5,
+        load_limit15,
+        restrict_path,
+        show_error_output,
+        dup_results_are_passive,
+        dupserver_backlog_queue_size,
+        worker_name_in_result
+    );
+    // The secret itself is never logged: compare what it seals.
+    let sample = |c: &Crypt| c.seal(b"pidring reload");
+    if old.encryption && new.encryption && sample(old_crypt) != sample(new_crypt) {
+        changed.push("the encryption key".into());
+    }
+    changed
+}
+
+fn start_dup(
+    config: &GearmanConfig,
+    stats: &Arc<Stats>,
+) -> Result<Option<super::dup::DupServers>, GearmanError> {
+    if config.dupserver.is_empty() {
+        return Ok(None);
+    }
+    super::dup::DupServers::start(
+        &config.dupserver_addrs(),
+        config.dupserver_backlog_queue_size,
+        stats_dup(stats),
+    )
+    .map(Some)
+    .map_err(GearmanError::Setup)
 }
 
 impl Drop for GearmanWorkers {
@@ -231,60 +478,37 @@ pub fn spawn_workers(
 ) -> Result<GearmanWorkers, GearmanError> {
     config.validate().map_err(GearmanError::Config)?;
     let crypt = config.crypt().map_err(GearmanError::Config)?;
-    let cfg = Arc::new(config.clone());
-    let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(Stats::default());
-    let limit = config.max_jobs.unwrap_or_else(|| exec.max_running());
+    let limit = config.max_jobs.unwrap_or_else(|| exec.max_running()).max(1);
     let slots = Arc::new(Slots {
-        limit: limit.max(1),
+        limit: AtomicUsize::new(limit),
         used: AtomicUsize::new(0),
     });
-    let dup = if config.dupserver.is_empty() {
-        None
-    } else {
-        Some(
-            super::dup::DupServers::start(
-                &config.dupserver_addrs(),
-                config.dupserver_backlog_queue_size,
-                stats_dup(&stats),
-            )
-            .map_err(GearmanError::Setup)?,
-        )
-    };
-    let mut workers = GearmanWorkers {
-        stop: stop.clone(),
-        threads: Vec::new(),
-        stats: stats.clone(),
-        slots: slots.clone(),
-        dup,
-    };
+    let dup = start_dup(config, &stats)?;
     let queues = config.queues();
-    for addr in config.server_addrs() {
-        stats.server(&addr, |_| {});
-        let waker = Arc::new(Waker::new().map_err(GearmanError::Setup)?);
-        let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        let conn = Conn {
-            addr: addr.clone(),
-            cfg: cfg.clone(),
+    let live = Arc::new(LiveCell {
+        generation: AtomicU64::new(0),
+        live: Mutex::new(Arc::new(Live {
+            cfg: Arc::new(config.clone()),
             crypt: crypt.clone(),
             queues: queues.clone(),
-            exec: exec.clone(),
-            stop: stop.clone(),
-            stats: stats.clone(),
-            slots: slots.clone(),
-            dup: workers.dup.as_ref().map(|d| d.sender()),
-            waker,
-            done_tx,
-            done_rx,
-            inflight: HashMap::new(),
-            session: 0,
-            load: LoadGate::new(&cfg),
-        };
-        let t = std::thread::Builder::new()
-            .name("pidring-gearman".into())
-            .spawn(move || conn.run())
-            .map_err(GearmanError::Setup)?; // `workers` drops: started threads stop
-        workers.threads.push(t);
+            dup: dup.as_ref().map(|d| d.sender()),
+        })),
+    });
+    let mut workers = GearmanWorkers {
+        stop: Arc::new(AtomicBool::new(false)),
+        conns: Vec::new(),
+        retired: Vec::new(),
+        stats,
+        slots,
+        dup,
+        retired_dups: Vec::new(),
+        live,
+        config: config.clone(),
+        exec,
+    };
+    for addr in config.server_addrs() {
+        workers.start_conn(&addr)?; // on error `workers` drops: started threads stop
     }
     tracing::info!(
         servers = ?config.server_addrs(),
@@ -406,14 +630,20 @@ fn read_loadavg() -> Option<[f64; 3]> {
 
 struct Conn {
     addr: String,
+    /// From the [`Live`] of `generation`.
     cfg: Arc<GearmanConfig>,
     crypt: Crypt,
     queues: Vec<String>,
+    dup: Option<Sender<Vec<u8>>>,
+    live: Arc<LiveCell>,
+    generation: u64,
     exec: Arc<Executor>,
+    /// The whole worker stops.
     stop: Arc<AtomicBool>,
+    /// This connection ends alone: its server was removed by a reload.
+    retire: Arc<AtomicBool>,
     stats: Arc<Stats>,
     slots: Arc<Slots>,
-    dup: Option<Sender<Vec<u8>>>,
     waker: Arc<Waker>,
     done_tx: Sender<Done>,
     done_rx: Receiver<Done>,
@@ -426,7 +656,8 @@ impl Conn {
     fn run(mut self) {
         let mut backoff = BACKOFF_FIRST;
         let mut failures = 0u32;
-        while !self.stop.load(Ordering::SeqCst) {
+        while !self.stopping() {
+            self.refresh(None);
             match self.connect() {
                 Ok(mut s) => {
                     failures = 0;
@@ -450,6 +681,7 @@ impl Conn {
                         End::Stopped => {
                             self.abandon("the worker stopped");
                             self.wait_abandoned();
+                            self.forget_if_retired();
                             return;
                         }
                         End::Broken(why) => {
@@ -475,12 +707,21 @@ impl Conn {
         }
         self.abandon("the worker stopped");
         self.wait_abandoned();
+        self.forget_if_retired();
+    }
+
+    /// A removed server leaves the counters once its connection is done.
+    fn forget_if_retired(&self) {
+        if self.retire.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
+            lock(&self.stats.servers).remove(&self.addr);
+            tracing::info!(server = %self.addr, "connection to a removed server closed");
+        }
     }
 
     /// Wait `d` (unless stopped), collecting results of abandoned jobs meanwhile.
     fn idle(&mut self, d: Duration) {
         let end = Instant::now() + d;
-        while !self.stop.load(Ordering::SeqCst) && Instant::now() < end {
+        while !self.stopping() && Instant::now() < end {
             if let Ok(done) = self.done_rx.recv_timeout(Duration::from_millis(50)) {
                 self.finish(None, done);
             }
@@ -527,15 +768,25 @@ impl Conn {
 
     fn serve(&mut self, s: &mut Session) -> End {
         let mut stop_at: Option<Instant> = None;
+        // A retired connection lets its jobs run to their own timeouts;
+        // only a stop of the whole worker kills them after STOP_DRAIN.
+        let mut bounded = false;
         let mut killed = false;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            if self.stop.load(Ordering::SeqCst) && stop_at.is_none() {
+            let stop = self.stop.load(Ordering::SeqCst);
+            if (stop && !bounded) || (self.stopping() && stop_at.is_none()) {
                 stop_at = Some(Instant::now());
+                bounded = stop;
                 let n = self.live_jobs();
-                if n > 0 {
+                if n > 0 && bounded {
                     tracing::info!(server = %self.addr, jobs = n, "stopping: taking no new jobs, letting {n} in flight finish for up to {STOP_DRAIN:?}");
+                } else if n > 0 {
+                    tracing::info!(server = %self.addr, jobs = n, "server removed: taking no new jobs, letting {n} in flight finish");
                 }
+            }
+            if stop_at.is_none() {
+                self.refresh(Some(s));
             }
             while let Ok(done) = self.done_rx.try_recv() {
                 self.finish(Some(s), done);
@@ -549,14 +800,16 @@ impl Conn {
                 {
                     return End::Stopped;
                 }
-                if !killed && t.elapsed() >= STOP_DRAIN {
+                if !bounded {
+                    // Retired: wait for the jobs' own timeouts.
+                } else if !killed && t.elapsed() >= STOP_DRAIN {
                     killed = true;
                     tracing::warn!(server = %self.addr, jobs = self.live_jobs(), "stopping: killing jobs still running after {STOP_DRAIN:?}; they are answered as killed");
                     for id in self.inflight.keys() {
                         self.exec.cancel(*id);
                     }
                 }
-                if t.elapsed() >= STOP_DRAIN + STOP_KILL_WAIT {
+                if bounded && t.elapsed() >= STOP_DRAIN + STOP_KILL_WAIT {
                     tracing::error!(server = %self.addr, jobs = self.live_jobs(), "stopping: killed jobs were not answered in time; closing anyway");
                     return End::Stopped;
                 }
@@ -613,6 +866,57 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// The worker stops, or this connection's server was removed.
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst) || self.retire.load(Ordering::SeqCst)
+    }
+
+    /// Take the settings of a reload, if one came since; on an open
+    /// connection `s`, register for the queues added (and grab from them
+    /// now) and unregister the ones removed.
+    fn refresh(&mut self, s: Option<&mut Session>) {
+        if self.live.generation.load(Ordering::SeqCst) == self.generation {
+            return;
+        }
+        let (generation, live) = self.live.get();
+        self.generation = generation;
+        if let Some(s) = s {
+            let removed: Vec<&String> = self
+                .queues
+                .iter()
+                .filter(|q| !live.queues.contains(q))
+                .collect();
+            let added: Vec<&String> = live
+                .queues
+                .iter()
+                .filter(|q| !self.queues.contains(q))
+                .collect();
+            for q in &removed {
+                packet::encode_into(packet::REQ, Kind::CantDo, &[q.as_bytes()], &mut s.out);
+            }
+            for q in &added {
+                packet::encode_into(packet::REQ, Kind::CanDo, &[q.as_bytes()], &mut s.out);
+            }
+            if live.cfg.identifier != self.cfg.identifier {
+                let id = format!("pidring@{}", live.cfg.identifier);
+                packet::encode_into(packet::REQ, Kind::SetClientId, &[id.as_bytes()], &mut s.out);
+            }
+            if !added.is_empty() {
+                // Jobs may wait there already: gearmand wakes no sleeper for them.
+                s.sleeping = None;
+                s.empty = false;
+            }
+            if !added.is_empty() || !removed.is_empty() {
+                tracing::info!(server = %self.addr, added = ?added, removed = ?removed, queues = ?live.queues, "queues changed by a reload");
+            }
+        }
+        self.cfg = live.cfg.clone();
+        self.crypt = live.crypt.clone();
+        self.queues = live.queues.clone();
+        self.dup = live.dup.clone();
+        self.load = LoadGate::new(&live.cfg);
     }
 
     /// Jobs of this connection still running (abandoned ones don't count).
@@ -885,4 +1189,38 @@ fn flush(s: &mut Session) -> Result<(), String> {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> GearmanConfig {
+        let mut c = GearmanConfig::default();
+        c.read_text(text).unwrap();
+        c
+    }
+
+    #[test]
+    fn a_reload_names_what_changed_but_never_the_secret() {
+        let old = cfg("server=a\nservices=yes\nkey=first-secret\nmax-worker=5\n");
+        let new = cfg("server=a,b\nservices=yes\nhostgroups=web\nkey=second-secret\nmax-age=30\n");
+        let changed = config_changes(&old, &new, &old.crypt().unwrap(), &new.crypt().unwrap());
+        let text = changed.join(", ");
+        assert!(
+            text.contains(r#"queues ["service"] -> ["hostgroup_web", "service"]"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"server ["a:4730"] -> ["a:4730", "b:4730"]"#),
+            "{text}"
+        );
+        assert!(text.contains("max-worker Some(5) -> None"), "{text}");
+        assert!(text.contains("max-age 0 -> 30"), "{text}");
+        assert!(text.contains("the encryption key"), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+        assert!(
+            config_changes(&old, &old, &old.crypt().unwrap(), &old.crypt().unwrap()).is_empty()
+        );
+    }
 }
