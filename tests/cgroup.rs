@@ -66,6 +66,45 @@ fn escapees_are_gone_when_the_result_is_delivered() {
     });
 }
 
+/// Escapees that take long to die (a large memory to tear down) are waited
+/// for past a short drain: the result comes only once the leaf is empty.
+#[test]
+fn a_killed_leaf_is_waited_for_past_the_drain() {
+    each_backend(contained, |exec, backend| {
+        let s = exec.containment();
+        if !cgroup_or_skip("a_killed_leaf_is_waited_for", &s.mode, &s.detail) {
+            return;
+        }
+        let m = marker();
+        // A setsid'd escapee holding 512 MiB it has written to: its exit
+        // unmaps it, which takes far longer than the 1 ms drain.
+        let leave = "(setsid python3 -c 'import os, time\n\
+                     b = b\"x\" * (512 << 20)\n\
+                     open(os.environ[\"PIDRING_READY\"], \"w\").close()\n\
+                     time.sleep(1000)' </dev/null >/dev/null 2>&1 &)";
+        let wait = "n=0; while [ ! -e \"$PIDRING_READY\" ] && [ $n -lt 3000 ]; do \
+                    n=$((n+1)); sleep 0.01; done";
+        let mut c = sh(&format!("{leave}\n{wait}\necho started\nexit 0"))
+            .timeout(Duration::from_secs(60))
+            .drain(Duration::from_millis(1));
+        for (k, v) in Escape::env(&m) {
+            c = c.env(k, v);
+        }
+        let r = run(exec, c);
+        let left = survivors(&m);
+        assert_eq!(r.stdout.text(), "started\n", "{backend}: {r:?}");
+        assert!(
+            left.is_empty(),
+            "{backend}: alive after the result: {left:?}"
+        );
+        let usage = r.cgroup.expect("usage");
+        assert!(
+            usage.escapees >= 1 && !usage.left_running,
+            "{backend}: {usage:?}"
+        );
+    });
+}
+
 /// A check that opts out of the kill (an event handler that starts a
 /// service) leaves its processes running; shutdown kills them.
 #[test]

@@ -221,6 +221,11 @@ struct Stream {
     out: Output,
 }
 
+/// Longest a result waits, after the leader's reap, for its killed cgroup
+/// leaf to empty (SIGKILLed processes exit within milliseconds unless stuck
+/// in the kernel, as on a hung mount).
+const LEAF_EMPTY_BOUND: Duration = Duration::from_secs(10);
+
 /// Most reads per readiness event on one pipe, so a flooding plugin cannot
 /// starve the others (the watch is re-armed and fires again next turn).
 const READS_PER_EVENT: usize = 4;
@@ -728,19 +733,37 @@ impl Lifecycle {
         );
     }
 
-    /// The drain bound passed: stop reading, stop waiting for the leaf.
+    /// The drain bound passed (or a kill came while draining): stop
+    /// reading. A killed leaf not empty yet is waited for still, up to
+    /// `LEAF_EMPTY_BOUND` after the reap: its processes are dying of
+    /// SIGKILL, which on a loaded machine may take longer than a drain, and
+    /// no process of a check may outlive its result.
     fn cut_drain(&mut self, ctx: &mut EventCtx<'_>) {
-        self.ending.output_cut = true;
         for (source, stream) in [
             (Source::Stdout, &mut self.stdout),
             (Source::Stderr, &mut self.stderr),
         ] {
-            if let Some(fd) = stream.fd.take()
-                && stream.armed
-            {
-                ctx.backend
-                    .unwatch(fd.as_fd(), token(self.slot, self.generation, source));
+            if let Some(fd) = stream.fd.take() {
+                self.ending.output_cut = true;
+                if stream.armed {
+                    ctx.backend
+                        .unwatch(fd.as_fd(), token(self.slot, self.generation, source));
+                }
             }
+        }
+        let bound = self.clock.reaped_at.unwrap_or(ctx.now) + LEAF_EMPTY_BOUND;
+        if self.leaf_waits() && ctx.now < bound {
+            ctx.timers
+                .push(bound, self.slot, self.generation, TimerKind::Drain);
+            return;
+        }
+        if self.leaf_waits() {
+            tracing::warn!(
+                id = self.id,
+                "processes of the check still in its killed cgroup {}s after its end \
+                 (stuck in the kernel?); its result says so (left_running)",
+                LEAF_EMPTY_BOUND.as_secs()
+            );
         }
         if let Some(l) = &mut self.leaf
             && l.armed
