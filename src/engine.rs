@@ -656,7 +656,9 @@ impl Engine {
     fn cancel(&mut self, id: u64, now: Instant) {
         if let Some(&slot) = self.by_id.get(&id) {
             let generation = self.checks[slot].generation();
-            self.with_check(slot, generation, now, |c, _| c.kill_now(KillReason::Cancel));
+            self.with_check(slot, generation, now, |c, ctx| {
+                c.kill_now(KillReason::Cancel, ctx)
+            });
         } else if let Some(pos) = self.queue.iter().position(|s| s.id == id)
             && let Some(sub) = self.queue.remove(pos)
         {
@@ -690,8 +692,8 @@ impl Engine {
             .map(|(s, c)| (s, c.generation()))
             .collect();
         for (slot, generation) in slots {
-            self.with_check(slot, generation, now, |c, _| {
-                c.kill_now(KillReason::Shutdown)
+            self.with_check(slot, generation, now, |c, ctx| {
+                c.kill_now(KillReason::Shutdown, ctx)
             });
         }
     }

@@ -621,6 +621,55 @@ fn a_descendant_holding_stdout_does_not_hold_the_check() {
     });
 }
 
+/// A cancel of a check that only drains (its leader ended; an escaped
+/// descendant holds the pipe) delivers the result at once, the output cut,
+/// instead of at the drain bound.
+#[test]
+fn cancelling_a_draining_check_ends_the_drain() {
+    each_backend(executor, |exec, backend| {
+        let ready =
+            std::env::temp_dir().join(format!("pidring-draining-{}-{backend}", std::process::id()));
+        let _ = std::fs::remove_file(&ready);
+        let t0 = Instant::now();
+        let p = exec
+            .submit(
+                sh(&format!(
+                    "setsid sleep 30 & pid=$!; echo $pid; \
+                     while [ \"$(cut -d' ' -f6 /proc/$pid/stat)\" != \"$pid\" ]; do sleep 0.01; done; \
+                     echo $$ > {0}.tmp; mv {0}.tmp {0}",
+                    ready.display()
+                ))
+                .drain(Duration::from_secs(60)),
+            )
+            .unwrap();
+        // The leader has written its pid: wait until it is gone (reaped).
+        assert!(eventually(Duration::from_secs(20), || ready.exists()));
+        let leader: i32 = std::fs::read_to_string(&ready)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(eventually(Duration::from_secs(20), || {
+            !std::path::Path::new(&format!("/proc/{leader}")).exists()
+        }));
+        exec.cancel(p.id());
+        let r = p.wait_timeout(Duration::from_secs(30)).unwrap();
+        let took = t0.elapsed();
+        let _ = std::fs::remove_file(&ready);
+        let escaped: i32 = r.stdout.text().lines().next().unwrap().parse().unwrap();
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(escaped).unwrap(),
+            rustix::process::Signal::KILL,
+        );
+        assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{backend}: {r:?}");
+        assert!(r.output_cut, "{backend}: the drain was cut: {r:?}");
+        assert!(
+            took < Duration::from_secs(25),
+            "{backend}: held for {took:?} (the drain bound is 60 s)"
+        );
+    });
+}
+
 #[test]
 fn closing_stdout_does_not_stop_the_clock_and_others_keep_completing() {
     each_backend(executor, |exec, _| {

@@ -355,7 +355,7 @@ impl Lifecycle {
         self.watch_all(ctx, true);
         if let Some(reason) = kill_asked {
             // Cancelled or shut down while it was being spawned.
-            self.kill_now(reason);
+            self.kill_now(reason, ctx);
         }
     }
 
@@ -805,8 +805,11 @@ impl Lifecycle {
         }
     }
 
-    /// Kill now (cancel or shutdown): SIGKILL leader and group.
-    pub fn kill_now(&mut self, reason: KillReason) {
+    /// Kill now (cancel or shutdown): SIGKILL leader and group. A check
+    /// whose leader has already ended and that only drains its output
+    /// (an escaped descendant holds the pipe) stops draining: its result,
+    /// the leader's own end with the output cut, is not held for the bound.
+    pub fn kill_now(&mut self, reason: KillReason, ctx: &mut EventCtx<'_>) {
         match &mut self.phase {
             Phase::Spawning { kill_asked } => *kill_asked = Some(reason),
             Phase::Running(_) | Phase::Terminating(_) => {
@@ -817,7 +820,8 @@ impl Lifecycle {
                 self.phase.signalled(Phase::Killing);
                 self.signal(Signal::KILL);
             }
-            Phase::Killing(_) | Phase::Draining | Phase::Done => {}
+            Phase::Draining => self.cut_drain(ctx),
+            Phase::Killing(_) | Phase::Done => {}
         }
     }
 
