@@ -367,6 +367,16 @@ fn a_stop_signal_ends_run_even_when_it_is_stuck_writing_the_result() {
         eventually(Duration::from_secs(10), || done.exists() && reaped()),
         "the check never finished"
     );
+    // And `run` has its result and is blocked writing it (a signal before
+    // that, while the result is on its way, is a cancel that comes late).
+    let writing = || {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/syscall"))
+            .is_ok_and(|s| s.split_whitespace().next() == Some(&libc::SYS_write.to_string()))
+    };
+    assert!(
+        eventually(Duration::from_secs(10), writing),
+        "run never blocked writing its result"
+    );
     // SAFETY: kill(2) on our own unreaped child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let mut status = None;
