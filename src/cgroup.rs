@@ -516,6 +516,9 @@ struct Subtree {
     /// `cgroup.procs` of the base and of each cgroup above it, held open
     /// (`O_PATH`; see `pin_procs`).
     pinned: Vec<OwnedFd>,
+    /// `checks/cpu.stat`: one read flushes every leaf's CPU counters (see
+    /// `Pool::flush_usage`).
+    checks_cpu: Option<OwnedFd>,
 }
 
 /// Counts a process's executors (the `<n>` of `pidring.<pid>.<n>`).
@@ -650,6 +653,17 @@ impl Pool {
             self.in_flight += n;
         }
         !self.ready.is_empty()
+    }
+
+    /// Flush the CPU counters of every leaf at once, before a turn reads
+    /// several leaves' `cpu.stat`: each read flushes its own cgroup's
+    /// per-CPU counters first, and one flush of `checks/` costs about what
+    /// one leaf's does, so the reads that follow it find nothing to flush.
+    pub fn flush_usage(&self) {
+        if let Some(fd) = &self.subtree.checks_cpu {
+            let mut buf = [0u8; 512];
+            let _ = pread_all(fd.as_fd(), &mut buf);
+        }
     }
 
     /// A leaf for the next check (`has_leaf` said there is one).
@@ -845,6 +859,7 @@ fn open_subtree(base: &Path, create: bool, delegated: bool) -> Result<(Subtree, 
     let subtree = Subtree {
         base: base.to_path_buf(),
         remove_base: create,
+        checks_cpu: open_at(checks.as_fd(), "cpu.stat", OFlags::RDONLY).ok(),
         checks: std::sync::Arc::new(checks),
         _lock: lock,
         pinned: pin_procs(base),

@@ -60,6 +60,10 @@ const LAUNCH_POLL: Duration = Duration::from_millis(1);
 /// executor CPU per check at 256 in flight, docs/PERFORMANCE.md). Below it,
 /// an event is handled the moment it comes.
 const BATCH_FROM: usize = 64;
+
+/// Exits in one turn from which the leaves' CPU counters are flushed
+/// together before their results read them (`cgroup::Pool::flush_usage`).
+const FLUSH_USAGE_FROM: usize = 2;
 /// The lingering: up to 200 µs more for an event (never past a timer, so
 /// a kill is never later for it), or until 32 have come.
 const BUSY_BATCH: Batch = Batch {
@@ -373,6 +377,7 @@ impl Engine {
             // must not wait behind a turn's worth of reaps and reads. A
             // check whose exit is among this turn's events is not signalled
             // (see `Lifecycle::note_exit_pending`).
+            let mut exits = 0usize;
             for &token in &fired {
                 if token & WATCH_FAILED != 0 {
                     continue;
@@ -382,7 +387,13 @@ impl Engine {
                     && c.generation() == generation
                 {
                     c.note_exit_pending();
+                    exits += 1;
                 }
+            }
+            if exits >= FLUSH_USAGE_FROM
+                && let Some(pool) = &self.cgroups
+            {
+                pool.flush_usage();
             }
             let mut due = std::mem::take(&mut self.due);
             self.fire_signal_timers(now, &mut due);

@@ -184,6 +184,103 @@ fn ordinary_checks_after_many_killed_ones_all_exit_normally() {
     });
 }
 
+/// Checks that end together (one turn reads their leaves' `cpu.stat` after
+/// one flush of them all) each report their own CPU: a busy one at least
+/// what its shell used, an idle one next to nothing.
+#[test]
+fn checks_that_end_together_each_report_their_own_cpu() {
+    each_backend(contained, |exec, backend| {
+        let s = exec.containment();
+        if !cgroup_or_skip("checks_that_end_together", &s.mode, &s.detail) {
+            return;
+        }
+        let go =
+            std::env::temp_dir().join(format!("pidring-cpu-go-{}-{backend}", std::process::id()));
+        let _ = std::fs::remove_file(&go);
+        let spun_prefix = go.with_extension("spun");
+        let spun_count = || {
+            let name = spun_prefix
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            std::fs::read_dir(std::env::temp_dir())
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("{name}."))
+                })
+                .map(|e| e.path())
+                .collect::<Vec<_>>()
+        };
+        // Waiting costs no CPU: a read of a FIFO the test writes one line
+        // per check into.
+        let made = std::process::Command::new("mkfifo")
+            .arg(&go)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfifo {}", go.display());
+        let wait = format!("read -r line < {}", go.display());
+        // Busy: spin ~0.3 s of CPU, say how much its shell used (ticks of
+        // 10 ms, utime + stime), then wait with the idle ones for a line.
+        let busy = format!(
+            "i=0; while [ $i -lt 150000 ]; do i=$((i+1)); done\n\
+             set -- $(cat /proc/$$/stat); echo $((${{14}} + ${{15}}))\n\
+             : > {spun}.$$\n{wait}",
+            spun = spun_prefix.display()
+        );
+        let idle = format!("echo 0\n{wait}");
+        let pending: Vec<_> = (0..16)
+            .map(|i| {
+                let script = if i % 2 == 0 { &busy } else { &idle };
+                let c = sh(script).timeout(Duration::from_secs(120));
+                (i % 2 == 0, exec.submit(c).unwrap())
+            })
+            .collect();
+        // Let the busy ones finish spinning (their CPU then stops growing).
+        let began = std::time::Instant::now();
+        while spun_count().len() < 8 && began.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Held open until every result is in: a shell that reaches its
+        // read after this write still finds its line.
+        let mut fifo = std::fs::OpenOptions::new().write(true).open(&go).unwrap();
+        std::io::Write::write_all(&mut fifo, "go\n".repeat(16).as_bytes()).unwrap();
+        for (busy, p) in pending {
+            let r = p.wait_timeout(Duration::from_secs(120)).unwrap();
+            assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{backend}: {r:?}");
+            let own_us: u64 = r.stdout.text().trim().parse::<u64>().unwrap() * 10_000;
+            let u = r.cgroup.expect("usage");
+            if busy {
+                assert!(
+                    own_us >= 100_000,
+                    "{backend}: spun too little to tell: {r:?}"
+                );
+                assert!(
+                    u.cpu_us + 10_000 >= own_us,
+                    "{backend}: {own_us} µs own, {u:?}"
+                );
+                assert!(
+                    u.cpu_us < own_us + 200_000,
+                    "{backend}: {own_us} µs own, {u:?}"
+                );
+            } else {
+                assert!(
+                    u.cpu_us < 50_000,
+                    "{backend}: an idle check was charged: {u:?}"
+                );
+            }
+        }
+        drop(fifo);
+        let _ = std::fs::remove_file(&go);
+        for f in spun_count() {
+            let _ = std::fs::remove_file(f);
+        }
+    });
+}
+
 /// Containment asked for where it cannot be had: the checks still run,
 /// confined by the group sweep, and the executor says which mode is in force.
 #[test]
