@@ -60,16 +60,15 @@ const LAUNCH_POLL: Duration = Duration::from_millis(1);
 /// executor CPU per check at 256 in flight, docs/PERFORMANCE.md). Below it,
 /// an event is handled the moment it comes.
 const BATCH_FROM: usize = 64;
-
-/// Exits in one turn from which the leaves' CPU counters are flushed
-/// together before their results read them (`cgroup::Pool::flush_usage`).
-const FLUSH_USAGE_FROM: usize = 2;
 /// The lingering: up to 200 µs more for an event (never past a timer, so
 /// a kill is never later for it), or until 32 have come.
 const BUSY_BATCH: Batch = Batch {
     events: 32,
     within: Duration::from_micros(200),
 };
+/// Exits in one turn from which the leaves' CPU counters are flushed
+/// together before their results read them (`cgroup::Pool::flush_usage`).
+const FLUSH_USAGE_FROM: usize = 2;
 /// How many events a turn handles between looks at the signalling timers.
 const SIGNAL_CHECK_EVERY: usize = 8;
 /// How often the orphan scan runs when the executor is a subreaper: one
