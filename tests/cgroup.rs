@@ -20,6 +20,17 @@ fn contained(backend: BackendKind) -> Executor {
         .expect("executor")
 }
 
+/// Run `body` on each backend's contained executor, or say loudly that
+/// `test` skipped where containment is not in force.
+fn each_contained(test: &str, body: impl Fn(&Executor, BackendKind)) {
+    each_backend(contained, |exec, backend| {
+        let s = exec.containment();
+        if cgroup_or_skip(test, &s.mode, &s.detail) {
+            body(exec, backend);
+        }
+    });
+}
+
 /// The check for `escape`, marked with `marker`.
 fn escaping(escape: Escape, then_exit: bool, marker: &str) -> Check {
     let mut c = sh(&escape.script(then_exit))
@@ -35,46 +46,37 @@ fn escaping(escape: Escape, then_exit: bool, marker: &str) -> Check {
 
 #[test]
 fn escapees_are_gone_when_the_result_is_delivered() {
-    each_backend(contained, |exec, backend| {
-        let s = exec.containment();
-        if !cgroup_or_skip(
-            "escapees_are_gone_when_the_result_is_delivered",
-            &s.mode,
-            &s.detail,
-        ) {
-            return;
-        }
-        for escape in ESCAPES {
-            for then_exit in [true, false] {
-                let m = marker();
-                let r = run(exec, escaping(escape, then_exit, &m));
-                let left = survivors(&m);
-                let what = format!("{backend} {escape:?} exit={then_exit}");
-                assert_eq!(r.stdout.text(), "started\n", "{what}: {r:?}");
-                if then_exit {
-                    assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{what}: {r:?}");
-                } else {
-                    assert!(r.timed_out(), "{what}: {r:?}");
+    each_contained(
+        "escapees_are_gone_when_the_result_is_delivered",
+        |exec, backend| {
+            for escape in ESCAPES {
+                for then_exit in [true, false] {
+                    let m = marker();
+                    let r = run(exec, escaping(escape, then_exit, &m));
+                    let left = survivors(&m);
+                    let what = format!("{backend} {escape:?} exit={then_exit}");
+                    assert_eq!(r.stdout.text(), "started\n", "{what}: {r:?}");
+                    if then_exit {
+                        assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "{what}: {r:?}");
+                    } else {
+                        assert!(r.timed_out(), "{what}: {r:?}");
+                    }
+                    assert!(left.is_empty(), "{what}: alive after the result: {left:?}");
+                    let usage = r.cgroup.expect("a contained check reports its cgroup");
+                    assert!(usage.escapees >= 1, "{what}: {usage:?}");
+                    assert!(!usage.left_running, "{what}: {usage:?}");
+                    assert!(usage.cpu_us > 0, "{what}: {usage:?}");
                 }
-                assert!(left.is_empty(), "{what}: alive after the result: {left:?}");
-                let usage = r.cgroup.expect("a contained check reports its cgroup");
-                assert!(usage.escapees >= 1, "{what}: {usage:?}");
-                assert!(!usage.left_running, "{what}: {usage:?}");
-                assert!(usage.cpu_us > 0, "{what}: {usage:?}");
             }
-        }
-    });
+        },
+    );
 }
 
 /// Escapees that take long to die (a large memory to tear down) are waited
 /// for past a short drain: the result comes only once the leaf is empty.
 #[test]
 fn a_killed_leaf_is_waited_for_past_the_drain() {
-    each_backend(contained, |exec, backend| {
-        let s = exec.containment();
-        if !cgroup_or_skip("a_killed_leaf_is_waited_for", &s.mode, &s.detail) {
-            return;
-        }
+    each_contained("a_killed_leaf_is_waited_for", |exec, backend| {
         let m = marker();
         // A setsid'd escapee holding 512 MiB it has written to: its exit
         // unmaps it, which takes far longer than the 1 ms drain.
@@ -109,11 +111,7 @@ fn a_killed_leaf_is_waited_for_past_the_drain() {
 /// service) leaves its processes running; shutdown kills them.
 #[test]
 fn a_check_that_opts_out_leaves_its_service_until_shutdown() {
-    each_backend(contained, |exec, backend| {
-        let s = exec.containment();
-        if !cgroup_or_skip("a_check_that_opts_out", &s.mode, &s.detail) {
-            return;
-        }
+    each_contained("a_check_that_opts_out", |exec, backend| {
         let m = marker();
         let r = run(
             exec,
@@ -135,40 +133,33 @@ fn a_check_that_opts_out_leaves_its_service_until_shutdown() {
 /// Cancel and shutdown kill the whole leaf too.
 #[test]
 fn cancel_and_shutdown_kill_the_whole_leaf() {
-    each_backend(contained, |exec, backend| {
-        let s = exec.containment();
-        if !cgroup_or_skip(
-            "cancel_and_shutdown_kill_the_whole_leaf",
-            &s.mode,
-            &s.detail,
-        ) {
-            return;
-        }
-        let m = marker();
-        let ready = Escape::env(&m)[1].1.clone();
-        let p = exec
-            .submit(escaping(Escape::SetsidDoubleFork, false, &m).timeout(Duration::from_secs(60)))
-            .unwrap();
-        assert!(eventually(Duration::from_secs(20), || {
-            std::path::Path::new(&ready).exists()
-        }));
-        exec.cancel(p.id());
-        let r = p.wait_timeout(Duration::from_secs(30)).unwrap();
-        let left = survivors(&m);
-        assert_eq!(r.outcome, Outcome::Cancelled, "{backend}: {r:?}");
-        assert!(left.is_empty(), "{backend}: alive after cancel: {left:?}");
-    });
+    each_contained(
+        "cancel_and_shutdown_kill_the_whole_leaf",
+        |exec, backend| {
+            let m = marker();
+            let ready = Escape::env(&m)[1].1.clone();
+            let p = exec
+                .submit(
+                    escaping(Escape::SetsidDoubleFork, false, &m).timeout(Duration::from_secs(60)),
+                )
+                .unwrap();
+            assert!(eventually(Duration::from_secs(20), || {
+                std::path::Path::new(&ready).exists()
+            }));
+            exec.cancel(p.id());
+            let r = p.wait_timeout(Duration::from_secs(30)).unwrap();
+            let left = survivors(&m);
+            assert_eq!(r.outcome, Outcome::Cancelled, "{backend}: {r:?}");
+            assert!(left.is_empty(), "{backend}: alive after cancel: {left:?}");
+        },
+    );
 }
 
 /// Linux 6.18 SIGKILLs a child cloned into a leaf whose cgroup.kill was
 /// written: ordinary checks after many killed ones must all live.
 #[test]
 fn ordinary_checks_after_many_killed_ones_all_exit_normally() {
-    each_backend(contained, |exec, backend| {
-        let s = exec.containment();
-        if !cgroup_or_skip("ordinary_checks_after_many_killed_ones", &s.mode, &s.detail) {
-            return;
-        }
+    each_contained("ordinary_checks_after_many_killed_ones", |exec, backend| {
         let killed: Vec<_> = (0..60)
             .map(|_| {
                 exec.submit(sh("sleep 30").timeout(Duration::from_millis(50)))
@@ -189,32 +180,12 @@ fn ordinary_checks_after_many_killed_ones_all_exit_normally() {
 /// what its shell used, an idle one next to nothing.
 #[test]
 fn checks_that_end_together_each_report_their_own_cpu() {
-    each_backend(contained, |exec, backend| {
-        let s = exec.containment();
-        if !cgroup_or_skip("checks_that_end_together", &s.mode, &s.detail) {
-            return;
-        }
-        let go =
-            std::env::temp_dir().join(format!("pidring-cpu-go-{}-{backend}", std::process::id()));
-        let _ = std::fs::remove_file(&go);
-        let spun_prefix = go.with_extension("spun");
-        let spun_count = || {
-            let name = spun_prefix
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            std::fs::read_dir(std::env::temp_dir())
-                .unwrap()
-                .filter_map(|e| e.ok())
-                .filter(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .starts_with(&format!("{name}."))
-                })
-                .map(|e| e.path())
-                .collect::<Vec<_>>()
-        };
+    each_contained("checks_that_end_together", |exec, backend| {
+        // The FIFO the checks wait on, and a file per busy check once it
+        // has spun.
+        let dir = tempfile::tempdir().unwrap();
+        let go = dir.path().join("go");
+        let spun = || std::fs::read_dir(dir.path()).unwrap().count() - 1;
         // Waiting costs no CPU: a read of a FIFO the test writes one line
         // per check into.
         let made = std::process::Command::new("mkfifo")
@@ -228,8 +199,8 @@ fn checks_that_end_together_each_report_their_own_cpu() {
         let busy = format!(
             "i=0; while [ $i -lt 150000 ]; do i=$((i+1)); done\n\
              set -- $(cat /proc/$$/stat); echo $((${{14}} + ${{15}}))\n\
-             : > {spun}.$$\n{wait}",
-            spun = spun_prefix.display()
+             : > {dir}/spun.$$\n{wait}",
+            dir = dir.path().display()
         );
         let idle = format!("echo 0\n{wait}");
         let pending: Vec<_> = (0..16)
@@ -241,7 +212,7 @@ fn checks_that_end_together_each_report_their_own_cpu() {
             .collect();
         // Let the busy ones finish spinning (their CPU then stops growing).
         let began = std::time::Instant::now();
-        while spun_count().len() < 8 && began.elapsed() < Duration::from_secs(60) {
+        while spun() < 8 && began.elapsed() < Duration::from_secs(60) {
             std::thread::sleep(Duration::from_millis(20));
         }
         // Held open until every result is in: a shell that reaches its
@@ -274,10 +245,6 @@ fn checks_that_end_together_each_report_their_own_cpu() {
             }
         }
         drop(fifo);
-        let _ = std::fs::remove_file(&go);
-        for f in spun_count() {
-            let _ = std::fs::remove_file(f);
-        }
     });
 }
 
@@ -312,11 +279,8 @@ fn an_unusable_cgroup_falls_back_and_says_so() {
 /// the check's processes together (a leaf then serves one check).
 #[test]
 fn peaks_are_reported_where_the_controllers_are_on() {
-    each_backend(contained, |exec, backend| {
+    each_contained("peaks_are_reported", |exec, backend| {
         let s = exec.containment();
-        if !cgroup_or_skip("peaks_are_reported", &s.mode, &s.detail) {
-            return;
-        }
         let has = |c: &str| s.controllers.iter().any(|x| x == c);
         if !has("memory") || !has("pids") {
             assert!(
