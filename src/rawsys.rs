@@ -247,6 +247,9 @@ pub(crate) fn exit(code: i32) -> ! {
     }
 }
 
+/// `clone3`: every handler back to default in the child, ignored ones kept (Linux 5.5).
+pub(crate) const CLONE_CLEAR_SIGHAND: u64 = 0x1_0000_0000;
+
 /// The kernel's `struct clone_args` (`CLONE_ARGS_SIZE_VER2`: up to `cgroup`).
 #[repr(C)]
 #[derive(Default)]

@@ -211,6 +211,52 @@ fn auto_falls_back_to_epoll_when_seccomp_blocks_io_uring() {
     assert!(err.contains("cannot set up the io_uring backend"), "{err}");
 }
 
+/// A check gets default dispositions for the signals a daemon ignores,
+/// whether the kernel cleared the handlers (`clone3` with
+/// `CLONE_CLEAR_SIGHAND`) or, where seccomp refuses `clone3`, the child
+/// reset each one itself; and the check runs either way.
+#[test]
+fn ignored_signals_are_reset_with_and_without_clone3() {
+    use std::os::unix::process::CommandExt;
+    for refused in [None, Some(libc::ENOSYS)] {
+        let mut cmd = pidring();
+        cmd.env("RUST_LOG", "debug").args([
+            "run",
+            "--",
+            "/bin/sh",
+            "-c",
+            "exec grep -E '^(SigIgn|SigBlk)' /proc/self/status",
+        ]);
+        // SAFETY: only signal(2) and prctl(2) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Ignored in `run`, so inherited by the check unless reset.
+                libc::signal(libc::SIGUSR1, libc::SIG_IGN);
+                libc::signal(libc::SIGHUP, libc::SIG_IGN);
+                match refused {
+                    Some(errno) => refuse_clone3(errno),
+                    None => Ok(()),
+                }
+            });
+        }
+        let out = cmd.output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{refused:?}: {log}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 2, "{refused:?}: {stdout}");
+        for line in lines {
+            let mask = u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap();
+            assert_eq!(mask & 0x7fff_ffff, 0, "{refused:?}: {line}");
+        }
+        assert_eq!(
+            log.contains("clone3(CLONE_CLEAR_SIGHAND) refused"),
+            refused.is_some(),
+            "{refused:?}: {log}"
+        );
+    }
+}
+
 /// Start `pidring run` on a check that records its session (its leader's
 /// pid) in a file and keeps a TERM-ignoring child; return the `run`
 /// process and that session id, once the check is running.

@@ -40,7 +40,8 @@
 //! server would be, instead of sharing the contender's session and autogroup),
 //! `--rounds N` (every workload N times through every contender, in rotated
 //! order, then the median and range of each figure, ratios taken within
-//! each round so the machine's drift between rounds cancels),
+//! each round so the machine's drift between rounds cancels), `--checks N`
+//! ((a)'s count: many short rounds pair contenders closer in time),
 //! `--quick` asserts nothing about speed, only that every contender completed
 //! its workload correctly and left no child behind; it exits 1 otherwise.
 
@@ -175,6 +176,8 @@ struct Opts {
     busy_own_session: bool,
     /// Times each workload is run through every contender (order rotated).
     rounds: usize,
+    /// (a)'s count of checks, when not the default.
+    checks: Option<usize>,
 }
 
 fn parse_opts(args: &[String]) -> Result<Opts, String> {
@@ -189,6 +192,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         raise: true,
         busy_own_session: false,
         rounds: 1,
+        checks: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -203,6 +207,14 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
                     .filter(|&n| n > 0)
                     .ok_or("--rounds needs a count of at least 1")?
             }
+            "--checks" => {
+                o.checks = Some(
+                    it.next()
+                        .and_then(|n| n.parse().ok())
+                        .filter(|&n| n > 0)
+                        .ok_or("--checks needs a count of at least 1")?,
+                )
+            }
             "--workloads" => o.workloads = it.next().ok_or("--workloads needs a value")?.clone(),
             "--contenders" => {
                 o.contenders = it
@@ -216,7 +228,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
                 return Err(
                     "usage: cargo bench --bench compare -- [--quick] [--workloads abcd] \
                      [--contenders raw,uring,uring-cg,uring-rt,epoll,tokio,std] [--no-raise] [--busy-own-session] \
-                     [--rounds N]"
+                     [--rounds N] [--checks N]"
                         .into(),
                 );
             }
@@ -254,7 +266,7 @@ fn harness(args: &[String]) -> i32 {
     );
     let mut all_ok = true;
     for w in opts.workloads.chars() {
-        let Some((title, spec)) = workload(w, opts.quick, &me, &limits) else {
+        let Some((title, spec)) = workload(w, &opts, &me, &limits) else {
             eprintln!("unknown workload {w:?}");
             return 2;
         };
@@ -429,7 +441,8 @@ fn machine() -> String {
 }
 
 /// The spec of workload `w`.
-fn workload(w: char, quick: bool, me: &str, l: &Limits) -> Option<(String, Spec)> {
+fn workload(w: char, opts: &Opts, me: &str, l: &Limits) -> Option<(String, Spec)> {
+    let quick = opts.quick;
     // `+MS` becomes "MS from when the contender starts" in `run_contender`.
     let sleeper = |ms: u64, spread_ms: u64| {
         vec![
@@ -442,7 +455,7 @@ fn workload(w: char, quick: bool, me: &str, l: &Limits) -> Option<(String, Spec)
     let q = |full: usize, small: usize| if quick { small } else { full };
     Some(match w {
         'a' => {
-            let n = q(20_000, 300);
+            let n = opts.checks.unwrap_or(q(20_000, 300));
             let k = q(256, 64);
             (
                 format!("{n} × /bin/true, {k} in flight"),

@@ -16,7 +16,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::ffi::CString;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// A child that now exists: its pid, pidfd and the read ends of its output pipes.
@@ -475,13 +475,14 @@ impl Drop for PreExecChild {
 /// Create a child for `cmd`, without waiting for it to exec. The pipes'
 /// read ends are O_NONBLOCK (both backends read them with non-blocking `read`).
 ///
-/// `clone(CLONE_VM | CLONE_FILES | CLONE_PIDFD | CLONE_CHILD_CLEARTID)`: the
+/// `clone3(CLONE_VM | CLONE_FILES | CLONE_PIDFD | CLONE_CHILD_CLEARTID)`: the
 /// child shares our memory and descriptor table, so creating it copies
 /// neither (the table holds 3 descriptors per running check; copying it
 /// made a spawn cost 4× more at 6k checks in flight). It then, with raw
-/// system calls only (see `rawsys`): resets every handler and the
-/// dispositions daemons ignore, calls `setsid` (its own session and group
-/// before anything else can happen to it), takes a private copy of just
+/// system calls only (see `rawsys`): resets the dispositions daemons
+/// ignore (the kernel reset the handlers: `CLONE_CLEAR_SIGHAND`), calls
+/// `setsid` (its own session and group before anything else can happen to
+/// it), takes a private copy of just
 /// the low part of the table it needs (`close_range(.., CLOSE_RANGE_UNSHARE)`),
 /// moves /dev/null and the pipes onto 0–2, changes directory, closes every
 /// other fd, unblocks signals and execs. A failed step leaves its errno in
@@ -636,70 +637,124 @@ fn child_args(
         errno: AtomicI32::new(0),
         step: AtomicU8::new(0),
         detached: AtomicU8::new(0),
+        handlers_cleared: AtomicU8::new(0),
         ctid: AtomicU32::new(1),
     })
 }
 
+/// Set once `clone3` refused `CLONE_CLEAR_SIGHAND`, and kept: from then on
+/// children are made with `clone` and reset each handler themselves (before
+/// 5.5, or where seccomp refuses `clone3` as older container runtimes do).
+static CLEAR_SIGHAND_REFUSED: AtomicBool = AtomicBool::new(false);
+
 /// Create the child, running `child_main` on the launch's stack: `clone3`
-/// straight into the leaf (`CLONE_INTO_CGROUP`) when containment clones
-/// into it, else `clone`. Its pid and pidfd.
+/// with the kernel resetting its handlers (`CLONE_CLEAR_SIGHAND`), straight
+/// into the leaf (`CLONE_INTO_CGROUP`) when containment clones into it;
+/// `clone` where `clone3` cannot. Its pid and pidfd.
 fn clone_child(
     launch: &PreExecChild,
     leaf: Option<(&crate::cgroup::Leaf, crate::cgroup::Entry)>,
 ) -> Result<(Pid, OwnedFd), SpawnFailure> {
-    let mut pidfd: libc::c_int = -1;
-    let flags = libc::CLONE_VM
-        | libc::CLONE_FILES
-        | libc::CLONE_PIDFD
-        | libc::CLONE_CHILD_CLEARTID
-        | libc::SIGCHLD;
     let into = match leaf {
         Some((leaf, crate::cgroup::Entry::CloneInto)) => Some(leaf.dir().as_raw_fd()),
         _ => None,
     };
-    let arg = (&*launch.args as *const ChildArgs).cast_mut().cast();
-    let pid = if let Some(cgroup) = into {
-        let (base, len) = launch.stack.as_ref().expect("just set").usable();
-        let args = rawsys::CloneArgs {
-            flags: (flags & !libc::SIGCHLD) as u64 | crate::cgroup::CLONE_INTO_CGROUP,
-            pidfd: &mut pidfd as *mut libc::c_int as u64,
-            child_tid: launch.args.ctid.as_ptr() as u64,
-            exit_signal: libc::SIGCHLD as u64,
-            stack: base as u64,
-            stack_size: len as u64,
-            cgroup: cgroup as u64,
-            ..Default::default()
-        };
-        // SAFETY: as for `clone` below; `clone3` takes the stack as its
-        // lowest address and size.
-        match unsafe { rawsys::clone3(&args, child_main, arg) } {
-            r if r < 0 => {
-                let e = Errno::from_raw_os_error((-r) as i32);
-                return Err(ChildStep::Clone.failure(&launch.strings.cmd, e));
+    let clear = !CLEAR_SIGHAND_REFUSED.load(Ordering::Relaxed);
+    if clear || into.is_some() {
+        match clone3_child(launch, into, clear) {
+            Err(e) if clear && into.is_none() && refused(e) => {
+                CLEAR_SIGHAND_REFUSED.store(true, Ordering::Relaxed);
+                tracing::debug!(
+                    "clone3(CLONE_CLEAR_SIGHAND) refused ({e}): children reset each handler themselves"
+                );
             }
-            r => r as libc::pid_t,
+            Err(e) => return Err(ChildStep::Clone.failure(&launch.strings.cmd, e)),
+            Ok(made) => return Ok(made),
         }
-    } else {
-        // SAFETY: the child runs `child_main` on `launch.stack`, used by nothing
-        // else until the kernel clears `args.ctid` (at the child's execve or
-        // exit); `launch` keeps the stack, `args` and every string it points
-        // into alive until then (its Drop waits for that). The child reads
-        // `args` and writes only its atomic flags; it uses raw system calls,
-        // never libc's errno. Every signal is blocked on the calling (loop)
-        // thread, hence in the child until it has reset the dispositions. The
-        // kernel writes the pidfd into `pidfd` and clears `args.ctid`.
-        let top = launch.stack.as_ref().expect("just set").top();
-        unsafe {
-            libc::clone(
-                child_main,
-                top,
-                flags,
-                arg,
-                &mut pidfd as *mut libc::c_int,
-                std::ptr::null_mut::<libc::c_void>(),
-                launch.args.ctid.as_ptr(),
-            )
-        }
+    }
+    clone_classic(launch)
+}
+
+/// How `clone3` or its flag is refused: EINVAL before 5.5 (the flag),
+/// ENOSYS before 5.3 or under seccomp (glibc's own fallback to `clone`
+/// is on ENOSYS too). A real failure shows again in `clone`, which reports it.
+fn refused(e: Errno) -> bool {
+    e == Errno::INVAL || e == Errno::NOSYS
+}
+
+/// The child's clone flags, but for the exit signal (`clone3` takes it apart).
+const CLONE_FLAGS: libc::c_int =
+    libc::CLONE_VM | libc::CLONE_FILES | libc::CLONE_PIDFD | libc::CLONE_CHILD_CLEARTID;
+
+/// `clone3`: the kernel clears the handlers if `clear`, and makes the child
+/// in the cgroup directory `into` if given.
+fn clone3_child(
+    launch: &PreExecChild,
+    into: Option<RawFd>,
+    clear: bool,
+) -> Result<(Pid, OwnedFd), Errno> {
+    launch
+        .args
+        .handlers_cleared
+        .store(clear as u8, Ordering::Relaxed);
+    let mut pidfd: libc::c_int = -1;
+    let (base, len) = launch.stack.as_ref().expect("just set").usable();
+    let mut flags = CLONE_FLAGS as u64;
+    if clear {
+        flags |= rawsys::CLONE_CLEAR_SIGHAND;
+    }
+    if into.is_some() {
+        flags |= crate::cgroup::CLONE_INTO_CGROUP;
+    }
+    let args = rawsys::CloneArgs {
+        flags,
+        pidfd: &mut pidfd as *mut libc::c_int as u64,
+        child_tid: launch.args.ctid.as_ptr() as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: base as u64,
+        stack_size: len as u64,
+        cgroup: into.unwrap_or(0) as u64,
+        ..Default::default()
+    };
+    let arg = (&*launch.args as *const ChildArgs).cast_mut().cast();
+    // SAFETY: as for `clone` in `clone_classic`; `clone3` takes the stack
+    // as its lowest address and size.
+    let pid = match unsafe { rawsys::clone3(&args, child_main, arg) } {
+        r if r < 0 => return Err(Errno::from_raw_os_error((-r) as i32)),
+        r => r as libc::pid_t,
+    };
+    // SAFETY: with CLONE_PIDFD a successful clone stored a new pidfd, owned by nothing else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok((
+        Pid::from_raw(pid).expect("clone returned a positive pid"),
+        pidfd,
+    ))
+}
+
+/// `clone`, where `clone3` is refused: the child resets each handler itself.
+fn clone_classic(launch: &PreExecChild) -> Result<(Pid, OwnedFd), SpawnFailure> {
+    launch.args.handlers_cleared.store(0, Ordering::Relaxed);
+    let mut pidfd: libc::c_int = -1;
+    let arg = (&*launch.args as *const ChildArgs).cast_mut().cast();
+    // SAFETY: the child runs `child_main` on `launch.stack`, used by nothing
+    // else until the kernel clears `args.ctid` (at the child's execve or
+    // exit); `launch` keeps the stack, `args` and every string it points
+    // into alive until then (its Drop waits for that). The child reads
+    // `args` and writes only its atomic flags; it uses raw system calls,
+    // never libc's errno. Every signal is blocked on the calling (loop)
+    // thread, hence in the child until it has reset the dispositions. The
+    // kernel writes the pidfd into `pidfd` and clears `args.ctid`.
+    let top = launch.stack.as_ref().expect("just set").top();
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            top,
+            CLONE_FLAGS | libc::SIGCHLD,
+            arg,
+            &mut pidfd as *mut libc::c_int,
+            std::ptr::null_mut::<libc::c_void>(),
+            launch.args.ctid.as_ptr(),
+        )
     };
     if pid < 0 {
         let e = io_errno(&std::io::Error::last_os_error());
@@ -707,8 +762,10 @@ fn clone_child(
     }
     // SAFETY: with CLONE_PIDFD a successful clone stored a new pidfd, owned by nothing else.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    let pid = Pid::from_raw(pid).expect("clone returned a positive pid");
-    Ok((pid, pidfd))
+    Ok((
+        Pid::from_raw(pid).expect("clone returned a positive pid"),
+        pidfd,
+    ))
 }
 
 /// The NULL-terminated array of pointers `execve` takes.

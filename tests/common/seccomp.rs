@@ -57,6 +57,17 @@ pub fn block_io_uring() -> std::io::Result<()> {
     ])
 }
 
+/// Make clone3(2) fail with `errno`, as older container runtimes' default
+/// profiles do (ENOSYS, which glibc then falls back from).
+pub fn refuse_clone3(errno: i32) -> std::io::Result<()> {
+    install_seccomp(&[
+        bpf(LD, 0, 0, 0), // nr
+        bpf(JEQ, 0, 1, libc::SYS_clone3 as u32),
+        bpf(RET, 0, 0, ERRNO | errno as u32),
+        bpf(RET, 0, 0, ALLOW),
+    ])
+}
+
 /// Make `epoll_ctl(EPOLL_CTL_ADD)` of the fds in `fds` fail with ENOSPC, as
 /// it does past `fs.epoll.max_user_watches`.
 pub fn fail_epoll_adds(fds: std::ops::Range<u32>) -> std::io::Result<()> {
