@@ -2,7 +2,8 @@
 //! spawn limit and with the alternatives, in one invocation.
 //!
 //! Contenders: `raw` (tight `posix_spawn` + `waitpid` loops of `/bin/true`, one
-//! thread per core: the machine's limit), `pidring/io_uring`,
+//! thread per core: the machine's limit), `raw-setsid` (the same with each
+//! child in its own session, as every check is; not run unless named), `pidring/io_uring`,
 //! `pidring/io_uring+cgroup` (the same with a cgroup v2 leaf per check,
 //! `Containment::Auto`), `pidring/io_uring+rt` (the same with
 //! `realtime_kills`), `pidring/epoll`,
@@ -227,7 +228,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: cargo bench --bench compare -- [--quick] [--workloads abcd] \
-                     [--contenders raw,uring,uring-cg,uring-rt,epoll,tokio,std] [--no-raise] [--busy-own-session] \
+                     [--contenders raw,raw-setsid,uring,uring-cg,uring-rt,epoll,tokio,std] [--no-raise] [--busy-own-session] \
                      [--rounds N] [--checks N]"
                         .into(),
                 );
@@ -295,7 +296,7 @@ fn harness(args: &[String]) -> i32 {
             order.rotate_left(round % n);
             let mut reports = Vec::new();
             for c in &order {
-                if c == "raw" && w != 'a' {
+                if c.starts_with("raw") && w != 'a' {
                     continue; // the raw loop is the spawn-rate reference only
                 }
                 let busy = if w == 'd' {
@@ -707,7 +708,7 @@ fn print_summary(w: char, contenders: &[String], rounds: &[Vec<Report>]) {
         }
     );
     for c in contenders {
-        if c == "raw" && w != 'a' {
+        if c.starts_with("raw") && w != 'a' {
             continue;
         }
         let name = display_name(c);
@@ -898,6 +899,7 @@ fn judge_output(spec: &Spec, stdout: &[u8], now: u64) -> (bool, Option<u64>) {
 fn display_name(key: &str) -> String {
     match key {
         "uring" => "pidring/io_uring".into(),
+        "raw-setsid" => "raw+setsid".into(),
         "uring-cg" => "pidring/io_uring+cgroup".into(),
         "uring-rt" => "pidring/io_uring+rt".into(),
         "epoll" => "pidring/epoll".into(),
@@ -908,7 +910,8 @@ fn display_name(key: &str) -> String {
 fn contender_main(name: &str, spec_json: &str) {
     let spec: Spec = serde_json::from_str(spec_json).expect("spec from the harness");
     let samples_and_times = match name {
-        "raw" => run_raw(&spec),
+        "raw" => run_raw(&spec, false),
+        "raw-setsid" => run_raw(&spec, true),
         "uring" => run_pidring(&spec, BackendKind::IoUring, false, Containment::Off),
         "uring-cg" => run_pidring(&spec, BackendKind::IoUring, false, Containment::Auto),
         "uring-rt" => run_pidring(&spec, BackendKind::IoUring, true, Containment::Off),
@@ -1028,7 +1031,10 @@ fn measure(f: impl FnOnce() -> Vec<Sample>) -> (Vec<Sample>, Measured) {
 }
 
 /// The machine's limit: one thread per core, each a tight posix_spawn + waitpid loop.
-fn run_raw(spec: &Spec) -> (Vec<Sample>, Measured) {
+/// The spawn limit: `posix_spawn` + `waitpid` of `/bin/true`, one thread
+/// per core; with `setsid`, each child in its own session as a check is
+/// (`POSIX_SPAWN_SETSID`: the kernel then makes a scheduler autogroup per child).
+fn run_raw(spec: &Spec, setsid: bool) -> (Vec<Sample>, Measured) {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let path = std::ffi::CString::new(spec.argv[0].clone()).expect("no NUL");
     let args: Vec<std::ffi::CString> = spec
@@ -1050,17 +1056,27 @@ fn run_raw(spec: &Spec) -> (Vec<Sample>, Measured) {
                     unsafe extern "C" {
                         static environ: *const *mut libc::c_char;
                     }
+                    // SAFETY: zeroed storage that posix_spawnattr_init initialises.
+                    let mut attr: libc::posix_spawnattr_t = unsafe { std::mem::zeroed() };
+                    // SAFETY: `attr` is ours and initialised by the first call.
+                    unsafe {
+                        libc::posix_spawnattr_init(&mut attr);
+                        if setsid {
+                            libc::posix_spawnattr_setflags(&mut attr, libc::POSIX_SPAWN_SETSID);
+                        }
+                    }
                     (0..count)
                         .map(|_| {
                             let mut pid = 0;
                             // SAFETY: NUL-terminated argv of live CStrings; the
-                            // process environment; no file actions or attributes.
+                            // process environment; no file actions; `attr`
+                            // initialised above.
                             let rc = unsafe {
                                 libc::posix_spawn(
                                     &mut pid,
                                     path.as_ptr(),
                                     std::ptr::null(),
-                                    std::ptr::null(),
+                                    &attr,
                                     argv.as_ptr(),
                                     environ,
                                 )
