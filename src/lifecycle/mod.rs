@@ -985,10 +985,11 @@ impl Drop for Lifecycle {
                 l.leaf.kill();
             }
             // Blocking, but only on this abnormal path: SIGKILL was just sent.
-            let _ = rustix::process::waitid(
+            // (An application's SIGCHLD handler may run on this thread.)
+            while let Err(Errno::INTR) = rustix::process::waitid(
                 rustix::process::WaitId::PidFd(leader.pidfd.as_fd()),
                 rustix::process::WaitIdOptions::EXITED,
-            );
+            ) {}
             self.clock.reaped_at = Some(Instant::now());
             // `leader` (and what the child used before exec) drops here,
             // after the reap.

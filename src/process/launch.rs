@@ -669,7 +669,12 @@ fn clone_child(
                 );
             }
             Err(e) => return Err(ChildStep::Clone.failure(&launch.strings.cmd, e)),
-            Ok(made) => return Ok(made),
+            Ok(made) => {
+                if clear {
+                    super::let_sigchld_through();
+                }
+                return Ok(made);
+            }
         }
     }
     clone_classic(launch)
@@ -733,6 +738,7 @@ fn clone3_child(
 
 /// `clone`, where `clone3` is refused: the child resets each handler itself.
 fn clone_classic(launch: &PreExecChild) -> Result<(Pid, OwnedFd), SpawnFailure> {
+    super::hold_sigchld();
     launch.args.handlers_cleared.store(0, Ordering::Relaxed);
     let mut pidfd: libc::c_int = -1;
     let arg = (&*launch.args as *const ChildArgs).cast_mut().cast();
