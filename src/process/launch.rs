@@ -698,6 +698,10 @@ fn clone3_child(
     into: Option<RawFd>,
     clear: bool,
 ) -> Result<(Pid, OwnedFd), Errno> {
+    if !clear {
+        // The child resets each handler itself: none may run in it before.
+        super::hold_sigchld();
+    }
     launch
         .args
         .handlers_cleared
