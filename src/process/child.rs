@@ -27,11 +27,11 @@ pub(super) const RESET_SIGNALS: &[i32] = &[
     libc::SIGTSTP,
 ];
 
-/// Block every signal on the calling thread (SIGCHLD may be let through
-/// later: `let_sigchld_through`). The loop thread does
-/// this before it creates its first child: a child starts with its
-/// creator's mask and handlers, runs in the executor's memory until it
-/// execs, and must not run one of the application's handlers there.
+/// Block every signal on the calling thread. The loop thread does this
+/// before it creates its first child: a child starts with its creator's
+/// mask and handlers, runs in the executor's memory until it execs, and
+/// must not run one of the application's handlers there. (SIGCHLD is let
+/// through later where the kernel clears the handlers: `let_sigchld_through`.)
 pub(crate) fn block_all_signals_on_this_thread() -> std::io::Result<()> {
     // SAFETY: sigfillset initialises the set; pthread_sigmask only reads it.
     let rc = unsafe {

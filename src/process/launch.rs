@@ -691,6 +691,19 @@ fn refused(e: Errno) -> bool {
 const CLONE_FLAGS: libc::c_int =
     libc::CLONE_VM | libc::CLONE_FILES | libc::CLONE_PIDFD | libc::CLONE_CHILD_CLEARTID;
 
+/// Tell the child whether the kernel clears its handlers; where it does not,
+/// hold SIGCHLD on this thread first, so that none of the application's can
+/// run in the child before it has reset them (`let_sigchld_through`).
+fn handlers_cleared_by_kernel(launch: &PreExecChild, cleared: bool) {
+    if !cleared {
+        super::hold_sigchld();
+    }
+    launch
+        .args
+        .handlers_cleared
+        .store(cleared as u8, Ordering::Relaxed);
+}
+
 /// `clone3`: the kernel clears the handlers if `clear`, and makes the child
 /// in the cgroup directory `into` if given.
 fn clone3_child(
@@ -698,14 +711,7 @@ fn clone3_child(
     into: Option<RawFd>,
     clear: bool,
 ) -> Result<(Pid, OwnedFd), Errno> {
-    if !clear {
-        // The child resets each handler itself: none may run in it before.
-        super::hold_sigchld();
-    }
-    launch
-        .args
-        .handlers_cleared
-        .store(clear as u8, Ordering::Relaxed);
+    handlers_cleared_by_kernel(launch, clear);
     let mut pidfd: libc::c_int = -1;
     let (base, len) = launch.stack.as_ref().expect("just set").usable();
     let mut flags = CLONE_FLAGS as u64;
@@ -742,8 +748,7 @@ fn clone3_child(
 
 /// `clone`, where `clone3` is refused: the child resets each handler itself.
 fn clone_classic(launch: &PreExecChild) -> Result<(Pid, OwnedFd), SpawnFailure> {
-    super::hold_sigchld();
-    launch.args.handlers_cleared.store(0, Ordering::Relaxed);
+    handlers_cleared_by_kernel(launch, false);
     let mut pidfd: libc::c_int = -1;
     let arg = (&*launch.args as *const ChildArgs).cast_mut().cast();
     // SAFETY: the child runs `child_main` on `launch.stack`, used by nothing
