@@ -95,10 +95,84 @@ fn main() {
             println!("{what}: {n} checks, the idle thread woken {woken} times");
         }
     }
+    with_an_application_handler();
     DONE.store(true, std::sync::atomic::Ordering::SeqCst);
     idle.thread().unpark();
     idle.join().unwrap();
     println!("test checks_wake_no_other_thread ... ok");
+}
+
+static HANDLED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+extern "C" fn count_sigchld(_: libc::c_int) {
+    HANDLED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// An application with its own SIGCHLD handler (no SA_RESTART, so that
+/// system calls it interrupts fail with EINTR) gets it, now possibly on
+/// the loop thread; the executor's checks keep their statuses and timeouts,
+/// and nothing is left unreaped.
+fn with_an_application_handler() {
+    // SAFETY: a handler that only increments an atomic; sa_flags 0.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = count_sigchld as *const () as usize;
+        assert_eq!(
+            libc::sigaction(libc::SIGCHLD, &act, std::ptr::null_mut()),
+            0
+        );
+    }
+    for backend in BACKENDS {
+        for containment in [Containment::Off, Containment::Auto] {
+            let what = format!("{backend} {containment:?}, with a handler");
+            let exec = Executor::builder()
+                .backend(backend)
+                .cgroup(containment)
+                .build()
+                .unwrap();
+            let handled = HANDLED.load(std::sync::atomic::Ordering::SeqCst);
+            let pendings: Vec<_> = (0..100)
+                .map(|i| {
+                    exec.submit(Check::argv(["/bin/sh", "-c", &format!("exit {}", i % 3)]))
+                        .unwrap()
+                })
+                .collect();
+            let slow = exec
+                .submit(Check::argv(["/bin/sleep", "30"]).timeout(Duration::from_millis(200)))
+                .unwrap();
+            for (i, p) in pendings.into_iter().enumerate() {
+                let r = p.wait_timeout(Duration::from_secs(60)).unwrap();
+                assert_eq!(
+                    r.outcome,
+                    Outcome::Exited {
+                        code: (i % 3) as i32
+                    },
+                    "{what}: {r:?}"
+                );
+            }
+            let r = slow.wait_timeout(Duration::from_secs(60)).unwrap();
+            assert!(
+                matches!(r.outcome, Outcome::TimedOut { .. }),
+                "{what}: {r:?}"
+            );
+            // Dropped with a check running: killed, reaped and answered.
+            let left = exec.submit(Check::argv(["/bin/sleep", "30"])).unwrap();
+            assert!(eventually(Duration::from_secs(10), || exec.running() == 1));
+            drop(exec);
+            let r = left.wait_timeout(Duration::from_secs(60)).unwrap();
+            assert!(matches!(r.outcome, Outcome::Shutdown), "{what}: {r:?}");
+            assert!(
+                HANDLED.load(std::sync::atomic::Ordering::SeqCst) > handled,
+                "{what}: the application's handler never ran"
+            );
+            assert!(
+                eventually(Duration::from_secs(5), || our_zombies().is_empty()),
+                "{what}: zombies {:?}",
+                our_zombies()
+            );
+            println!("{what}: statuses kept, nothing left unreaped");
+        }
+    }
 }
 
 static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
