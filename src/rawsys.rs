@@ -170,10 +170,36 @@ pub(crate) fn setresuid(uid: u32) -> isize {
     unsafe { syscall4(libc::SYS_setresuid, u, u, u, 0) }
 }
 
-/// `setsid()`.
-pub(crate) fn setsid() -> isize {
-    // SAFETY: no arguments.
-    unsafe { syscall4(libc::SYS_setsid, 0, 0, 0, 0) }
+/// `setpgid(0, 0)`: a process group of our own, led by us.
+pub(crate) fn setpgid_self() -> isize {
+    // SAFETY: plain integers.
+    unsafe { syscall4(libc::SYS_setpgid, 0, 0, 0, 0) }
+}
+
+/// Let go of our controlling terminal, if we have one: `TIOCNOTTY` on
+/// `/dev/tty` (which names it), for this process only when it does not lead
+/// its session. Any failure (ENXIO: no terminal) leaves nothing to do.
+pub(crate) fn drop_controlling_terminal() {
+    let path = c"/dev/tty";
+    let flags = libc::O_RDONLY | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC;
+    // SAFETY: a NUL-terminated string; the rest are integers.
+    let fd = unsafe {
+        syscall4(
+            libc::SYS_openat,
+            libc::AT_FDCWD as usize,
+            path.as_ptr() as usize,
+            flags as usize,
+            0,
+        )
+    };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: an fd we just opened, and an ioctl that takes no argument.
+    unsafe {
+        syscall4(libc::SYS_ioctl, fd as usize, libc::TIOCNOTTY as usize, 0, 0);
+        syscall4(libc::SYS_close, fd as usize, 0, 0, 0);
+    }
 }
 
 /// `close_range(first, last, flags)`.

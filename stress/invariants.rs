@@ -184,8 +184,8 @@ pub type GroupLife = (i32, u64, u64);
 /// Slack for /proc's start-time resolution (one clock tick is 10 ms).
 const START_SLACK_US: u64 = 20_000;
 
-/// Processes still in the group or session of a timed-out leader: born while
-/// that leader lived, in its group or session, and not the holder of the
+/// Processes still in the group of a timed-out leader: born while that
+/// leader lived, in its group, and not the holder of the
 /// recycled number itself. (The birth window keeps a later check that reused
 /// the number — and its own descendants — out of an earlier check's verdict.)
 pub fn leftovers_in_groups(procs: &[ProcInfo], groups: &[GroupLife]) -> Vec<ProcInfo> {
@@ -205,7 +205,7 @@ pub fn leftovers_in_groups(procs: &[ProcInfo], groups: &[GroupLife]) -> Vec<Proc
     procs
         .iter()
         .filter(|p| !by_leader.contains_key(&p.pid))
-        .filter(|p| born_in(p, p.pgid) || born_in(p, p.sid))
+        .filter(|p| born_in(p, p.pgid))
         .copied()
         .collect()
 }

@@ -257,14 +257,14 @@ fn ignored_signals_are_reset_with_and_without_clone3() {
     }
 }
 
-/// Start `pidring run` on a check that records its session (its leader's
-/// pid) in a file and keeps a TERM-ignoring child; return the `run`
-/// process and that session id, once the check is running.
+/// Start `pidring run` on a check that records its process group (its
+/// leader's pid) in a file and keeps a TERM-ignoring child; return the
+/// `run` process and that group id, once the check is running.
 fn run_a_check_that_stays(dir: &std::path::Path) -> (std::process::Child, i32) {
-    let sid_file = dir.join("sid");
+    let pgid_file = dir.join("pgid");
     let script = format!(
         "(trap '' TERM; exec sleep 1000) & echo $$ > {}; wait",
-        sid_file.display()
+        pgid_file.display()
     );
     let child = pidring()
         .args(["run", "--timeout", "100s", "--", "/bin/sh", "-c", &script])
@@ -272,17 +272,17 @@ fn run_a_check_that_stays(dir: &std::path::Path) -> (std::process::Child, i32) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut sid = None;
+    let mut pgid = None;
     assert!(
         eventually(Duration::from_secs(10), || {
-            sid = std::fs::read_to_string(&sid_file)
+            pgid = std::fs::read_to_string(&pgid_file)
                 .ok()
                 .and_then(|s| s.trim().parse().ok());
-            sid.is_some()
+            pgid.is_some()
         }),
         "the check never started"
     );
-    (child, sid.unwrap())
+    (child, pgid.unwrap())
 }
 
 #[test]
@@ -296,7 +296,7 @@ fn a_stop_signal_to_run_kills_and_reaps_the_check_first() {
         (libc::SIGALRM, "SIGALRM"),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let (child, sid) = run_a_check_that_stays(dir.path());
+        let (child, pgid) = run_a_check_that_stays(dir.path());
         // SAFETY: kill(2) on our own unreaped child.
         assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
         let out = child.wait_with_output().unwrap();
@@ -304,8 +304,8 @@ fn a_stop_signal_to_run_kills_and_reaps_the_check_first() {
         assert_eq!(out.status.code(), Some(128 + sig), "{name}: {err}");
         assert!(err.contains(&format!("stopped by {name}")), "{err}");
         // `run` reaped the leader and swept its group before exiting.
-        let sids = std::collections::HashSet::from([sid]);
-        assert_sessions_end(&sids, Duration::from_secs(5), name);
+        let pgids = std::collections::HashSet::from([pgid]);
+        assert_groups_end(&pgids, Duration::from_secs(5), name);
     }
 }
 
@@ -314,20 +314,20 @@ fn a_killed_run_takes_its_check_with_it() {
     // SIGKILL cannot be caught: the check's leader gets the parent-death
     // signal. (Its descendants cannot be helped then.)
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, sid) = run_a_check_that_stays(dir.path());
+    let (mut child, pgid) = run_a_check_that_stays(dir.path());
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
         eventually(Duration::from_secs(10), || !matches!(
-            stat(sid),
+            stat(pgid),
             Some((st, ..)) if st != 'Z' && st != 'X'
         )),
         "the check's leader outlived a SIGKILLed run: {:?}",
-        stat(sid)
+        stat(pgid)
     );
     // Not left to a slow PID 1: end its grandchild here.
-    for p in live_in_sessions(&std::collections::HashSet::from([sid])) {
-        // SAFETY: kill(2) by pid on a process we just saw alive in that session.
+    for p in live_in_groups(&std::collections::HashSet::from([pgid])) {
+        // SAFETY: kill(2) by pid on a process we just saw alive in that group.
         unsafe { libc::kill(p, libc::SIGKILL) };
     }
 }
@@ -541,11 +541,11 @@ fn checks_whose_descriptors_cannot_be_watched_are_polled_not_killed() {
     // Nothing watched at all: the timeout is enforced all the same, and
     // the group is swept before the reap (invariant 3 on the polling path).
     let dir = tempfile::tempdir().unwrap();
-    let sid_file = dir.path().join("sid");
+    let pgid_file = dir.path().join("pgid");
     // A member that ignores SIGTERM outlives the leader: only the sweep ends it.
     let script = format!(
         "echo $$ > {}; (trap '' TERM; exec sleep 300) & exec sleep 300",
-        sid_file.display()
+        pgid_file.display()
     );
     let t0 = std::time::Instant::now();
     let (out, log) = run(
@@ -558,13 +558,13 @@ fn checks_whose_descriptors_cannot_be_watched_are_polled_not_killed() {
         "{log}"
     );
     assert!(t0.elapsed() < Duration::from_secs(20), "{log}");
-    let sid: i32 = std::fs::read_to_string(&sid_file)
+    let pgid: i32 = std::fs::read_to_string(&pgid_file)
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    assert_sessions_end(
-        &[sid].into(),
+    assert_groups_end(
+        &[pgid].into(),
         Duration::from_secs(10),
         "the polled check's group",
     );
@@ -745,4 +745,96 @@ fn run_user_takes_the_users_ids_and_groups() {
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no user \"no-such-user-pidring\""), "{err}");
+}
+
+/// A new pseudo-terminal: its master, and the path of its slave.
+fn open_pty() -> (std::os::fd::OwnedFd, std::ffi::CString) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain libc calls on the fd posix_openpt returns, checked.
+    unsafe {
+        let fd = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        assert!(fd >= 0, "posix_openpt: {}", std::io::Error::last_os_error());
+        let master = std::os::fd::OwnedFd::from_raw_fd(fd);
+        assert_eq!(libc::grantpt(fd), 0);
+        assert_eq!(libc::unlockpt(fd), 0);
+        let mut name = [0 as libc::c_char; 128];
+        assert_eq!(libc::ptsname_r(fd, name.as_mut_ptr(), name.len()), 0);
+        (master, std::ffi::CStr::from_ptr(name.as_ptr()).to_owned())
+    }
+}
+
+/// `cmd` in a session of its own whose controlling terminal is `slave`, as
+/// a command typed at a shell prompt has one.
+fn with_terminal(mut cmd: Command, slave: &std::ffi::CStr) -> Command {
+    use std::os::unix::process::CommandExt;
+    let slave = slave.to_owned();
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let fd = libc::open(slave.as_ptr(), libc::O_RDWR | libc::O_NOCTTY);
+            if fd < 0 || libc::ioctl(fd, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// A check leads its own process group but shares the executor's session,
+/// so it must let go of the terminal `run` was started from: a plugin that
+/// opens /dev/tty (ssh or sudo asking for a password) fails at once instead
+/// of prompting, or being stopped as a background job until its timeout.
+#[test]
+fn a_check_cannot_reach_the_terminal_run_was_started_from() {
+    let (_master, slave) = open_pty();
+    // This shell's pid, process group, session and terminal (fields 1, 5,
+    // 6, 7 of its stat: `read` is a builtin, so /proc/self is the shell),
+    // and whether a subshell can open /dev/tty.
+    let probe = "read -r pid _ _ _ pgrp sid tty _ < /proc/self/stat; \
+        echo \"$pid $pgrp $sid $tty\"; \
+        if (exec 3</dev/tty) 2>/dev/null; then echo reached; else echo none; fi";
+    let fields = |out: &std::process::Output| -> (Vec<i64>, String) {
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut lines = text.lines();
+        let ids = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        (ids, lines.next().unwrap_or_default().to_string())
+    };
+
+    // The control: the same probe typed at the terminal reaches it.
+    let mut sh = Command::new("/bin/sh");
+    sh.args(["-c", probe]);
+    let out = with_terminal(sh, &slave).output().unwrap();
+    let (ids, tty) = fields(&out);
+    assert_eq!(ids.len(), 4, "{out:?}");
+    assert_ne!(ids[3], 0, "the control has a controlling terminal: {out:?}");
+    assert_eq!(tty, "reached", "{out:?}");
+
+    for backend in ["io_uring", "epoll"] {
+        let mut run = pidring();
+        run.args(["run", "--backend", backend, "--", "/bin/sh", "-c", probe]);
+        let child = with_terminal(run, &slave)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let run_pid = child.id() as i64;
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{backend}: {out:?}");
+        let (ids, tty) = fields(&out);
+        assert_eq!(ids.len(), 4, "{backend}: {out:?}");
+        assert_eq!(ids[1], ids[0], "{backend}: the check leads its own group");
+        assert_eq!(ids[2], run_pid, "{backend}: in run's session");
+        assert_eq!(ids[3], 0, "{backend}: the check has no terminal");
+        assert_eq!(tty, "none", "{backend}: /dev/tty opened: {out:?}");
+    }
 }

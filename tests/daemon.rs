@@ -235,12 +235,12 @@ impl Client {
     }
 }
 
-/// (state, ppid, session id) from /proc/<pid>/stat.
+/// (state, ppid, process group) from /proc/<pid>/stat.
 fn proc_stat(pid: i32) -> Option<(char, i32, i32)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    Some((f[0].chars().next()?, f[1].parse().ok()?, f[3].parse().ok()?))
+    Some((f[0].chars().next()?, f[1].parse().ok()?, f[2].parse().ok()?))
 }
 
 /// Children of `pid` (all threads).
@@ -256,17 +256,17 @@ fn children_of(pid: i32) -> Vec<i32> {
     out
 }
 
-/// Processes whose session id is one of `sids` (a check's leader is its session leader).
-fn processes_in_sessions(sids: &[i32]) -> Vec<(i32, i32)> {
+/// Processes whose process group is one of `pgids` (a check's leader leads its group).
+fn processes_in_groups(pgids: &[i32]) -> Vec<(i32, i32)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        if let Some((_, _, sid)) = proc_stat(pid)
-            && sids.contains(&sid)
+        if let Some((_, _, pgid)) = proc_stat(pid)
+            && pgids.contains(&pgid)
         {
-            out.push((pid, sid));
+            out.push((pid, pgid));
         }
     }
     out

@@ -454,15 +454,15 @@ fn exits_inside_the_grace_window_are_reaped_every_time() {
                 .unwrap()
             })
             .collect();
-        let mut sids = HashSet::new();
+        let mut pgids = HashSet::new();
         for p in pendings {
             let r = p.wait_timeout(Duration::from_secs(60)).expect("result");
             assert!(r.timed_out(), "{:?}", r.outcome);
             // Reaped by the loop through its pidfd (not by a safety net).
             assert!(r.exit.is_some() && r.rusage.is_some(), "{r:?}");
-            sids.insert(r.pid.unwrap());
+            pgids.insert(r.pid.unwrap());
         }
-        assert_sessions_end(&sids, Duration::from_secs(10), "after the timeouts");
+        assert_groups_end(&pgids, Duration::from_secs(10), "after the timeouts");
     });
 }
 
@@ -517,9 +517,8 @@ fn grandchildren_in_the_group_die_on_timeout() {
         );
         assert!(r.timed_out());
         let grandchild: i32 = r.stdout.text().trim().parse().expect("grandchild pid");
-        let sid = r.pid.unwrap();
-        let sids = HashSet::from([sid]);
-        assert_sessions_end(&sids, Duration::from_secs(5), "group members");
+        let pgids = HashSet::from([r.pid.unwrap()]);
+        assert_groups_end(&pgids, Duration::from_secs(5), "group members");
         assert!(!matches!(stat(grandchild), Some((s, ..)) if s != 'Z'));
     });
 }
@@ -573,8 +572,8 @@ fn leftover_group_members_are_swept_after_a_normal_exit() {
     each_backend(executor, |exec, _| {
         let r = run(exec, sh("sleep 300 >/dev/null 2>&1 & echo ok"));
         assert_eq!(r.state, State::Ok);
-        let sids = HashSet::from([r.pid.unwrap()]);
-        assert_sessions_end(&sids, Duration::from_secs(5), "after a normal exit");
+        let pgids = HashSet::from([r.pid.unwrap()]);
+        assert_groups_end(&pgids, Duration::from_secs(5), "after a normal exit");
     });
 }
 
@@ -611,8 +610,7 @@ fn a_descendant_holding_stdout_does_not_hold_the_check() {
                 .drain(Duration::from_millis(100)),
         );
         assert!(r.output_cut);
-        let sid = r.pid.unwrap();
-        for p in live_in_sessions(&HashSet::from([sid])) {
+        for p in live_in_groups(&HashSet::from([r.pid.unwrap()])) {
             let _ = rustix::process::kill_process(
                 rustix::process::Pid::from_raw(p).unwrap(),
                 rustix::process::Signal::KILL,
@@ -989,8 +987,8 @@ fn cancel_kills_sweeps_reaps_and_answers() {
         let r = p.wait_timeout(Duration::from_secs(30)).unwrap();
         assert_eq!(r.outcome, Outcome::Cancelled);
         if let Some(pid) = r.pid {
-            let sids = HashSet::from([pid]);
-            assert_sessions_end(&sids, Duration::from_secs(5), "after a cancel");
+            let pgids = HashSet::from([pid]);
+            assert_groups_end(&pgids, Duration::from_secs(5), "after a cancel");
         }
         exec.cancel(123_456_789); // unknown ids are ignored
     });
@@ -1015,17 +1013,17 @@ fn cancels_that_catch_children_before_they_exec_are_clean() {
             pendings.extend(batch);
             assert!(eventually(Duration::from_secs(30), || exec.running() == 0));
         }
-        let mut sids = HashSet::new();
+        let mut pgids = HashSet::new();
         for p in pendings {
             let r = p.wait_timeout(Duration::from_secs(60)).expect("a result");
             assert_eq!(r.outcome, Outcome::Cancelled, "{}", r.reason);
-            sids.extend(r.pid);
+            pgids.extend(r.pid);
         }
         assert!(
-            eventually(Duration::from_secs(10), || live_in_sessions(&sids)
+            eventually(Duration::from_secs(10), || live_in_groups(&pgids)
                 .is_empty()),
             "processes survived: {:?}",
-            live_in_sessions(&sids)
+            live_in_groups(&pgids)
         );
         // And the executor goes on as before.
         assert_eq!(
@@ -1066,18 +1064,17 @@ fn shutdown_kills_reaps_and_answers_everything() {
         ));
         let results: Vec<_> = rx.iter().collect();
         assert_eq!(results.len(), n, "every accepted check answered");
-        let mut sids = HashSet::new();
+        let mut pgids = HashSet::new();
         for r in &results {
             assert_eq!(r.outcome, Outcome::Shutdown, "{backend}");
             if let Some(pid) = r.pid {
                 // A started check was reaped by the loop, with its status.
                 assert!(r.exit.is_some() && r.rusage.is_some(), "{r:?}");
-                sids.insert(pid);
+                pgids.insert(pid);
             }
         }
         assert!(
-            eventually(Duration::from_secs(5), || live_in_sessions(&sids)
-                .is_empty()),
+            eventually(Duration::from_secs(5), || live_in_groups(&pgids).is_empty()),
             "check processes survived shutdown"
         );
         drop(exec);
@@ -1199,12 +1196,11 @@ fn a_timeout_sweeps_the_group_even_when_leftovers_are_kept_after_normal_exits() 
                 .grace(Duration::from_secs(30)),
         );
         assert!(r.timed_out(), "{:?}", r.outcome);
-        let sids = HashSet::from([r.pid.unwrap()]);
+        let pgids = HashSet::from([r.pid.unwrap()]);
         assert!(
-            eventually(Duration::from_secs(5), || live_in_sessions(&sids)
-                .is_empty()),
+            eventually(Duration::from_secs(5), || live_in_groups(&pgids).is_empty()),
             "a group member outlived the timed-out check: {:?}",
-            live_in_sessions(&sids)
+            live_in_groups(&pgids)
         );
     });
 }
@@ -1283,16 +1279,16 @@ fn dropping_an_executor_mid_burst_answers_kills_and_reaps_everything() {
             }
             let results: Vec<_> = rx.iter().collect();
             assert_eq!(results.len(), 200, "every accepted check answered");
-            let mut sids = HashSet::new();
+            let mut pgids = HashSet::new();
             for r in &results {
                 assert_eq!(r.outcome, Outcome::Shutdown, "{backend} drop={by_drop}");
-                sids.extend(r.pid);
+                pgids.extend(r.pid);
             }
             assert!(
-                eventually(Duration::from_secs(10), || live_in_sessions(&sids)
+                eventually(Duration::from_secs(10), || live_in_groups(&pgids)
                     .is_empty()),
                 "check processes survived: {:?}",
-                live_in_sessions(&sids)
+                live_in_groups(&pgids)
             );
             assert_clean(before);
         }

@@ -3,7 +3,8 @@
 //!
 //! Contenders: `raw` (tight `posix_spawn` + `waitpid` loops of `/bin/true`, one
 //! thread per core: the machine's limit), `raw-setsid` (the same with each
-//! child in its own session, as every check is; not run unless named), `pidring/io_uring`,
+//! child in its own session, as checks were before they became process
+//! groups; not run unless named), `pidring/io_uring`,
 //! `pidring/io_uring+cgroup` (the same with a cgroup v2 leaf per check,
 //! `Containment::Auto`), `pidring/io_uring+rt` (the same with
 //! `realtime_kills`), `pidring/epoll`,
@@ -1030,9 +1031,8 @@ fn measure(f: impl FnOnce() -> Vec<Sample>) -> (Vec<Sample>, Measured) {
     )
 }
 
-/// The machine's limit: one thread per core, each a tight posix_spawn + waitpid loop.
 /// The spawn limit: `posix_spawn` + `waitpid` of `/bin/true`, one thread
-/// per core; with `setsid`, each child in its own session as a check is
+/// per core; with `setsid`, each child in its own session
 /// (`POSIX_SPAWN_SETSID`: the kernel then makes a scheduler autogroup per child).
 fn run_raw(spec: &Spec, setsid: bool) -> (Vec<Sample>, Measured) {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -131,8 +131,10 @@ pub(super) struct ChildArgs {
     /// one, so that a child stuck in one can be told where; if `errno` is
     /// set, the step that failed (set before `errno`).
     pub(super) step: AtomicU8,
-    /// Set by the child once it has its own session and descriptor table.
+    /// Set by the child once it has its own process group and descriptor table.
     pub(super) detached: AtomicU8,
+    /// The executor has a controlling terminal: the child lets go of it.
+    pub(super) drop_tty: bool,
     /// 1 when the child was made with `CLONE_CLEAR_SIGHAND`: the kernel set
     /// every handler back to default, so only ignored dispositions are left
     /// to reset. Set by the loop just before the clone.
@@ -170,6 +172,7 @@ impl ChildArgs {
             errno: AtomicI32::new(0),
             step: AtomicU8::new(0),
             detached: AtomicU8::new(0),
+            drop_tty: false,
             handlers_cleared: AtomicU8::new(0),
             ctid: AtomicU32::new(0),
         }
@@ -181,8 +184,8 @@ impl ChildArgs {
 pub(super) enum ChildStep {
     /// `clone` itself (process limit, out of fds for the pidfd, memory).
     Clone = 0,
-    /// `setsid`.
-    Setsid = 1,
+    /// `setpgid`: a process group of its own.
+    Group = 1,
     /// A private descriptor table, and /dev/null and the pipes on fds 0–2.
     Stdio = 2,
     /// Changing to the check's working directory.
@@ -200,7 +203,7 @@ pub(super) enum ChildStep {
 impl ChildStep {
     pub(super) fn from_u8(v: u8) -> ChildStep {
         match v {
-            1 => ChildStep::Setsid,
+            1 => ChildStep::Group,
             2 => ChildStep::Stdio,
             3 => ChildStep::Chdir,
             4 => ChildStep::Exec,
@@ -215,8 +218,8 @@ impl ChildStep {
     pub(super) fn stuck(self, cmd: &Prepared) -> String {
         match self {
             ChildStep::Clone => "it never got to run (no CPU, or memory for it)".to_string(),
-            ChildStep::Setsid | ChildStep::Stdio | ChildStep::Cgroup | ChildStep::Credentials => {
-                "stuck setting up its session and standard streams".to_string()
+            ChildStep::Group | ChildStep::Stdio | ChildStep::Cgroup | ChildStep::Credentials => {
+                "stuck setting up its process group and standard streams".to_string()
             }
             ChildStep::Chdir => format!(
                 "stuck changing to its working directory {} (a hung mount?)",
@@ -236,7 +239,7 @@ impl ChildStep {
         let program = cmd.program();
         let what = match self {
             ChildStep::Clone => "cannot create a process for",
-            ChildStep::Setsid => "cannot start a session for",
+            ChildStep::Group => "cannot make a process group for",
             ChildStep::Cgroup => "cannot put into its cgroup the process for",
             ChildStep::Credentials => "cannot switch to the configured user for",
             ChildStep::Stdio => "cannot set up the standard streams of",
@@ -280,8 +283,9 @@ pub(super) extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     take_credentials(args);
     reset_signal_handlers(args);
     die_with_parent(args);
-    start_session(args);
+    lead_own_group(args);
     take_own_fd_table(args);
+    let_go_of_terminal(args);
     stdio_onto_0_1_2(args);
     make_output_blocking(args);
     change_directory(args);
@@ -376,14 +380,28 @@ fn die_with_parent(args: &ChildArgs) {
     }
 }
 
-/// Our own session and process group, which the loop signals as the
-/// check's once `detached` is set: so before the step that sets it.
-fn start_session(args: &ChildArgs) {
-    begin(args, ChildStep::Setsid);
-    ok_or_fail(args, ChildStep::Setsid, rawsys::setsid());
+/// Our own process group, which the loop signals as the check's once
+/// `detached` is set: so before the step that sets it. A group, not a
+/// session: a session would make the kernel give every check a scheduler
+/// autogroup of its own, so that a storm of checks would take the CPU from
+/// every other service on the host (and cost the autogroup's creation).
+fn lead_own_group(args: &ChildArgs) {
+    begin(args, ChildStep::Group);
+    ok_or_fail(args, ChildStep::Group, rawsys::setpgid_self());
 }
 
-/// A descriptor table of our own, then `detached`: after `setsid`, so that
+/// Without a session of our own, the executor's controlling terminal (a
+/// `pidring run` from a shell) would be ours too: let go of it, so that a
+/// plugin that opens `/dev/tty` (ssh, sudo asking for a password) fails at
+/// once instead of prompting, or being stopped as a background job. After
+/// `take_own_fd_table`: the fd it opens is in our own table.
+fn let_go_of_terminal(args: &ChildArgs) {
+    if args.drop_tty {
+        rawsys::drop_controlling_terminal();
+    }
+}
+
+/// A descriptor table of our own, then `detached`: after `setpgid`, so that
 /// the loop may then signal our group (and closes its copies of our write ends).
 fn take_own_fd_table(args: &ChildArgs) {
     // A private table holding only what lies below the highest fd we need

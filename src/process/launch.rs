@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 /// A child that now exists: its pid, pidfd and the read ends of its output pipes.
 #[derive(Debug)]
 pub(crate) struct Child {
-    /// The leader's pid; also its process group and session id.
+    /// The leader's pid; also its process group id.
     pub pid: Pid,
     /// The pidfd: the only handle the leader is ever signalled or reaped through.
     pub pidfd: OwnedFd,
@@ -179,6 +179,8 @@ pub(super) struct Pool {
     /// The RLIMIT_NOFILE (soft, hard) checks get instead of the executor's
     /// raised one (see `original_nofile_soft`); `None`: as is.
     pub(super) nofile: Option<[u64; 2]>,
+    /// The executor has a controlling terminal, which each child lets go of.
+    pub(super) drop_tty: bool,
 }
 
 impl ChildLoans {
@@ -216,6 +218,7 @@ impl ChildLoans {
                 slots,
                 parent: rustix::process::getpid().as_raw_nonzero().get(),
                 nofile: nofile_for_checks(),
+                drop_tty: has_controlling_terminal(),
             })),
         })
     }
@@ -235,6 +238,22 @@ impl ChildLoans {
                     || lent.is_some_and(|t| now.saturating_duration_since(t) >= STUCK_LAUNCH)
             })
     }
+}
+
+/// Whether this process has a controlling terminal (`tty_nr`, field 7 of
+/// /proc/self/stat), which its checks must not inherit; if /proc cannot
+/// say, assume it has (a child without one then only gets ENXIO).
+fn has_controlling_terminal() -> bool {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return true;
+    };
+    // The command name may hold spaces and parentheses: count after the last ')'.
+    let after_comm = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    after_comm
+        .split_whitespace()
+        .nth(4)
+        .and_then(|tty| tty.parse::<i64>().ok())
+        .is_none_or(|tty| tty != 0)
 }
 
 /// The RLIMIT_NOFILE (soft, hard; `u64::MAX` is infinity) a check should
@@ -368,7 +387,7 @@ pub(super) struct ChildStrings {
 }
 
 impl PreExecChild {
-    /// Whether the child has its own session (and process group): only then
+    /// Whether the child has its own process group: only then
     /// may the group be signalled. Before, it has no descendants to reach,
     /// and its pidfd reaches it.
     pub fn grouped(&self) -> bool {
@@ -481,10 +500,11 @@ impl Drop for PreExecChild {
 /// made a spawn cost 4× more at 6k checks in flight). It then, with raw
 /// system calls only (see `rawsys`): resets the dispositions daemons
 /// ignore (the kernel reset the handlers: `CLONE_CLEAR_SIGHAND`), calls
-/// `setsid` (its own session and group before anything else can happen to
-/// it), takes a private copy of just
-/// the low part of the table it needs (`close_range(.., CLOSE_RANGE_UNSHARE)`),
-/// moves /dev/null and the pipes onto 0–2, changes directory, closes every
+/// `setpgid` (its own group before anything else can happen to it), takes
+/// a private copy of just the low part of the table it needs
+/// (`close_range(.., CLOSE_RANGE_UNSHARE)`), lets go of the executor's
+/// controlling terminal if there is one, moves /dev/null and the pipes onto
+/// 0–2, changes directory, closes every
 /// other fd, unblocks signals and execs. A failed step leaves its errno in
 /// `ChildArgs` and exits 127; the loop reports it when it reaps the child.
 /// CLONE_PIDFD creates the pidfd with the child: out of fds, `clone` fails,
@@ -559,6 +579,7 @@ struct Lent {
     stdin: RawFd,
     parent: libc::pid_t,
     nofile: Option<[u64; 2]>,
+    drop_tty: bool,
     /// Where the pipes' write ends are held until the child has them.
     write_ends: WriteEnds,
     /// The write ends' numbers, as the child sees them.
@@ -590,6 +611,7 @@ fn borrow_from_pool(
         stdin: pool.devnull.as_raw_fd(),
         parent: pool.parent,
         nofile: pool.nofile,
+        drop_tty: pool.drop_tty,
         write_ends,
         stdout,
         stderr,
@@ -637,6 +659,7 @@ fn child_args(
         errno: AtomicI32::new(0),
         step: AtomicU8::new(0),
         detached: AtomicU8::new(0),
+        drop_tty: lent.drop_tty,
         handlers_cleared: AtomicU8::new(0),
         ctid: AtomicU32::new(1),
     })

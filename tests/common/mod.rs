@@ -53,23 +53,23 @@ pub fn our_zombies() -> Vec<i32> {
         .collect()
 }
 
-/// Live (non-zombie) processes whose session id is one of `sids`.
-pub fn live_in_sessions(sids: &HashSet<i32>) -> Vec<i32> {
+/// Live (non-zombie) processes whose process group is one of `pgids`.
+pub fn live_in_groups(pgids: &HashSet<i32>) -> Vec<i32> {
     all_pids()
         .into_iter()
-        .filter(|&p| matches!(stat(p), Some((st, _, _, sid)) if st != 'Z' && st != 'X' && sids.contains(&sid)))
+        .filter(|&p| matches!(stat(p), Some((st, _, pgid, _)) if st != 'Z' && st != 'X' && pgids.contains(&pgid)))
         .collect()
 }
 
-/// Assert that no live process is left in the sessions `sids` (a check's
-/// session id is its leader's pid) within `limit`: SIGKILLed members may
-/// take a moment to be scheduled and die; orphans may linger as zombies of
-/// PID 1, which reaps slowly here, and those are dead.
-pub fn assert_sessions_end(sids: &HashSet<i32>, limit: Duration, what: &str) {
+/// Assert that no live process is left in the process groups `pgids` (a
+/// check's group id is its leader's pid) within `limit`: SIGKILLed members
+/// may take a moment to be scheduled and die; orphans may linger as zombies
+/// of PID 1, which reaps slowly here, and those are dead.
+pub fn assert_groups_end(pgids: &HashSet<i32>, limit: Duration, what: &str) {
     assert!(
-        eventually(limit, || live_in_sessions(sids).is_empty()),
-        "{what}: processes live on in the sessions: {:?}",
-        live_in_sessions(sids)
+        eventually(limit, || live_in_groups(pgids).is_empty()),
+        "{what}: processes live on in the groups: {:?}",
+        live_in_groups(pgids)
     );
 }
 

@@ -47,18 +47,18 @@ fn sigterm_answers_everything_and_leaves_nothing(backend: &str) {
     let mut ids: Vec<u64> = results.iter().map(|r| r["id"].as_u64().unwrap()).collect();
     ids.sort();
     assert_eq!(ids, [0, 1, 2, 3, 4]);
-    let mut sessions = Vec::new();
+    let mut groups = Vec::new();
     for r in &results {
         assert_eq!(r["result"]["outcome"]["kind"], "shutdown", "{r}");
         if let Some(pid) = r["result"]["pid"].as_i64() {
-            sessions.push(pid as i32);
+            groups.push(pid as i32);
         }
     }
-    assert_eq!(sessions.len(), 3, "three had started");
+    assert_eq!(groups.len(), 3, "three had started");
     let st = d.wait_exit(PATIENCE);
     assert!(st.success(), "daemon exit status {st}:\n{}", d.log());
     assert!(!socket.exists(), "socket removed");
-    let left = processes_in_sessions(&sessions);
+    let left = processes_in_groups(&groups);
     assert!(left.is_empty(), "processes of checks survived: {left:?}");
 }
 
@@ -104,11 +104,11 @@ fn second_signal_stops_now(backend: &str) {
         .filter(|r| r["type"] == "result")
         .collect();
     assert_eq!(results.len(), 2);
-    let sessions: Vec<i32> = results
+    let groups: Vec<i32> = results
         .iter()
         .map(|r| r["result"]["pid"].as_i64().unwrap() as i32)
         .collect();
-    assert!(processes_in_sessions(&sessions).is_empty());
+    assert!(processes_in_groups(&groups).is_empty());
 }
 
 fn socket_mode_stale_and_live_socket(backend: &str) {

@@ -292,7 +292,7 @@ fn a_sibling_made_with_clone_parent_is_reaped(backend: &str) {
 fn escaped_grandchild_reaped_as_orphan(backend: &str) {
     let d = Daemon::start(backend, &[], None);
     let mut c = d.client();
-    // The grandchild leaves the check's session and outlives the check.
+    // The grandchild leaves the check's group and outlives the check.
     // It reports its pid only after setsid(), so the check's group sweep
     // cannot catch it before it escaped.
     let script = "f=$(mktemp); \
@@ -310,11 +310,11 @@ fn escaped_grandchild_reaped_as_orphan(backend: &str) {
         .parse()
         .unwrap();
     // While it lives it is re-parented to the daemon (the subreaper).
-    if let Some((state, ppid, sid)) = proc_stat(grandchild)
+    if let Some((state, ppid, pgid)) = proc_stat(grandchild)
         && state != 'Z'
     {
         assert_eq!(ppid, d.pid(), "orphan re-parented to the daemon");
-        assert_ne!(sid, check_pid, "it escaped the check's session");
+        assert_ne!(pgid, check_pid, "it escaped the check's group");
     }
     let s = d.wait_stats("orphan reaped", |s| counter(s, "orphans_reaped") >= 1);
     assert_eq!(counter(&s, "orphans_reaped"), 1, "{s:#}");

@@ -343,8 +343,8 @@ fn stuck_changing_directory_holds_up_no_one(backend: &str) {
 fn stuck_before_its_own_descriptors_holds_up_no_one(backend: &str) {
     stuck_children(
         backend,
-        libc::SYS_setsid,
+        libc::SYS_setpgid,
         false,
-        "stuck setting up its session",
+        "stuck setting up its process group",
     );
 }
