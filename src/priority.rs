@@ -231,6 +231,74 @@ impl Drop for LoopPriority {
     }
 }
 
+/// The slice the loop asks the fair scheduler for: much shorter than the
+/// default (0.7 ms × (1 + log2 CPUs), 1.4 ms on 2 CPUs).
+///
+/// Why: the loop uses little CPU but has work the moment a check exits, and
+/// on a saturated machine it waits behind the checks queued on its CPU. With
+/// a cgroup per check a kworker preempts it thousands of times a second
+/// (each leaf's `cgroup.events` notification), and each time it queues
+/// again: CPUs went idle, every check in flight an unreaped zombie, while the
+/// loop waited (docs/PERFORMANCE.md). EEVDF picks a runnable task with a
+/// short slice sooner and lets it preempt on wake-up, without giving it a
+/// larger share of the CPU (Linux 6.12; older kernels ignore it).
+const LOOP_SLICE: Duration = Duration::from_micros(100);
+
+/// Ask for `LOOP_SLICE` on the calling thread, the loop (once, at its
+/// start): `sched_setattr` with `SCHED_RESET_ON_FORK`, so that checks start
+/// with the default slice. Only for an ordinary thread at nice 0 or above:
+/// at a negative nice, resetting on fork would take that nice from the
+/// checks, and `SCHED_BATCH`/`SCHED_IDLE` or realtime were chosen by the
+/// administrator. Whether the slice is in force: true if the kernel took it.
+pub(crate) fn ask_for_short_slice() -> bool {
+    // SAFETY: pid 0 is the calling thread.
+    let policy = unsafe { libc::sched_getscheduler(0) };
+    let nice = current_nice();
+    if policy != libc::SCHED_OTHER || nice < 0 {
+        tracing::debug!(
+            "short loop slice not asked for: the loop runs at policy {policy}, nice {nice}"
+        );
+        return false;
+    }
+    // `struct sched_attr` as of Linux 3.14 (SCHED_ATTR_SIZE_VER0, 48 bytes):
+    // every kernel with `sched_setattr` knows it.
+    #[repr(C)]
+    struct SchedAttr {
+        size: u32,
+        sched_policy: u32,
+        sched_flags: u64,
+        sched_nice: i32,
+        sched_priority: u32,
+        sched_runtime: u64,
+        sched_deadline: u64,
+        sched_period: u64,
+    }
+    const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        sched_policy: libc::SCHED_OTHER as u32,
+        sched_flags: SCHED_FLAG_RESET_ON_FORK,
+        sched_nice: nice,
+        sched_priority: 0,
+        sched_runtime: LOOP_SLICE.as_nanos() as u64,
+        sched_deadline: 0,
+        sched_period: 0,
+    };
+    // SAFETY: sched_setattr(0, attr, 0) on the calling thread; `attr` is a
+    // valid, fully initialised SCHED_ATTR_SIZE_VER0 struct that outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+    if rc == 0 {
+        tracing::debug!("the loop asks for a {LOOP_SLICE:?} scheduler slice");
+        true
+    } else {
+        // ENOSYS (before 3.14), EPERM (a seccomp filter), EINVAL: the
+        // default slice, as before.
+        let e = std::io::Error::last_os_error();
+        tracing::debug!("short loop slice refused ({e}): the default slice");
+        false
+    }
+}
+
 /// CPU time the calling thread has used.
 fn thread_cpu_time() -> Duration {
     let ts = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);

@@ -1482,6 +1482,81 @@ fn checks_created_while_the_loop_is_realtime_are_ordinary_processes() {
     );
 }
 
+/// The scheduler slice of thread `tid` in ns (`sched_getattr`'s
+/// `sched_runtime` for an ordinary thread), or `None` if the call failed.
+fn sched_slice(tid: i32) -> Option<u64> {
+    // `struct sched_attr`, SCHED_ATTR_SIZE_VER0 (48 bytes): runtime at offset 24.
+    let mut attr = [0u64; 6];
+    // SAFETY: sched_getattr writes at most 48 bytes into the buffer we own.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_getattr, tid, attr.as_mut_ptr(), 48u32, 0u32) };
+    (rc == 0).then_some(attr[3])
+}
+
+/// Whether this kernel has EEVDF custom slices (Linux 6.12).
+fn kernel_has_custom_slices() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 12)
+}
+
+#[test]
+fn the_loop_asks_for_a_short_slice_and_its_checks_do_not_inherit_it() {
+    // The loop asks for a 100 µs slice (priority.rs: it is picked sooner
+    // when it wakes or a kworker preempted it); a check it creates must
+    // start with the default slice, as it would under any other parent.
+    if !kernel_has_custom_slices() {
+        eprintln!(
+            "SKIPPED the_loop_asks_for_a_short_slice_and_its_checks_do_not_inherit_it: \
+             kernel before 6.12, no custom scheduler slices"
+        );
+        return;
+    }
+    let default = sched_slice(0).expect("sched_getattr on the test thread");
+    each_backend(executor, |exec, backend| {
+        let tid: i32 = loop_task()
+            .file_name()
+            .and_then(|t| t.to_str()?.parse().ok())
+            .expect("loop tid");
+        assert_eq!(
+            sched_slice(tid),
+            Some(100_000),
+            "{backend:?}: the loop's slice"
+        );
+        let marker = "31.4159";
+        let sleeper = exec
+            .submit(Check::argv(["/bin/sleep", marker]).timeout(Duration::from_secs(3)))
+            .expect("accepted");
+        let end = Instant::now() + Duration::from_secs(3);
+        let pid = loop {
+            let found = std::fs::read_dir("/proc").ok().and_then(|d| {
+                d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                    .find(|pid| {
+                        std::fs::read(format!("/proc/{pid}/cmdline"))
+                            .is_ok_and(|c| c == format!("/bin/sleep\0{marker}\0").as_bytes())
+                    })
+            });
+            if let Some(pid) = found {
+                break pid;
+            }
+            assert!(
+                Instant::now() < end,
+                "{backend:?}: the sleeper never showed up"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(
+            sched_slice(pid),
+            Some(default),
+            "{backend:?}: a check inherited the loop's slice"
+        );
+        assert!(matches!(sleeper.wait().outcome, Outcome::TimedOut { .. }));
+    });
+}
+
 #[test]
 fn checks_keep_the_nice_value_the_executor_was_given() {
     // An executor run at nice 10 (or SCHED_BATCH/IDLE) must not let its
