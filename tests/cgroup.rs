@@ -194,11 +194,15 @@ fn checks_that_end_together_each_report_their_own_cpu() {
             .unwrap();
         assert!(made.success(), "mkfifo {}", go.display());
         let wait = format!("read -r line < {}", go.display());
-        // Busy: spin ~0.3 s of CPU, say how much its shell used (ticks of
-        // 10 ms, utime + stime), then wait with the idle ones for a line.
+        // Busy: spin until its shell has used 0.3 s of CPU (ticks of 10 ms,
+        // utime + stime: a count of iterations took 0.1 s on one host and
+        // much more on another), say how much, then wait with the idle ones
+        // for a line.
         let busy = format!(
-            "i=0; while [ $i -lt 150000 ]; do i=$((i+1)); done\n\
-             set -- $(cat /proc/$$/stat); echo $((${{14}} + ${{15}}))\n\
+            "while :; do set -- $(cat /proc/$$/stat); t=$((${{14}} + ${{15}}))\n\
+             [ $t -ge 30 ] && break\n\
+             i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; done\n\
+             echo $t\n\
              : > {dir}/spun.$$\n{wait}",
             dir = dir.path().display()
         );
