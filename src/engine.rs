@@ -278,10 +278,9 @@ impl Engine {
         })?;
         // Signals are blocked here: the self-test creates a child.
         let cgroups = containment_pool(&config, &shared);
-        // On this thread: the policy and the slice are per thread. The
-        // slice first: changing the policy later keeps it. Realtime is
-        // probed now, so that the metrics say from the start whether it is on.
-        crate::priority::ask_for_short_slice();
+        // On this thread: the policy and the slice are per thread. Probed
+        // now, so that the executor's metrics say from the start whether
+        // realtime kills are on.
         let priority = LoopPriority::new(config.realtime_kills);
         shared
             .realtime_kills

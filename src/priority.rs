@@ -63,9 +63,14 @@ impl LoopPriority {
     /// cannot clear it again, and keeping it makes children the same before
     /// and after the first raise (ordinary policy, nice reset to 0 only if
     /// the executor's was negative).
+    ///
+    /// It also asks for the short slice (`LOOP_SLICE`), whether or not
+    /// realtime kills are enabled.
     pub fn new(enabled: bool) -> LoopPriority {
         // SAFETY: pid 0 is the calling thread.
         let current = unsafe { libc::sched_getscheduler(0) } & !libc::SCHED_RESET_ON_FORK;
+        let nice = current_nice();
+        ask_for_short_slice(current, nice);
         let mut p = LoopPriority {
             enabled,
             raised: None,
@@ -96,7 +101,6 @@ impl LoopPriority {
             p.enabled = false;
             return p;
         }
-        let nice = current_nice();
         if current != libc::SCHED_OTHER || nice > 0 {
             // A realtime parent's checks start at SCHED_OTHER nice 0: they
             // would escape the priority the executor was given.
@@ -244,21 +248,18 @@ impl Drop for LoopPriority {
 /// larger share of the CPU (Linux 6.12; older kernels ignore it).
 const LOOP_SLICE: Duration = Duration::from_micros(100);
 
-/// Ask for `LOOP_SLICE` on the calling thread, the loop (once, at its
-/// start): `sched_setattr` with `SCHED_RESET_ON_FORK`, so that checks start
-/// with the default slice. Only for an ordinary thread at nice 0 or above:
-/// at a negative nice, resetting on fork would take that nice from the
-/// checks, and `SCHED_BATCH`/`SCHED_IDLE` or realtime were chosen by the
-/// administrator. Whether the slice is in force: true if the kernel took it.
-pub(crate) fn ask_for_short_slice() -> bool {
-    // SAFETY: pid 0 is the calling thread.
-    let policy = unsafe { libc::sched_getscheduler(0) };
-    let nice = current_nice();
+/// Ask for `LOOP_SLICE` on the calling thread, the loop, which runs at
+/// `policy` and `nice`: `sched_setattr` with `SCHED_RESET_ON_FORK`, so that
+/// checks start with the default slice. Only for an ordinary thread at nice
+/// 0 or above: at a negative nice, resetting on fork would take that nice
+/// from the checks, and `SCHED_BATCH`/`SCHED_IDLE` or realtime were chosen
+/// by the administrator.
+fn ask_for_short_slice(policy: libc::c_int, nice: i32) {
     if policy != libc::SCHED_OTHER || nice < 0 {
         tracing::debug!(
             "short loop slice not asked for: the loop runs at policy {policy}, nice {nice}"
         );
-        return false;
+        return;
     }
     // `struct sched_attr` as of Linux 3.14 (SCHED_ATTR_SIZE_VER0, 48 bytes):
     // every kernel with `sched_setattr` knows it.
@@ -289,13 +290,11 @@ pub(crate) fn ask_for_short_slice() -> bool {
     let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
     if rc == 0 {
         tracing::debug!("the loop asks for a {LOOP_SLICE:?} scheduler slice");
-        true
     } else {
         // ENOSYS (before 3.14), EPERM (a seccomp filter), EINVAL: the
         // default slice, as before.
         let e = std::io::Error::last_os_error();
         tracing::debug!("short loop slice refused ({e}): the default slice");
-        false
     }
 }
 

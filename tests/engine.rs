@@ -1526,28 +1526,23 @@ fn the_loop_asks_for_a_short_slice_and_its_checks_do_not_inherit_it() {
             Some(100_000),
             "{backend:?}: the loop's slice"
         );
-        let marker = "31.4159";
+        let m = escape::marker();
         let sleeper = exec
-            .submit(Check::argv(["/bin/sleep", marker]).timeout(Duration::from_secs(3)))
+            .submit(
+                Check::argv(["/bin/sleep", "30"])
+                    .env(escape::MARK, &m)
+                    .timeout(Duration::from_secs(3)),
+            )
             .expect("accepted");
-        let end = Instant::now() + Duration::from_secs(3);
-        let pid = loop {
-            let found = std::fs::read_dir("/proc").ok().and_then(|d| {
-                d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-                    .find(|pid| {
-                        std::fs::read(format!("/proc/{pid}/cmdline"))
-                            .is_ok_and(|c| c == format!("/bin/sleep\0{marker}\0").as_bytes())
-                    })
-            });
-            if let Some(pid) = found {
-                break pid;
-            }
-            assert!(
-                Instant::now() < end,
-                "{backend:?}: the sleeper never showed up"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        };
+        let mut found = Vec::new();
+        assert!(
+            eventually(Duration::from_secs(3), || {
+                found = escape::alive_with(&m);
+                !found.is_empty()
+            }),
+            "{backend:?}: the sleeper never showed up"
+        );
+        let pid = found[0];
         assert_eq!(
             sched_slice(pid),
             Some(default),
